@@ -1,0 +1,300 @@
+"""The sans-I/O connection: bytes in, frames out; frames in, bytes out.
+
+    conn = Connection(Role.CLIENT, limits=Limits())
+    wire = conn.send(Hello(req=1, version=PROTOCOL_VERSION, name="api"))
+    conn.receive_data(chunk)            # b"" means EOF
+    for event in conn.events():          # Welcome, Deliver, Err, ... or nothing yet
+        ...
+
+State machine
+-------------
+One state per connection, moved by frames in either direction. The whole
+machine is the table ``_TRANSITIONS[(role, state, direction, frame type)]``;
+a missing key is a protocol error and the state becomes ERROR for good.
+
+Rule 1: the client speaks first. Its first frame is HELLO; until the broker
+        answers WELCOME nothing else may be sent either way (except ERR or BYE,
+        which end the handshake).
+Rule 2: in READY each side sends only its own frame types: requests from the
+        client, replies and deliveries from the broker. PING, PONG and BYE go
+        both ways.
+Rule 3: BYE from either side moves to CLOSING: the sender sends nothing more
+        but still reads (pending replies may still arrive); EOF or the peer's
+        BYE ends it.
+Rule 4: an ERR is allowed in any live state. Whether it ends the connection
+        depends on its code (``protocol.errors.FATAL_CODES``); the I/O layer
+        closes the socket, this object only records what was said.
+
+Errors: a frame we may not send raises :class:`LocalProtocolError` (our bug;
+state unchanged). A frame the peer may not send, or bytes that are not a
+frame, raise :class:`RemoteProtocolError` from :meth:`events` and move the
+connection to ERROR; the caller should send ``Err(0, exc.code, str(exc))``
+with :meth:`send_error` and close.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .framing import HEADER, FrameDecoder, pack_body, unpack_body
+from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest
+
+__all__ = ["Connection", "Event", "Limits", "Role", "State"]
+
+#: 1 MiB: NATS's max_payload default; large enough for any reasonable event,
+#: small enough that a hostile length prefix costs little.
+DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
+#: Before the handshake completes only HELLO is legal, and it is small: cap
+#: frames at 8 KiB so unauthenticated peers cannot pin memory (RabbitMQ does the same).
+DEFAULT_HANDSHAKE_FRAME_SIZE: Final = 8 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Protocol limits shared by broker and client.
+
+    Attributes:
+        max_frame_size: largest frame body in bytes after the handshake.
+        handshake_frame_size: largest frame body before it.
+    """
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    handshake_frame_size: int = DEFAULT_HANDSHAKE_FRAME_SIZE
+
+    def __post_init__(self) -> None:
+        if self.max_frame_size < 64 or self.max_frame_size > (1 << 31):
+            raise ValueError(f"max_frame_size must be in 64..2^31, not {self.max_frame_size}")
+        if not 64 <= self.handshake_frame_size <= self.max_frame_size:
+            raise ValueError("handshake_frame_size must be in 64..max_frame_size")
+
+
+class Role(enum.Enum):
+    """Which end of the connection this object is."""
+
+    CLIENT = "client"
+    BROKER = "broker"
+
+
+class State(enum.Enum):
+    """Connection states (see the module docstring's rules)."""
+
+    HANDSHAKE = "handshake"  # before HELLO (client: not sent; broker: not received)
+    GREETING = "greeting"  # HELLO passed, WELCOME not yet
+    READY = "ready"
+    CLOSING = "closing"  # BYE sent or received
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+Event = Frame | InvalidRequest
+
+_SEND, _RECV = "send", "recv"
+_T = FrameType
+_CLIENT_REQUESTS = (
+    _T.PUBLISH, _T.SUBSCRIBE, _T.UNSUBSCRIBE, _T.ACK, _T.NACK, _T.FETCH, _T.STATUS,
+)  # fmt: skip
+_BROKER_REPLIES = (_T.PUBACK, _T.DELIVER, _T.BATCH, _T.STATUS_REPLY, _T.OK)
+_BOTH_WAYS = (_T.PING, _T.PONG)
+
+
+def _build_table() -> dict[tuple[Role, State, str, FrameType], State]:
+    t: dict[tuple[Role, State, str, FrameType], State] = {}
+    # The client's view; the broker's is the mirror (send <-> recv).
+    client: dict[tuple[State, str, FrameType], State] = {}
+    hs, gr, rd, cl = State.HANDSHAKE, State.GREETING, State.READY, State.CLOSING
+    client[(hs, _SEND, _T.HELLO)] = gr  # Rule 1
+    client[(gr, _RECV, _T.WELCOME)] = rd
+    for st in (hs, gr, rd):
+        client[(st, _RECV, _T.ERR)] = st  # Rule 4
+        client[(st, _SEND, _T.BYE)] = cl  # Rule 3
+        client[(st, _RECV, _T.BYE)] = cl
+    for ft in _CLIENT_REQUESTS:
+        client[(rd, _SEND, ft)] = rd  # Rule 2
+    for ft in _BROKER_REPLIES:
+        client[(rd, _RECV, ft)] = rd
+        client[(cl, _RECV, ft)] = cl  # replies still drain while closing
+    for ft in _BOTH_WAYS:
+        client[(rd, _SEND, ft)] = rd
+        client[(rd, _RECV, ft)] = rd
+    client[(cl, _RECV, _T.ERR)] = cl
+    client[(cl, _RECV, _T.BYE)] = State.CLOSED
+    client[(cl, _RECV, _T.PING)] = cl
+    for (st, direction, ft), nxt in client.items():
+        t[(Role.CLIENT, st, direction, ft)] = nxt
+        # Mirror for the broker; it *sends* ERR where the client receives one.
+        t[(Role.BROKER, st, _RECV if direction == _SEND else _SEND, ft)] = nxt
+    # The broker may send ERR and BYE while closing (e.g. a shutdown notice).
+    t[(Role.BROKER, cl, _SEND, _T.ERR)] = cl
+    t[(Role.BROKER, cl, _RECV, _T.BYE)] = State.CLOSED
+    t[(Role.CLIENT, cl, _SEND, _T.BYE)] = cl
+    return t
+
+
+_TRANSITIONS: Final = _build_table()
+
+
+class Connection:
+    """One end of a tidings connection, with no I/O of its own.
+
+    Args:
+        role: which end this is.
+        limits: frame size limits.
+    """
+
+    __slots__ = ("_chunks", "_decoder", "eof", "limits", "max_frame_size", "role", "state")
+
+    def __init__(self, role: Role, *, limits: Limits | None = None) -> None:
+        self.role = role
+        self.limits = limits or Limits()
+        self.state = State.HANDSHAKE
+        #: Frame limit once READY; the client adopts the broker's from WELCOME.
+        self.max_frame_size = self.limits.max_frame_size
+        # Only the broker guards the handshake with the small limit: it is the
+        # side that unauthenticated strangers can reach.
+        self._decoder = FrameDecoder(
+            self.limits.handshake_frame_size if role is Role.BROKER else self.max_frame_size
+        )
+        self._chunks: list[bytes] = []
+        self.eof = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.role.value} {self.state.value} "
+            f"buffered={self._decoder.buffered + sum(map(len, self._chunks))}>"
+        )
+
+    # --- sending ------------------------------------------------------------
+
+    def send(self, frame: Frame) -> bytes:
+        """Check that ``frame`` may be sent now, update the state, and encode it.
+
+        Legal in: the states the transition table allows for this role and
+        frame type (see the module docstring).
+
+        Returns:
+            The bytes to write (length prefix included).
+
+        Raises:
+            LocalProtocolError: the frame is not allowed in this state, or is
+                larger than the frame limit.
+        """
+        body = pack_body(frame.to_wire())
+        if len(body) > self.max_frame_size:
+            raise LocalProtocolError(
+                f"{frame.TYPE.name} frame of {len(body)} bytes exceeds the limit of "
+                f"{self.max_frame_size} bytes",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        self._move(_SEND, frame.TYPE)
+        return HEADER.pack(len(body)) + body
+
+    def send_error(self, req: int, code: ErrorCode, message: str) -> bytes:
+        """Encode an ERR frame. Legal in every state, ERROR included, so a
+        fatal error can always be explained before the socket closes.
+
+        Returns:
+            The bytes to write.
+        """
+        body = pack_body([int(FrameType.ERR), req, int(code), message[:1024]])
+        return HEADER.pack(len(body)) + body
+
+    def check_send(self, frame_type: FrameType) -> None:
+        """Account for a frame encoded elsewhere (the DELIVER/BATCH fast path).
+
+        Legal in: READY (broker role) for DELIVER and BATCH.
+
+        Raises:
+            LocalProtocolError: the frame is not allowed in this state.
+        """
+        self._move(_SEND, frame_type)
+
+    # --- receiving ----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; ``b""`` marks EOF. Never raises."""
+        if data:
+            self._chunks.append(data)
+        else:
+            self.eof = True
+
+    def events(self) -> list[Event]:
+        """Decode every complete frame buffered so far.
+
+        Returns:
+            Frames (and InvalidRequest events) in arrival order; empty when
+            no frame is complete yet.
+
+        Raises:
+            RemoteProtocolError: bytes that are not a legal frame here. The
+                state is ERROR afterwards; send ``send_error(0, exc.code,
+                str(exc))`` and close.
+        """
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
+        chunks = self._chunks
+        if not chunks:
+            return []
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        try:
+            bodies = self._decoder.feed(data)
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+        out: list[Event] = []
+        decode = self._decode
+        try:
+            for body in bodies:
+                out.append(decode(body))
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+        return out
+
+    def _decode(self, body: bytes) -> Event:
+        items = unpack_body(body, self.max_frame_size)
+        if type(items) is not list or not items or type(items[0]) is not int:
+            raise RemoteProtocolError(
+                "a frame must be an array whose first element is the frame type",
+                code=ErrorCode.MALFORMED_FRAME,
+            )
+        cls = FRAME_CLASSES.get(items[0])
+        if cls is None:
+            raise RemoteProtocolError(
+                f"unknown frame type {items[0]}", code=ErrorCode.MALFORMED_FRAME
+            )
+        self._move(_RECV, cls.TYPE)
+        try:
+            return cls.from_wire(items)
+        except LocalProtocolError as exc:
+            req = items[1] if len(items) > 1 and type(items[1]) is int else None
+            if exc.code is ErrorCode.MALFORMED_FRAME or req is None or req < 0:
+                raise RemoteProtocolError(str(exc), code=ErrorCode.MALFORMED_FRAME) from exc
+            return InvalidRequest(req, cls.TYPE, exc.code, str(exc))
+
+    # --- the state machine --------------------------------------------------
+
+    def _move(self, direction: str, frame_type: FrameType) -> None:
+        nxt = _TRANSITIONS.get((self.role, self.state, direction, frame_type))
+        if nxt is None:
+            what = f"{frame_type.name} in state {self.state.name}"
+            if direction == _SEND:
+                raise LocalProtocolError(f"cannot send {what}", code=ErrorCode.UNEXPECTED_FRAME)
+            self.state = State.ERROR
+            raise RemoteProtocolError(f"unexpected {what}", code=ErrorCode.UNEXPECTED_FRAME)
+        self.state = nxt
+        if nxt is State.READY:
+            # Broker: WELCOME sent, the peer is authenticated: lift the small limit.
+            self._decoder.max_frame_size = self.max_frame_size
+
+    def adopt_max_frame_size(self, size: int) -> None:
+        """Client side: use the frame limit the broker announced in WELCOME.
+
+        Args:
+            size: ``Welcome.max_frame_size``.
+        """
+        self.max_frame_size = size
+        self._decoder.max_frame_size = size

@@ -1,0 +1,159 @@
+"""Length-prefixed framing: a 4-byte big-endian length, then that many bytes.
+
+Theory of operation
+-------------------
+``FrameDecoder.feed(chunk)`` appends to one ``bytearray`` and returns every
+complete frame body now available. Rules:
+
+1. The length prefix is checked against ``max_frame_size`` as soon as its four
+   bytes are present, *before* any body byte is buffered for it, so a hostile
+   "2^32-1" header costs nothing (aiokafka forgets this; Kafka CVE-2022-34917).
+2. The buffer is consumed with a moving read position and compacted once per
+   ``feed`` call, never rescanned from the start (h11 ``_receivebuffer``), so
+   many small frames in one large chunk cost O(total bytes).
+3. Once an error has been raised the decoder is poisoned: every later call
+   raises the same error, because the byte stream has lost its framing.
+
+The body is returned as ``bytes``; decoding the msgpack inside happens in
+:func:`unpack_body`, the single place where msgpack exceptions become
+:class:`RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+import msgpack
+
+from .errors import ErrorCode, RemoteProtocolError
+
+__all__ = ["HEADER", "FrameDecoder", "encode_frame", "pack_body", "unpack_body"]
+
+#: The length prefix: unsigned 32-bit, big-endian.
+HEADER: Final = struct.Struct(">I")
+_HEADER_SIZE: Final = HEADER.size
+_pack_len = HEADER.pack
+_unpack_len = HEADER.unpack_from
+
+# One packer per process is safe: ``msgpack.Packer.pack`` is re-entrant for the
+# default autoreset=True and holds no state between calls. use_bin_type keeps
+# bytes and str distinct on the wire.
+_packer: Final = msgpack.Packer(use_bin_type=True)
+_pack = _packer.pack
+
+# msgpack's own nesting/size guards: a 10,000-deep nested array or a map with
+# a billion claimed entries is refused by the C unpacker before it allocates.
+_MAX_ITEMS: Final = 1 << 20
+
+
+def pack_body(value: Any) -> bytes:
+    """Encode one msgpack value (no length prefix)."""
+    return _pack(value)
+
+
+def encode_frame(value: Any) -> bytes:
+    """Encode one value as a complete frame: length prefix + msgpack body.
+
+    Args:
+        value: any msgpack-serialisable value (a frame's wire list).
+
+    Returns:
+        The bytes to write to the socket.
+    """
+    body = _pack(value)
+    return _pack_len(len(body)) + body
+
+
+def unpack_body(body: bytes, max_size: int) -> Any:
+    """Decode one frame body; every msgpack failure becomes RemoteProtocolError.
+
+    Args:
+        body: the frame body, exactly as framed.
+        max_size: the frame limit, used to bound string/array sizes.
+
+    Returns:
+        The decoded msgpack value.
+
+    Raises:
+        RemoteProtocolError: MALFORMED_FRAME if the body is not exactly one
+            valid msgpack value.
+    """
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=max_size,
+            max_bin_len=max_size,
+            max_array_len=min(max_size, _MAX_ITEMS),
+            max_map_len=min(max_size, _MAX_ITEMS),
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, RecursionError, ...
+        raise RemoteProtocolError(
+            f"frame body is not one valid msgpack value: {type(exc).__name__}: {exc}",
+            code=ErrorCode.MALFORMED_FRAME,
+        ) from exc
+
+
+class FrameDecoder:
+    """Streaming decoder: feed bytes, get complete frame bodies.
+
+    Args:
+        max_frame_size: the largest body accepted, in bytes.
+    """
+
+    __slots__ = ("_buf", "_error", "max_frame_size")
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Add received bytes and return every frame body now complete.
+
+        Args:
+            data: the next chunk from the socket (may be empty).
+
+        Returns:
+            The complete frame bodies, in order (possibly none).
+
+        Raises:
+            RemoteProtocolError: FRAME_TOO_LARGE when a length prefix exceeds
+                ``max_frame_size``; the decoder then stays failed.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        limit = self.max_frame_size
+        while end - pos >= _HEADER_SIZE:
+            (size,) = _unpack_len(buf, pos)
+            if size > limit:
+                # Drop what we hold: nothing after a bad header can be framed.
+                self._buf = bytearray()
+                self._error = RemoteProtocolError(
+                    f"frame of {size} bytes exceeds the limit of {limit} bytes",
+                    code=ErrorCode.FRAME_TOO_LARGE,
+                )
+                raise self._error
+            start = pos + _HEADER_SIZE
+            stop = start + size
+            if stop > end:
+                break
+            frames.append(bytes(buf[start:stop]))
+            pos = stop
+        if pos:
+            del buf[:pos]
+        return frames

@@ -1,0 +1,668 @@
+"""Every frame of the tidings protocol, as a frozen dataclass.
+
+Wire form: each frame body is one msgpack array ``[TYPE, field1, field2, ...]``
+whose fields are the dataclass fields in declaration order. ``to_wire()``
+builds that list; ``FRAME_CLASSES[TYPE].from_wire(list)`` rebuilds the
+object. ``__post_init__`` validates every field, so a receiver never sees a
+half-valid frame:
+
+* a field of the wrong *type or shape* is a protocol violation
+  (``LocalProtocolError`` when we build it, ``RemoteProtocolError`` with
+  MALFORMED_FRAME when the peer sent it);
+* a well-typed field with an unacceptable *value* (a bad queue name, a
+  negative prefetch) is a request error carrying its own code
+  (INVALID_NAME, BAD_REQUEST); the receiving Connection turns it into an
+  :class:`InvalidRequest` event so the broker can answer with ERR and keep the
+  connection.
+
+Stored records and the DELIVER hot path
+---------------------------------------
+The broker stores each message as a *record body*: the four msgpack values
+``event, timestamp_ms, headers, payload`` concatenated (no array header).
+DELIVER and BATCH frames end with exactly those four values, so the broker
+can splice stored bytes into a frame without decoding or re-encoding the
+payload (:func:`encode_deliver`, :func:`encode_batch`).
+
+Request ids: every request carries ``req`` (an unsigned int); its reply
+echoes it. ``req = 0`` is reserved for frames that expect no reply (an ACK
+sent "fire and forget", a broker-initiated ERR or BYE).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final
+
+from .errors import ErrorCode, LocalProtocolError
+from .framing import HEADER, pack_body
+from .names import check_durable, check_event, check_pattern, check_queue
+
+__all__ = [
+    "FRAME_CLASSES",
+    "PROTOCOL_VERSION",
+    "START_KINDS",
+    "Ack",
+    "Batch",
+    "Bye",
+    "Deliver",
+    "Err",
+    "Fetch",
+    "Frame",
+    "FrameType",
+    "Hello",
+    "InvalidRequest",
+    "Nack",
+    "Ok",
+    "Ping",
+    "Pong",
+    "PubAck",
+    "Publish",
+    "Record",
+    "Status",
+    "StatusReply",
+    "Subscribe",
+    "Unsubscribe",
+    "Welcome",
+    "encode_batch",
+    "encode_deliver",
+    "encode_record",
+    "record_event",
+]
+
+#: Bumped on any incompatible change to a frame's fields.
+PROTOCOL_VERSION: Final = 1
+#: How a subscription or fetch chooses its first message (see Subscribe).
+START_KINDS: Final = ("new", "earliest", "offset", "time")
+_MAX_U64: Final = (1 << 64) - 1
+
+
+class FrameType(enum.IntEnum):
+    """The type tag: element 0 of every frame's msgpack array."""
+
+    HELLO = 1
+    WELCOME = 2
+    PUBLISH = 3
+    PUBACK = 4
+    SUBSCRIBE = 6
+    UNSUBSCRIBE = 7
+    DELIVER = 8
+    ACK = 9
+    NACK = 10
+    FETCH = 11
+    BATCH = 12
+    STATUS = 13
+    STATUS_REPLY = 14
+    PING = 15
+    PONG = 16
+    OK = 17
+    ERR = 18
+    BYE = 19
+
+
+# --- field checks -----------------------------------------------------------
+# Each raises LocalProtocolError; the receiving side converts it (see module doc).
+
+
+class _FieldError(LocalProtocolError):
+    """A field failed validation; ``code`` says whether it was shape or value."""
+
+
+def _fail(frame: str, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+    raise _FieldError(f"{frame}: {message}", code=code)
+
+
+def _uint(frame: str, name: str, value: object, maximum: int = _MAX_U64) -> None:
+    if type(value) is not int:
+        _fail(frame, f"{name} must be an integer, not {type(value).__name__}")
+    elif not 0 <= value <= maximum:  # type: ignore[operator]
+        _fail(frame, f"{name} must be in 0..{maximum}, not {value}", ErrorCode.BAD_REQUEST)
+
+
+def _opt_str(frame: str, name: str, value: object) -> None:
+    if value is not None and type(value) is not str:
+        _fail(frame, f"{name} must be a string or nil, not {type(value).__name__}")
+
+
+def _name(frame: str, value: object, check: Any) -> None:
+    if type(value) is not str:
+        _fail(frame, f"name must be a string, not {type(value).__name__}")
+    why = check(value)
+    if why is not None:
+        _fail(frame, why, ErrorCode.INVALID_NAME)
+
+
+def _headers(frame: str, value: object) -> None:
+    if value is None:
+        return
+    if type(value) is not dict:
+        _fail(frame, f"headers must be a map or nil, not {type(value).__name__}")
+    for k, v in value.items():  # type: ignore[attr-defined]
+        if type(k) is not str or type(v) is not str:
+            _fail(frame, "headers must map strings to strings")
+
+
+def _int_tuple(frame: str, name: str, value: object) -> tuple[int, ...]:
+    if type(value) not in (list, tuple):
+        _fail(frame, f"{name} must be an array, not {type(value).__name__}")
+    for v in value:  # type: ignore[attr-defined]
+        _uint(frame, name, v)
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _start(frame: str, start: object, start_value: object) -> None:
+    if start not in START_KINDS:
+        _fail(frame, f"start must be one of {START_KINDS}, not {start!r}", ErrorCode.BAD_REQUEST)
+    if start in ("offset", "time"):
+        _uint(frame, "start_value", start_value)
+    elif start_value is not None:
+        _fail(frame, f"start {start!r} takes no start_value", ErrorCode.BAD_REQUEST)
+
+
+class Frame:
+    """Base of every wire frame. Subclasses set ``TYPE`` and their fields."""
+
+    __slots__ = ()
+    TYPE: ClassVar[FrameType]
+    _FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def to_wire(self) -> list[Any]:
+        """Return the frame as its wire list ``[TYPE, *fields]``."""
+        return [int(self.TYPE), *(getattr(self, f) for f in self._FIELDS)]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Frame:
+        """Rebuild a frame from its wire list (element 0 already checked).
+
+        Raises:
+            LocalProtocolError: a field is invalid (the Connection maps this).
+        """
+        if len(items) != len(cls._FIELDS) + 1:
+            raise _FieldError(
+                f"{cls.TYPE.name}: expected {len(cls._FIELDS)} fields, got {len(items) - 1}",
+                code=ErrorCode.MALFORMED_FRAME,
+            )
+        return cls(*items[1:])
+
+
+def _frame(cls: type[Any]) -> type[Any]:
+    """Class decorator: frozen slotted dataclass that records its field order."""
+    dc = dataclass(frozen=True, slots=True)(cls)
+    dc._FIELDS = tuple(f.name for f in fields(dc))
+    return dc
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen field in __post_init__
+
+
+@_frame
+class Hello(Frame):
+    """Client -> broker, first frame: protocol version, client name, credentials."""
+
+    TYPE = FrameType.HELLO
+    req: int
+    version: int
+    name: str
+    credentials: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _uint("HELLO", "req", self.req)
+        _uint("HELLO", "version", self.version)
+        if type(self.name) is not str or len(self.name) > 256:
+            _fail("HELLO", "name must be a string of at most 256 characters")
+        if self.credentials is not None and type(self.credentials) is not dict:
+            _fail("HELLO", "credentials must be a map or nil")
+
+
+@_frame
+class Welcome(Frame):
+    """Broker -> client, reply to HELLO: the session's parameters."""
+
+    TYPE = FrameType.WELCOME
+    req: int
+    version: int
+    server: str
+    conn_id: int
+    max_frame_size: int
+    heartbeat: float
+
+    def __post_init__(self) -> None:
+        _uint("WELCOME", "req", self.req)
+        _uint("WELCOME", "version", self.version)
+        _uint("WELCOME", "conn_id", self.conn_id)
+        _uint("WELCOME", "max_frame_size", self.max_frame_size)
+        if type(self.server) is not str:
+            _fail("WELCOME", "server must be a string")
+        if type(self.heartbeat) not in (int, float) or not self.heartbeat >= 0:
+            _fail("WELCOME", "heartbeat must be a non-negative number")
+
+
+@_frame
+class Publish(Frame):
+    """Client -> broker: store one message; answered by PUBACK once durable."""
+
+    TYPE = FrameType.PUBLISH
+    req: int
+    queue: str
+    event: str
+    payload: Any = None
+    headers: dict[str, str] | None = None
+    message_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _uint("PUBLISH", "req", self.req)
+        _name("PUBLISH", self.queue, check_queue)
+        _name("PUBLISH", self.event, check_event)
+        _headers("PUBLISH", self.headers)
+        _opt_str("PUBLISH", "message_id", self.message_id)
+
+
+@_frame
+class PubAck(Frame):
+    """Broker -> client: the message is stored (and synced, per policy)."""
+
+    TYPE = FrameType.PUBACK
+    req: int
+    offset: int
+    duplicate: bool = False  # true: message_id seen before; offset is the original's
+
+    def __post_init__(self) -> None:
+        _uint("PUBACK", "req", self.req)
+        _uint("PUBACK", "offset", self.offset)
+        if type(self.duplicate) is not bool:
+            _fail("PUBACK", "duplicate must be a boolean")
+
+
+@_frame
+class Subscribe(Frame):
+    """Client -> broker: start a push subscription ``sub_id`` on ``queue``.
+
+    ``events`` filters by event name (``*`` wildcards; empty = all).
+    ``durable`` names a cursor kept across disconnects; None = ephemeral.
+    ``start``: ``new``, ``earliest``, ``offset`` (``start_value`` = offset) or
+    ``time`` (``start_value`` = ms since the epoch); it only applies when the
+    durable is created. ``prefetch`` caps unacked messages in flight.
+    ``ack_wait_ms``: redeliver what is unacked after this long (0 = default).
+    ``max_deliveries``: 0 = unlimited. ``dead_letter``: queue for messages
+    that reached max_deliveries (None = ``<queue>.dead``).
+    """
+
+    TYPE = FrameType.SUBSCRIBE
+    req: int
+    sub_id: int
+    queue: str
+    events: tuple[str, ...] = ()
+    durable: str | None = None
+    start: str = "new"
+    start_value: int | None = None
+    prefetch: int = 100
+    ack_wait_ms: int = 0
+    max_deliveries: int = 0
+    dead_letter: str | None = None
+
+    def __post_init__(self) -> None:
+        f = "SUBSCRIBE"
+        _uint(f, "req", self.req)
+        _uint(f, "sub_id", self.sub_id)
+        _name(f, self.queue, check_queue)
+        if type(self.events) not in (list, tuple):
+            _fail(f, "events must be an array")
+        for e in self.events:
+            _name(f, e, check_pattern)
+        _set(self, "events", tuple(self.events))
+        if self.durable is not None:
+            _name(f, self.durable, check_durable)
+        _start(f, self.start, self.start_value)
+        _uint(f, "prefetch", self.prefetch, 1 << 20)
+        if self.prefetch == 0:
+            _fail(f, "prefetch must be at least 1", ErrorCode.BAD_REQUEST)
+        _uint(f, "ack_wait_ms", self.ack_wait_ms, 1 << 40)
+        _uint(f, "max_deliveries", self.max_deliveries, 1 << 31)
+        if self.dead_letter is not None:
+            _name(f, self.dead_letter, check_queue)
+
+
+@_frame
+class Unsubscribe(Frame):
+    """Client -> broker: end push subscription ``sub_id`` (a durable's cursor stays)."""
+
+    TYPE = FrameType.UNSUBSCRIBE
+    req: int
+    sub_id: int
+
+    def __post_init__(self) -> None:
+        _uint("UNSUBSCRIBE", "req", self.req)
+        _uint("UNSUBSCRIBE", "sub_id", self.sub_id)
+
+
+@_frame
+class Deliver(Frame):
+    """Broker -> client: one message for push subscription ``sub_id``.
+
+    ``deliveries`` counts how often this message went to the durable (1 =
+    first time; more = redelivered).
+    """
+
+    TYPE = FrameType.DELIVER
+    sub_id: int
+    offset: int
+    deliveries: int
+    event: str
+    timestamp: int
+    headers: dict[str, str] | None
+    payload: Any
+
+    def __post_init__(self) -> None:
+        _uint("DELIVER", "sub_id", self.sub_id)
+        _uint("DELIVER", "offset", self.offset)
+        _uint("DELIVER", "deliveries", self.deliveries)
+        _uint("DELIVER", "timestamp", self.timestamp)
+        if type(self.event) is not str:
+            _fail("DELIVER", "event must be a string")
+        _headers("DELIVER", self.headers)
+
+
+@_frame
+class Ack(Frame):
+    """Client -> broker: acknowledge messages of durable ``durable`` on ``queue``.
+
+    ``offsets`` are acked one by one; ``upto``, when set, acks every offset
+    <= it ("cumulative"). ``req = 0`` asks for no OK (errors still come).
+    """
+
+    TYPE = FrameType.ACK
+    req: int
+    queue: str
+    durable: str
+    offsets: tuple[int, ...] = ()
+    upto: int | None = None
+
+    def __post_init__(self) -> None:
+        _uint("ACK", "req", self.req)
+        _name("ACK", self.queue, check_queue)
+        _name("ACK", self.durable, check_durable)
+        _set(self, "offsets", _int_tuple("ACK", "offsets", self.offsets))
+        if self.upto is not None:
+            _uint("ACK", "upto", self.upto)
+
+
+@_frame
+class Nack(Frame):
+    """Client -> broker: give messages back for redelivery after ``delay_ms``."""
+
+    TYPE = FrameType.NACK
+    req: int
+    queue: str
+    durable: str
+    offsets: tuple[int, ...] = ()
+    delay_ms: int = 0
+
+    def __post_init__(self) -> None:
+        _uint("NACK", "req", self.req)
+        _name("NACK", self.queue, check_queue)
+        _name("NACK", self.durable, check_durable)
+        _set(self, "offsets", _int_tuple("NACK", "offsets", self.offsets))
+        _uint("NACK", "delay_ms", self.delay_ms, 1 << 40)
+
+
+@_frame
+class Fetch(Frame):
+    """Client -> broker: pull up to ``max_messages``, waiting up to ``wait_ms``.
+
+    With ``durable`` the messages are taken from that durable's cursor (and
+    must be acked); without it this is a plain read of the log from
+    ``start``/``start_value``, with nothing remembered.
+    """
+
+    TYPE = FrameType.FETCH
+    req: int
+    queue: str
+    durable: str | None = None
+    events: tuple[str, ...] = ()
+    max_messages: int = 100
+    wait_ms: int = 0
+    start: str = "earliest"
+    start_value: int | None = None
+    ack_wait_ms: int = 0
+
+    def __post_init__(self) -> None:
+        f = "FETCH"
+        _uint(f, "req", self.req)
+        _name(f, self.queue, check_queue)
+        if self.durable is not None:
+            _name(f, self.durable, check_durable)
+        if type(self.events) not in (list, tuple):
+            _fail(f, "events must be an array")
+        for e in self.events:
+            _name(f, e, check_pattern)
+        _set(self, "events", tuple(self.events))
+        _uint(f, "max_messages", self.max_messages, 1 << 20)
+        _uint(f, "wait_ms", self.wait_ms, 1 << 40)
+        _start(f, self.start, self.start_value)
+        _uint(f, "ack_wait_ms", self.ack_wait_ms, 1 << 40)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message inside a BATCH: wire form ``[offset, deliveries, event, timestamp, headers, payload]``."""
+
+    offset: int
+    deliveries: int
+    event: str
+    timestamp: int
+    headers: dict[str, str] | None
+    payload: Any
+
+
+@_frame
+class Batch(Frame):
+    """Broker -> client: reply to FETCH. ``next_offset`` is where a plain read continues."""
+
+    TYPE = FrameType.BATCH
+    req: int
+    next_offset: int
+    records: tuple[Record, ...] = ()
+
+    def __post_init__(self) -> None:
+        _uint("BATCH", "req", self.req)
+        _uint("BATCH", "next_offset", self.next_offset)
+        if type(self.records) not in (list, tuple):
+            _fail("BATCH", "records must be an array")
+        out = []
+        for r in self.records:
+            if type(r) is Record:
+                out.append(r)
+                continue
+            if type(r) is not list or len(r) != 6:
+                _fail("BATCH", "each record must be a 6-element array")
+            rec = Record(*r)
+            _uint("BATCH", "offset", rec.offset)
+            _uint("BATCH", "deliveries", rec.deliveries)
+            _uint("BATCH", "timestamp", rec.timestamp)
+            if type(rec.event) is not str:
+                _fail("BATCH", "event must be a string")
+            _headers("BATCH", rec.headers)
+            out.append(rec)
+        _set(self, "records", tuple(out))
+
+    def to_wire(self) -> list[Any]:
+        """Return the wire list, records flattened to arrays."""
+        return [
+            int(self.TYPE),
+            self.req,
+            self.next_offset,
+            [[r.offset, r.deliveries, r.event, r.timestamp, r.headers, r.payload] for r in self.records],
+        ]
+
+
+@_frame
+class Status(Frame):
+    """Client -> broker: ask for the broker's status."""
+
+    TYPE = FrameType.STATUS
+    req: int
+
+    def __post_init__(self) -> None:
+        _uint("STATUS", "req", self.req)
+
+
+@_frame
+class StatusReply(Frame):
+    """Broker -> client: server, connections, queues and durables (see SPEC.md)."""
+
+    TYPE = FrameType.STATUS_REPLY
+    req: int
+    info: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _uint("STATUS_REPLY", "req", self.req)
+        if type(self.info) is not dict:
+            _fail("STATUS_REPLY", "info must be a map")
+
+
+@_frame
+class Ping(Frame):
+    """Either side: are you there? Answered by PONG with the same req."""
+
+    TYPE = FrameType.PING
+    req: int
+
+    def __post_init__(self) -> None:
+        _uint("PING", "req", self.req)
+
+
+@_frame
+class Pong(Frame):
+    """Either side: reply to PING."""
+
+    TYPE = FrameType.PONG
+    req: int
+
+    def __post_init__(self) -> None:
+        _uint("PONG", "req", self.req)
+
+
+@_frame
+class Ok(Frame):
+    """Broker -> client: the request succeeded (SUBSCRIBE, UNSUBSCRIBE, ACK, NACK)."""
+
+    TYPE = FrameType.OK
+    req: int
+
+    def __post_init__(self) -> None:
+        _uint("OK", "req", self.req)
+
+
+@_frame
+class Err(Frame):
+    """Broker -> client: the request (or, with req 0, the connection) failed."""
+
+    TYPE = FrameType.ERR
+    req: int
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _uint("ERR", "req", self.req)
+        _uint("ERR", "code", self.code, 1 << 16)
+        if type(self.message) is not str:
+            _fail("ERR", "message must be a string")
+
+
+@_frame
+class Bye(Frame):
+    """Either side: I am closing; flush and close your end too."""
+
+    TYPE = FrameType.BYE
+    req: int = 0
+
+    def __post_init__(self) -> None:
+        _uint("BYE", "req", self.req)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRequest:
+    """Not a frame: the event a Connection yields for a well-formed request
+    whose field values are unacceptable. The broker answers it with ERR."""
+
+    req: int
+    type: FrameType
+    code: ErrorCode
+    message: str
+
+
+FRAME_CLASSES: Final[dict[int, type[Frame]]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, Publish, PubAck, Subscribe, Unsubscribe, Deliver, Ack, Nack,
+        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye,
+    )
+}  # fmt: skip
+
+
+# --- hot-path encoders --------------------------------------------------------
+
+_pack = pack_body
+_pack_len = HEADER.pack
+_DELIVER: Final = int(FrameType.DELIVER)
+_BATCH: Final = int(FrameType.BATCH)
+
+
+def encode_record(event: str, timestamp: int, headers: dict[str, str] | None, payload: Any) -> bytes:
+    """Encode a stored record body: ``event, timestamp, headers, payload`` concatenated.
+
+    Raises:
+        LocalProtocolError: the payload is not msgpack-serialisable.
+    """
+    try:
+        # One pack call; drop the 1-byte fixarray header (0x94) of the 4-tuple.
+        return _pack((event, timestamp, headers, payload))[1:]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"payload cannot be encoded as msgpack: {exc}") from exc
+
+
+def record_event(body: bytes) -> str:
+    """Return the event name at the start of a record body without decoding the rest."""
+    b0 = body[0]
+    if 0xA0 <= b0 <= 0xBF:  # fixstr: names up to 31 bytes
+        return body[1 : 1 + (b0 & 0x1F)].decode()
+    if b0 == 0xD9:  # str8: names up to 255 bytes (MAX_NAME_LENGTH is 128)
+        return body[2 : 2 + body[1]].decode()
+    raise LocalProtocolError("record body does not start with an event name")
+
+
+def encode_deliver(sub_id: int, offset: int, deliveries: int, body: bytes) -> bytes:
+    """Encode a DELIVER frame around a stored record body, without re-encoding it.
+
+    Returns:
+        The complete frame (length prefix included).
+    """
+    head = _pack((_DELIVER, sub_id, offset, deliveries))
+    # 0x94 (fixarray of 4) becomes 0x98: the record body supplies 4 more items.
+    size = len(head) + len(body)
+    return _pack_len(size) + b"\x98" + head[1:] + body
+
+
+def encode_batch(req: int, next_offset: int, records: list[tuple[int, int, bytes]]) -> bytes:
+    """Encode a BATCH frame from ``(offset, deliveries, body)`` stored records.
+
+    Returns:
+        The complete frame (length prefix included).
+    """
+    parts = [_pack((_BATCH, req, next_offset)), b""]
+    n = len(records)
+    parts[0] = b"\x94" + parts[0][1:]  # 4 items: type, req, next_offset, records
+    parts[1] = b"\x90" if n == 0 else _array_header(n)
+    for offset, deliveries, body in records:
+        parts.append(b"\x96" + _pack((offset, deliveries))[1:] + body)
+    out = b"".join(parts)
+    return _pack_len(len(out)) + out
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")

@@ -1,0 +1,101 @@
+"""Names of queues, durables and events, and event filters.
+
+Queue and durable names become directory and file names on the broker, so
+their alphabet is closed: ASCII letters, digits, ``_``, ``-`` and ``.``, at
+most 128 characters, not starting with ``.`` (so ``.``, ``..`` and hidden
+files are impossible) and never containing ``/`` or NUL. Event names allow
+``:`` and ``/`` as well, since they never touch the file system.
+
+An event *filter* is an event name in which ``*`` matches any run of
+characters (``user.*`` matches ``user.created`` and ``user.a.b``). An empty
+filter list means "every event".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Final
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "EventFilter",
+    "check_durable",
+    "check_event",
+    "check_pattern",
+    "check_queue",
+]
+
+#: Long enough for dotted names such as ``orders.eu-west.dead``; short enough
+#: that a path built from a queue and a durable stays far below PATH_MAX.
+MAX_NAME_LENGTH: Final = 128
+
+_QUEUE_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_EVENT_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._:/-]{0,127}")
+_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9_*-][A-Za-z0-9._:/*-]{0,127}")
+
+
+def _check(kind: str, value: object, pattern: re.Pattern[str]) -> str | None:
+    if not isinstance(value, str):
+        return f"{kind} must be a string, not {type(value).__name__}"
+    if pattern.fullmatch(value) is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        return (
+            f"invalid {kind} {shown!r}: use 1-{MAX_NAME_LENGTH} characters from "
+            f"{'A-Z a-z 0-9 _ - .' if pattern is _QUEUE_RE else 'A-Z a-z 0-9 _ - . : /'}"
+            f"{' and *' if pattern is _PATTERN_RE else ''}, not starting with '.'"
+        )
+    return None
+
+
+def check_queue(value: object) -> str | None:
+    """Return why ``value`` is not a valid queue name, or None if it is."""
+    return _check("queue name", value, _QUEUE_RE)
+
+
+def check_durable(value: object) -> str | None:
+    """Return why ``value`` is not a valid durable name, or None if it is."""
+    return _check("durable name", value, _QUEUE_RE)
+
+
+def check_event(value: object) -> str | None:
+    """Return why ``value`` is not a valid event name, or None if it is."""
+    return _check("event name", value, _EVENT_RE)
+
+
+def check_pattern(value: object) -> str | None:
+    """Return why ``value`` is not a valid event filter, or None if it is."""
+    return _check("event filter", value, _PATTERN_RE)
+
+
+class EventFilter:
+    """Matches event names against a list of exact names and ``*`` patterns.
+
+    Exact names are a set lookup; patterns compile into one regular
+    expression, so matching costs O(1) Python calls whatever the list length.
+
+    Args:
+        patterns: event names or patterns; empty means every event matches.
+    """
+
+    __slots__ = ("_exact", "_regex", "match_all", "patterns")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        self.match_all = not self.patterns or "*" in self.patterns
+        self._exact = frozenset(p for p in self.patterns if "*" not in p)
+        wild = [p for p in self.patterns if "*" in p]
+        self._regex = (
+            re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in wild))
+            if wild
+            else None
+        )
+
+    def __call__(self, event: str) -> bool:
+        """Return whether ``event`` passes the filter."""
+        if self.match_all or event in self._exact:
+            return True
+        return self._regex is not None and self._regex.fullmatch(event) is not None
+
+    def __repr__(self) -> str:
+        return f"EventFilter({list(self.patterns)!r})"
