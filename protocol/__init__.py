@@ -51,6 +51,7 @@ from .messages import (
     Welcome,
     encode_batch,
     encode_deliver,
+    encode_pubacks,
     encode_record,
     record_event,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "encode_batch",
     "encode_deliver",
     "encode_frame",
+    "encode_pubacks",
     "encode_record",
     "record_event",
 ]

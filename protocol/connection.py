@@ -154,9 +154,7 @@ class Connection:
         self.max_frame_size = self.limits.max_frame_size
         # Only the broker guards the handshake with the small limit: it is the
         # side that unauthenticated strangers can reach.
-        self._decoder = FrameDecoder(
-            self.limits.handshake_frame_size if role is Role.BROKER else self.max_frame_size
-        )
+        self._decoder = FrameDecoder(self.limits.handshake_frame_size if role is Role.BROKER else self.max_frame_size)
         self._chunks: list[bytes] = []
         self.eof = False
 
@@ -184,8 +182,7 @@ class Connection:
         body = pack_body(frame.to_wire())
         if len(body) > self.max_frame_size:
             raise LocalProtocolError(
-                f"{frame.TYPE.name} frame of {len(body)} bytes exceeds the limit of "
-                f"{self.max_frame_size} bytes",
+                f"{frame.TYPE.name} frame of {len(body)} bytes exceeds the limit of {self.max_frame_size} bytes",
                 code=ErrorCode.FRAME_TOO_LARGE,
             )
         self._move(_SEND, frame.TYPE)
@@ -263,9 +260,7 @@ class Connection:
             )
         cls = FRAME_CLASSES.get(items[0])
         if cls is None:
-            raise RemoteProtocolError(
-                f"unknown frame type {items[0]}", code=ErrorCode.MALFORMED_FRAME
-            )
+            raise RemoteProtocolError(f"unknown frame type {items[0]}", code=ErrorCode.MALFORMED_FRAME)
         self._move(_RECV, cls.TYPE)
         try:
             return cls.from_wire(items)

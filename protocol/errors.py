@@ -82,9 +82,7 @@ class ErrorCode(enum.IntEnum):
 #: Codes after which the sender closes the connection.
 FATAL_CODES: Final = frozenset(c for c in ErrorCode if c < 20)
 #: Codes for which retrying the same request later may succeed.
-RETRIABLE_CODES: Final = frozenset(
-    {ErrorCode.SHUTTING_DOWN, ErrorCode.STORAGE_FULL, ErrorCode.TOO_MANY_CONNECTIONS}
-)
+RETRIABLE_CODES: Final = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.STORAGE_FULL, ErrorCode.TOO_MANY_CONNECTIONS})
 
 
 class TidingsError(Exception):
@@ -138,9 +136,7 @@ class SlowConsumer(TidingsError):
     """
 
     def __init__(self, pending_msgs: int, pending_bytes: int) -> None:
-        super().__init__(
-            f"slow consumer: {pending_msgs} messages / {pending_bytes} bytes pending"
-        )
+        super().__init__(f"slow consumer: {pending_msgs} messages / {pending_bytes} bytes pending")
         self.pending_msgs = pending_msgs
         self.pending_bytes = pending_bytes
 

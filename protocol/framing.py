@@ -49,7 +49,8 @@ _MAX_ITEMS: Final = 1 << 20
 
 def pack_body(value: Any) -> bytes:
     """Encode one msgpack value (no length prefix)."""
-    return _pack(value)
+    data: bytes = _pack(value)
+    return data
 
 
 def encode_frame(value: Any) -> bytes:
@@ -61,7 +62,7 @@ def encode_frame(value: Any) -> bytes:
     Returns:
         The bytes to write to the socket.
     """
-    body = _pack(value)
+    body: bytes = _pack(value)
     return _pack_len(len(body)) + body
 
 

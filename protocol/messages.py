@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, NoReturn, TypeVar, cast, dataclass_transform
 
 from .errors import ErrorCode, LocalProtocolError
 from .framing import HEADER, pack_body
@@ -66,6 +66,7 @@ __all__ = [
     "Welcome",
     "encode_batch",
     "encode_deliver",
+    "encode_pubacks",
     "encode_record",
     "record_event",
 ]
@@ -108,14 +109,14 @@ class _FieldError(LocalProtocolError):
     """A field failed validation; ``code`` says whether it was shape or value."""
 
 
-def _fail(frame: str, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> None:
+def _fail(frame: str, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> NoReturn:
     raise _FieldError(f"{frame}: {message}", code=code)
 
 
 def _uint(frame: str, name: str, value: object, maximum: int = _MAX_U64) -> None:
     if type(value) is not int:
         _fail(frame, f"{name} must be an integer, not {type(value).__name__}")
-    elif not 0 <= value <= maximum:  # type: ignore[operator]
+    elif not 0 <= value <= maximum:
         _fail(frame, f"{name} must be in 0..{maximum}, not {value}", ErrorCode.BAD_REQUEST)
 
 
@@ -137,7 +138,7 @@ def _headers(frame: str, value: object) -> None:
         return
     if type(value) is not dict:
         _fail(frame, f"headers must be a map or nil, not {type(value).__name__}")
-    for k, v in value.items():  # type: ignore[attr-defined]
+    for k, v in value.items():
         if type(k) is not str or type(v) is not str:
             _fail(frame, "headers must map strings to strings")
 
@@ -185,11 +186,15 @@ class Frame:
         return cls(*items[1:])
 
 
-def _frame(cls: type[Any]) -> type[Any]:
+_C = TypeVar("_C")
+
+
+@dataclass_transform(frozen_default=True)
+def _frame(cls: type[_C]) -> type[_C]:
     """Class decorator: frozen slotted dataclass that records its field order."""
-    dc = dataclass(frozen=True, slots=True)(cls)
+    dc: Any = dataclass(frozen=True, slots=True)(cls)
     dc._FIELDS = tuple(f.name for f in fields(dc))
-    return dc
+    return dc  # type: ignore[no-any-return]
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -474,9 +479,9 @@ class Batch(Frame):
             if type(r) is Record:
                 out.append(r)
                 continue
-            if type(r) is not list or len(r) != 6:
+            if not isinstance(r, list) or len(r) != 6:
                 _fail("BATCH", "each record must be a 6-element array")
-            rec = Record(*r)
+            rec = Record(*cast(list[Any], r))
             _uint("BATCH", "offset", rec.offset)
             _uint("BATCH", "deliveries", rec.deliveries)
             _uint("BATCH", "timestamp", rec.timestamp)
@@ -666,3 +671,20 @@ def _array_header(n: int) -> bytes:
     if n < 1 << 16:
         return b"\xdc" + n.to_bytes(2, "big")
     return b"\xdd" + n.to_bytes(4, "big")
+
+
+_PUBACK: Final = int(FrameType.PUBACK)
+
+
+def encode_pubacks(acks: list[tuple[int, int, bool]]) -> bytes:
+    """Encode one PUBACK frame per ``(req, offset, duplicate)``, joined for one write.
+
+    Returns:
+        The frames' bytes (length prefixes included).
+    """
+    parts = []
+    for req, offset, duplicate in acks:
+        body = _pack((_PUBACK, req, offset, duplicate))
+        parts.append(_pack_len(len(body)))
+        parts.append(body)
+    return b"".join(parts)

@@ -85,11 +85,7 @@ class EventFilter:
         self.match_all = not self.patterns or "*" in self.patterns
         self._exact = frozenset(p for p in self.patterns if "*" not in p)
         wild = [p for p in self.patterns if "*" in p]
-        self._regex = (
-            re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in wild))
-            if wild
-            else None
-        )
+        self._regex = re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in wild)) if wild else None
 
     def __call__(self, event: str) -> bool:
         """Return whether ``event`` passes the filter."""

@@ -1,0 +1,1 @@
+"""The tidings benchmark harness: ``python -m bench``."""

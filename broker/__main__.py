@@ -1,0 +1,206 @@
+"""``tidings-broker`` (also ``python -m broker``): run the broker in the foreground.
+
+The only place that reads the command line and the environment, configures
+logging and picks the event loop (uvloop when installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from protocol import ConfigError, Limits
+
+from .config import DEFAULT_DATA_DIR, DEFAULT_PORT, BrokerConfig, FsyncPolicy
+from .server import Broker
+
+EPILOG = """\
+examples:
+  tidings-broker                                  127.0.0.1:6464, data in ./tidings-data
+  tidings-broker --port 7000 --data-dir /var/lib/tidings
+  tidings-broker --fsync interval --fsync-interval 0.2
+  TIDINGS_TOKEN=s3cret tidings-broker --host 0.0.0.0
+
+durability (--fsync):
+  always    confirm a publish only after its bytes are fsynced; concurrent
+            publishes share one fsync (group commit). Nothing confirmed is
+            ever lost, even on power failure. The default.
+  interval  confirm after the write; fsync every --fsync-interval seconds. A
+            power failure may lose what was confirmed in the last interval; a
+            crash of the broker process alone loses nothing.
+  never     confirm after the write; the OS flushes when it likes.
+
+signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
+cursors, close clients); a second one exits at once.
+exit codes: 0 clean stop, 1 usage or start-up error, 3 storage failure.
+"""
+
+
+def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tidings-broker``."""
+    p = argparse.ArgumentParser(
+        prog="tidings-broker",
+        description="Run the tidings message-queue broker in the foreground.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port, 0 = any free port (default: %(default)s)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="where queues and cursors are stored (default: ./%(default)s)",
+    )
+    p.add_argument(
+        "--fsync",
+        choices=[f.value for f in FsyncPolicy],
+        default="always",
+        help="when publishes are confirmed relative to fsync (default: %(default)s; see below)",
+    )
+    p.add_argument(
+        "--fsync-interval",
+        type=_positive(float),
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between fsyncs with --fsync interval (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-frame-bytes",
+        type=_positive(int),
+        default=Limits().max_frame_size,
+        metavar="BYTES",
+        help="largest frame accepted; bounds message size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--segment-bytes",
+        type=_positive(int),
+        default=BrokerConfig().segment_bytes,
+        metavar="BYTES",
+        help="roll a queue's log file at this size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=BrokerConfig().max_connections,
+        metavar="N",
+        help="refuse connections beyond this many (default: %(default)s)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=BrokerConfig().heartbeat,
+        metavar="SECONDS",
+        help="PING idle clients this often, 0 = off; 2 missed = disconnect (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)"
+    )
+    return p  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    """Build the BrokerConfig from parsed arguments and the environment.
+
+    Raises:
+        ConfigError: an inconsistent combination of options.
+    """
+    limits = Limits(max_frame_size=args.max_frame_bytes, handshake_frame_size=min(8192, args.max_frame_bytes))
+    return BrokerConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        fsync=FsyncPolicy(args.fsync),
+        fsync_interval=args.fsync_interval,
+        limits=limits,
+        segment_bytes=args.segment_bytes,
+        max_connections=args.max_connections,
+        heartbeat=args.heartbeat,
+        repair=args.repair,
+        token=os.environ.get("TIDINGS_TOKEN") or None,
+    )
+
+
+async def _run(config: BrokerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    exit_code = 0
+
+    def storage_failed(reason: str) -> None:
+        # R7: a failed fsync is fail-stop. Exit without syncing or confirming
+        # anything more; the next start recovers from what is on disk.
+        logging.getLogger("broker").critical("exiting: %s", reason)
+        os._exit(3)
+
+    broker = Broker(config, on_fatal=storage_failed)
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        nonlocal exit_code
+        if stopping.is_set():
+            logging.getLogger("broker").warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        logging.getLogger("broker").info("%s received: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await broker.start()
+    await stopping.wait()
+    await broker.aclose()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tidings-broker``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"tidings-broker: {exc}", file=sys.stderr)
+        return 1
+    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("broker").warning(
+            "no TIDINGS_TOKEN set: any client that can reach %s may connect", config.host
+        )
+    try:
+        import uvloop
+    except ImportError:
+        runner = asyncio.Runner()
+    else:
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    try:
+        with runner:
+            return runner.run(_run(config))
+    except OSError as exc:
+        print(f"tidings-broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The broker's configuration: one frozen dataclass, built by ``__main__`` and passed down.
+
+Every default is a named constant with the reason for its value. Nothing
+below the entry point reads the environment or module globals.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from protocol import ConfigError, Limits
+
+__all__ = ["BrokerConfig", "FsyncPolicy"]
+
+#: The port in the README and every URL default (tidings://127.0.0.1:6464).
+DEFAULT_PORT: Final = 6464
+#: A data folder in the working directory: `make run` needs no other service.
+DEFAULT_DATA_DIR: Final = Path("tidings-data")
+#: 64 MiB segments: small enough that retention frees space in useful steps,
+#: large enough that a busy queue rolls only every few seconds (Kafka: 1 GiB).
+DEFAULT_SEGMENT_BYTES: Final = 64 * 1024 * 1024
+#: Per-connection write buffer high-water mark. Set explicitly because
+#: asyncio (64 KiB) and uvloop (its low-water default is 16 bytes) differ.
+DEFAULT_WRITE_HIGH_WATER: Final = 256 * 1024
+#: A subscriber whose socket stays over the high-water mark this long is
+#: disconnected as a slow consumer (Redis pub/sub: 60 s soft limit).
+DEFAULT_SLOW_CONSUMER_TIMEOUT: Final = 30.0
+#: Unconfirmed publishes a connection may have before we stop reading from it:
+#: TCP backpressure slows a publisher when storage falls behind.
+DEFAULT_MAX_INFLIGHT_PUBLISHES: Final = 20_000
+#: NATS AUTH_TIMEOUT is 2 s: long enough for a slow TLS client, short enough
+#: that idle sockets cannot pile up.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 2.0
+#: Seconds between PINGs on an idle connection; 2 missed = dead (NATS: 2 min x 2).
+DEFAULT_HEARTBEAT: Final = 30.0
+#: Redis maxclients default.
+DEFAULT_MAX_CONNECTIONS: Final = 10_000
+#: How often acked cursors are persisted; bounds redeliveries after a crash.
+DEFAULT_CURSOR_FLUSH: Final = 0.2
+#: A second PUBLISH with the same message_id within this window is not stored
+#: again (NATS JetStream duplicate window: 2 minutes).
+DEFAULT_DEDUP_WINDOW: Final = 120.0
+#: Graceful shutdown waits this long for write buffers to drain.
+DEFAULT_SHUTDOWN_GRACE: Final = 5.0
+
+
+class FsyncPolicy(enum.Enum):
+    """When a PUBLISH is confirmed relative to fsync."""
+
+    ALWAYS = "always"  # confirm after fsync; one fsync per group of publishes
+    INTERVAL = "interval"  # confirm after write; fsync every fsync_interval seconds
+    NEVER = "never"  # confirm after write; the OS decides when to flush
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Everything the broker needs to run. All fields have sane defaults.
+
+    Attributes:
+        host: address to listen on.
+        port: TCP port; 0 picks a free one (tests).
+        data_dir: where queues and cursors live.
+        fsync: the durability policy (see FsyncPolicy).
+        fsync_interval: seconds between fsyncs with ``FsyncPolicy.INTERVAL``.
+        limits: protocol frame limits.
+        segment_bytes: roll a queue's segment file at this size.
+        write_high_water: per-connection write buffer high-water mark.
+        slow_consumer_timeout: seconds a connection may stay over it.
+        max_inflight_publishes: unconfirmed publishes per connection before
+            the broker stops reading from it.
+        handshake_timeout: seconds to wait for HELLO.
+        heartbeat: seconds between PINGs to an idle peer (0 disables).
+        max_connections: further connections get TOO_MANY_CONNECTIONS.
+        cursor_flush: seconds between cursor persists.
+        dedup_window: seconds a message_id is remembered.
+        shutdown_grace: seconds to drain writes at shutdown.
+        repair: truncate corrupt logs at the damage instead of refusing them.
+        token: when set, HELLO must carry ``{"token": token}``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = DEFAULT_DATA_DIR
+    fsync: FsyncPolicy = FsyncPolicy.ALWAYS
+    fsync_interval: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    write_high_water: int = DEFAULT_WRITE_HIGH_WATER
+    slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT
+    max_inflight_publishes: int = DEFAULT_MAX_INFLIGHT_PUBLISHES
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    heartbeat: float = DEFAULT_HEARTBEAT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    cursor_flush: float = DEFAULT_CURSOR_FLUSH
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    repair: bool = False
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, not {self.port}")
+        if self.fsync_interval <= 0:
+            raise ConfigError("fsync interval must be positive")
+        if self.segment_bytes < 4096:
+            raise ConfigError("segment size must be at least 4096 bytes")
+        if self.write_high_water < 1024:
+            raise ConfigError("write high-water mark must be at least 1024 bytes")
+        for name in ("slow_consumer_timeout", "handshake_timeout", "cursor_flush", "shutdown_grace"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive")
+        if self.heartbeat < 0:
+            raise ConfigError("heartbeat must be 0 (off) or positive")
+        if self.max_connections < 1 or self.max_inflight_publishes < 1:
+            raise ConfigError("connection and in-flight limits must be at least 1")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest stored record body: a DELIVER frame adds at most 32 bytes to it."""
+        return self.limits.max_frame_size - 64

@@ -1,0 +1,349 @@
+"""One queue at run time: its log, its groups, delivery and long-poll fetches.
+
+Theory of operation
+-------------------
+``append()`` writes records to the log (the OS page cache) and returns their
+offsets; the records become *committed* when the store's committer has synced
+them (``--fsync always``) or at once (``interval`` / ``never``). Only committed
+records are delivered or fetched, so a subscriber never sees a message that a
+crash could take back, and publish confirms and deliveries follow one order.
+
+``commit(upto)`` sends the PUBACKs of every publish below ``upto`` and then
+pumps every group: each push consumer with credit gets its redeliveries first,
+then new records from the group's read position, written to its socket as one
+``write()`` per consumer per pump. Recently appended bodies stay in a small
+in-memory tail, so live fan-out never touches the disk; catch-up reads go to
+the log with ``pread``. Stored bytes are spliced into DELIVER and BATCH frames
+as they are (no decode, no re-encode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
+
+from protocol import ErrorCode, EventFilter, encode_batch, encode_deliver, record_event
+
+from .log import QueueLog
+from .router import Consumer, Group
+
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["Confirmer", "FetchWaiter", "PushTarget", "Queue"]
+
+#: Records kept in memory after append, so that live subscribers are fed
+#: without a disk read. 8 MiB / 8192 records bound it (whichever comes first).
+TAIL_MAX_RECORDS: Final = 8192
+TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
+#: Records read from the log per pread batch when catching up.
+READ_BATCH: Final = 512
+#: Largest BATCH reply; leaves room under the 1 MiB default frame limit.
+FETCH_MAX_BYTES: Final = 768 * 1024
+
+
+class PushTarget(Protocol):
+    """What a queue needs from a push subscription (implemented by the session)."""
+
+    sub_id: int
+
+    def write(self, data: bytes) -> None:
+        """Write bytes to the subscriber's socket now."""
+
+
+class Confirmer(Protocol):
+    """Receives PUBACKs: implemented by the session."""
+
+    def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
+        """Send PUBACK ``(req, offset, duplicate)`` for each entry."""
+
+    def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
+        """Answer each entry's request with ERR instead (storage failed)."""
+
+
+class FetchWaiter:
+    """A FETCH waiting for records (long poll).
+
+    Attributes:
+        reply: called once with the BATCH frame bytes.
+        consumer: the session's pull consumer (durable fetch) or None (plain read).
+        position: next offset to read (plain read only).
+    """
+
+    __slots__ = ("consumer", "filter", "group", "max_messages", "position", "reply", "req", "timer")
+
+    def __init__(
+        self,
+        req: int,
+        reply: Callable[[bytes], None],
+        max_messages: int,
+        *,
+        group: Group | None = None,
+        consumer: Consumer | None = None,
+        position: int = 0,
+        filter: EventFilter | None = None,
+    ) -> None:
+        self.req = req
+        self.reply = reply
+        self.max_messages = max_messages
+        self.group = group
+        self.consumer = consumer
+        self.position = position
+        self.filter = filter
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Queue:
+    """A queue: log + committed mark + groups + pending confirms + waiters.
+
+    Args:
+        name: the queue's name.
+        log: its open log.
+    """
+
+    def __init__(self, name: str, log: QueueLog) -> None:
+        self.name = name
+        self.log = log
+        self.committed = log.next_offset
+        self.groups: dict[str, Group] = {}  # durables by name
+        self.ephemeral: set[Group] = set()
+        self.waiters: list[FetchWaiter] = []
+        self._confirms: deque[tuple[int, Confirmer, list[tuple[int, int, bool]]]] = deque()
+        self._tail: deque[bytes] = deque()
+        self._tail_base = log.next_offset
+        self._tail_bytes = 0
+        self._dedup: dict[str, tuple[int, float]] = {}
+        self.published = 0  # since start, for the publish rate in STATUS
+
+    def __repr__(self) -> str:
+        return (
+            f"<Queue {self.name} [{self.log.first_offset}, {self.log.next_offset}) "
+            f"committed={self.committed} groups={len(self.groups)}+{len(self.ephemeral)}>"
+        )
+
+    # --- publishing ---------------------------------------------------------
+
+    def find_duplicate(self, message_id: str, now: float) -> int | None:
+        """The offset stored for ``message_id`` within the dedup window, if any."""
+        hit = self._dedup.get(message_id)
+        return hit[0] if hit is not None and hit[1] > now else None
+
+    def append(
+        self,
+        bodies: list[bytes],
+        ids: list[str | None],
+        timestamp_ms: int,
+        *,
+        dedup_until: float,
+    ) -> int:
+        """Write records to the log (not yet synced) and remember them in the tail.
+
+        Returns:
+            The offset of the first record.
+
+        Raises:
+            OSError: the write failed (ENOSPC...); nothing was appended.
+        """
+        first = self.log.append(bodies, timestamp_ms)
+        tail = self._tail
+        for body in bodies:
+            tail.append(body)
+            self._tail_bytes += len(body)
+        while len(tail) > TAIL_MAX_RECORDS or (self._tail_bytes > TAIL_MAX_BYTES and len(tail) > 1):
+            self._tail_bytes -= len(tail.popleft())
+            self._tail_base += 1
+        for i, mid in enumerate(ids):
+            if mid is not None:
+                self._dedup[mid] = (first + i, dedup_until)
+        self.published += len(bodies)
+        return first
+
+    def expect_confirm(self, end: int, confirmer: Confirmer, acks: list[tuple[int, int, bool]]) -> None:
+        """Send ``acks`` through ``confirmer`` once every offset below ``end`` is committed."""
+        if end <= self.committed:
+            confirmer.confirm(acks)
+        else:
+            self._confirms.append((end, confirmer, acks))
+
+    def prune_dedup(self, now: float) -> None:
+        """Forget message ids older than the dedup window."""
+        stale = [k for k, (_, until) in self._dedup.items() if until <= now]
+        for k in stale:
+            del self._dedup[k]
+
+    # --- committing ---------------------------------------------------------
+
+    def commit(self, upto: int) -> None:
+        """Mark offsets below ``upto`` durable: confirm, then deliver."""
+        if upto <= self.committed:
+            return
+        self.committed = upto
+        confirms = self._confirms
+        while confirms and confirms[0][0] <= upto:
+            _, confirmer, acks = confirms.popleft()
+            confirmer.confirm(acks)
+        self.pump_all()
+
+    def fail_pending(self, fail: Callable[[Confirmer, list[tuple[int, int, bool]]], None]) -> None:
+        """Hand every unconfirmed publish to ``fail`` (storage failure)."""
+        while self._confirms:
+            _, confirmer, acks = self._confirms.popleft()
+            fail(confirmer, acks)
+
+    # --- reading ------------------------------------------------------------
+
+    def read(self, offset: int, max_count: int) -> list[tuple[int, bytes]]:
+        """Committed records from ``offset`` (at least the first retained one).
+
+        Returns:
+            ``(offset, body)`` pairs, at most ``max_count``, all below ``committed``.
+        """
+        offset = max(offset, self.log.first_offset)
+        end = min(self.committed, offset + max_count)
+        if offset >= end:
+            return []
+        if offset >= self._tail_base:
+            tail, base = self._tail, self._tail_base
+            return [(o, tail[o - base]) for o in range(offset, end)]
+        records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+        return [(o, body) for o, _ts, body in records]
+
+    def body(self, offset: int) -> bytes | None:
+        """The body at ``offset``, or None if retention dropped it."""
+        got = self.read(offset, 1)
+        return got[0][1] if got and got[0][0] == offset else None
+
+    # --- push delivery --------------------------------------------------------
+
+    def pump_all(self) -> None:
+        """Deliver to every group that can take something, then serve waiters."""
+        now = time.monotonic()
+        for group in self.groups.values():
+            if group.consumers:
+                self.pump(group, now)
+        for group in self.ephemeral:
+            self.pump(group, now)
+        if self.waiters:
+            self.serve_waiters()
+
+    def pump(self, group: Group, now: float) -> None:
+        """Give each push consumer of ``group`` as much as its credit allows."""
+        if group.read_pos < self.log.first_offset:
+            group.read_pos = self.log.first_offset  # retention dropped what it had not read
+        match_all = group.filter.match_all
+        matches = group.filter
+        while True:
+            progressed = False
+            for consumer in group.push_consumers():
+                target: PushTarget = consumer.owner  # type: ignore[assignment]
+                credit = consumer.credit
+                frames: list[bytes] = []
+                while len(frames) < credit:
+                    got = group.take_redelivery(consumer, now)
+                    if got is None:
+                        break
+                    body = self.body(got[0])
+                    if body is not None:
+                        frames.append(encode_deliver(target.sub_id, got[0], got[1], body))
+                    else:
+                        group.ack((got[0],), None)  # dropped by retention: nothing to redeliver
+                start = group.read_pos
+                while len(frames) < credit and group.read_pos < self.committed:
+                    records = self.read(group.read_pos, min(READ_BATCH, credit - len(frames)))
+                    if not records:
+                        break
+                    for offset, body in records:
+                        if match_all or matches(record_event(body)):
+                            n = group.deliver_new(consumer, offset, now)
+                            frames.append(encode_deliver(target.sub_id, offset, n, body))
+                        else:
+                            group.skip(offset)
+                if frames:
+                    target.write(b"".join(frames))
+                if frames or group.read_pos != start:
+                    progressed = True
+            if not progressed:
+                return
+
+    # --- pull (FETCH) -------------------------------------------------------
+
+    def take_for_fetch(self, waiter: FetchWaiter, now: float) -> bytes | None:
+        """Try to fill a FETCH now.
+
+        Returns:
+            The BATCH frame, or None if nothing is available yet.
+        """
+        group, consumer = waiter.group, waiter.consumer
+        out: list[tuple[int, int, bytes]] = []
+        size = 0
+        limit = waiter.max_messages
+        if group is not None and consumer is not None:
+            while len(out) < limit and size < FETCH_MAX_BYTES:
+                got = group.take_redelivery(consumer, now)
+                if got is None:
+                    break
+                body = self.body(got[0])
+                if body is not None:
+                    out.append((got[0], got[1], body))
+                    size += len(body)
+            if group.read_pos < self.log.first_offset:
+                group.read_pos = self.log.first_offset
+            while len(out) < limit and size < FETCH_MAX_BYTES and group.read_pos < self.committed:
+                for offset, body in self.read(group.read_pos, min(READ_BATCH, limit - len(out))):
+                    if group.filter(record_event(body)):
+                        out.append((offset, group.deliver_new(consumer, offset, now), body))
+                        size += len(body)
+                        if size >= FETCH_MAX_BYTES:
+                            break
+                    else:
+                        group.skip(offset)
+            next_offset = group.read_pos
+        else:
+            assert waiter.filter is not None
+            position = max(waiter.position, self.log.first_offset)
+            while len(out) < limit and size < FETCH_MAX_BYTES and position < self.committed:
+                for offset, body in self.read(position, min(READ_BATCH, limit - len(out))):
+                    position = offset + 1
+                    if waiter.filter(record_event(body)):
+                        out.append((offset, 1, body))
+                        size += len(body)
+                        if size >= FETCH_MAX_BYTES:
+                            break
+            waiter.position = next_offset = position
+        if not out:
+            return None
+        return encode_batch(waiter.req, next_offset, out)
+
+    def serve_waiters(self) -> None:
+        """Answer every waiting FETCH that can now be filled."""
+        now = time.monotonic()
+        still: list[FetchWaiter] = []
+        for waiter in self.waiters:
+            frame = self.take_for_fetch(waiter, now)
+            if frame is None:
+                still.append(waiter)
+                continue
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            waiter.reply(frame)
+        self.waiters = still
+
+    def expire_waiter(self, waiter: FetchWaiter) -> None:
+        """The waiter's time is up: answer with an empty BATCH."""
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+            position = waiter.group.read_pos if waiter.group is not None else waiter.position
+            waiter.reply(encode_batch(waiter.req, position, []))
+
+    def drop_waiters(self, reply: Callable[[bytes], None] | None = None) -> None:
+        """Forget the waiters of one session (``reply``), or all of them."""
+        keep = []
+        for w in self.waiters:
+            if reply is None or w.reply == reply:
+                if w.timer is not None:
+                    w.timer.cancel()
+            else:
+                keep.append(w)
+        self.waiters = keep

@@ -1,0 +1,290 @@
+"""The routing core: who gets which offset next. Pure: no I/O, no asyncio.
+
+Theory of operation
+-------------------
+Every subscription reads a queue through a :class:`Group`:
+
+* a **durable** group is named ``(queue, durable)``, keeps a cursor that the
+  broker persists, and may have several consumers (competing consumers: each
+  message goes to one of them);
+* an **ephemeral** group belongs to one push subscription, auto-acks on
+  delivery (at-most-once) and is forgotten when the subscription ends.
+
+A group's state, with its invariants:
+
+* ``cursor`` (ack floor + acked set): every offset below ``cursor.ack_floor``
+  is done. Only ACK (or a filter skip) advances it.
+* ``read_pos``: the lowest offset never handed out. Offsets in
+  ``[ack_floor, read_pos)`` are each exactly one of: acked, in flight
+  (``in_flight[offset]``), waiting for redelivery (``ready`` heap or
+  ``delayed``). Nothing is ever forgotten, so nothing is ever skipped.
+* ``deliveries[offset]`` counts hand-outs of offsets not yet acked.
+* A consumer never holds more than ``prefetch`` unacked offsets (credit).
+
+Redeliveries go out before new offsets, lowest offset first, so a consumer
+that comes back sees what it missed in log order. The shell
+(``broker/queue.py``) reads records and calls :meth:`Group.take_redelivery`,
+:meth:`Group.deliver_new` and :meth:`Group.skip`; it never touches the fields.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from typing import Final
+
+from protocol import ErrorCode, EventFilter
+
+from .cursors import Cursor
+
+__all__ = ["AckError", "Consumer", "Group"]
+
+#: A message not acked within this time is redelivered (NATS AckWait default).
+DEFAULT_ACK_WAIT: Final = 30.0
+
+
+class AckError(Exception):
+    """An ACK/NACK named an offset that is not in flight (pure-core signal;
+    the session turns it into ERR BAD_ACK)."""
+
+    code: Final = ErrorCode.BAD_ACK
+
+
+class Consumer:
+    """One attachment to a group: a push subscription or a session's pulls.
+
+    Args:
+        owner: opaque handle of the shell (the session's subscription object).
+        prefetch: most unacked offsets this consumer may hold.
+        push: whether the group pushes to it (False: fetch-only).
+    """
+
+    __slots__ = ("held", "owner", "paused", "prefetch", "push")
+
+    def __init__(self, owner: object, prefetch: int, *, push: bool = True) -> None:
+        self.owner = owner
+        self.prefetch = prefetch
+        self.push = push
+        self.paused = False
+        self.held: set[int] = set()
+
+    @property
+    def credit(self) -> int:
+        """How many more offsets this consumer may take now."""
+        return 0 if self.paused else self.prefetch - len(self.held)
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.owner!r} held={len(self.held)}/{self.prefetch}>"
+
+
+class Group:
+    """The delivery state of one durable (or one ephemeral subscription).
+
+    Args:
+        queue: the queue's name.
+        name: the durable name, or None for an ephemeral group.
+        events: the event filter patterns.
+        cursor: the persisted cursor (a fresh one for a new group).
+        read_pos: first offset to hand out (never below the ack floor).
+        ack_wait: seconds before an unacked message is redelivered.
+        max_deliveries: hand-outs before a message is dead-lettered (0 = no limit).
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        name: str | None,
+        events: Iterable[str],
+        cursor: Cursor,
+        read_pos: int,
+        *,
+        ack_wait: float = DEFAULT_ACK_WAIT,
+        max_deliveries: int = 0,
+    ) -> None:
+        self.queue = queue
+        self.name = name
+        self.filter = EventFilter(events)
+        self.cursor = cursor
+        self.read_pos = max(read_pos, cursor.ack_floor)
+        self.ack_wait = ack_wait
+        self.max_deliveries = max_deliveries
+        self.auto_ack = name is None
+        self.consumers: list[Consumer] = []
+        self.in_flight: dict[int, tuple[Consumer, float]] = {}
+        self.deliveries: dict[int, int] = {}
+        self.ready: list[int] = []  # heap of offsets due for redelivery now
+        self.delayed: dict[int, float] = {}  # offset -> monotonic time it becomes ready
+        self.dirty = False  # cursor changed since the last persist
+        self._rr = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Group {self.queue}/{self.name or '(ephemeral)'} floor={self.cursor.ack_floor} "
+            f"read={self.read_pos} in_flight={len(self.in_flight)} consumers={len(self.consumers)}>"
+        )
+
+    # --- consumers ----------------------------------------------------------
+
+    def attach(self, consumer: Consumer) -> None:
+        """Add a consumer (competing with the others)."""
+        self.consumers.append(consumer)
+
+    def detach(self, consumer: Consumer) -> None:
+        """Remove a consumer; what it held becomes ready for redelivery now."""
+        if consumer in self.consumers:
+            self.consumers.remove(consumer)
+        for offset in consumer.held:
+            if self.in_flight.pop(offset, None) is not None:
+                heapq.heappush(self.ready, offset)
+        consumer.held.clear()
+
+    def push_consumers(self) -> list[Consumer]:
+        """Consumers that can take a pushed message now, rotated for fairness."""
+        n = len(self.consumers)
+        if n == 1:
+            c = self.consumers[0]
+            return [c] if c.push and c.credit > 0 else []
+        self._rr = (self._rr + 1) % n if n else 0
+        order = self.consumers[self._rr :] + self.consumers[: self._rr]
+        return [c for c in order if c.push and c.credit > 0]
+
+    # --- handing out --------------------------------------------------------
+
+    def has_redelivery(self) -> bool:
+        """Whether a redelivery is ready now."""
+        return bool(self.ready)
+
+    def take_redelivery(self, consumer: Consumer, now: float) -> tuple[int, int] | None:
+        """Hand the lowest ready redelivery to ``consumer``.
+
+        Returns:
+            ``(offset, deliveries)`` or None when nothing is ready.
+        """
+        while self.ready:
+            offset = heapq.heappop(self.ready)
+            if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
+                continue  # acked while it waited
+            return offset, self._hand_out(consumer, offset, now)
+        return None
+
+    def deliver_new(self, consumer: Consumer, offset: int, now: float) -> int:
+        """Hand ``offset`` (== read_pos, matching the filter) to ``consumer``.
+
+        Returns:
+            The delivery count (1 unless a restart left it ambiguous).
+        """
+        self.read_pos = offset + 1
+        return self._hand_out(consumer, offset, now)
+
+    def skip(self, offset: int) -> None:
+        """``offset`` (== read_pos) does not match the filter: count it done."""
+        self.read_pos = offset + 1
+        self._acked(offset)
+
+    def _hand_out(self, consumer: Consumer, offset: int, now: float) -> int:
+        n = self.deliveries.get(offset, 0) + 1
+        if self.auto_ack:
+            self.deliveries.pop(offset, None)
+            self._acked(offset)
+            return n
+        self.deliveries[offset] = n
+        self.in_flight[offset] = (consumer, now + self.ack_wait)
+        consumer.held.add(offset)
+        return n
+
+    # --- acknowledgements ---------------------------------------------------
+
+    def ack(self, offsets: Iterable[int], upto: int | None) -> int:
+        """Apply an ACK: single offsets and/or everything up to ``upto``.
+
+        Returns:
+            How many offsets became acked.
+
+        Raises:
+            AckError: an offset was never handed out or is already acked;
+                nothing is changed in that case.
+        """
+        offsets = tuple(offsets)
+        for offset in offsets:
+            self._check_ackable(offset)
+        if upto is not None and upto >= self.read_pos:
+            raise AckError(f"cannot ack up to {upto}: offset {self.read_pos} not delivered yet")
+        done = 0
+        for offset in offsets:
+            self._release(offset)
+            self._acked(offset)
+            done += 1
+        if upto is not None and upto >= self.cursor.ack_floor:
+            for offset in [o for o in self.in_flight if o <= upto]:
+                self._release(offset)
+            for offset in [o for o in self.delayed if o <= upto]:
+                del self.delayed[offset]
+            for offset in [o for o in self.deliveries if o <= upto]:
+                del self.deliveries[offset]
+            done += upto + 1 - self.cursor.ack_floor
+            self.cursor.ack_upto(upto)
+            self.dirty = True
+        return done
+
+    def nack(self, offsets: Iterable[int], delay: float, now: float) -> None:
+        """Give offsets back for redelivery, now or after ``delay`` seconds.
+
+        Raises:
+            AckError: an offset is not in flight; nothing is changed.
+        """
+        offsets = tuple(offsets)
+        for offset in offsets:
+            if offset not in self.in_flight:
+                raise AckError(f"offset {offset} is not in flight for {self.name!r}")
+        for offset in offsets:
+            self._release(offset)
+            if delay > 0:
+                self.delayed[offset] = now + delay
+            else:
+                heapq.heappush(self.ready, offset)
+
+    def extend(self, offsets: Iterable[int], now: float) -> None:
+        """Restart the ack wait of in-flight offsets (work in progress)."""
+        for offset in offsets:
+            entry = self.in_flight.get(offset)
+            if entry is not None:
+                self.in_flight[offset] = (entry[0], now + self.ack_wait)
+
+    def expire(self, now: float) -> int:
+        """Move overdue in-flight offsets and due delayed ones to ``ready``.
+
+        Returns:
+            How many offsets became ready.
+        """
+        due = [o for o, (_, deadline) in self.in_flight.items() if deadline <= now]
+        for offset in due:
+            self._release(offset)
+            heapq.heappush(self.ready, offset)
+        later = [o for o, t in self.delayed.items() if t <= now]
+        for offset in later:
+            del self.delayed[offset]
+            heapq.heappush(self.ready, offset)
+        return len(due) + len(later)
+
+    def _check_ackable(self, offset: int) -> None:
+        if offset >= self.read_pos:
+            raise AckError(f"offset {offset} was never delivered to {self.name!r}")
+        if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
+            raise AckError(f"offset {offset} is already acknowledged")
+
+    def _release(self, offset: int) -> None:
+        entry = self.in_flight.pop(offset, None)
+        if entry is not None:
+            entry[0].held.discard(offset)
+
+    def _acked(self, offset: int) -> None:
+        self.deliveries.pop(offset, None)
+        self.delayed.pop(offset, None)
+        self.cursor.ack(offset)
+        self.dirty = True
+
+    # --- reporting ----------------------------------------------------------
+
+    def lag(self, log_end: int) -> int:
+        """Messages not yet acked (including in flight): ``log_end - floor - acked above``."""
+        return max(0, log_end - self.cursor.ack_floor - len(self.cursor.acked))

@@ -1,0 +1,208 @@
+"""The broker: listening socket, sessions, status, orderly shutdown.
+
+    broker = Broker(BrokerConfig(port=0, data_dir=tmp))
+    await broker.start()          # returns once the socket listens
+    host, port = broker.address
+    ...
+    await broker.aclose()
+
+Shutdown order (uvicorn's, adapted; ``Server.close_clients()`` is not used
+because uvloop and Python < 3.13 lack it, so sessions are tracked here):
+
+1. stop accepting;
+2. stop reading from every session (no new requests);
+3. sync every queue and confirm what was stored; persist cursors;
+4. send BYE to every session and close it once its buffer drains, bounded
+   by ``shutdown_grace``; abort the stragglers;
+5. close the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from protocol import ErrorCode
+
+from .config import BrokerConfig
+from .session import Session
+from .store import Store
+
+__all__ = ["Broker"]
+
+logger = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return version("tidings")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class Broker:
+    """A tidings broker bound to one address and one data directory.
+
+    Args:
+        config: the configuration.
+        on_fatal: called with a reason when storage fails; the daemon exits
+            non-zero from it. Default: log and keep refusing publishes.
+    """
+
+    def __init__(self, config: BrokerConfig, *, on_fatal: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.version = _version()
+        self.store = Store(config, self._storage_failed)
+        self.sessions: set[Session] = set()
+        self.started = time.time()
+        self._on_fatal = on_fatal
+        self._server: asyncio.Server | None = None
+        self._next_id = 0
+        self._closed = asyncio.Event()
+        self._idle = asyncio.Event()  # set when the last session is gone
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<Broker {self.config.host}:{self.config.port} connections={len(self.sessions)}>"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) actually bound; the port is the OS's pick when 0 was asked."""
+        assert self._server is not None, "start() first"
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def start(self) -> None:
+        """Recover the data directory and start listening.
+
+        Raises:
+            OSError: the address cannot be bound or the data directory not created.
+        """
+        self.store.open()
+        self.store.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Session(self),
+            self.config.host,
+            self.config.port,
+            backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
+            reuse_address=True,
+        )
+        host, port = self.address
+        logger.info("listening on %s:%d", host, port)
+
+    async def serve_forever(self) -> None:
+        """Wait until :meth:`aclose` has finished."""
+        await self._closed.wait()
+
+    # --- sessions -----------------------------------------------------------
+
+    def next_conn_id(self) -> int:
+        """A fresh connection id."""
+        self._next_id += 1
+        return self._next_id
+
+    def register(self, session: Session) -> bool:
+        """Track a new session. Returns False when over the connection limit."""
+        if self._closing or len(self.sessions) >= self.config.max_connections:
+            return False
+        self.sessions.add(session)
+        return True
+
+    def unregister(self, session: Session) -> None:
+        """Forget a closed session."""
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    def _storage_failed(self, reason: str) -> None:
+        for queue in self.store.queues.values():
+            queue.fail_pending(lambda confirmer, acks: confirmer.fail(acks, ErrorCode.STORAGE_FAILED, reason))
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    # --- status -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything STATUS reports: server, connections, queues, durables."""
+        now = time.time()
+        queues = []
+        durables = []
+        for name, queue in sorted(self.store.queues.items()):
+            log = queue.log
+            queues.append(
+                {
+                    "name": name,
+                    "first_offset": log.first_offset,
+                    "next_offset": log.next_offset,
+                    "messages": log.next_offset - log.first_offset,
+                    "bytes": log.size_bytes,
+                    "published": queue.published,
+                    "publish_rate": round(queue.published / max(now - self.started, 1e-3), 1),
+                }
+            )
+            for dname, group in sorted(queue.groups.items()):
+                durables.append(
+                    {
+                        "queue": name,
+                        "name": dname,
+                        "events": list(group.filter.patterns),
+                        "ack_floor": group.cursor.ack_floor,
+                        "lag": group.lag(log.next_offset),
+                        "in_flight": len(group.in_flight),
+                        "consumers": sum(1 for c in group.consumers if c.push),
+                    }
+                )
+        failed = [{"name": n, "error": why} for n, why in sorted(self.store.failed.items())]
+        return {
+            "server": {
+                "version": self.version,
+                "uptime": round(now - self.started, 3),
+                "conn_count": len(self.sessions),
+                "fsync": self.config.fsync.value,
+                "data_dir": str(self.store.root),
+            },
+            "connections": [s.describe() for s in sorted(self.sessions, key=lambda s: s.conn_id)],
+            "queues": queues,
+            "durables": durables,
+            "failed_queues": failed,
+        }
+
+    # --- shutdown -----------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop gracefully (see the module docstring). Safe to call twice."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        logger.info("shutting down: %d connections", len(self.sessions))
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            if session.transport is not None and not session.closed:
+                session.transport.pause_reading()
+        await self.store.aclose()
+        grace = self.config.shutdown_grace
+        for session in list(self.sessions):
+            if not session.closed:
+                session.write(session.conn.send_error(0, ErrorCode.SHUTTING_DOWN, "broker is shutting down"))
+                session.close(abort_after=grace)
+        if self.sessions:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(grace + 0.5):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._closed.set()
+        logger.info("stopped")

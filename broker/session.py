@@ -1,0 +1,600 @@
+"""One client connection: an ``asyncio.Protocol`` around the sans-I/O Connection.
+
+Why a Protocol and not streams: the broker's work is callback-shaped. Bytes
+arrive (``data_received``) and are decoded by the sans-I/O core; the socket's
+write buffer crosses its high-water mark (``pause_writing``) and the
+subscriptions on this connection must stop taking messages at once, not when a
+drain task next runs. Streams would add a reader task and a drain task per
+connection to get the same two signals.
+
+Flow control, both ways:
+
+* Out: while the transport is over ``write_high_water`` every consumer of this
+  session is paused (it keeps its place in the log; nothing is buffered for
+  it) and we stop reading the peer's requests too, so a client that never
+  reads cannot make us queue replies. Paused longer than
+  ``slow_consumer_timeout``: ERR SLOW_CONSUMER and the connection is dropped.
+* In: more than ``max_inflight_publishes`` unconfirmed publishes stops
+  reading from the socket until confirms catch up, so TCP slows a publisher
+  when storage falls behind.
+
+Publishes from one read are appended to each queue in one ``write()``; their
+PUBACKs leave together when the committer has synced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Connection,
+    ErrorCode,
+    EventFilter,
+    Fetch,
+    Hello,
+    InvalidRequest,
+    Nack,
+    Ok,
+    Ping,
+    Pong,
+    Publish,
+    RemoteProtocolError,
+    Role,
+    State,
+    Status,
+    StatusReply,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+    encode_batch,
+    encode_pubacks,
+    encode_record,
+)
+
+from .cursors import Cursor
+from .queue import FetchWaiter, Queue
+from .router import AckError, Consumer, Group
+from .store import QueueUnavailable
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+__all__ = ["Session"]
+
+logger = logging.getLogger(__name__)
+
+#: Pull consumers hold at most this many unacked fetched messages per durable
+#: and connection; a FETCH beyond it gets what redeliveries free up.
+PULL_MAX_UNACKED = 100_000
+
+
+class _Push:
+    """The PushTarget of one push subscription: its id and its session."""
+
+    __slots__ = ("session", "sub_id")
+
+    def __init__(self, session: Session, sub_id: int) -> None:
+        self.session = session
+        self.sub_id = sub_id
+
+    def write(self, data: bytes) -> None:
+        self.session.write(data)
+
+    def __repr__(self) -> str:
+        return f"sub {self.sub_id} of conn {self.session.conn_id}"
+
+
+class _Sub:
+    """A push subscription of this session."""
+
+    __slots__ = ("consumer", "group", "queue", "sub_id")
+
+    def __init__(self, sub_id: int, queue: Queue, group: Group, consumer: Consumer) -> None:
+        self.sub_id = sub_id
+        self.queue = queue
+        self.group = group
+        self.consumer = consumer
+
+
+class Session(asyncio.Protocol):
+    """The broker's side of one connection.
+
+    Args:
+        broker: the broker that accepted the connection.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.config = broker.config
+        self.conn = Connection(Role.BROKER, limits=broker.config.limits)
+        self.conn_id = broker.next_conn_id()
+        self.name = ""
+        self.peer = "?"
+        self.since = time.time()
+        self.transport: asyncio.Transport | None = None
+        self.subs: dict[int, _Sub] = {}
+        self.pullers: dict[tuple[str, str], tuple[Queue, Group, Consumer]] = {}
+        self.closed = False
+        self.write_paused = False
+        self.unconfirmed = 0
+        self._reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._heard = True  # bytes arrived since the last heartbeat check
+        self._ping_out = False
+        self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
+        self._handlers: dict[type[Any], Any] = {
+            Publish: self._on_publish,
+            Subscribe: self._on_subscribe,
+            Unsubscribe: self._on_unsubscribe,
+            Ack: self._on_ack,
+            Nack: self._on_nack,
+            Fetch: self._on_fetch,
+            Status: self._on_status,
+            Ping: self._on_ping,
+            Pong: self._on_pong,
+            Hello: self._on_hello,
+            Bye: self._on_bye,
+            InvalidRequest: self._on_invalid,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Session {self.conn_id} {self.name!r} {self.peer} {self.conn.state.value} subs={len(self.subs)}>"
+
+    # --- asyncio.Protocol -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        high = self.config.write_high_water
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        if not self.broker.register(self):
+            self.fatal(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has reached its connection limit")
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._heard = True
+        self.conn.receive_data(data)
+        try:
+            events = self.conn.events()
+        except RemoteProtocolError as exc:
+            self.fatal(exc.code, str(exc))
+            return
+        handlers = self._handlers
+        for event in events:
+            if type(event) is not Publish and self._batch:
+                self._flush_publishes()
+            handlers[type(event)](event)
+            if self.closed:
+                return
+        if self._batch:
+            self._flush_publishes()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for sub in self.subs.values():
+            self._detach(sub.queue, sub.group, sub.consumer)
+        self.subs.clear()
+        for queue, group, consumer in self.pullers.values():
+            self._detach(queue, group, consumer)
+        self.pullers.clear()
+        for queue in self.broker.store.queues.values():
+            if queue.waiters:
+                queue.drop_waiters(self.write)
+        self.broker.unregister(self)
+        logger.debug("conn %d %s closed: %s", self.conn_id, self.peer, exc or "clean")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._set_paused(True)
+        assert self.transport is not None
+        self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(self.config.slow_consumer_timeout, self._check_slow, self.transport)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._set_paused(False)
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        now = time.monotonic()
+        for sub in list(self.subs.values()):
+            sub.queue.pump(sub.group, now)
+
+    # --- output -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write bytes to the peer now (no-op once closed)."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
+        """Send PUBACKs (the queue calls this once the records are committed)."""
+        self.unconfirmed -= len(acks)
+        if self.closed:
+            return
+        self.write(encode_pubacks(acks))
+        if self._reading_paused and self.unconfirmed <= self.config.max_inflight_publishes // 2:
+            self._reading_paused = False
+            if not self.write_paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
+        """Answer unconfirmed publishes with ERR (the store failed before syncing them)."""
+        self.unconfirmed -= len(acks)
+        for req, _offset, _dup in acks:
+            self.reply_error(req, code, message)
+
+    def reply_error(self, req: int, code: ErrorCode, message: str) -> None:
+        """Answer request ``req`` with ERR; the connection stays open."""
+        self.write(self.conn.send_error(req, code, message))
+
+    def fatal(self, code: ErrorCode, message: str) -> None:
+        """Send ERR with a connection-level code, then close."""
+        if self.closed or self.transport is None:
+            return
+        logger.info("conn %d %s: closing: %s (%s)", self.conn_id, self.peer, message, code.name)
+        self.transport.write(self.conn.send_error(0, code, message))
+        self.close()
+
+    def close(self, *, abort_after: float = 1.0) -> None:
+        """Close after the write buffer drains; abort if it has not within ``abort_after``."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        asyncio.get_running_loop().call_later(abort_after, transport.abort)
+
+    # --- timers -------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        if self.conn.state is not State.READY:
+            self.fatal(ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")
+
+    def _heartbeat(self) -> None:
+        if self.closed:
+            return
+        if not self._heard:
+            if self._ping_out:
+                self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "no reply to two heartbeats")
+                return
+            self._ping_out = True
+            self.write(self.conn.send(Ping(0)))
+        self._heard = False
+        self._timer = asyncio.get_running_loop().call_later(self.config.heartbeat, self._heartbeat)
+
+    def _check_slow(self, transport: asyncio.Transport) -> None:
+        if self.write_paused and self.transport is transport and not self.closed:
+            size = transport.get_write_buffer_size()
+            logger.warning("conn %d %s: slow consumer, %d bytes pending", self.conn_id, self.peer, size)
+            transport.write(self.conn.send_error(0, ErrorCode.SLOW_CONSUMER, f"{size} bytes unread for too long"))
+            transport.abort()
+
+    def _set_paused(self, paused: bool) -> None:
+        for sub in self.subs.values():
+            sub.consumer.paused = paused
+
+    # --- handshake and lifecycle ----------------------------------------------
+
+    def _on_hello(self, ev: Hello) -> None:
+        if ev.version != PROTOCOL_VERSION:
+            self.fatal(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {ev.version} is not supported (this broker speaks {PROTOCOL_VERSION})",
+            )
+            return
+        token = self.config.token
+        if token is not None:
+            given = (ev.credentials or {}).get("token")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+                self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
+                return
+        self.name = ev.name
+        if self._timer is not None:
+            self._timer.cancel()
+        cfg = self.config
+        self.write(
+            self.conn.send(
+                Welcome(ev.req, PROTOCOL_VERSION, self.broker.version, self.conn_id,
+                        cfg.limits.max_frame_size, cfg.heartbeat)
+            )
+        )  # fmt: skip
+        if cfg.heartbeat > 0:
+            self._timer = asyncio.get_running_loop().call_later(cfg.heartbeat, self._heartbeat)
+        logger.debug("conn %d %s: hello from %r", self.conn_id, self.peer, ev.name)
+
+    def _on_bye(self, ev: Bye) -> None:
+        self.close(abort_after=self.config.shutdown_grace)
+
+    def _on_ping(self, ev: Ping) -> None:
+        self.write(self.conn.send(Pong(ev.req)))
+
+    def _on_pong(self, ev: Pong) -> None:
+        self._ping_out = False
+
+    def _on_invalid(self, ev: InvalidRequest) -> None:
+        self.reply_error(ev.req, ev.code, ev.message)
+
+    def _on_status(self, ev: Status) -> None:
+        self.write(self.conn.send(StatusReply(ev.req, self.broker.status())))
+
+    # --- publishing -----------------------------------------------------------
+
+    def _queue(self, req: int, name: str) -> Queue | None:
+        try:
+            queue = self.broker.store.get(name, create=True)
+        except QueueUnavailable as exc:
+            self.reply_error(req, ErrorCode.QUEUE_CORRUPT, str(exc))
+            return None
+        except OSError as exc:
+            self.reply_error(req, _storage_code(exc), f"cannot create queue {name!r}: {exc}")
+            return None
+        assert queue is not None
+        return queue
+
+    def _on_publish(self, ev: Publish) -> None:
+        queue = self._queue(ev.req, ev.queue)
+        if queue is None:
+            return
+        mid = ev.message_id
+        if mid is not None:
+            dup = queue.find_duplicate(mid, time.monotonic())
+            if dup is not None:
+                self.unconfirmed += 1
+                queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
+                return
+        try:
+            body = encode_record(ev.event, int(time.time() * 1000), ev.headers, ev.payload)
+        except Exception as exc:  # only reachable with exotic decoded values
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        if len(body) > self.config.max_message_bytes:
+            self.reply_error(
+                ev.req,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"message of {len(body)} bytes exceeds the limit of {self.config.max_message_bytes}",
+            )
+            return
+        pending = self._batch.get(queue)
+        if pending is None:
+            pending = self._batch[queue] = ([], [])
+        pending[0].append(body)
+        pending[1].append((ev.req, mid))
+
+    def _flush_publishes(self) -> None:
+        batch, self._batch = self._batch, {}
+        store = self.broker.store
+        if store.fatal:
+            for _, (_bodies, reqs) in batch.items():
+                for req, _mid in reqs:
+                    self.reply_error(req, ErrorCode.STORAGE_FAILED, "storage failed; not accepting publishes")
+            return
+        now_ms = int(time.time() * 1000)
+        dedup_until = time.monotonic() + self.config.dedup_window
+        for queue, (bodies, reqs) in batch.items():
+            try:
+                first = queue.append(bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until)
+            except OSError as exc:
+                code = _storage_code(exc)
+                for req, _mid in reqs:
+                    self.reply_error(req, code, f"cannot store message in {queue.name!r}: {exc.strerror or exc}")
+                continue
+            self.unconfirmed += len(bodies)
+            queue.expect_confirm(
+                first + len(bodies), self, [(req, first + i, False) for i, (req, _) in enumerate(reqs)]
+            )
+            store.appended(queue)
+        if self.unconfirmed > self.config.max_inflight_publishes and not self._reading_paused:
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    # --- subscriptions ----------------------------------------------------------
+
+    def _start_offset(self, queue: Queue, start: str, value: int | None) -> int:
+        log = queue.log
+        if start == "earliest":
+            return log.first_offset
+        if start == "offset":
+            assert value is not None
+            return min(max(value, log.first_offset), log.next_offset)
+        if start == "time":
+            assert value is not None
+            return log.offset_for_time(value)
+        return log.next_offset
+
+    def _durable(self, req: int, queue: Queue, name: str, events: tuple[str, ...],
+                 start: str, start_value: int | None, ack_wait: float) -> Group | None:  # fmt: skip
+        group = queue.groups.get(name)
+        if group is None:
+            pos = self._start_offset(queue, start, start_value)
+            group = Group(queue.name, name, events, Cursor(pos), pos, ack_wait=ack_wait or 30.0)
+            group.dirty = True
+            queue.groups[name] = group
+            return group
+        # An existing durable keeps its filter when none is given (a FETCH need
+        # not repeat it); to widen it to every event, pass ["*"].
+        if events and set(group.filter.patterns) != set(events):
+            if any(c.push or c.held for c in group.consumers):
+                self.reply_error(
+                    req,
+                    ErrorCode.CONFLICT,
+                    f"durable {name!r} is in use with events {list(group.filter.patterns)}; "
+                    f"cannot attach with {list(events)}",
+                )
+                return None
+            group.filter = EventFilter(events)
+            group.dirty = True
+        if ack_wait:
+            group.ack_wait = ack_wait
+        return group
+
+    def _on_subscribe(self, ev: Subscribe) -> None:
+        if ev.sub_id in self.subs:
+            self.reply_error(ev.req, ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {ev.sub_id} exists")
+            return
+        queue = self._queue(ev.req, ev.queue)
+        if queue is None:
+            return
+        ack_wait = ev.ack_wait_ms / 1000.0
+        if ev.durable is not None:
+            group = self._durable(ev.req, queue, ev.durable, ev.events, ev.start, ev.start_value, ack_wait)
+            if group is None:
+                return
+        else:
+            pos = self._start_offset(queue, ev.start, ev.start_value)
+            group = Group(queue.name, None, ev.events, Cursor(pos), pos)
+            queue.ephemeral.add(group)
+        consumer = Consumer(_Push(self, ev.sub_id), ev.prefetch)
+        consumer.paused = self.write_paused
+        group.attach(consumer)
+        self.subs[ev.sub_id] = _Sub(ev.sub_id, queue, group, consumer)
+        self.write(self.conn.send(Ok(ev.req)))
+        queue.pump(group, time.monotonic())
+
+    def _on_unsubscribe(self, ev: Unsubscribe) -> None:
+        sub = self.subs.pop(ev.sub_id, None)
+        if sub is None:
+            self.reply_error(ev.req, ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription {ev.sub_id}")
+            return
+        self._detach(sub.queue, sub.group, sub.consumer)
+        self.write(self.conn.send(Ok(ev.req)))
+
+    def _detach(self, queue: Queue, group: Group, consumer: Consumer) -> None:
+        group.detach(consumer)
+        if group.name is None:
+            queue.ephemeral.discard(group)
+        elif group.consumers or group.ready:
+            queue.pump(group, time.monotonic())
+            if queue.waiters:
+                queue.serve_waiters()
+
+    # --- acks -------------------------------------------------------------------
+
+    def _group(self, req: int, queue_name: str, durable: str) -> tuple[Queue, Group] | None:
+        queue = self.broker.store.queues.get(queue_name)
+        group = queue.groups.get(durable) if queue is not None else None
+        if queue is None or group is None:
+            self.reply_error(req, ErrorCode.NOT_FOUND, f"no durable {durable!r} on queue {queue_name!r}")
+            return None
+        return queue, group
+
+    def _on_ack(self, ev: Ack) -> None:
+        found = self._group(ev.req, ev.queue, ev.durable)
+        if found is None:
+            return
+        queue, group = found
+        try:
+            group.ack(ev.offsets, ev.upto)
+        except AckError as exc:
+            self.reply_error(ev.req, ErrorCode.BAD_ACK, str(exc))
+            return
+        if ev.req:
+            self.write(self.conn.send(Ok(ev.req)))
+        queue.pump(group, time.monotonic())
+
+    def _on_nack(self, ev: Nack) -> None:
+        found = self._group(ev.req, ev.queue, ev.durable)
+        if found is None:
+            return
+        queue, group = found
+        try:
+            group.nack(ev.offsets, ev.delay_ms / 1000.0, time.monotonic())
+        except AckError as exc:
+            self.reply_error(ev.req, ErrorCode.BAD_ACK, str(exc))
+            return
+        if ev.req:
+            self.write(self.conn.send(Ok(ev.req)))
+        if ev.delay_ms == 0:
+            queue.pump(group, time.monotonic())
+            if queue.waiters:
+                queue.serve_waiters()
+
+    # --- fetch ------------------------------------------------------------------
+
+    def _on_fetch(self, ev: Fetch) -> None:
+        queue = self._queue(ev.req, ev.queue)
+        if queue is None:
+            return
+        if ev.max_messages == 0:
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, "max_messages must be at least 1")
+            return
+        if ev.durable is not None:
+            group = self._durable(
+                ev.req, queue, ev.durable, ev.events, ev.start, ev.start_value, ev.ack_wait_ms / 1000.0
+            )
+            if group is None:
+                return
+            key = (queue.name, ev.durable)
+            puller = self.pullers.get(key)
+            if puller is None or puller[1] is not group:
+                consumer = Consumer(None, PULL_MAX_UNACKED, push=False)
+                group.attach(consumer)
+                puller = self.pullers[key] = (queue, group, consumer)
+            waiter = FetchWaiter(ev.req, self.write, ev.max_messages, group=group, consumer=puller[2])
+        else:
+            waiter = FetchWaiter(
+                ev.req,
+                self.write,
+                ev.max_messages,
+                position=self._start_offset(queue, ev.start, ev.start_value),
+                filter=EventFilter(ev.events),
+            )
+        frame = queue.take_for_fetch(waiter, time.monotonic())
+        if frame is not None:
+            self.write(frame)
+        elif ev.wait_ms == 0:
+            position = waiter.group.read_pos if waiter.group is not None else waiter.position
+            self.write(encode_batch(ev.req, position, []))
+        else:
+            queue.waiters.append(waiter)
+            waiter.timer = asyncio.get_running_loop().call_later(ev.wait_ms / 1000.0, queue.expire_waiter, waiter)
+
+    # --- status -------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """This connection as STATUS reports it."""
+        return {
+            "id": self.conn_id,
+            "name": self.name,
+            "address": self.peer,
+            "since": self.since,
+            "subscriptions": [
+                {
+                    "sub_id": s.sub_id,
+                    "queue": s.queue.name,
+                    "events": list(s.group.filter.patterns),
+                    "durable": s.group.name,
+                    "prefetch": s.consumer.prefetch,
+                    "in_flight": len(s.consumer.held),
+                }
+                for s in self.subs.values()
+            ],
+            "pulls": [{"queue": q, "durable": d} for q, d in self.pullers],
+        }
+
+
+def _storage_code(exc: OSError) -> ErrorCode:
+    import errno
+
+    return ErrorCode.STORAGE_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.STORAGE_FAILED

@@ -1,0 +1,288 @@
+"""The data directory: queues by name, their durables, group commit, cursor flushes.
+
+Layout::
+
+    <data_dir>/queues/<queue>/00000000000000000000.log ...   the queue's segments
+    <data_dir>/queues/<queue>/durables/<durable>.cursor       one cursor per durable
+
+Names are checked against the closed alphabet of ``protocol.names`` before
+they reach this module, and paths are checked again here, so no name can
+escape the data directory.
+
+Group commit (``--fsync always``)
+---------------------------------
+Sessions append on the event-loop thread (a ``write()`` into the page cache)
+and mark the queue dirty. One committer task loops: take the dirty queues and
+each one's end offset, fsync them on a worker thread (the loop keeps
+running, and publishes that arrive meanwhile wait for the next round), then
+``commit()`` each queue up to the offset it had, which sends the PUBACKs and
+delivers. One fsync thus serves every publish that arrived while the previous
+one ran. A failed fsync is fatal (R7): nothing more is confirmed and the
+broker stops through ``on_fatal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+from protocol import check_pattern
+
+from .config import BrokerConfig, FsyncPolicy
+from .cursors import Cursor, CursorState, CursorStore
+from .log import QueueLog
+from .queue import Queue
+from .router import Group
+
+__all__ = ["Store"]
+
+logger = logging.getLogger(__name__)
+
+#: Worker threads for fsyncs: queues sync in parallel (their files are independent).
+SYNC_THREADS: Final = 4
+
+
+class Store:
+    """Every queue of the broker, and the tasks that make them durable.
+
+    Args:
+        config: the broker's configuration.
+        on_fatal: called with a reason when storage can no longer be trusted.
+    """
+
+    def __init__(self, config: BrokerConfig, on_fatal: Callable[[str], None]) -> None:
+        self.config = config
+        self.root = Path(config.data_dir).resolve()
+        self.queues_dir = self.root / "queues"
+        self.queues: dict[str, Queue] = {}
+        self.cursor_stores: dict[str, CursorStore] = {}
+        self.failed: dict[str, str] = {}  # queue -> why it cannot be served
+        self._on_fatal = on_fatal
+        self._dirty: set[Queue] = set()
+        self._wake = asyncio.Event()
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="tidings-sync")
+        self._cursor_pool = ThreadPoolExecutor(1, thread_name_prefix="tidings-cursor")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fatal = False
+        self._closed = False
+
+    @property
+    def fatal(self) -> bool:
+        """True once storage failed: nothing more may be confirmed."""
+        return self._fatal
+
+    # --- opening ------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the data directory and recover every queue found in it."""
+        self.queues_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.queues_dir.iterdir()):
+            if path.is_dir():
+                try:
+                    self._load(path.name)
+                except Exception as exc:  # a damaged queue must not stop the others
+                    self.failed[path.name] = str(exc)
+                    logger.error("queue %s cannot be served: %s", path.name, exc)
+        logger.info("data in %s: %d queues", self.root, len(self.queues))
+
+    def _path(self, queue: str) -> Path:
+        path = (self.queues_dir / queue).resolve()
+        if path.parent != self.queues_dir:
+            raise ValueError(f"queue name {queue!r} escapes the data directory")
+        return path
+
+    def _load(self, name: str) -> Queue:
+        path = self._path(name)
+        log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
+        queue = Queue(name, log)
+        cursors = CursorStore(path / "durables")
+        for durable, state in cursors.load_all().items():
+            queue.groups[durable] = self._group_from_state(queue, durable, state)
+        self.queues[name] = queue
+        self.cursor_stores[name] = cursors
+        return queue
+
+    def _group_from_state(self, queue: Queue, durable: str, state: CursorState) -> Group:
+        meta = state.meta
+        events = meta.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, str) and check_pattern(e) is None for e in events):
+            events = []
+        cursor = Cursor(state.ack_floor, set(state.acked))
+        group = Group(
+            queue.name,
+            durable,
+            tuple(events),
+            cursor,
+            read_pos=max(cursor.ack_floor, queue.log.first_offset),
+            ack_wait=_number(meta.get("ack_wait"), 30.0),
+            max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
+        )
+        # Offsets handed out before the restart but never acked: mark them so
+        # the next hand-out says "redelivered" (deliveries >= 2).
+        delivered = int(_number(meta.get("delivered"), cursor.ack_floor))
+        for offset in range(group.read_pos, min(delivered, queue.log.next_offset)):
+            if not cursor.is_acked(offset):
+                group.deliveries[offset] = 1
+        return group
+
+    def get(self, name: str, *, create: bool) -> Queue | None:
+        """The queue called ``name``; created on first use when ``create``.
+
+        Raises:
+            QueueUnavailable: the queue failed its checks at start-up.
+        """
+        queue = self.queues.get(name)
+        if queue is not None:
+            return queue
+        if name in self.failed:
+            raise QueueUnavailable(name, self.failed[name])
+        if not create:
+            return None
+        return self._load(name)
+
+    # --- group commit -------------------------------------------------------
+
+    def appended(self, queue: Queue) -> None:
+        """``queue`` has new records: commit them per the fsync policy."""
+        if self.config.fsync is FsyncPolicy.ALWAYS:
+            self._dirty.add(queue)
+            self._wake.set()
+        else:
+            if self.config.fsync is FsyncPolicy.INTERVAL:
+                self._dirty.add(queue)
+            queue.commit(queue.log.next_offset)
+
+    def start(self) -> None:
+        """Start the committer and the periodic flusher."""
+        loop = asyncio.get_running_loop()
+        for coro in (self._committer(), self._ticker()):
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("storage task failed", exc_info=task.exception())
+            self._fail(f"storage task failed: {task.exception()!r}")
+
+    async def _committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        always = self.config.fsync is FsyncPolicy.ALWAYS
+        while True:
+            if always:
+                await self._wake.wait()
+                self._wake.clear()
+            else:
+                await asyncio.sleep(self.config.fsync_interval)
+            if not self._dirty:
+                continue
+            batch = [(q, q.log.next_offset) for q in self._dirty]
+            self._dirty.clear()
+            try:
+                await asyncio.gather(*(loop.run_in_executor(self._sync_pool, q.log.sync) for q, _ in batch))
+            except Exception as exc:
+                self._fail(f"fsync failed: {exc!r}")
+                return
+            if always:
+                for queue, upto in batch:
+                    queue.commit(upto)
+
+    async def _ticker(self) -> None:
+        """Periodic work: redeliveries past their ack wait, cursor persists, dedup pruning."""
+        interval = self.config.cursor_flush
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for queue in self.queues.values():
+                ready = False
+                for group in (*queue.groups.values(), *queue.ephemeral):
+                    if (group.in_flight or group.delayed) and group.expire(now):
+                        ready = True
+                if ready:
+                    queue.pump_all()
+                queue.prune_dedup(now)
+            await self.flush_cursors()
+
+    async def flush_cursors(self) -> None:
+        """Persist every durable cursor that changed (write-temp/fsync/rename/fsync-dir)."""
+        work: list[tuple[CursorStore, str, CursorState]] = []
+        for name, queue in self.queues.items():
+            for durable, group in queue.groups.items():
+                if group.dirty:
+                    group.dirty = False
+                    work.append((self.cursor_stores[name], durable, self.state_of(group)))
+        if work:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._cursor_pool, _save_all, work)
+
+    @staticmethod
+    def state_of(group: Group) -> CursorState:
+        """The persisted form of a durable group's cursor."""
+        meta: dict[str, Any] = {
+            "events": list(group.filter.patterns),
+            "delivered": group.read_pos,
+            "ack_wait": group.ack_wait,
+            "max_deliveries": group.max_deliveries,
+        }
+        return CursorState(group.cursor.ack_floor, frozenset(group.cursor.acked), meta)
+
+    def _fail(self, reason: str) -> None:
+        if self._fatal:
+            return
+        self._fatal = True
+        logger.critical("storage failure, no more publishes will be confirmed: %s", reason)
+        self._on_fatal(reason)
+
+    # --- closing ------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the tasks, sync every queue, persist cursors, close the files."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        loop = asyncio.get_running_loop()
+        if not self._fatal:
+            queues = list(self.queues.values())
+            try:
+                await asyncio.gather(*(loop.run_in_executor(self._sync_pool, q.log.sync) for q in queues))
+            except Exception as exc:
+                logger.critical("final fsync failed: %s", exc)
+            else:
+                for queue in queues:
+                    queue.commit(queue.log.next_offset)
+            await self.flush_cursors()
+        for queue in self.queues.values():
+            queue.log.close()
+        self._sync_pool.shutdown(wait=True)
+        self._cursor_pool.shutdown(wait=True)
+
+
+def _number(value: object, default: float) -> float:
+    """A number from a cursor file's metadata, or ``default`` if it is not one."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _save_all(work: list[tuple[CursorStore, str, CursorState]]) -> None:
+    for store, name, state in work:
+        store.save(name, state)
+
+
+class QueueUnavailable(Exception):
+    """A queue that failed its start-up checks (corrupt log) and is not served."""
+
+    def __init__(self, queue: str, reason: str) -> None:
+        super().__init__(f"queue {queue!r} is unavailable: {reason}")
+        self.queue = queue
+        self.reason = reason

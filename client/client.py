@@ -1,0 +1,613 @@
+"""The async client: one TCP connection, many requests in flight.
+
+    async with Client("tidings://127.0.0.1:6464", name="api") as c:
+        offset = await c.publish("DB", "CREATE", {"id": 7})
+
+Design
+------
+* One reader task reads the socket in 64 KiB chunks and feeds the sans-I/O
+  :class:`protocol.Connection`; replies are matched to requests by id (a
+  dict of futures), so many publishes can be in flight at once.
+* Writes are coalesced: frames produced during one event-loop turn leave in
+  one ``write()``. ``publish`` awaits the socket only when the write buffer is
+  over its high-water mark, then waits for its PUBACK.
+* When the connection breaks, every pending request fails with
+  ``ConnectionLost`` (chained to the cause) and every subscription ends with
+  it; ``aclose()`` is graceful (BYE, then wait for the broker to close),
+  ``abort()`` immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Batch,
+    Bye,
+    ConfigError,
+    Connection,
+    ConnectionClosed,
+    ConnectionLost,
+    Deliver,
+    Err,
+    ErrorCode,
+    Fetch,
+    Frame,
+    Hello,
+    Limits,
+    Nack,
+    Ping,
+    Pong,
+    PubAck,
+    Publish,
+    RemoteProtocolError,
+    RequestTimeout,
+    Role,
+    ServerError,
+    Status,
+    StatusReply,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+)
+from protocol.errors import FATAL_CODES
+
+from .subscription import Message, Subscription
+
+__all__ = ["DEFAULT_URL", "Client", "parse_url"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
+#: Reads of this size let one syscall carry hundreds of small frames.
+READ_SIZE: Final = 256 * 1024
+#: Write buffer high-water mark: publish() awaits drain above it.
+WRITE_HIGH_WATER: Final = 1024 * 1024
+#: Ephemeral subscriptions stop the socket reader past this many buffered messages.
+DEFAULT_MAX_PENDING: Final = 10_000
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """Split ``tidings://host:port`` (or ``tidingss://`` for TLS).
+
+    Returns:
+        ``(host, port, tls)``.
+
+    Raises:
+        ConfigError: not a tidings URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("tidings", "tidingss"):
+        raise ConfigError(f"unsupported URL {url!r}: use tidings://host:port or tidingss://host:port")
+    try:
+        port = parts.port or 6464
+    except ValueError as exc:
+        raise ConfigError(f"bad port in URL {url!r}") from exc
+    return parts.hostname or "127.0.0.1", port, parts.scheme == "tidingss"
+
+
+def _start(start: str | int | datetime) -> tuple[str, int | None]:
+    if isinstance(start, datetime):
+        return "time", int(start.timestamp() * 1000)
+    if isinstance(start, bool):
+        raise ConfigError("start must be 'new', 'earliest', an offset or a datetime")
+    if isinstance(start, int):
+        if start < 0:
+            raise ConfigError("a start offset cannot be negative")
+        return "offset", start
+    if start in ("new", "earliest"):
+        return start, None
+    raise ConfigError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
+
+
+class Client:
+    """A connection to a tidings broker.
+
+    Args:
+        url: ``tidings://host:port`` or ``tidingss://host:port`` (TLS).
+        name: shown in the broker's STATUS (defaults to "python").
+        token: credentials, when the broker requires a token.
+        timeout: seconds to wait for connecting and for each reply.
+        ssl_context: TLS settings for ``tidingss://`` (default: verify).
+        max_pending: buffered messages per ephemeral subscription before
+            the client stops reading the socket.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        name: str = "python",
+        token: str | None = None,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.url = url
+        self.host, self.port, tls = parse_url(url)
+        self.name = name
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self._token = token
+        self._ssl = (ssl_context or ssl.create_default_context()) if tls else None
+        self.server_version = ""
+        self.conn_id = 0
+        self._conn = Connection(Role.CLIENT, limits=Limits())
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._reqs = itertools.count(1)
+        self._subs_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._acks: dict[tuple[str, str], list[int]] = {}
+        self._reading_paused = False
+        self._resume = asyncio.Event()
+        self._error: BaseException | None = None
+        self._closing = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._writer is not None else "new"
+        return (
+            f"<Client {self.name!r} {self.host}:{self.port} {state} conn={self.conn_id} "
+            f"pending={len(self._pending)} subs={len(self._subs)}>"
+        )
+
+    # --- connecting ---------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str = DEFAULT_URL, **options: Any) -> Client:
+        """Create a client and connect it.
+
+        Raises:
+            ConnectionLost: the broker cannot be reached.
+            ServerError: the broker refused the handshake (e.g. AuthFailed).
+        """
+        client = cls(url, **options)
+        await client.connect()
+        return client
+
+    async def connect(self) -> None:
+        """Connect and shake hands.
+
+        Raises:
+            ConnectionLost: the broker cannot be reached.
+            ServerError: the broker refused the handshake (e.g. AuthFailed).
+            RequestTimeout: no WELCOME in time.
+        """
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._reader, self._writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl, limit=READ_SIZE
+                )
+        except TimeoutError:
+            raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._read_task = self._loop.create_task(self._read_loop())
+        credentials = {"token": self._token} if self._token is not None else None
+        welcome = await self._request(Hello(0, PROTOCOL_VERSION, self.name, credentials))
+        assert isinstance(welcome, Welcome)
+        self._conn.adopt_max_frame_size(welcome.max_frame_size)
+        self.server_version = welcome.server
+        self.conn_id = welcome.conn_id
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- publishing ---------------------------------------------------------
+
+    async def publish(
+        self,
+        queue: str,
+        event: str,
+        payload: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> int:
+        """Publish one message and wait until the broker has stored it.
+
+        Args:
+            queue: the queue (created on first use).
+            event: the event name.
+            payload: any msgpack-serialisable value.
+            headers: optional string headers.
+            message_id: optional id; a repeat within the broker's dedup window
+                is not stored again and returns the original offset.
+
+        Returns:
+            The message's offset in the queue.
+
+        Raises:
+            LocalProtocolError: a name or payload the protocol cannot carry.
+            ServerError: refused by the broker (StorageFull, PayloadTooLarge...).
+            ConnectionLost: the connection broke before the confirm arrived.
+        """
+        reply = await self._request(Publish(0, queue, event, payload, headers, message_id))
+        assert isinstance(reply, PubAck)
+        return reply.offset
+
+    async def publish_many(
+        self, queue: str, messages: Iterable[tuple[str, Any] | tuple[str, Any, dict[str, str] | None]]
+    ) -> list[int]:
+        """Publish several messages in one write; wait for all their confirms.
+
+        Args:
+            queue: the queue.
+            messages: ``(event, payload)`` or ``(event, payload, headers)`` tuples.
+
+        Returns:
+            Their offsets, in order.
+
+        Raises:
+            ServerError: the first refusal, after all replies arrived.
+        """
+        futures = [self._send_request(Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None)) for m in messages]
+        await self._maybe_drain()
+        replies = await asyncio.gather(*(self._wait(f, "publish") for f in futures), return_exceptions=True)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        return [r.offset for r in replies]  # type: ignore[union-attr]
+
+    # --- subscribing --------------------------------------------------------
+
+    async def subscribe(
+        self,
+        queue: str,
+        *,
+        events: Sequence[str] = (),
+        durable: str | None = None,
+        start: str | int | datetime = "new",
+        prefetch: int = 100,
+        ack_wait: float | None = None,
+    ) -> Subscription:
+        """Start a push subscription.
+
+        Args:
+            queue: the queue to read.
+            events: event names or ``*`` patterns; empty = every event.
+            durable: a name to keep a cursor across disconnects; None =
+                ephemeral (real-time, at-most-once, no acks).
+            start: where a new durable (or an ephemeral subscription)
+                begins: "new", "earliest", an offset or a datetime.
+            prefetch: most unacked messages in flight to this subscription.
+            ack_wait: seconds before an unacked message is redelivered
+                (default: the broker's, 30 s).
+
+        Returns:
+            The subscription; iterate it, then ``await sub.close()``.
+
+        Raises:
+            ServerError: refused by the broker (e.g. Conflict, InvalidName).
+        """
+        kind, value = _start(start)
+        sub_id = next(self._subs_ids)
+        sub = Subscription(self, sub_id, queue, tuple(events), durable, prefetch, self.max_pending)
+        self._subs[sub_id] = sub
+        frame = Subscribe(
+            0, sub_id, queue, tuple(events), durable, kind, value, prefetch,
+            int((ack_wait or 0) * 1000),
+        )  # fmt: skip
+        try:
+            await self._request(frame)
+        except BaseException:
+            self._subs.pop(sub_id, None)
+            raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.sub_id, None) is None or self._closed or self._error is not None:
+            return
+        await self._flush_acks_now()
+        await self._request(Unsubscribe(0, sub.sub_id))
+
+    async def fetch(
+        self,
+        queue: str,
+        *,
+        durable: str | None = None,
+        events: Sequence[str] = (),
+        max_messages: int = 100,
+        wait: float = 0.0,
+        start: str | int | datetime = "earliest",
+    ) -> list[Message]:
+        """Pull messages (long poll).
+
+        With ``durable`` the messages come from that durable's cursor and must
+        be acked; without it this reads the log from ``start`` and remembers
+        nothing.
+
+        Args:
+            queue: the queue.
+            durable: the durable to pull for, or None for a plain read.
+            events: event filter.
+            max_messages: at most this many.
+            wait: seconds to wait when nothing is available (0 = answer now).
+            start: for a new durable or a plain read: "new", "earliest", an
+                offset or a datetime.
+
+        Returns:
+            Up to ``max_messages`` messages (empty if none arrived in time).
+        """
+        kind, value = _start(start)
+        frame = Fetch(0, queue, durable, tuple(events), max_messages, int(wait * 1000), kind, value)
+        reply = await self._request(frame, timeout=self.timeout + wait)
+        assert isinstance(reply, Batch)
+        return [
+            Message(queue, r.event, r.payload, r.headers or {}, r.offset, r.timestamp, r.deliveries, durable, self)
+            for r in reply.records
+        ]
+
+    # --- acks ---------------------------------------------------------------
+
+    async def _ack(self, queue: str, durable: str, offset: int, *, wait: bool) -> None:
+        if wait:
+            await self._request(Ack(0, queue, durable, (offset,)))
+            return
+        self._check_open()
+        key = (queue, durable)
+        batch = self._acks.get(key)
+        if batch is None:
+            self._acks[key] = [offset]
+            self._schedule_flush()
+        else:
+            batch.append(offset)
+
+    async def ack_upto(self, queue: str, durable: str, offset: int) -> None:
+        """Acknowledge every message of ``durable`` up to ``offset`` (cumulative).
+
+        Raises:
+            ServerError: the broker refused (e.g. offset not delivered yet).
+        """
+        await self._flush_acks_now()
+        await self._request(Ack(0, queue, durable, (), offset))
+
+    async def _nack(self, queue: str, durable: str, offset: int, delay: float) -> None:
+        await self._flush_acks_now()
+        await self._request(Nack(0, queue, durable, (offset,), int(delay * 1000)))
+
+    async def _flush_acks_now(self) -> None:
+        if self._acks:
+            self._write_acks()
+
+    def _write_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for (queue, durable), offsets in acks.items():
+            self._wbuf.append(self._conn.send(Ack(0, queue, durable, tuple(offsets))))
+
+    # --- status and ping ----------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """The broker's status: server, connections, queues, durables (see SPEC.md)."""
+        reply = await self._request(Status(0))
+        assert isinstance(reply, StatusReply)
+        return reply.info
+
+    async def ping(self) -> float:
+        """Round-trip time to the broker, in seconds."""
+        t0 = time.perf_counter()
+        await self._request(Ping(0))
+        return time.perf_counter() - t0
+
+    # --- closing ------------------------------------------------------------
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close gracefully: flush acks, say BYE, wait for the broker to close.
+
+        Falls back to :meth:`abort` after ``timeout`` seconds. Harmless twice.
+        """
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        if self._writer is not None and self._error is None:
+            try:
+                self._write_acks()
+                self._wbuf.append(self._conn.send(Bye(0)))
+                self._flush()
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
+                    if self._read_task is not None:
+                        await asyncio.shield(self._read_task)
+            except (TimeoutError, OSError, ConnectionError, asyncio.CancelledError):
+                pass
+            except Exception as exc:  # a protocol state that forbids BYE: just drop it
+                logger.debug("close: %r", exc)
+        self.abort()
+        if self._writer is not None:
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+
+    def abort(self) -> None:
+        """Drop the connection now; pending requests fail with ConnectionClosed."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.transport.abort()
+        if self._read_task is not None and not self._read_task.done():
+            self._read_task.cancel()
+        self._fail_all(ConnectionClosed(), clean=True)
+
+    # --- the machinery ------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._closing or self._writer is None:
+            raise ConnectionClosed()
+
+    def _send_request(self, frame: Frame) -> asyncio.Future[Frame]:
+        self._check_open()
+        req = next(self._reqs)
+        object.__setattr__(frame, "req", req)  # frames are frozen; the id is ours to assign
+        data = self._conn.send(frame)
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[req] = fut
+        self._wbuf.append(data)
+        self._schedule_flush()
+        return fut
+
+    async def _request(self, frame: Frame, timeout: float | None = None) -> Frame:
+        if isinstance(frame, Hello):
+            req = next(self._reqs)
+            object.__setattr__(frame, "req", req)
+            fut: asyncio.Future[Frame] = self._loop.create_future()
+            self._pending[req] = fut
+            self._wbuf.append(self._conn.send(frame))
+            self._flush()
+        else:
+            fut = self._send_request(frame)
+            await self._maybe_drain()
+        return await self._wait(fut, frame.TYPE.name.lower(), timeout)
+
+    async def _wait(self, fut: asyncio.Future[Frame], what: str, timeout: float | None = None) -> Frame:
+        limit = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                reply = await fut
+        except TimeoutError:
+            raise RequestTimeout(what, limit) from None
+        return reply
+
+    async def _maybe_drain(self) -> None:
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            try:
+                await writer.drain()
+            except (OSError, ConnectionError) as exc:
+                raise ConnectionLost(str(exc)) from exc
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._acks:
+            self._write_acks()
+        if self._wbuf and self._writer is not None and not self._writer.transport.is_closing():
+            data = b"".join(self._wbuf)
+            self._wbuf.clear()
+            self._writer.write(data)
+
+    def _maybe_resume_reading(self) -> None:
+        if self._reading_paused and all(s.pending <= s.max_pending // 2 for s in self._subs.values()):
+            self._reading_paused = False
+            self._resume.set()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reader, conn = self._reader, self._conn
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    data = await reader.read(READ_SIZE)
+                except (OSError, ConnectionError) as exc:
+                    error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}")
+                    error.__cause__ = exc
+                    break
+                if not data:
+                    if not self._closing:
+                        error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
+                    break
+                conn.receive_data(data)
+                for event in conn.events():
+                    error = self._dispatch(event)
+                    if error is not None:
+                        break
+                if error is not None:
+                    break
+                if self._reading_paused:
+                    self._resume.clear()
+                    await self._resume.wait()
+        except RemoteProtocolError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            raise
+        finally:
+            if error is not None and not self._closing:
+                logger.warning("%s: %s", self.url, error)
+            self._fail_all(error or ConnectionClosed(), clean=error is None)
+            if self._writer is not None:
+                self._writer.transport.abort()
+
+    def _dispatch(self, event: object) -> BaseException | None:
+        t = type(event)
+        if t is Deliver:
+            ev: Deliver = event  # type: ignore[assignment]
+            sub = self._subs.get(ev.sub_id)
+            if sub is not None:
+                sub._deliver(
+                    Message(sub.queue, ev.event, ev.payload, ev.headers or {}, ev.offset,
+                            ev.timestamp, ev.deliveries, sub.durable, self)
+                )  # fmt: skip
+                if sub.durable is None and sub.pending > sub.max_pending:
+                    self._reading_paused = True
+            return None
+        if t is Ping:
+            self._wbuf.append(self._conn.send(Pong(event.req)))  # type: ignore[attr-defined]
+            self._schedule_flush()
+            return None
+        if t is Bye:
+            return None
+        req: int = event.req  # type: ignore[attr-defined]
+        if t is Err:
+            err: Err = event  # type: ignore[assignment]
+            exc = ServerError.for_code(err.code, err.message)
+            if req == 0:
+                if err.code in FATAL_CODES or err.code == ErrorCode.SHUTTING_DOWN:
+                    return exc
+                logger.warning("%s: %s", self.url, exc)
+                for sub in self._subs.values():
+                    if sub.durable is not None and err.code == ErrorCode.BAD_ACK:
+                        sub.ack_errors.append(exc)
+                return None
+            fut = self._pending.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            return exc if err.code in FATAL_CODES else None
+        fut = self._pending.pop(req, None)
+        if fut is not None and not fut.done():
+            fut.set_result(event)  # type: ignore[arg-type]
+        return None
+
+    def _fail_all(self, error: BaseException, *, clean: bool) -> None:
+        if self._error is None and not clean:
+            self._error = error
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error if not clean else ConnectionClosed())
+                fut.exception()  # mark retrieved: the caller may have gone
+        for sub in list(self._subs.values()):
+            sub._end(None if clean else error)
+        if clean:
+            self._closed = True

@@ -1,0 +1,220 @@
+"""Messages and subscriptions, as the application sees them.
+
+A :class:`Subscription` is an async iterator and an async context manager:
+
+    async with await client.subscribe("DB", events=["CREATE"], durable="logger") as sub:
+        async for msg in sub:
+            await msg.ack()
+
+Delivered messages wait in the subscription's buffer. A durable subscription
+never holds more than ``prefetch`` unacked messages (the broker stops at the
+window). An ephemeral one is bounded by ``max_pending``: past it the client
+stops reading the socket until the application catches up, and TCP makes the
+broker pause this connection, so memory stays bounded either way.
+
+Acks are cheap: ``await msg.ack()`` queues the offset and returns; the acks
+of one event-loop turn leave as one ACK frame. A rejected ack (say, for a
+message the broker already redelivered elsewhere) is logged and kept in
+``sub.ack_errors``; ``await msg.ack(wait=True)`` waits for the broker's
+answer and raises instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from protocol import ConnectionClosed, ServerError, TidingsError
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .client import Client
+
+__all__ = ["Message", "Subscription"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One delivered message.
+
+    Attributes:
+        queue: the queue it was published to.
+        event: its event name.
+        payload: any msgpack value.
+        headers: string headers, or an empty dict.
+        offset: its position in the queue (dense, from 0).
+        timestamp: when the broker stored it, in ms since the epoch.
+        deliveries: 1 the first time; more when redelivered.
+        durable: the durable it was delivered through (None: ephemeral or plain read).
+    """
+
+    queue: str
+    event: str
+    payload: Any
+    headers: dict[str, str]
+    offset: int
+    timestamp: int
+    deliveries: int = 1
+    durable: str | None = None
+    _client: Client | None = field(default=None, repr=False)
+    _settled: bool = field(default=False, repr=False)
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether this message was delivered before (to this durable)."""
+        return self.deliveries > 1
+
+    async def ack(self, *, wait: bool = False) -> None:
+        """Acknowledge: the durable's cursor may move past this message.
+
+        A no-op for ephemeral subscriptions and plain reads (nothing to ack).
+
+        Args:
+            wait: wait for the broker's answer (raises on refusal).
+
+        Raises:
+            ServerError: with ``wait=True``, the broker refused the ack.
+            ConnectionClosed, ConnectionLost: the connection is gone.
+        """
+        if self.durable is None or self._client is None or self._settled:
+            return
+        self._settled = True
+        await self._client._ack(self.queue, self.durable, self.offset, wait=wait)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        """Give the message back: it is redelivered after ``delay`` seconds.
+
+        Raises:
+            ServerError: the broker refused (e.g. the message is no longer in flight).
+        """
+        if self.durable is None or self._client is None or self._settled:
+            return
+        self._settled = True
+        await self._client._nack(self.queue, self.durable, self.offset, delay)
+
+
+class Subscription:
+    """A push subscription: iterate it to receive messages.
+
+    Created by :meth:`Client.subscribe`; ends (``StopAsyncIteration``) after
+    :meth:`close` or a clean close of the client, and raises
+    ``ConnectionLost`` if the connection broke.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        sub_id: int,
+        queue: str,
+        events: tuple[str, ...],
+        durable: str | None,
+        prefetch: int,
+        max_pending: int,
+    ) -> None:
+        self._client = client
+        self.sub_id = sub_id
+        self.queue = queue
+        self.events = events
+        self.durable = durable
+        self.prefetch = prefetch
+        self.max_pending = max_pending
+        self.ack_errors: collections.deque[ServerError] = collections.deque(maxlen=100)
+        self.delivered = 0
+        self._buffer: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._ended = False
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "active"
+        return (
+            f"<Subscription {self.sub_id} {self.queue} events={list(self.events)} "
+            f"durable={self.durable!r} {state} pending={len(self._buffer)} delivered={self.delivered}>"
+        )
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet taken by the application."""
+        return len(self._buffer)
+
+    # --- fed by the client's reader -------------------------------------------
+
+    def _deliver(self, msg: Message) -> None:
+        self._buffer.append(msg)
+        self.delivered += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the application's side ---------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._buffer:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = self._client._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        msg = self._buffer.popleft()
+        if len(self._buffer) == self.max_pending // 2:
+            self._client._maybe_resume_reading()
+        return msg
+
+    async def next(self, timeout: float | None = None) -> Message:
+        """The next message, waiting up to ``timeout`` seconds.
+
+        Raises:
+            TimeoutError: nothing arrived in time.
+            ConnectionClosed: the subscription has ended.
+        """
+        import asyncio
+
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except StopAsyncIteration:
+            raise ConnectionClosed("subscription is closed") from None
+
+    async def close(self) -> None:
+        """Unsubscribe. A durable's cursor stays on the broker. Harmless twice."""
+        if self._ended:
+            return
+        self._end(None)
+        try:
+            await self._client._unsubscribe(self)
+        except (ConnectionClosed, TidingsError) as exc:
+            logger.debug("unsubscribe of %d: %s", self.sub_id, exc)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
