@@ -1,0 +1,339 @@
+"""The queue log on real files: append/read, rolls, recovery from torn and damaged files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from broker import faults
+from broker.log import HEADER_SIZE, CorruptLogError, LogFailedError, QueueLog
+
+SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
+
+
+def _body(i: int, size: int = 20) -> bytes:
+    return f"{i:08d}".encode().ljust(size, b"x")
+
+
+def _fill(path: Path, n: int, size: int = 20, segment_bytes: int = SEG) -> QueueLog:
+    log = QueueLog.open(path, segment_bytes=segment_bytes)
+    for i in range(n):
+        log.append([_body(i, size)], 1000 + i)
+    log.sync()
+    return log
+
+
+def _all(log: QueueLog) -> list[bytes]:
+    out: list[bytes] = []
+    offset = log.first_offset
+    while offset < log.next_offset:
+        got = log.read(offset, max_count=1000, max_bytes=1 << 20)
+        assert got, f"read at {offset} returned nothing"
+        assert [o for o, _, _ in got] == list(range(offset, offset + len(got)))
+        out += [b for _, _, b in got]
+        offset += len(got)
+    return out
+
+
+def _segments(path: Path) -> list[Path]:
+    return sorted(path.glob("*.log"))
+
+
+def test_append_read_across_rolls_and_reopen(tmp_path: Path) -> None:
+    log = _fill(tmp_path, 600)
+    assert len(_segments(tmp_path)) > 3
+    assert log.first_offset == 0 and log.next_offset == 600
+    assert _all(log) == [_body(i) for i in range(600)]
+    assert log.read(599, max_count=10, max_bytes=1)[0][0] == 599
+    assert log.read(600, max_count=10, max_bytes=1 << 20) == []
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=SEG)
+    assert again.next_offset == 600
+    assert _all(again) == [_body(i) for i in range(600)]
+    assert again.append([b"more"], 5000) == 600
+    again.close()
+
+
+def test_batches_and_max_bytes(tmp_path: Path) -> None:
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert log.append([_body(i) for i in range(100)], 7) == 0
+    got = log.read(10, max_count=1000, max_bytes=100)
+    assert [o for o, _, _ in got] == [10, 11, 12, 13, 14]  # 5 x 20 bytes reach max_bytes
+    assert all(ts == 7 for _, ts, _ in got)
+    big = b"B" * 300_000  # bigger than one read chunk
+    off = log.append([big], 8)
+    assert log.read(off, max_count=1, max_bytes=1)[0][2] == big
+    log.close()
+
+
+def test_offset_for_time(tmp_path: Path) -> None:
+    log = _fill(tmp_path, 300)  # timestamps 1000..1299
+    assert log.offset_for_time(0) == 0
+    assert log.offset_for_time(1000) == 0
+    assert log.offset_for_time(1150) == 150
+    assert log.offset_for_time(1299) == 299
+    assert log.offset_for_time(1300) == 300
+    log.append([b"late"], 10)  # a clock that went back: timestamps stay monotonic
+    assert log.read(300, max_count=1, max_bytes=1)[0][1] == 1299
+    log.close()
+
+
+def test_torn_tail_at_every_byte_of_the_last_records(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """S1: cut the file at every byte of the last 3 records: exactly the whole records survive."""
+    src = tmp_path / "src"
+    _fill(src, 50, segment_bytes=1 << 20).close()
+    seg = _segments(src)[0]
+    data = seg.read_bytes()
+    rec = HEADER_SIZE + 20
+    for cut in range(len(data) - 3 * rec, len(data)):
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        (d / seg.name).write_bytes(data[:cut])
+        with caplog.at_level(logging.WARNING):
+            log = QueueLog.open(d, segment_bytes=1 << 20)
+        whole = cut // rec
+        assert log.next_offset == whole
+        assert (d / seg.name).stat().st_size == whole * rec
+        if cut % rec:
+            assert "torn tail" in caplog.text
+        caplog.clear()
+        assert log.append([b"after"], 1) == whole  # R5: appends after recovery are valid
+        log.close()
+        again = QueueLog.open(d, segment_bytes=1 << 20)
+        assert _all(again)[-1] == b"after" and again.next_offset == whole + 1
+        again.close()
+
+
+def test_zero_filled_tail_reads_as_end(tmp_path: Path) -> None:
+    _fill(tmp_path, 10, segment_bytes=1 << 20).close()
+    seg = _segments(tmp_path)[0]
+    with seg.open("ab") as f:
+        f.write(bytes(8192))
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert log.next_offset == 10
+    assert log.append([b"x"], 1) == 10
+    log.close()
+
+
+def test_garbage_tail_is_cut(tmp_path: Path) -> None:
+    _fill(tmp_path, 10, segment_bytes=1 << 20).close()
+    seg = _segments(tmp_path)[0]
+    with seg.open("ab") as f:
+        f.write(random.Random(1).randbytes(5000))
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert log.next_offset == 10
+    log.close()
+
+
+def test_damage_in_the_middle_refuses_the_log(tmp_path: Path) -> None:
+    """R4/S4: a bad record followed by valid ones is damage, named by file and byte."""
+    _fill(tmp_path, 20, segment_bytes=1 << 20).close()
+    seg = _segments(tmp_path)[0]
+    data = bytearray(seg.read_bytes())
+    rec = HEADER_SIZE + 20
+    data[5 * rec + HEADER_SIZE + 3] ^= 0xFF  # a payload byte of record 5
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError) as err:
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert seg.name in str(err.value) and f"byte {5 * rec}" in str(err.value)
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)  # the operator's choice
+    assert log.next_offset == 5
+    log.close()
+
+
+def test_damage_in_a_sealed_segment_refuses_the_log(tmp_path: Path) -> None:
+    _fill(tmp_path, 400).close()
+    first = _segments(tmp_path)[0]
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 0x01  # the last record of a sealed segment
+    first.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError):
+        QueueLog.open(tmp_path, segment_bytes=SEG)
+    log = QueueLog.open(tmp_path, segment_bytes=SEG, repair=True)
+    assert len(_segments(tmp_path)) == 1  # later segments no longer continue it: dropped
+    assert _all(log) == [_body(i) for i in range(log.next_offset)]
+    log.close()
+
+
+@settings(max_examples=30)
+@given(st.data())
+def test_bit_rot_is_always_detected(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    """S3: flip one byte anywhere: the log either refuses or keeps a valid prefix, never serves it."""
+    d = tmp_path_factory.mktemp("rot")
+    _fill(d, 60, segment_bytes=1 << 20).close()
+    seg = _segments(d)[0]
+    raw = bytearray(seg.read_bytes())
+    at = data.draw(st.integers(0, len(raw) - 1))
+    raw[at] ^= data.draw(st.integers(1, 255))
+    seg.write_bytes(bytes(raw))
+    rec = HEADER_SIZE + 20
+    try:
+        log = QueueLog.open(d, segment_bytes=1 << 20)
+    except CorruptLogError:
+        assert at < 59 * rec  # only damage before the last record refuses
+        return
+    assert at >= 59 * rec and log.next_offset == 59  # in the last record: torn tail
+    assert _all(log) == [_body(i) for i in range(59)]
+    log.close()
+
+
+@settings(max_examples=60)
+@given(cuts=st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=64)), max_size=4))
+def test_loader_never_crashes_on_mangled_files(tmp_path_factory: pytest.TempPathFactory, cuts: list) -> None:
+    """S7: any overwrite of segment bytes loads a valid prefix or fails with CorruptLogError."""
+    d = tmp_path_factory.mktemp("fuzz")
+    _fill(d, 300).close()
+    segs = _segments(d)
+    for i, (at, junk) in enumerate(cuts):
+        seg = segs[i % len(segs)]
+        raw = bytearray(seg.read_bytes())
+        at %= max(1, len(raw))
+        raw[at : at + len(junk)] = junk
+        seg.write_bytes(bytes(raw))
+    try:
+        log = QueueLog.open(d, segment_bytes=SEG)
+    except CorruptLogError:
+        return
+    assert _all(log) == [_body(i) for i in range(log.next_offset)]
+    log.close()
+
+
+def test_enospc_write_is_cut_and_appends_resume(tmp_path: Path) -> None:
+    """R7: a failed write leaves the log valid, and later appends work."""
+    log = _fill(tmp_path, 5, segment_bytes=1 << 20)
+    size = _segments(tmp_path)[0].stat().st_size
+    faults.configure("mid_write:enospc")
+    try:
+        with pytest.raises(OSError, match="No space"):
+            log.append([b"lost"], 1)
+    finally:
+        faults.configure(None)
+    assert _segments(tmp_path)[0].stat().st_size == size
+    assert log.append([b"kept"], 1) == 5
+    log.sync()
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert _all(again)[-1] == b"kept"
+    again.close()
+
+
+def test_failed_fsync_is_final(tmp_path: Path) -> None:
+    """R7: after a failed fsync the log refuses every later append and sync."""
+    log = _fill(tmp_path, 3)
+    log.append([b"x"], 1)
+    faults.configure("sync:eio")
+    try:
+        with pytest.raises(LogFailedError):
+            log.sync()
+    finally:
+        faults.configure(None)
+    with pytest.raises(LogFailedError):
+        log.append([b"y"], 1)
+    with pytest.raises(LogFailedError):
+        log.sync()
+    log.close()
+
+
+def test_retention_drops_whole_segments(tmp_path: Path) -> None:
+    log = _fill(tmp_path, 500)
+    second = log.segments[1].base
+    assert log.drop_segments_before(second) == second
+    assert log.first_offset == second
+    assert log.read(0, max_count=1, max_bytes=1)[0][0] == second
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=SEG)
+    assert again.first_offset == second and again.next_offset == 500
+    again.close()
+
+
+def test_a_crash_between_roll_and_first_write_leaves_an_empty_segment(tmp_path: Path) -> None:
+    log = _fill(tmp_path, 10)
+    end = log.next_offset
+    log.close()
+    (tmp_path / f"{end:020d}.log").touch()
+    again = QueueLog.open(tmp_path, segment_bytes=SEG)
+    assert again.next_offset == end
+    assert again.append([b"x"], 1) == end
+    again.close()
+
+
+def test_a_gap_between_segments_is_damage(tmp_path: Path) -> None:
+    _fill(tmp_path, 400).close()
+    os.unlink(_segments(tmp_path)[1])
+    with pytest.raises(CorruptLogError, match="starts at offset"):
+        QueueLog.open(tmp_path, segment_bytes=SEG)
+
+
+class LogModel(RuleBasedStateMachine):
+    """A stateful model: appends, syncs, reads, crashes that drop the unsynced tail, retention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="tidings-model-"))
+        self.log = QueueLog.open(self.dir, segment_bytes=SEG)
+        self.model: list[bytes] = []
+        self.first = 0
+        self.synced = 0
+
+    def teardown(self) -> None:
+        import shutil
+
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(bodies=st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=20))
+    def append(self, bodies: list[bytes]) -> None:
+        assert self.log.append(bodies, 1) == len(self.model)
+        self.model += bodies
+
+    @rule()
+    def sync(self) -> None:
+        self.log.sync()
+        self.synced = len(self.model)
+
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        if len(self.model) == self.first:
+            return
+        offset = data.draw(st.integers(self.first, len(self.model) - 1))
+        n = data.draw(st.integers(1, 50))
+        got = self.log.read(offset, max_count=n, max_bytes=1 << 20)
+        assert [b for _, _, b in got] == self.model[offset : offset + len(got)]
+        assert 1 <= len(got) <= n
+
+    @rule(tear=st.integers(0, 400))
+    def crash(self, tear: int) -> None:
+        """Power loss: synced bytes stay; the unsynced tail is kept, torn, or lost."""
+        self.log.sync()  # what the OS already wrote back is just 'synced' to us
+        self.log.close()
+        last = sorted(self.dir.glob("*.log"))[-1]
+        with last.open("ab") as f:
+            f.write(b"\x7d\x01" + bytes(tear))  # a torn record header + zeros
+        self.log = QueueLog.open(self.dir, segment_bytes=SEG)
+        self.synced = len(self.model)
+
+    @precondition(lambda self: len(self.log.segments) > 2)
+    @rule()
+    def retention(self) -> None:
+        cut = self.log.segments[1].base
+        self.log.drop_segments_before(cut)
+        self.first = cut
+
+    @invariant()
+    def offsets(self) -> None:
+        assert self.log.next_offset == len(self.model)
+        assert self.log.first_offset == self.first
+
+
+TestLogModel = LogModel.TestCase
+TestLogModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
