@@ -14,7 +14,7 @@ filter list means "every event".
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 __all__ = [
@@ -68,30 +68,57 @@ def check_pattern(value: object) -> str | None:
     return _check("event filter", value, _PATTERN_RE)
 
 
+def _glob(pattern: str) -> Callable[[str], bool]:
+    """Compile a ``*`` pattern into a matcher that runs in linear time.
+
+    A regular expression of ``.*`` runs backtracks exponentially on patterns
+    such as ``*a*a*a*a*b`` (a client could stall the broker with one filter).
+    With ``*`` as the only wildcard, matching the fixed parts greedily from
+    the left is exact: the prefix and suffix are anchored, and each middle
+    part is taken at its first occurrence, which leaves the most room for
+    the rest.
+    """
+    parts = pattern.split("*")
+    head, tail, middle = parts[0], parts[-1], parts[1:-1]
+    fixed = len(head) + len(tail)
+
+    def match(event: str) -> bool:
+        if len(event) < fixed or not event.startswith(head) or not event.endswith(tail):
+            return False
+        pos, end = len(head), len(event) - len(tail)
+        for part in middle:
+            found = event.find(part, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(part)
+        return True
+
+    return match
+
+
 class EventFilter:
     """Matches event names against a list of exact names and ``*`` patterns.
 
-    Exact names are a set lookup; patterns compile into one regular
-    expression, so matching costs O(1) Python calls whatever the list length.
+    Exact names are a set lookup; each pattern is a linear-time glob matcher
+    (see :func:`_glob`), so no filter a client sends can make matching slow.
 
     Args:
         patterns: event names or patterns; empty means every event matches.
     """
 
-    __slots__ = ("_exact", "_regex", "match_all", "patterns")
+    __slots__ = ("_exact", "_globs", "match_all", "patterns")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns = tuple(patterns)
         self.match_all = not self.patterns or "*" in self.patterns
         self._exact = frozenset(p for p in self.patterns if "*" not in p)
-        wild = [p for p in self.patterns if "*" in p]
-        self._regex = re.compile("|".join(".*".join(map(re.escape, p.split("*"))) for p in wild)) if wild else None
+        self._globs = tuple(_glob(p) for p in self.patterns if "*" in p)
 
     def __call__(self, event: str) -> bool:
         """Return whether ``event`` passes the filter."""
         if self.match_all or event in self._exact:
             return True
-        return self._regex is not None and self._regex.fullmatch(event) is not None
+        return any(match(event) for match in self._globs)
 
     def __repr__(self) -> str:
         return f"EventFilter({list(self.patterns)!r})"

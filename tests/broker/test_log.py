@@ -336,4 +336,3 @@ class LogModel(RuleBasedStateMachine):
 
 TestLogModel = LogModel.TestCase
 TestLogModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
-

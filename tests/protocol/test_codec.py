@@ -1,0 +1,152 @@
+"""Framing and frame codec: round trips, hot-path encoders, hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    Batch,
+    Deliver,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    PubAck,
+    Record,
+    RemoteProtocolError,
+    encode_batch,
+    encode_deliver,
+    encode_frame,
+    encode_pubacks,
+    encode_record,
+    record_event,
+)
+from protocol.framing import unpack_body
+from protocol.messages import FRAME_CLASSES
+
+from .strategies import EVENTS, FRAMES, HEADERS, PAYLOADS, U64
+
+LIMIT = 4096
+
+
+def decode_frame(body: bytes) -> Frame:
+    items = unpack_body(body, 1 << 20)
+    return FRAME_CLASSES[items[0]].from_wire(items)
+
+
+@given(FRAMES)
+def test_every_frame_round_trips(frame: Frame) -> None:
+    wire = encode_frame(frame.to_wire())
+    (body,) = FrameDecoder(1 << 20).feed(wire)
+    assert decode_frame(body) == frame
+
+
+@given(st.lists(FRAMES, min_size=1, max_size=5), st.data())
+def test_split_at_any_points_yields_the_same_frames(frames: list[Frame], data: st.DataObject) -> None:
+    wire = b"".join(encode_frame(f.to_wire()) for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    decoder = FrameDecoder(1 << 20)
+    got: list[bytes] = []
+    for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        got += decoder.feed(wire[a:b])
+    assert [decode_frame(b) for b in got] == frames
+    assert decoder.buffered == 0
+
+
+def test_split_at_every_byte() -> None:
+    frames = [PubAck(1, 2), Deliver(3, 4, 1, "CREATE", 5, {"k": "v"}, {"id": [1, 2.5, b"x"]}), PubAck(9, 10, True)]
+    wire = b"".join(encode_frame(f.to_wire()) for f in frames)
+    decoder = FrameDecoder(LIMIT)
+    got = [b for i in range(len(wire)) for b in decoder.feed(wire[i : i + 1])]
+    assert [decode_frame(b) for b in got] == frames
+
+
+@given(st.integers(0, 1 << 30), EVENTS, U64, HEADERS, PAYLOADS)
+def test_encode_deliver_equals_the_generic_encoder(sub_id: int, event: str, ts: int, headers, payload) -> None:  # type: ignore[no-untyped-def]
+    body = encode_record(event, ts, headers, payload)
+    assert record_event(body) == event
+    fast = encode_deliver(sub_id, 7, 2, body)
+    assert fast == encode_frame(Deliver(sub_id, 7, 2, event, ts, headers, payload).to_wire())
+
+
+@given(U64, U64, st.lists(st.tuples(U64, U64, EVENTS, U64, HEADERS, PAYLOADS), max_size=20))
+def test_encode_batch_equals_the_generic_encoder(req: int, next_offset: int, recs) -> None:  # type: ignore[no-untyped-def]
+    stored = [(off, n, encode_record(ev, ts, h, p)) for off, n, ev, ts, h, p in recs]
+    fast = encode_batch(req, next_offset, stored)
+    (body,) = FrameDecoder(1 << 24).feed(fast)
+    assert decode_frame(body) == Batch(req, next_offset, tuple(Record(*r) for r in recs))
+
+
+def test_encode_batch_with_many_records_uses_wide_array_headers() -> None:
+    body = encode_record("e", 1, None, None)
+    for n in (15, 16, 65535, 65536):
+        (frame,) = FrameDecoder(1 << 24).feed(encode_batch(1, n, [(i, 1, body) for i in range(n)]))
+        batch = decode_frame(frame)
+        assert isinstance(batch, Batch) and len(batch.records) == n and batch.records[-1].offset == n - 1
+
+
+@given(st.lists(st.tuples(U64, U64, st.booleans()), max_size=10))
+def test_encode_pubacks(acks: list[tuple[int, int, bool]]) -> None:
+    got = [decode_frame(b) for b in FrameDecoder(LIMIT).feed(encode_pubacks(acks))]
+    assert got == [PubAck(*a) for a in acks]
+
+
+@settings(max_examples=500)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_decoder_on_random_bytes_raises_only_its_own_error_and_stays_bounded(chunks: list[bytes]) -> None:
+    decoder = FrameDecoder(64)
+    try:
+        for chunk in chunks:
+            for body in decoder.feed(chunk):
+                assert len(body) <= 64
+                try:
+                    unpack_body(body, 64)
+                except RemoteProtocolError as exc:
+                    assert exc.code is ErrorCode.MALFORMED_FRAME
+            # An incomplete frame never holds more than its header and the limit.
+            assert decoder.buffered < 4 + 64
+    except RemoteProtocolError as exc:
+        assert exc.code is ErrorCode.FRAME_TOO_LARGE
+        assert decoder.buffered == 0
+        with pytest.raises(RemoteProtocolError):  # poisoned for good
+            decoder.feed(b"")
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, 1 << 31, (1 << 32) - 1])
+def test_oversized_length_is_refused_before_any_body_byte(size: int) -> None:
+    decoder = FrameDecoder(LIMIT)
+    assert decoder.feed(struct.pack(">I", size)[:3]) == []
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.feed(struct.pack(">I", size)[3:] + b"x" * 100)
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE and str(LIMIT) in str(info.value)
+    assert decoder.buffered == 0
+
+
+def test_a_frame_of_exactly_the_limit_passes() -> None:
+    body = msgpack.packb(b"x" * (LIMIT - 3))  # bin16: 3 header bytes
+    assert len(body) == LIMIT
+    assert FrameDecoder(LIMIT).feed(struct.pack(">I", LIMIT) + body) == [body]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # empty body
+        b"\xc1",  # never-used msgpack byte
+        b"\x91",  # array that claims an element it lacks
+        b"\x01\x02",  # two values
+        b"\xdd\xff\xff\xff\xff",  # array of 2^32-1 elements
+        b"\xdb\xff\xff\xff\xff",  # str of 4 GiB
+        b"\x91" * 5000 + b"\x00",  # very deep nesting
+        b"\xd4\x01\x00",  # ext type
+        b"\x81\x01\x02",  # non-string map key
+    ],
+)
+def test_unpack_body_turns_every_msgpack_failure_into_malformed_frame(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        unpack_body(body, LIMIT)
+    assert info.value.code is ErrorCode.MALFORMED_FRAME

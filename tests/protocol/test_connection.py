@@ -1,0 +1,262 @@
+"""The sans-I/O connection: the state table, handshake limits, hostile frames."""
+
+from __future__ import annotations
+
+import ast
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Connection,
+    Err,
+    ErrorCode,
+    FrameType,
+    Hello,
+    InvalidRequest,
+    Limits,
+    LocalProtocolError,
+    Ok,
+    Ping,
+    Pong,
+    Publish,
+    RemoteProtocolError,
+    Role,
+    State,
+    Subscribe,
+    Welcome,
+    encode_frame,
+)
+
+from .strategies import FRAMES, PAYLOADS, SCALARS
+
+
+def handshaken() -> tuple[Connection, Connection]:
+    """A client and a broker Connection that completed HELLO/WELCOME."""
+    client, broker = Connection(Role.CLIENT), Connection(Role.BROKER)
+    broker.receive_data(client.send(Hello(1, PROTOCOL_VERSION, "t")))
+    assert broker.events() == [Hello(1, PROTOCOL_VERSION, "t")]
+    client.receive_data(broker.send(Welcome(1, PROTOCOL_VERSION, "tidings", 1, 1 << 20, 0)))
+    assert [type(e) for e in client.events()] == [Welcome]
+    assert client.state is broker.state is State.READY
+    return client, broker
+
+
+def test_full_lifecycle() -> None:
+    client, broker = handshaken()
+    broker.receive_data(client.send(Publish(2, "DB", "CREATE", {"id": 7})))
+    assert broker.events() == [Publish(2, "DB", "CREATE", {"id": 7})]
+    client.receive_data(broker.send(Ok(2)))
+    client.receive_data(broker.send(Ping(9)))
+    assert client.events() == [Ok(2), Ping(9)]
+    broker.receive_data(client.send(Pong(9)) + client.send(Bye()))
+    assert broker.events() == [Pong(9), Bye()]
+    assert client.state is broker.state is State.CLOSING
+    client.receive_data(broker.send(Ok(3)))  # replies still drain while closing
+    assert client.events() == [Ok(3)]
+
+
+def test_client_may_not_send_before_hello() -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send(Publish(1, "DB", "CREATE"))
+    assert info.value.code is ErrorCode.UNEXPECTED_FRAME
+    assert client.state is State.HANDSHAKE  # our own mistake changes nothing
+
+
+def test_broker_refuses_requests_before_hello() -> None:
+    broker = Connection(Role.BROKER)
+    broker.receive_data(encode_frame(Publish(1, "DB", "CREATE").to_wire()))
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.events()
+    assert info.value.code is ErrorCode.UNEXPECTED_FRAME and "PUBLISH" in str(info.value)
+    assert broker.state is State.ERROR
+    with pytest.raises(RemoteProtocolError):
+        broker.events()
+
+
+def test_nothing_but_welcome_err_or_bye_while_greeting() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(1, PROTOCOL_VERSION, "t"))
+    with pytest.raises(LocalProtocolError):
+        client.send(Publish(2, "DB", "CREATE"))
+    client.receive_data(encode_frame(Err(1, int(ErrorCode.AUTH_FAILED), "no").to_wire()))
+    assert client.events() == [Err(1, int(ErrorCode.AUTH_FAILED), "no")]
+
+
+@pytest.mark.parametrize("frame", [Ok(1), Welcome(1, 1, "x", 1, 1 << 20, 0)])
+def test_client_cannot_send_broker_frames(frame: Any) -> None:
+    client, _ = handshaken()
+    with pytest.raises(LocalProtocolError):
+        client.send(frame)
+
+
+def test_broker_refuses_a_broker_frame_from_a_client() -> None:
+    _, broker = handshaken()
+    broker.receive_data(encode_frame(Ok(5).to_wire()))
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.events()
+    assert info.value.code is ErrorCode.UNEXPECTED_FRAME
+
+
+def test_handshake_frames_are_capped_small_then_the_limit_lifts() -> None:
+    limits = Limits(max_frame_size=1 << 16, handshake_frame_size=256)
+    broker = Connection(Role.BROKER, limits=limits)
+    broker.receive_data(struct.pack(">I", 257))
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.events()
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    client, broker = Connection(Role.CLIENT, limits=limits), Connection(Role.BROKER, limits=limits)
+    broker.receive_data(client.send(Hello(1, PROTOCOL_VERSION, "t")))
+    broker.events()
+    broker.send(Welcome(1, PROTOCOL_VERSION, "tidings", 1, 1 << 16, 0))
+    big = Publish(2, "DB", "CREATE", "x" * 10_000)
+    broker.receive_data(encode_frame(big.to_wire()))
+    assert broker.events() == [big]
+
+
+def test_send_refuses_a_frame_over_the_limit() -> None:
+    client, _ = handshaken()
+    client.adopt_max_frame_size(100)
+    with pytest.raises(LocalProtocolError) as info:
+        client.send(Publish(2, "DB", "CREATE", "x" * 200))
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert client.state is State.READY
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        ([int(FrameType.PUBLISH), 5, "../etc", "CREATE", None, None, None], ErrorCode.INVALID_NAME),
+        ([int(FrameType.PUBLISH), 5, "DB", "", None, None, None], ErrorCode.INVALID_NAME),
+        ([int(FrameType.SUBSCRIBE), 5, 1, "DB", [], None, "new", None, 0, 0, 0, None], ErrorCode.BAD_REQUEST),
+        ([int(FrameType.SUBSCRIBE), 5, 1, "DB", [], None, "later", None, 10, 0, 0, None], ErrorCode.BAD_REQUEST),
+        ([int(FrameType.ACK), 5, "DB", "d", [], -1], ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_a_bad_value_is_a_request_error_not_a_dead_connection(wire: list[Any], code: ErrorCode) -> None:
+    _, broker = handshaken()
+    broker.receive_data(encode_frame(wire))
+    (event,) = broker.events()
+    assert isinstance(event, InvalidRequest) and event.req == 5 and event.code is code
+    assert broker.state is State.READY
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        [],  # no type
+        ["PUBLISH"],  # type not an int
+        [99, 1],  # unknown type
+        [int(FrameType.PUBLISH), 1, "DB"],  # too few fields
+        [int(FrameType.PUBLISH), 1, 7, "CREATE", None, None, None],  # queue not a string
+        [int(FrameType.ACK), 1, "DB", "d", "not-a-list", None],
+        {"type": 3},  # not an array
+    ],
+)
+def test_a_bad_shape_is_malformed_frame(wire: Any) -> None:
+    _, broker = handshaken()
+    broker.receive_data(encode_frame(wire))
+    with pytest.raises(RemoteProtocolError) as info:
+        broker.events()
+    assert info.value.code is ErrorCode.MALFORMED_FRAME
+    assert broker.state is State.ERROR
+
+
+def test_send_error_works_in_every_state() -> None:
+    broker = Connection(Role.BROKER)
+    broker.receive_data(b"\x00\x00\x00\x01\xc1")
+    with pytest.raises(RemoteProtocolError):
+        broker.events()
+    wire = broker.send_error(0, ErrorCode.MALFORMED_FRAME, "x" * 5000)
+    client = Connection(Role.CLIENT)
+    client.receive_data(wire)
+    (err,) = client.events()
+    assert isinstance(err, Err) and err.code == ErrorCode.MALFORMED_FRAME and len(err.message) == 1024
+
+
+def test_ack_offsets_normalise_to_a_tuple() -> None:
+    _, broker = handshaken()
+    broker.receive_data(encode_frame([int(FrameType.ACK), 3, "DB", "d", [1, 2], None]))
+    assert broker.events() == [Ack(3, "DB", "d", (1, 2))]
+
+
+def test_subscribe_defaults() -> None:
+    s = Subscribe(1, 1, "DB")
+    assert (s.events, s.durable, s.start, s.prefetch) == ((), None, "new", 100)
+
+
+# --- hostile input ----------------------------------------------------------------
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.binary(max_size=40), max_size=10), st.booleans())
+def test_random_bytes_raise_only_remote_protocol_errors(chunks: list[bytes], ready: bool) -> None:
+    broker = handshaken()[1] if ready else Connection(Role.BROKER)
+    try:
+        for chunk in chunks:
+            broker.receive_data(chunk)
+            for event in broker.events():
+                assert event is not None
+    except RemoteProtocolError as exc:
+        assert exc.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNEXPECTED_FRAME)
+        assert broker.state is State.ERROR
+
+
+WIRE_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), PAYLOADS)
+
+
+@settings(max_examples=1000)
+@given(st.integers(-2, 25), st.lists(WIRE_VALUES, max_size=13))
+def test_structure_aware_bad_frames_never_escape_as_other_errors(frame_type: int, fields: list[Any]) -> None:
+    _, broker = handshaken()
+    broker.receive_data(encode_frame([frame_type, *fields]))
+    try:
+        events = broker.events()
+    except RemoteProtocolError:
+        assert broker.state is State.ERROR
+        return
+    assert len(events) == 1 and broker.state in (State.READY, State.CLOSING)
+
+
+@given(FRAMES)
+def test_every_client_frame_the_table_allows_decodes_on_the_broker(frame: Any) -> None:
+    client, broker = handshaken()
+    try:
+        wire = client.send(frame)
+    except LocalProtocolError:
+        return  # not a client frame in READY
+    broker.receive_data(wire)
+    assert broker.events() == [frame]
+
+
+def test_protocol_package_does_no_io() -> None:
+    """protocol/ is sans-I/O: it may import only pure modules and msgpack."""
+    allowed = {"__future__", "enum", "dataclasses", "typing", "struct", "re", "collections", "msgpack"}
+    root = Path(__file__).resolve().parents[2] / "protocol"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_msgpack_bin_and_str_stay_distinct() -> None:
+    body = msgpack.packb([int(FrameType.PUBLISH), 1, "DB", "E", b"raw", None, None], use_bin_type=True)
+    _, broker = handshaken()
+    broker.receive_data(struct.pack(">I", len(body)) + body)
+    (event,) = broker.events()
+    assert isinstance(event, Publish) and event.payload == b"raw"
