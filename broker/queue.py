@@ -255,6 +255,8 @@ class Queue:
                     if not records:
                         break
                     for offset, body in records:
+                        if group.passed(offset):
+                            continue
                         if match_all or matches(record_event(body)):
                             n = group.deliver_new(consumer, offset, now)
                             frames.append(encode_deliver(target.sub_id, offset, n, body))
@@ -292,6 +294,8 @@ class Queue:
                 group.read_pos = self.log.first_offset
             while len(out) < limit and size < FETCH_MAX_BYTES and group.read_pos < self.committed:
                 for offset, body in self.read(group.read_pos, min(READ_BATCH, limit - len(out))):
+                    if group.passed(offset):
+                        continue
                     if group.filter(record_event(body)):
                         out.append((offset, group.deliver_new(consumer, offset, now), body))
                         size += len(body)

@@ -174,7 +174,16 @@ class Group:
             The delivery count (1 unless a restart left it ambiguous).
         """
         self.read_pos = offset + 1
+        self.dirty = True  # persist read_pos too: a restart marks these offsets redelivered
         return self._hand_out(consumer, offset, now)
+
+    def passed(self, offset: int) -> bool:
+        """Whether ``offset`` (== read_pos) was acked before (out of order, before a
+        restart); if so it is stepped over, never handed out again."""
+        if self.cursor.acked and offset in self.cursor.acked:
+            self.read_pos = offset + 1
+            return True
+        return False
 
     def skip(self, offset: int) -> None:
         """``offset`` (== read_pos) does not match the filter: count it done."""

@@ -164,6 +164,7 @@ class Broker:
                 "uptime": round(now - self.started, 3),
                 "conn_count": len(self.sessions),
                 "fsync": self.config.fsync.value,
+                "fsyncs": self.store.fsyncs,
                 "data_dir": str(self.store.root),
             },
             "connections": [s.describe() for s in sorted(self.sessions, key=lambda s: s.conn_id)],

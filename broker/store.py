@@ -40,7 +40,7 @@ from .log import QueueLog
 from .queue import Queue
 from .router import Group
 
-__all__ = ["Store"]
+__all__ = ["Store", "group_from_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Store:
         self._tasks: set[asyncio.Task[None]] = set()
         self._fatal = False
         self._closed = False
+        self.fsyncs = 0  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
 
     @property
     def fatal(self) -> bool:
@@ -103,33 +104,10 @@ class Store:
         queue = Queue(name, log)
         cursors = CursorStore(path / "durables")
         for durable, state in cursors.load_all().items():
-            queue.groups[durable] = self._group_from_state(queue, durable, state)
+            queue.groups[durable] = group_from_state(queue, durable, state)
         self.queues[name] = queue
         self.cursor_stores[name] = cursors
         return queue
-
-    def _group_from_state(self, queue: Queue, durable: str, state: CursorState) -> Group:
-        meta = state.meta
-        events = meta.get("events")
-        if not isinstance(events, list) or not all(isinstance(e, str) and check_pattern(e) is None for e in events):
-            events = []
-        cursor = Cursor(state.ack_floor, set(state.acked))
-        group = Group(
-            queue.name,
-            durable,
-            tuple(events),
-            cursor,
-            read_pos=max(cursor.ack_floor, queue.log.first_offset),
-            ack_wait=_number(meta.get("ack_wait"), 30.0),
-            max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
-        )
-        # Offsets handed out before the restart but never acked: mark them so
-        # the next hand-out says "redelivered" (deliveries >= 2).
-        delivered = int(_number(meta.get("delivered"), cursor.ack_floor))
-        for offset in range(group.read_pos, min(delivered, queue.log.next_offset)):
-            if not cursor.is_acked(offset):
-                group.deliveries[offset] = 1
-        return group
 
     def get(self, name: str, *, create: bool) -> Queue | None:
         """The queue called ``name``; created on first use when ``create``.
@@ -185,6 +163,7 @@ class Store:
                 continue
             batch = [(q, q.log.next_offset) for q in self._dirty]
             self._dirty.clear()
+            self.fsyncs += len(batch)
             try:
                 await asyncio.gather(*(loop.run_in_executor(self._sync_pool, q.log.sync) for q, _ in batch))
             except Exception as exc:
@@ -267,6 +246,31 @@ class Store:
             queue.log.close()
         self._sync_pool.shutdown(wait=True)
         self._cursor_pool.shutdown(wait=True)
+
+
+def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
+    """Rebuild a durable group from its persisted cursor (start-up and tests)."""
+    meta = state.meta
+    events = meta.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, str) and check_pattern(e) is None for e in events):
+        events = []
+    cursor = Cursor(state.ack_floor, set(state.acked))
+    group = Group(
+        queue.name,
+        durable,
+        tuple(events),
+        cursor,
+        read_pos=max(cursor.ack_floor, queue.log.first_offset),
+        ack_wait=_number(meta.get("ack_wait"), 30.0),
+        max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
+    )
+    # Offsets handed out before the restart but never acked: mark them so
+    # the next hand-out says "redelivered" (deliveries >= 2).
+    delivered = int(_number(meta.get("delivered"), cursor.ack_floor))
+    for offset in range(group.read_pos, min(delivered, queue.log.next_offset)):
+        if not cursor.is_acked(offset):
+            group.deliveries[offset] = 1
+    return group
 
 
 def _number(value: object, default: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -16,6 +17,9 @@ from typing import Any
 
 from broker import Broker, BrokerConfig
 from client import Client
+from protocol import PROTOCOL_VERSION, Frame, FrameDecoder, Hello, Ping, Welcome, encode_frame
+from protocol.framing import unpack_body
+from protocol.messages import FRAME_CLASSES
 
 
 @contextlib.asynccontextmanager
@@ -123,3 +127,65 @@ def broker_process(data_dir: Path, *args: str) -> Iterator[BrokerProcess]:
         yield bp
     finally:
         bp.kill()
+
+
+class RawPeer:
+    """A hand-driven socket to the broker: send any bytes, read frames back.
+
+    Decoding is lenient (no state machine) so tests can see exactly what the
+    broker answers to input a real client would never send.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder(1 << 24)
+        self.frames: list[Frame] = []
+
+    @classmethod
+    async def connect(cls, broker: Broker, *, hello: bool = True) -> RawPeer:
+        host, port = broker.address
+        peer = cls(*await asyncio.open_connection(host, port))
+        if hello:
+            peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw"))
+            assert isinstance(await peer.recv(), Welcome)
+        return peer
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def send_frame(self, frame: Frame) -> None:
+        self.send(encode_frame(frame.to_wire()))
+
+    def send_wire(self, items: list[Any]) -> None:
+        """Send a frame given as its raw wire list (unchecked)."""
+        self.send(encode_frame(items))
+
+    async def recv(self) -> Frame:
+        """The next frame from the broker (skipping heartbeat PINGs)."""
+        while True:
+            while not self.frames:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionError("broker closed the connection")
+                for body in self.decoder.feed(data):
+                    items = unpack_body(body, 1 << 24)
+                    self.frames.append(FRAME_CLASSES[items[0]].from_wire(items))
+            frame = self.frames.pop(0)
+            if not isinstance(frame, Ping):
+                return frame
+
+    async def expect_closed(self) -> None:
+        """Wait until the broker closes the connection (any frames before are dropped)."""
+        while await self.reader.read(65536):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def assert_broker_healthy(broker: Broker) -> None:
+    """A control client still gets PONG promptly."""
+    async with connected(broker, "control") as c:
+        assert await c.ping() < 1.0

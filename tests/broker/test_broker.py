@@ -1,0 +1,294 @@
+"""The broker's behaviour through the real client on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    AuthFailed,
+    Err,
+    ErrorCode,
+    FrameType,
+    Hello,
+    Ok,
+    Ping,
+    Pong,
+    PubAck,
+    Subscribe,
+    Unsubscribe,
+)
+from tests.helpers import RawPeer, assert_broker_healthy, connected, running_broker, url_of
+
+
+async def test_publish_returns_dense_offsets_per_queue(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        offsets = await asyncio.gather(*(c.publish("A", "E", i) for i in range(50)))
+        assert sorted(offsets) == list(range(50))
+        assert await c.publish("B", "E") == 0
+        assert await c.publish_many("A", [("E", 1), ("E", 2, {"h": "v"})]) == [50, 51]
+
+
+async def test_prefetch_window_is_never_exceeded(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=3)
+        await c.publish_many("Q", [("E", i) for i in range(10)])
+        # Deliveries are written before the STATUS reply on the same socket.
+        info = await c.status()
+        assert info["durables"][0]["in_flight"] == 3
+        assert sub.pending == 3
+        first = await sub.next(timeout=5)
+        await first.ack()
+        assert [(await sub.next(timeout=5)).payload for _ in range(3)] == [1, 2, 3]
+        info = await c.status()
+        assert info["durables"][0]["in_flight"] == 3 and info["durables"][0]["ack_floor"] == 1
+        assert sub.pending == 0
+
+
+async def test_durable_resumes_after_reconnect_and_redelivers_unacked(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        async with connected(broker, "w1") as c:
+            sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=5)
+            await c.publish_many("Q", [("E", i) for i in range(8)])
+            got = [await sub.next(timeout=5) for _ in range(5)]
+            for m in got[:2]:
+                await m.ack(wait=True)
+        async with connected(broker, "w2") as c:
+            sub = await c.subscribe("Q", durable="d", prefetch=100)
+            got = [await sub.next(timeout=5) for _ in range(6)]
+            assert [m.payload for m in got] == [2, 3, 4, 5, 6, 7]
+            # The two acks freed credit, so 5 and 6 went out to w1 before it left.
+            assert [m.deliveries for m in got] == [2, 2, 2, 2, 2, 1]
+            assert [m.redelivered for m in got] == [True] * 5 + [False]
+
+
+async def test_durable_resumes_after_a_broker_restart(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=4)
+        await c.publish_many("Q", [("E", i) for i in range(6)])
+        got = [await sub.next(timeout=5) for _ in range(4)]
+        await got[0].ack(wait=True)
+        await got[2].ack(wait=True)  # out of order: 1 and 3 stay unacked
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", prefetch=100)
+        got = [await sub.next(timeout=5) for _ in range(4)]
+        # 2 was acked out of order: never again. The acks freed credit for 4 and 5 before the restart.
+        assert [(m.payload, m.deliveries) for m in got] == [(1, 2), (3, 2), (4, 2), (5, 2)]
+
+
+async def test_start_positions(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish_many("Q", [("E", i) for i in range(5)])
+        new = await c.subscribe("Q", durable="new", start="new")
+        earliest = await c.subscribe("Q", durable="early", start="earliest")
+        at3 = await c.subscribe("Q", durable="at3", start=3)
+        await c.publish("Q", "E", 5)
+        assert (await new.next(timeout=5)).payload == 5
+        assert [(await earliest.next(timeout=5)).payload for _ in range(6)] == list(range(6))
+        assert [(await at3.next(timeout=5)).payload for _ in range(3)] == [3, 4, 5]
+
+
+async def test_ephemeral_subscriptions_are_real_time_only(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("Q", "E", "before")
+        sub = await c.subscribe("Q")
+        await c.publish("Q", "E", "after")
+        msg = await sub.next(timeout=5)
+        assert msg.payload == "after" and msg.durable is None
+        await msg.ack()  # a no-op, never an error
+        await sub.close()
+        assert (await c.status())["durables"] == []
+
+
+async def test_event_filters(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", events=["CREATE", "user.*"], durable="f", start="earliest")
+        for event in ["CREATE", "DELETE", "user.created", "user", "users.x", "user.a.b"]:
+            await c.publish("Q", event, event)
+        got = [(await sub.next(timeout=5)).payload for _ in range(3)]
+        assert got == ["CREATE", "user.created", "user.a.b"]
+        info = await c.status()
+        assert info["durables"][0]["events"] == ["CREATE", "user.*"]
+
+
+async def test_competing_consumers_share_one_durable(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker, "a") as a, connected(broker, "b") as b:
+        sa = await a.subscribe("Q", durable="work", prefetch=10)
+        sb = await b.subscribe("Q", durable="work", prefetch=10)
+        await a.publish_many("Q", [("E", i) for i in range(20)])
+        seen = []
+        for sub in (sa, sb):
+            for _ in range(10):
+                msg = await sub.next(timeout=5)
+                seen.append(msg.payload)
+                await msg.ack()
+        assert sorted(seen) == list(range(20))
+
+
+async def test_fetch_long_poll_and_plain_reads(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.fetch("Q", durable="p", wait=0) == []
+        waiting = asyncio.ensure_future(c.fetch("Q", durable="p", max_messages=10, wait=10))
+        await c.ping()  # the FETCH is at the broker now
+        await c.publish("Q", "E", "hello")
+        batch = await waiting
+        assert [m.payload for m in batch] == ["hello"]
+        await batch[0].ack(wait=True)
+        await c.publish_many("Q", [("E", i) for i in range(5)])
+        batch = await c.fetch("Q", durable="p", max_messages=3)
+        assert [m.payload for m in batch] == [0, 1, 2]
+        for m in batch:
+            await m.ack()
+        assert [m.payload for m in await c.fetch("Q", durable="p")] == [3, 4]
+        # Plain reads remember nothing.
+        assert [m.offset for m in await c.fetch("Q", start=2, max_messages=2)] == [2, 3]
+        assert [m.offset for m in await c.fetch("Q", start=2, max_messages=2)] == [2, 3]
+        # An empty long poll times out with an empty batch.
+        assert await c.fetch("Q", start="new", wait=0.05) == []
+
+
+async def test_unacked_fetched_messages_come_back_to_the_next_fetcher(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        async with connected(broker) as c:
+            await c.publish_many("Q", [("E", i) for i in range(3)])
+            batch = await c.fetch("Q", durable="p")
+            await batch[0].ack(wait=True)
+        async with connected(broker) as c:
+            batch = await c.fetch("Q", durable="p")
+            assert [(m.payload, m.deliveries) for m in batch] == [(1, 2), (2, 2)]
+
+
+async def test_status_describes_connections_queues_and_durables(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker, "watcher") as c:
+        await c.subscribe("DB", events=["CREATE"], durable="logger", start="earliest", prefetch=7)
+        await c.publish_many("DB", [("CREATE", i) for i in range(3)])
+        info = await c.status()
+        (conn,) = info["connections"]
+        assert conn["name"] == "watcher" and conn["address"].startswith("127.0.0.1:") and conn["since"] > 0
+        assert conn["subscriptions"][0] | {"in_flight": 0} == {
+            "sub_id": 1, "queue": "DB", "events": ["CREATE"], "durable": "logger", "prefetch": 7, "in_flight": 0,
+        }  # fmt: skip
+        (queue,) = info["queues"]
+        assert (queue["name"], queue["first_offset"], queue["next_offset"], queue["messages"]) == ("DB", 0, 3, 3)
+        assert queue["bytes"] > 0
+        (durable,) = info["durables"]
+        assert (durable["name"], durable["ack_floor"], durable["lag"], durable["in_flight"]) == ("logger", 0, 3, 3)
+        assert info["server"]["conn_count"] == 1 and info["server"]["fsync"] == "always"
+
+
+# --- bad input: a clear error with a stable code; the broker carries on ---------------
+
+
+async def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker)
+        cases = [
+            ([int(FrameType.PUBLISH), 2, "../etc", "E", None, None, None], ErrorCode.INVALID_NAME),
+            ([int(FrameType.PUBLISH), 3, "Q", "bad event!", None, None, None], ErrorCode.INVALID_NAME),
+            (Unsubscribe(4, 99).to_wire(), ErrorCode.UNKNOWN_SUBSCRIPTION),
+            (Ack(5, "Q", "nobody", (0,)).to_wire(), ErrorCode.NOT_FOUND),
+            ([*Subscribe(6, 1, "Q", prefetch=1).to_wire()[:8], 0, 0, 0, None], ErrorCode.BAD_REQUEST),
+        ]
+        for wire, code in cases:
+            peer.send_wire(wire)
+            reply = await peer.recv()
+            assert isinstance(reply, Err) and reply.req == wire[1] and reply.code == code, reply
+        peer.send_frame(Ping(10))
+        assert await peer.recv() == Pong(10)
+        peer.close()
+
+
+async def test_acking_what_was_never_delivered_is_bad_ack(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(2, 1, "Q", durable="d"))
+        assert await peer.recv() == Ok(2)
+        peer.send_frame(Ack(3, "Q", "d", (5,)))
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == ErrorCode.BAD_ACK and "never delivered" in reply.message
+        peer.send_frame(Subscribe(4, 1, "Q"))
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == ErrorCode.DUPLICATE_SUBSCRIPTION
+        peer.close()
+
+
+async def test_payload_over_the_frame_limit(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        from protocol import LocalProtocolError
+
+        with pytest.raises(LocalProtocolError) as info:  # the client refuses to send it at all
+            await c.publish("Q", "E", b"x" * (2 << 20))
+        assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+        assert await c.publish("Q", "E", b"x" * 1000) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\x00\x00\x00\x02\xc1\xc1", ErrorCode.MALFORMED_FRAME),
+        (b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE),
+        (struct.pack(">I", 1) + b"\x90", ErrorCode.MALFORMED_FRAME),  # an empty array
+        (struct.pack(">I", 2) + b"\x91\x7f", ErrorCode.MALFORMED_FRAME),  # unknown frame type
+        (struct.pack(">I", 3) + b"\x92\x11\x01", ErrorCode.UNEXPECTED_FRAME),  # OK from a client
+    ],
+)
+async def test_connection_errors_answer_err_then_close(tmp_path: Path, data: bytes, code: ErrorCode) -> None:
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker)
+        peer.send(data)
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == code and reply.req == 0
+        await peer.expect_closed()
+        await assert_broker_healthy(broker)
+        assert (await _status_conn_count(broker)) == 1
+
+
+async def _status_conn_count(broker) -> int:  # type: ignore[no-untyped-def]
+    async with connected(broker) as c:
+        return int((await c.status())["server"]["conn_count"])
+
+
+async def test_handshake_errors(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, token="s3cret") as broker:
+        peer = await RawPeer.connect(broker, hello=False)
+        peer.send_frame(Hello(1, PROTOCOL_VERSION + 1, "future"))
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == ErrorCode.UNSUPPORTED_VERSION
+        await peer.expect_closed()
+
+        peer = await RawPeer.connect(broker, hello=False)
+        peer.send_frame(PubAck(1, 1))  # not a HELLO
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == ErrorCode.UNEXPECTED_FRAME
+        await peer.expect_closed()
+
+        with pytest.raises(AuthFailed):
+            await Client.open(url_of(broker), token="wrong")
+        with pytest.raises(AuthFailed):
+            await Client.open(url_of(broker))
+        async with Client(url_of(broker), token="s3cret") as c:
+            assert await c.publish("Q", "E") == 0
+
+
+async def test_silent_peers_are_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, handshake_timeout=0.2) as broker:
+        peer = await RawPeer.connect(broker, hello=False)
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == ErrorCode.HANDSHAKE_TIMEOUT
+        await peer.expect_closed()
+
+
+async def test_invalid_names_raise_before_sending(tmp_path: Path) -> None:
+    from protocol import LocalProtocolError
+
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        with pytest.raises(LocalProtocolError) as info:
+            await c.publish("../x", "E")
+        assert info.value.code is ErrorCode.INVALID_NAME
+        assert await c.publish("Q", "E") == 0
