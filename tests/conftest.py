@@ -37,7 +37,8 @@ except ImportError:  # pragma: no cover - uvloop is optional
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if inspect.iscoroutinefunction(metafunc.function):
         metafunc.fixturenames.append("aio_loop")
-        metafunc.parametrize("aio_loop", sorted(LOOP_FACTORIES))
+        one = metafunc.definition.get_closest_marker("one_loop") is not None
+        metafunc.parametrize("aio_loop", [max(LOOP_FACTORIES)] if one else sorted(LOOP_FACTORIES))
 
 
 async def _guarded(coro: Coroutine[Any, Any, None], errors: list[str]) -> None:

@@ -54,9 +54,10 @@ class BrokerProcess:
     the port is read from that line (the broker binds port 0 itself).
     """
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.log: list[str] = []
@@ -70,7 +71,7 @@ class BrokerProcess:
         cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(self.data_dir), *self.args]
         self.proc = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # blocks until the broker speaks; bounded by its own start-up
@@ -120,9 +121,9 @@ class BrokerProcess:
 
 
 @contextlib.contextmanager
-def broker_process(data_dir: Path, *args: str) -> Iterator[BrokerProcess]:
+def broker_process(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
     """A broker subprocess, always stopped at the end."""
-    bp = BrokerProcess(data_dir, *args).start()
+    bp = BrokerProcess(data_dir, *args, env=env).start()
     try:
         yield bp
     finally:

@@ -1,0 +1,129 @@
+"""A broker killed with SIGKILL (or at a named point of its storage path) keeps
+every message it confirmed: in order, at its offset, with no gap (R1, R2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from protocol import ConnectionLost, ServerError, TidingsError
+from tests.checker import History, check, read_all
+from tests.helpers import BrokerProcess
+
+QUEUES = [f"q{i}" for i in range(8)]
+pytestmark = pytest.mark.one_loop
+
+
+class Goal:
+    """Set once ``n`` publishes are confirmed: the moment to kill the broker."""
+
+    def __init__(self, history: History, n: int) -> None:
+        self.history, self.n, self.event = history, n, asyncio.Event()
+
+    def check(self) -> None:
+        if len(self.history.ok) >= self.n:
+            self.event.set()
+
+
+async def publish_stream(url: str, producer: int, history: History, start_seq: int, goal: Goal | None = None) -> int:
+    """Publish ``[producer, seq]`` round-robin over QUEUES, up to 64 in flight,
+    until the connection breaks. Returns the next seq."""
+    seq = start_seq
+    try:
+        client = await Client.open(url, name=f"p{producer}", timeout=5)
+    except TidingsError:
+        return seq
+    window = asyncio.Semaphore(64)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(key: tuple[int, int], queue: str) -> None:
+        try:
+            offset = await client.publish(queue, "E", list(key))
+            history.ok[key] = (queue, offset)
+            if goal is not None:
+                goal.check()
+        except ServerError:
+            history.failed.add(key)
+        except (ConnectionLost, TidingsError, OSError):
+            history.unknown.add(key)
+        finally:
+            window.release()
+
+    try:
+        while client._error is None:
+            await window.acquire()
+            key = (producer, seq)
+            history.unknown.add(key)  # until answered
+            task = asyncio.ensure_future(one(key, QUEUES[seq % len(QUEUES)]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            seq += 1
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        client.abort()
+    for key in history.ok:
+        history.unknown.discard(key)
+    for key in history.failed:
+        history.unknown.discard(key)
+    return seq
+
+
+async def verify(url: str, history: History) -> None:
+    async with Client(url, name="checker") as c:
+        logs = {q: await read_all(c, q) for q in QUEUES}
+    report = check(history, logs)
+    assert report.clean and report.order_inversions == 0, report
+
+
+async def test_sigkill_during_confirmed_publishing_loses_nothing(tmp_path: Path) -> None:
+    kills, per_round = (50, 2000) if os.environ.get("TIDINGS_SOAK") else (10, 2000)
+    history = History()
+    seqs = [0] * 4
+    for _ in range(kills):
+        bp = BrokerProcess(tmp_path, "--segment-bytes", "65536").start()
+        try:
+            goal = Goal(history, len(history.ok) + per_round)
+            tasks = [asyncio.ensure_future(publish_stream(bp.url, p, history, seqs[p], goal)) for p in range(4)]
+            reached = asyncio.ensure_future(goal.event.wait())
+            await asyncio.wait([reached, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            reached.cancel()
+            bp.kill()  # mid-stream: publishes are in flight right now
+            seqs = list(await asyncio.gather(*tasks))
+        finally:
+            bp.kill()
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        await verify(bp.url, history)
+        assert len(history.ok) >= kills * per_round
+    finally:
+        assert bp.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "mid_write:crash:300",
+        "after_write_before_sync:crash:300",
+        "after_sync_before_confirm:crash:100",
+        "during_segment_roll:crash:3",
+        "sync:crash:100",
+    ],
+)
+async def test_crash_at_a_named_point_loses_nothing(tmp_path: Path, fault: str) -> None:
+    history = History()
+    bp = BrokerProcess(tmp_path, "--segment-bytes", "16384", env={"TIDINGS_FAULT": fault}).start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(publish_stream(bp.url, p, history, 0) for p in range(2))), 60)
+        assert bp.proc is not None and bp.proc.wait(10) == 137, "the fault point was never reached"
+    finally:
+        bp.kill()
+    assert history.ok, "nothing was confirmed before the crash"
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        await verify(bp.url, history)
+    finally:
+        assert bp.stop() == 0
