@@ -40,6 +40,8 @@ TAIL_MAX_RECORDS: Final = 8192
 TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 #: Records read from the log per pread batch when catching up.
 READ_BATCH: Final = 512
+#: Most bytes of records written to one subscriber per write (see pump()).
+PUMP_MAX_BYTES: Final = 256 * 1024
 #: Largest BATCH reply; leaves room under the 1 MiB default frame limit.
 FETCH_MAX_BYTES: Final = 768 * 1024
 
@@ -229,7 +231,13 @@ class Queue:
             self.serve_waiters()
 
     def pump(self, group: Group, now: float) -> None:
-        """Give each push consumer of ``group`` as much as its credit allows."""
+        """Give each push consumer of ``group`` as much as its credit allows.
+
+        Frames leave in writes of at most ``PUMP_MAX_BYTES``; a write that takes
+        the socket over its high-water mark pauses the session's consumers at
+        once (``pause_writing``), so a subscriber that does not read holds at
+        most the high-water mark plus one write, whatever its prefetch.
+        """
         if group.read_pos < self.log.first_offset:
             group.read_pos = self.log.first_offset  # retention dropped what it had not read
         match_all = group.filter.match_all
@@ -240,17 +248,19 @@ class Queue:
                 target: PushTarget = consumer.owner  # type: ignore[assignment]
                 credit = consumer.credit
                 frames: list[bytes] = []
-                while len(frames) < credit:
+                size = 0
+                while len(frames) < credit and size < PUMP_MAX_BYTES:
                     got = group.take_redelivery(consumer, now)
                     if got is None:
                         break
                     body = self.body(got[0])
                     if body is not None:
                         frames.append(encode_deliver(target.sub_id, got[0], got[1], body))
+                        size += len(body)
                     else:
                         group.ack((got[0],), None)  # dropped by retention: nothing to redeliver
                 start = group.read_pos
-                while len(frames) < credit and group.read_pos < self.committed:
+                while len(frames) < credit and size < PUMP_MAX_BYTES and group.read_pos < self.committed:
                     records = self.read(group.read_pos, min(READ_BATCH, credit - len(frames)))
                     if not records:
                         break
@@ -260,6 +270,9 @@ class Queue:
                         if match_all or matches(record_event(body)):
                             n = group.deliver_new(consumer, offset, now)
                             frames.append(encode_deliver(target.sub_id, offset, n, body))
+                            size += len(body)
+                            if size >= PUMP_MAX_BYTES:
+                                break
                         else:
                             group.skip(offset)
                 if frames:

@@ -180,7 +180,7 @@ class Group:
     def passed(self, offset: int) -> bool:
         """Whether ``offset`` (== read_pos) was acked before (out of order, before a
         restart); if so it is stepped over, never handed out again."""
-        if self.cursor.acked and offset in self.cursor.acked:
+        if offset < self.cursor.ack_floor or (self.cursor.acked and offset in self.cursor.acked):
             self.read_pos = offset + 1
             return True
         return False

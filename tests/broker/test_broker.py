@@ -292,3 +292,27 @@ async def test_invalid_names_raise_before_sending(tmp_path: Path) -> None:
             await c.publish("../x", "E")
         assert info.value.code is ErrorCode.INVALID_NAME
         assert await c.publish("Q", "E") == 0
+
+
+async def test_a_subscriber_that_stops_reading_is_paused_not_buffered(tmp_path: Path) -> None:
+    high = 64 * 1024
+    async with running_broker(tmp_path, write_high_water=high) as broker:
+        sleeper = await RawPeer.connect(broker)
+        sleeper.send_frame(Subscribe(2, 1, "Q", durable="slow", prefetch=1 << 20))
+        assert await sleeper.recv() == Ok(2)
+        # From here on the sleeper reads nothing.
+        async with connected(broker, "pub") as c:
+            payload = b"x" * 10_000
+            for _ in range(10):  # 10 MB in 1,000 confirmed publishes
+                await c.publish_many("Q", [("E", payload)] * 100)
+            session = next(s for s in broker.sessions if s.name == "raw")
+            assert session.write_paused
+            # What the broker holds for the sleeper: its write buffer, bounded by
+            # the high-water mark plus one pump's worth (never the 10 MB).
+            assert session.transport is not None
+            assert session.transport.get_write_buffer_size() < high + 1024 * 1024
+            info = await c.status()
+            durable = info["durables"][0]
+            assert durable["lag"] == 1000 and durable["in_flight"] < 1000
+        sleeper.close()
+        await assert_broker_healthy(broker)
