@@ -20,6 +20,7 @@ Design
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -45,6 +46,7 @@ from protocol import (
     ErrorCode,
     Fetch,
     Frame,
+    FrameType,
     Hello,
     Limits,
     Nack,
@@ -59,6 +61,7 @@ from protocol import (
     Status,
     StatusReply,
     Subscribe,
+    TidingsError,
     Unsubscribe,
     Welcome,
 )
@@ -151,6 +154,8 @@ class Client:
         self._reqs = itertools.count(1)
         self._subs_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._deadlines: collections.deque[tuple[float, int, FrameType]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._subs: dict[int, Subscription] = {}
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
@@ -202,6 +207,7 @@ class Client:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._read_task = self._loop.create_task(self._read_loop())
+        self._sweep()
         credentials = {"token": self._token} if self._token is not None else None
         welcome = await self._request(Hello(0, PROTOCOL_VERSION, self.name, credentials))
         assert isinstance(welcome, Welcome)
@@ -271,11 +277,20 @@ class Client:
         """
         futures = [self._send_request(Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None)) for m in messages]
         await self._maybe_drain()
-        replies = await asyncio.gather(*(self._wait(f, "publish") for f in futures), return_exceptions=True)
-        for r in replies:
-            if isinstance(r, BaseException):
-                raise r
-        return [r.offset for r in replies]  # type: ignore[union-attr]
+        # Await the futures themselves (the sweeper times them out): no task per message.
+        offsets: list[int] = []
+        error: BaseException | None = None
+        for fut in futures:
+            try:
+                reply = await fut
+            except TidingsError as exc:  # refused or lost: report the first, after all replies
+                error = error or exc
+                continue
+            assert isinstance(reply, PubAck)
+            offsets.append(reply.offset)
+        if error is not None:
+            raise error
+        return offsets
 
     # --- subscribing --------------------------------------------------------
 
@@ -448,6 +463,8 @@ class Client:
     def abort(self) -> None:
         """Drop the connection now; pending requests fail with ConnectionClosed."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._writer is not None:
             self._writer.transport.abort()
         if self._read_task is not None and not self._read_task.done():
@@ -462,16 +479,35 @@ class Client:
         if self._closed or self._closing or self._writer is None:
             raise ConnectionClosed()
 
-    def _send_request(self, frame: Frame) -> asyncio.Future[Frame]:
+    def _send_request(self, frame: Frame, *, tracked: bool = True) -> asyncio.Future[Frame]:
         self._check_open()
         req = next(self._reqs)
-        object.__setattr__(frame, "req", req)  # frames are frozen; the id is ours to assign
+        object.__setattr__(frame, "req", req)  # frames are values; the id is ours to assign
         data = self._conn.send(frame)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[req] = fut
+        if tracked:  # else the caller applies its own timeout
+            self._deadlines.append((self._loop.time() + self.timeout, req, frame.TYPE))
         self._wbuf.append(data)
         self._schedule_flush()
         return fut
+
+    def _sweep(self) -> None:
+        """Fail requests older than ``timeout`` (one timer for all of them).
+
+        A per-request ``asyncio.timeout`` costs a timer handle per publish;
+        requests all share one timeout and are sent in order, so a deque of
+        deadlines checked a few times per timeout does the same job.
+        """
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, req, frame_type = deadlines.popleft()
+            fut = self._pending.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RequestTimeout(frame_type.name.lower(), self.timeout))
+        if not self._closed and self._error is None:
+            self._sweeper = self._loop.call_later(max(self.timeout / 4, 0.01), self._sweep)
 
     async def _request(self, frame: Frame, timeout: float | None = None) -> Frame:
         if isinstance(frame, Hello):
@@ -479,21 +515,22 @@ class Client:
             object.__setattr__(frame, "req", req)
             fut: asyncio.Future[Frame] = self._loop.create_future()
             self._pending[req] = fut
+            self._deadlines.append((self._loop.time() + self.timeout, req, frame.TYPE))
             self._wbuf.append(self._conn.send(frame))
             self._flush()
         else:
-            fut = self._send_request(frame)
+            fut = self._send_request(frame, tracked=timeout is None)
             await self._maybe_drain()
         return await self._wait(fut, frame.TYPE.name.lower(), timeout)
 
     async def _wait(self, fut: asyncio.Future[Frame], what: str, timeout: float | None = None) -> Frame:
-        limit = self.timeout if timeout is None else timeout
+        if timeout is None:
+            return await fut  # the sweeper enforces self.timeout
         try:
-            async with asyncio.timeout(limit):
-                reply = await fut
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
-            raise RequestTimeout(what, limit) from None
-        return reply
+            raise RequestTimeout(what, timeout) from None
 
     async def _maybe_drain(self) -> None:
         writer = self._writer
@@ -600,6 +637,9 @@ class Client:
         return None
 
     def _fail_all(self, error: BaseException, *, clean: bool) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._deadlines.clear()
         if self._error is None and not clean:
             self._error = error
         pending, self._pending = self._pending, {}

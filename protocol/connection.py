@@ -135,6 +135,14 @@ def _build_table() -> dict[tuple[Role, State, str, FrameType], State]:
 
 _TRANSITIONS: Final = _build_table()
 
+# The same table split per (role, state) and keyed by (direction, int type):
+# _move() then hashes a (str, int) tuple instead of two plain Enums, which
+# hash in Python code. Values are (next state, its sub-table).
+_Sub = dict[tuple[str, int], tuple[State, "_Sub"]]
+_BY_STATE: Final[dict[tuple[Role, State], _Sub]] = {(r, s): {} for r in Role for s in State}
+for (_role, _state, _dir, _ft), _next in _TRANSITIONS.items():
+    _BY_STATE[(_role, _state)][(_dir, int(_ft))] = (_next, _BY_STATE[(_role, _next)])
+
 
 class Connection:
     """One end of a tidings connection, with no I/O of its own.
@@ -144,12 +152,13 @@ class Connection:
         limits: frame size limits.
     """
 
-    __slots__ = ("_chunks", "_decoder", "eof", "limits", "max_frame_size", "role", "state")
+    __slots__ = ("_chunks", "_decoder", "_table", "eof", "limits", "max_frame_size", "role", "state")
 
     def __init__(self, role: Role, *, limits: Limits | None = None) -> None:
         self.role = role
         self.limits = limits or Limits()
         self.state = State.HANDSHAKE
+        self._table = _BY_STATE[(role, State.HANDSHAKE)]
         #: Frame limit once READY; the client adopts the broker's from WELCOME.
         self.max_frame_size = self.limits.max_frame_size
         # Only the broker guards the handshake with the small limit: it is the
@@ -239,7 +248,7 @@ class Connection:
         try:
             bodies = self._decoder.feed(data)
         except RemoteProtocolError:
-            self.state = State.ERROR
+            self._set_state(State.ERROR)
             raise
         out: list[Event] = []
         decode = self._decode
@@ -247,7 +256,7 @@ class Connection:
             for body in bodies:
                 out.append(decode(body))
         except RemoteProtocolError:
-            self.state = State.ERROR
+            self._set_state(State.ERROR)
             raise
         return out
 
@@ -273,17 +282,23 @@ class Connection:
     # --- the state machine --------------------------------------------------
 
     def _move(self, direction: str, frame_type: FrameType) -> None:
-        nxt = _TRANSITIONS.get((self.role, self.state, direction, frame_type))
-        if nxt is None:
+        entry = self._table.get((direction, frame_type))
+        if entry is None:
             what = f"{frame_type.name} in state {self.state.name}"
             if direction == _SEND:
                 raise LocalProtocolError(f"cannot send {what}", code=ErrorCode.UNEXPECTED_FRAME)
-            self.state = State.ERROR
+            self._set_state(State.ERROR)
             raise RemoteProtocolError(f"unexpected {what}", code=ErrorCode.UNEXPECTED_FRAME)
-        self.state = nxt
-        if nxt is State.READY:
-            # Broker: WELCOME sent, the peer is authenticated: lift the small limit.
-            self._decoder.max_frame_size = self.max_frame_size
+        nxt, self._table = entry
+        if nxt is not self.state:
+            self.state = nxt
+            if nxt is State.READY:
+                # Broker: WELCOME sent, the peer is authenticated: lift the small limit.
+                self._decoder.max_frame_size = self.max_frame_size
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self._table = _BY_STATE[(self.role, state)]
 
     def adopt_max_frame_size(self, size: int) -> None:
         """Client side: use the frame limit the broker announced in WELCOME.

@@ -21,7 +21,9 @@ The body is returned as ``bytes``; decoding the msgpack inside happens in
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
@@ -66,6 +68,10 @@ def encode_frame(value: Any) -> bytes:
     return _pack_len(len(body)) + body
 
 
+#: unpackb with its limits bound, per frame limit (a handful of values per process).
+_unpackers: Final[dict[int, Callable[[bytes], Any]]] = {}
+
+
 def unpack_body(body: bytes, max_size: int) -> Any:
     """Decode one frame body; every msgpack failure becomes RemoteProtocolError.
 
@@ -80,9 +86,10 @@ def unpack_body(body: bytes, max_size: int) -> Any:
         RemoteProtocolError: MALFORMED_FRAME if the body is not exactly one
             valid msgpack value.
     """
-    try:
-        return msgpack.unpackb(
-            body,
+    unpack = _unpackers.get(max_size)
+    if unpack is None:
+        unpack = _unpackers[max_size] = functools.partial(
+            msgpack.unpackb,
             raw=False,
             strict_map_key=True,
             use_list=True,
@@ -92,6 +99,8 @@ def unpack_body(body: bytes, max_size: int) -> Any:
             max_map_len=min(max_size, _MAX_ITEMS),
             max_ext_len=0,
         )
+    try:
+        return unpack(body)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, RecursionError, ...
         raise RemoteProtocolError(
             f"frame body is not one valid msgpack value: {type(exc).__name__}: {exc}",
