@@ -191,15 +191,21 @@ class Store:
 
     async def flush_cursors(self) -> None:
         """Persist every durable cursor that changed (write-temp/fsync/rename/fsync-dir)."""
-        work: list[tuple[CursorStore, str, CursorState]] = []
+        work: list[tuple[CursorStore, str, str, CursorState]] = []
         for name, queue in self.queues.items():
             for durable, group in queue.groups.items():
                 if group.dirty:
                     group.dirty = False
-                    work.append((self.cursor_stores[name], durable, self.state_of(group)))
+                    work.append((self.cursor_stores[name], name, durable, self.state_of(group)))
         if work:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._cursor_pool, _save_all, work)
+            failed = await loop.run_in_executor(self._cursor_pool, _save_all, work)
+            for queue_name, durable in failed:
+                # Not fatal: an old cursor on disk only means redeliveries after a
+                # crash (R8). Keep it dirty so the next flush tries again.
+                group = self.queues[queue_name].groups.get(durable) if queue_name in self.queues else None
+                if group is not None:
+                    group.dirty = True
 
     @staticmethod
     def state_of(group: Group) -> CursorState:
@@ -278,9 +284,16 @@ def _number(value: object, default: float) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else default
 
 
-def _save_all(work: list[tuple[CursorStore, str, CursorState]]) -> None:
-    for store, name, state in work:
-        store.save(name, state)
+def _save_all(work: list[tuple[CursorStore, str, str, CursorState]]) -> list[tuple[str, str]]:
+    """Save cursors; return the (queue, durable) pairs that could not be saved."""
+    failed = []
+    for store, queue, name, state in work:
+        try:
+            store.save(name, state)
+        except OSError as exc:
+            logger.warning("cannot save cursor %s/%s (will retry): %s", queue, name, exc)
+            failed.append((queue, name))
+    return failed
 
 
 class QueueUnavailable(Exception):
