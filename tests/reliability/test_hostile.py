@@ -1,0 +1,158 @@
+"""No client can take the broker down (R9, R10): random and structure-aware
+bad frames, huge length prefixes, slow drips, silent peers, dead peers. After
+each case a control client gets PONG promptly and the connection count
+returns to its baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import Broker
+from protocol import (
+    PROTOCOL_VERSION,
+    Err,
+    ErrorCode,
+    FrameType,
+    Hello,
+    Ok,
+    Ping,
+    Pong,
+    Subscribe,
+    Welcome,
+    encode_frame,
+)
+from tests.helpers import RawPeer, assert_broker_healthy, connected, running_broker
+from tests.protocol.strategies import PAYLOADS, SCALARS
+
+SOAK = bool(os.environ.get("TIDINGS_SOAK"))
+
+
+async def conn_count(broker: Broker) -> int:
+    return len(broker.sessions)
+
+
+async def throw(broker: Broker, data: bytes, *, hello: bool) -> None:
+    """Send ``data`` on a fresh connection, read whatever comes back, hang up."""
+    peer = await RawPeer.connect(broker, hello=hello)
+    peer.send(data)
+    peer.writer.write_eof()
+    with_timeout = asyncio.wait_for(peer.expect_closed(), 5)
+    try:
+        await with_timeout
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        peer.close()
+
+
+def run_against_one_broker(examples: int, strategy: st.SearchStrategy[Any], hello: bool, tmp_path: Path) -> None:
+    """Run a hypothesis search of hostile inputs against one broker (one event loop)."""
+
+    async def main() -> None:
+        async with running_broker(tmp_path) as broker:
+            loop = asyncio.get_running_loop()
+            cases: list[bytes] = []
+
+            @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(strategy)
+            def collect(data: bytes) -> None:
+                cases.append(data)
+
+            collect()
+            for data in cases:
+                await throw(broker, data, hello=hello)
+            await assert_broker_healthy(broker)
+            # Every hostile connection is gone (the control client closed too).
+            async with connected(broker) as c:
+                assert (await c.status())["server"]["conn_count"] == 1
+            assert loop.is_running()
+
+    import uvloop
+
+    uvloop.run(main())
+
+
+def test_random_bytes_before_and_after_the_handshake(tmp_path: Path) -> None:
+    n = 10_000  # the issue's T1 figure; each example is its own connection
+    run_against_one_broker(n // 2, st.binary(max_size=300), False, tmp_path / "a")
+    run_against_one_broker(n // 2, st.binary(max_size=300), True, tmp_path / "b")
+
+
+WIRE = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), PAYLOADS)
+FRAMES = st.builds(
+    lambda t, fields: encode_frame([t, *fields]),
+    st.one_of(st.sampled_from([int(t) for t in FrameType]), st.integers(-5, 300)),
+    st.lists(WIRE, max_size=13),
+)
+
+
+def test_structure_aware_bad_frames(tmp_path: Path) -> None:
+    n = 5000
+    run_against_one_broker(n, st.lists(FRAMES, min_size=1, max_size=4).map(b"".join), True, tmp_path)
+
+
+async def test_a_length_prefix_of_four_gigabytes(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        for hello in (False, True):
+            peer = await RawPeer.connect(broker, hello=hello)
+            peer.send(struct.pack(">I", (1 << 32) - 1) + b"x" * 1000)
+            reply = await peer.recv()
+            assert isinstance(reply, Err) and reply.code == ErrorCode.FRAME_TOO_LARGE
+            await peer.expect_closed()
+        await assert_broker_healthy(broker)
+
+
+async def test_a_slow_drip_is_served_byte_by_byte(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker, hello=False)
+        for frame, reply_type in ((Hello(1, PROTOCOL_VERSION, "drip"), Welcome), (Ping(2), Pong)):
+            wire = encode_frame(frame.to_wire())
+            for i in range(len(wire)):
+                peer.send(wire[i : i + 1])
+                await peer.writer.drain()
+                if i == len(wire) // 2:
+                    await assert_broker_healthy(broker)  # others are served while one drips
+            assert isinstance(await peer.recv(), reply_type)
+        peer.close()
+
+
+async def test_a_peer_that_never_answers_heartbeats_is_dropped(tmp_path: Path) -> None:
+    """What a SIGSTOPped client looks like from the broker: it sends nothing, reads nothing."""
+    async with running_broker(tmp_path, heartbeat=0.1) as broker:
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(2, 1, "Q", durable="d"))
+        assert await peer.recv() == Ok(2)
+        frames: list[Any] = []
+        try:
+            while True:  # PINGs arrive (recv skips them), then the ERR, then EOF
+                frames.append(await asyncio.wait_for(peer.recv(), 5))
+        except ConnectionError:
+            pass
+        assert any(isinstance(f, Err) and f.code == ErrorCode.HEARTBEAT_TIMEOUT for f in frames), frames
+        peer.close()
+        async with connected(broker) as c:
+            info = await c.status()
+            assert info["server"]["conn_count"] == 1
+            assert info["durables"][0]["consumers"] == 0
+
+
+async def test_many_idle_connections(tmp_path: Path) -> None:
+    n = 10_000 if SOAK else 1000
+    async with running_broker(tmp_path, max_connections=n + 10) as broker:
+        peers = []
+        for _ in range(n):
+            peers.append(await RawPeer.connect(broker))
+        assert len(broker.sessions) == n
+        await assert_broker_healthy(broker)
+        for peer in peers:
+            peer.close()
+        async with connected(broker) as c:
+            while (await c.status())["server"]["conn_count"] != 1:
+                await c.ping()  # each round trip lets the broker process more closes
