@@ -1,0 +1,506 @@
+"""The ``tidings`` command line: parser, dispatch, and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import socket
+import sys
+from typing import Any, NoReturn
+
+from protocol import (
+    ConfigError,
+    ConnectionClosed,
+    ConnectionLost,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    RequestTimeout,
+    ServerError,
+    TidingsError,
+)
+
+from ..client import DEFAULT_URL, Client
+from .commands import (
+    Context,
+    check_pub,
+    parse_start,
+    run_fetch,
+    run_ping,
+    run_pub,
+    run_status,
+    run_sub,
+)
+from .common import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Stopped, Stopper, UsageError
+from .raw import run_decode, run_raw
+from .streams import Output, silence_stdout, watch_pipe_close
+from .values import FORMATS
+
+__all__ = ["build_parser", "main"]
+
+EXIT_CODES = """\
+exit codes:
+  0  ok (also after Ctrl-C ends sub, status --watch, ping or raw, or when
+     the reader of stdout goes away)
+  1  usage error: bad arguments or bad input (e.g. a payload that is not JSON)
+  2  cannot connect to the broker, the connection broke or was ended by the
+     broker (SHUTTING_DOWN, SLOW_CONSUMER, ...), or the peer is not a broker
+  3  refused: the broker answered a request (or the credentials) with an
+     error, its code and message on stderr; or a name the protocol does not
+     allow (INVALID_NAME)
+  130 interrupted (Ctrl-C) while fetch, or pub's connecting, was still waiting"""
+
+MAIN_EPILOG = f"""\
+examples:
+  tidings ping
+  tidings pub DB CREATE '{{"id": 7}}'
+  tidings sub DB --from earliest -n 10 | jq .payload
+  tidings status --watch 2
+
+environment:
+  TIDINGS_URL    default for --url ({DEFAULT_URL})
+  TIDINGS_TOKEN  default for --token
+  TIDINGS_DEBUG  set to 1 to print tracebacks of unexpected errors
+
+{EXIT_CODES}
+
+'tidings COMMAND --help' shows the options and examples of each command."""
+
+PUB_EPILOG = """\
+PAYLOAD is JSON; a bare word (no spaces, quotes or brackets) is a string.
+Bytes are written {"$base64": "..."} or {"$hex": "..."}. Without PAYLOAD,
+and with stdin not a terminal, every stdin line is one message (JSON lines,
+blank lines skipped), published pipelined (--inflight at once), in order;
+the count and the first and last offsets are printed at the end. Otherwise
+prints the offset the broker confirmed (no PAYLOAD at a terminal: null).
+
+examples:
+  tidings pub DB CREATE '{"id": 7, "name": "ann"}'
+  tidings pub DB DELETE 7 --header source=cli --header trace=abc
+  tidings pub DB NOTE hello                  # the string "hello"
+  tidings pub DB NOTE --string 'two words'   # any text, as a string
+  tidings pub DB CREATE '{"id": 7}' --id order-7   # a repeat returns the first offset
+  seq 1000 | tidings pub DB TICK            # 1000 messages, payloads 1..1000
+  jq -c '.[]' rows.json | tidings pub DB CREATE --id import-1   # ids import-1-1, import-1-2, ...
+"""
+
+SUB_EPILOG = """\
+Prints one message per line and acks each once it is written (durable
+subscriptions; ephemeral ones have nothing to ack). Exits after -n COUNT
+messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
+always with status 0.
+
+formats:
+  json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}
+        (bytes as {"$base64": "..."})
+  text  2024-05-01T12:00:00.123Z DB#42 CREATE {"id":7} source=api (delivery 2)
+  raw   the payload alone: strings and bytes as they are, anything else as JSON
+
+--from applies to ephemeral subscriptions and to a durable's first use:
+new (the default), earliest, an offset, or an ISO 8601 time (2024-05-01T12:00:00Z;
+without a zone, local time).
+
+examples:
+  tidings sub DB                               # live, until Ctrl-C
+  tidings sub DB -e CREATE -e 'user.*' --from earliest -n 10
+  tidings sub DB --durable audit -n 100 | jq -c .payload
+  tidings sub DB --durable audit --no-ack -n 1  # peek: it will be redelivered
+  tidings sub DB --from 2024-05-01T00:00:00Z --format text
+"""
+
+FETCH_EPILOG = """\
+Pulls up to --max messages once, waiting up to --wait seconds when none is
+there. With --durable the messages come from that durable's cursor and are
+acked after printing (unless --no-ack); without it this is a plain read of
+the log from --from (default: earliest) and nothing is remembered.
+
+examples:
+  tidings fetch DB --max 5                      # the first five messages
+  tidings fetch DB --from 120 --max 1            # the message at offset 120
+  tidings fetch DB --durable poller --wait 5     # next batch of the durable
+  tidings fetch DB --durable poller --no-ack --format text
+"""
+
+STATUS_EPILOG = """\
+Connections, subscriptions, queues (offsets, size, message rate) and
+durables (filter, cursor, lag, in flight), as tables or as JSON.
+
+examples:
+  tidings status
+  tidings status --json | jq '.queues[] | {name, next_offset}'
+  tidings status --watch 2          # refresh every 2 s; rates measured between polls
+  tidings status --json --watch 10  # one JSON document per line
+"""
+
+PING_EPILOG = """\
+examples:
+  tidings ping
+  tidings ping -c 5 -i 0.2
+  tidings ping -c 0                 # until Ctrl-C
+"""
+
+RAW_EPILOG = """\
+The netcat mode. Connects, does the HELLO handshake (unless --no-hello),
+sends every stdin line as one frame and prints every frame received as one
+JSON line; exits when stdin ends and every request sent has its reply
+(waiting at most --wait seconds), after --linger more seconds.
+
+input: one frame per line, its wire list in the order of protocol/messages.py;
+the type may be its number or its name; '#' lines are comments:
+  [3, 1, "DB", "CREATE", {"id": 1}, null, null]      PUBLISH req 1
+  ["STATUS", 2]
+  ["PUBLISH", 3, "DB", "BLOB", {"$base64": "AAEC"}, null, null]
+
+output: {"type":"PUBACK","frame":[4,1,0,false]}; "invalid" says why a frame
+breaks the protocol's rules; bytes are {"$base64": "..."}, or with --hex
+{"$hex": "..."} plus the frame's wire bytes as "hex". The broker's heartbeat
+PINGs are printed and answered automatically.
+
+--decode FILE (or stdin) decodes a captured byte stream into the same JSON
+lines without a broker.
+
+examples:
+  echo '["PING", 7]' | tidings raw
+  printf '%s\\n' '["SUBSCRIBE", 1, 1, "DB", [], null, "earliest", null, 10, 0, 0, null]' \\
+      | tidings raw --linger 1
+  tidings raw --hex < frames.jsonl
+  tidings raw --decode capture.bin
+  xxd -r -p dump.hex | tidings raw --decode
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit with status 1, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is less than {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = _positive_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tidings``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    conn = _Parser(add_help=False)
+    g = conn.add_argument_group("connection")
+    g.add_argument(
+        "--url",
+        default=os.environ.get("TIDINGS_URL", DEFAULT_URL),
+        help="broker URL, tidings://HOST:PORT or tidingss:// for TLS (default: $TIDINGS_URL or %(default)s)",
+    )
+    g.add_argument("--name", help="client name shown in status (default: tidings-COMMAND)")
+    g.add_argument("--token", default=os.environ.get("TIDINGS_TOKEN"), help="credentials (default: $TIDINGS_TOKEN)")
+    g.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="for connecting and for each reply (default: %(default)s)",
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
+
+    p = _Parser(
+        prog="tidings",
+        formatter_class=fmt,
+        epilog=MAIN_EPILOG,
+        description="Talk to a tidings broker: publish, subscribe, fetch, inspect, and speak raw frames.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name,
+            parents=[conn],
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=epilog + "\n" + EXIT_CODES,
+            formatter_class=fmt,
+        )
+        return parser
+
+    def formats(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--format", "-f", choices=FORMATS, default="json", help="output format (default: json)")
+
+    pub = add("pub", "publish a message, or one per stdin line", PUB_EPILOG)
+    pub.add_argument("queue", metavar="QUEUE")
+    pub.add_argument("event", metavar="EVENT")
+    pub.add_argument("payload", metavar="PAYLOAD", nargs="?", help="JSON (a bare word is a string)")
+    pub.add_argument("-H", "--header", action="append", metavar="KEY=VALUE", help="a header (repeatable)")
+    pub.add_argument("--id", metavar="ID", help="message id for deduplication (stdin lines: ID-LINENO)")
+    pub.add_argument("-s", "--string", action="store_true", help="the payload (or each line) is text, not JSON")
+    pub.add_argument(
+        "--inflight",
+        type=_int_at_least(1),
+        default=256,
+        metavar="N",
+        help="stdin mode: publishes awaiting their confirm at once (default: %(default)s)",
+    )
+
+    sb = add("sub", "subscribe and print messages as they arrive", SUB_EPILOG)
+    sb.add_argument("queue", metavar="QUEUE")
+    sb.add_argument(
+        "-e",
+        "--event",
+        action="append",
+        metavar="EVENT",
+        help="only these events; '*' is a wildcard (repeatable, or comma-separated)",
+    )
+    sb.add_argument("-d", "--durable", metavar="NAME", help="a durable cursor that survives disconnects")
+    sb.add_argument(
+        "--from",
+        dest="start",
+        type=parse_start,
+        default="new",
+        metavar="WHERE",
+        help="new, earliest, OFFSET or ISO-TIME (default: new)",
+    )
+    sb.add_argument("-n", "--count", type=_int_at_least(1), metavar="COUNT", help="exit after COUNT messages")
+    sb.add_argument("--no-ack", action="store_true", help="do not ack (a durable's messages are redelivered)")
+    sb.add_argument(
+        "--prefetch",
+        type=_int_at_least(1),
+        default=100,
+        metavar="N",
+        help="unacked messages in flight at most (default: %(default)s)",
+    )
+    formats(sb)
+
+    fe = add("fetch", "pull a batch of messages once", FETCH_EPILOG)
+    fe.add_argument("queue", metavar="QUEUE")
+    fe.add_argument("-d", "--durable", metavar="NAME", help="pull from this durable's cursor (and ack)")
+    fe.add_argument("-e", "--event", action="append", metavar="EVENT", help="only these events (repeatable)")
+    fe.add_argument(
+        "--max", type=_int_at_least(1), default=100, metavar="N", help="at most N messages (default: %(default)s)"
+    )
+    fe.add_argument(
+        "--wait",
+        type=_positive_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long when nothing is there (default: 0)",
+    )
+    fe.add_argument(
+        "--from",
+        dest="start",
+        type=parse_start,
+        default=None,
+        metavar="WHERE",
+        help="plain read or new durable: new, earliest, OFFSET or ISO-TIME (default: earliest)",
+    )
+    fe.add_argument("--no-ack", action="store_true", help="do not ack a durable's messages")
+    formats(fe)
+
+    st = add("status", "show connections, queues and durables", STATUS_EPILOG)
+    st.add_argument("--json", action="store_true", help="the STATUS reply as JSON")
+    st.add_argument("--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
+
+    pg = add("ping", "round-trip time and server version", PING_EPILOG)
+    pg.add_argument(
+        "-c", "--count", type=_int_at_least(0), default=1, metavar="COUNT", help="pings to send, 0 = until Ctrl-C"
+    )
+    pg.add_argument(
+        "-i",
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="between pings (default: %(default)s)",
+    )
+
+    rw = add("raw", "send frames as JSON lines, print the frames received", RAW_EPILOG)
+    rw.add_argument("--hex", action="store_true", help='bytes as {"$hex"} and each frame\'s wire bytes')
+    rw.add_argument(
+        "--decode",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="decode a captured byte stream from FILE (or stdin) instead; no broker needed",
+    )
+    rw.add_argument("--no-hello", action="store_true", help="skip the handshake (send your own HELLO)")
+    rw.add_argument("--echo", action="store_true", help='also print each frame sent, with "sent": true')
+    rw.add_argument(
+        "--wait",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="after stdin ends, wait this long for missing replies (default: %(default)s)",
+    )
+    rw.add_argument(
+        "--linger",
+        type=_positive_float,
+        default=0.2,
+        metavar="SECONDS",
+        help="then keep printing frames this long (default: %(default)s)",
+    )
+    return p  # fmt: skip
+
+
+# --- running ------------------------------------------------------------------
+
+#: Connection-level errors that are refusals (exit 3); the other fatal ones end the connection (exit 2).
+REFUSALS = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION})
+#: Commands that run until Ctrl-C (or a count): interrupting them is the normal end, status 0.
+STREAMING = frozenset({"sub", "status", "ping", "raw"})
+#: Ctrl-C while a one-shot command (fetch, connecting for pub) was still waiting.
+EXIT_INTERRUPTED = 130
+
+_CLIENT_COMMANDS: dict[str, Any] = {
+    "pub": run_pub,
+    "sub": run_sub,
+    "fetch": run_fetch,
+    "status": run_status,
+    "ping": run_ping,
+}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    stopper = Stopper()
+    stopper.install()
+    out = Output(1)
+    ctx = Context(args, out, stopper)
+    if args.command in ("sub", "status", "ping"):
+        watch_pipe_close(1, lambda: stopper.stop("stdout closed"))
+    try:
+        if args.command == "raw":
+            return await (run_decode(ctx) if args.decode is not None else run_raw(ctx))
+        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout)
+        try:
+            await stopper.race(client.connect())
+        except BaseException:
+            client.abort()
+            raise
+        try:
+            code: int = await _CLIENT_COMMANDS[args.command](ctx, client)
+        finally:
+            await client.aclose()
+        return code
+    except Stopped:  # Ctrl-C before the command could finish what it was asked
+        return EXIT_OK if args.command in STREAMING else EXIT_INTERRUPTED
+    finally:
+        stopper.uninstall()
+        if out.broken:
+            silence_stdout()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def _connect_error(exc: BaseException, url: str) -> str:
+    """'cannot connect to HOST:PORT: Connection refused' rather than asyncio's 'Connect call failed (...)'."""
+    text = _one_line(exc)
+    cause = exc.__cause__
+    if text.startswith("cannot connect to ") and isinstance(cause, OSError) and cause.errno:
+        where = text[len("cannot connect to ") :].split(": ", 1)[0]
+        why = cause.strerror if isinstance(cause, socket.gaierror) else os.strerror(cause.errno)
+        return f"cannot connect to {where}: {why}"
+    return text
+
+
+def _protocol_error(exc: RemoteProtocolError, url: str) -> str:
+    """The peer sent bytes that are not tidings frames: most likely not a tidings broker."""
+    text = f"{url} does not speak the tidings protocol: {_one_line(exc)}"
+    if exc.code is ErrorCode.FRAME_TOO_LARGE:
+        m = re.search(r"frame of (\d+) bytes", str(exc))
+        if m and int(m.group(1)) < 1 << 32:
+            prefix = int(m.group(1)).to_bytes(4, "big")
+            if prefix.isascii() and prefix.decode().isprintable():
+                text += f" (it starts with {prefix.decode()!r}: another protocol?)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tidings``: returns the exit status."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # argparse cannot match an optional positional after options ("pub Q E --string 'a b'").
+        if extra and args.command == "pub" and args.payload is None and len(extra) == 1 and extra[0][:1] != "-":
+            args.payload, extra = extra[0], []
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except BrokenPipeError:  # --help into a closed pipe
+        silence_stdout()
+        return EXIT_OK
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, format="tidings: %(message)s")
+    if args.name is None:
+        args.name = f"tidings-{args.command}"
+    try:
+        if args.command == "pub":
+            check_pub(args)
+        return asyncio.run(_run(args))
+    except UsageError as exc:
+        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServerError as exc:
+        if exc.fatal and exc.code not in REFUSALS:  # SHUTTING_DOWN, SLOW_CONSUMER, ...: the connection ended
+            print(f"tidings: the broker ended the connection: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_CONNECT
+        print(f"tidings: refused by the broker: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except LocalProtocolError as exc:  # the protocol's checks, the same as the broker's (names, sizes)
+        print(f"tidings: refused: {exc.code.name}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BrokenPipeError:  # the reader of stdout went away: not an error
+        silence_stdout()
+        return EXIT_OK
+    except RemoteProtocolError as exc:
+        print(f"tidings: {_protocol_error(exc, args.url)}", file=sys.stderr)
+        return EXIT_CONNECT
+    except RequestTimeout as exc:
+        print(f"tidings: no answer from the broker at {args.url}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONNECT
+    except (ConnectionLost, ConnectionClosed, OSError) as exc:
+        print(f"tidings: {_connect_error(exc, args.url)}", file=sys.stderr)
+        return EXIT_CONNECT
+    except TidingsError as exc:
+        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("TIDINGS_DEBUG"):
+            raise
+        print(f"tidings: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(set TIDINGS_DEBUG=1 for the traceback)", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The subcommands that talk through the client library: pub, sub, fetch, status, ping."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from protocol import TidingsError
+
+from ..client import Client
+from ..subscription import Message
+from .common import EXIT_OK, EXIT_REFUSED, Stopped, Stopper, UsageError
+from .streams import LineReader, Output
+from .values import format_message, parse_payload, to_json
+
+__all__ = ["Context", "parse_headers", "parse_start", "render_status", "run_fetch", "run_ping", "run_pub",
+           "run_status", "run_sub"]  # fmt: skip
+
+
+@dataclass
+class Context:
+    """What every command gets: parsed args, stdout, the stop switch."""
+
+    args: argparse.Namespace
+    out: Output
+    stopper: Stopper
+
+    def warn(self, message: str) -> None:
+        print(f"tidings: {message}", file=sys.stderr, flush=True)
+
+
+# --- argument helpers (used by the parser as ``type=``) -----------------------
+
+
+def parse_start(text: str) -> str | int | datetime:
+    """``--from``: new, earliest, an offset, or an ISO 8601 time (naive = local time)."""
+    if text in ("new", "earliest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not new, earliest, an offset or an ISO time such as 2024-05-01T12:00:00Z"
+        ) from None
+
+
+def parse_headers(items: list[str] | None) -> dict[str, str] | None:
+    """``--header k=v`` (repeatable) as a dict, or None when there are none."""
+    if not items:
+        return None
+    headers: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--header wants KEY=VALUE, not {item!r}")
+        headers[key] = value
+    return headers
+
+
+def parse_events(items: list[str] | None) -> list[str]:
+    """``-e EVENT`` (repeatable, or comma-separated)."""
+    return [e for item in items or () for e in item.split(",") if e]
+
+
+# --- pub ----------------------------------------------------------------------
+
+
+def pub_reads_stdin(args: argparse.Namespace) -> bool:
+    """No PAYLOAD and stdin is not a terminal: one message per stdin line."""
+    return args.payload is None and not os.isatty(0)
+
+
+def check_pub(args: argparse.Namespace) -> None:
+    """Validate what can be validated before connecting (exit 1 early)."""
+    args.headers = parse_headers(args.header)
+    if not pub_reads_stdin(args):
+        args.payload_value = None if args.payload is None else parse_payload(args.payload, as_string=args.string)
+
+
+async def run_pub(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    if not pub_reads_stdin(args):
+        offset = await client.publish(args.queue, args.event, args.payload_value, headers=args.headers,
+                                      message_id=args.id)  # fmt: skip
+        await ctx.out.line(str(offset))
+        return EXIT_OK
+    return await _pub_lines(ctx, client)
+
+
+async def _pub_lines(ctx: Context, client: Client) -> int:
+    """Publish every stdin line, up to ``--inflight`` at once, in order."""
+    args = ctx.args
+    slots = asyncio.Semaphore(args.inflight)
+    offsets: dict[int, int] = {}
+    failure: list[BaseException] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(index: int, payload: Any, message_id: str | None) -> None:
+        try:
+            offsets[index] = await client.publish(args.queue, args.event, payload, headers=args.headers,
+                                                  message_id=message_id)  # fmt: skip
+        except (TidingsError, OSError) as exc:
+            if not failure:
+                failure.append(exc)
+        finally:
+            slots.release()
+
+    bad_input: UsageError | None = None
+    count = lineno = 0
+    lines = LineReader(0)
+    try:
+        while not failure:
+            try:
+                raw = await ctx.stopper.race(lines.__anext__())
+            except StopAsyncIteration:
+                break
+            lineno += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad_input = UsageError(f"stdin line {lineno} is not UTF-8")
+                break
+            if not text.strip():
+                continue
+            try:
+                payload = parse_payload(text if args.string else text.strip(), as_string=args.string,
+                                        what=f"stdin line {lineno}")  # fmt: skip
+            except UsageError as exc:
+                bad_input = exc
+                break
+            await ctx.stopper.race(slots.acquire())
+            if failure:
+                slots.release()
+                break
+            mid = f"{args.id}-{lineno}" if args.id is not None else None
+            task = asyncio.ensure_future(one(count, payload, mid))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            count += 1
+    except Stopped:
+        pass
+    except OSError as exc:
+        bad_input = UsageError(f"cannot read stdin: {exc}")
+    if tasks:
+        await asyncio.gather(*tasks)
+    done = [offsets[i] for i in sorted(offsets)]
+    summary = f"published {len(done)} message{'' if len(done) == 1 else 's'} to {args.queue}"
+    if done:
+        summary += f" (offset {done[0]})" if len(done) == 1 else f" (offsets {done[0]}..{done[-1]})"
+    await ctx.out.line(summary)
+    if failure:
+        raise failure[0]
+    if bad_input is not None:
+        raise bad_input
+    return EXIT_OK
+
+
+# --- sub and fetch --------------------------------------------------------------
+
+#: Seconds a line being written when Ctrl-C comes may still take (then it is acked).
+STOP_GRACE = 1.0
+#: Messages already buffered are written together, up to this many.
+WRITE_BATCH = 256
+
+
+async def run_sub(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    sub = await client.subscribe(args.queue, events=parse_events(args.event), durable=args.durable,
+                                 start=args.start, prefetch=args.prefetch)  # fmt: skip
+    received = 0
+    try:
+        while (args.count is None or received < args.count) and not ctx.stopper.stopped:
+            try:
+                batch: list[Message] = [await ctx.stopper.race(sub.__anext__())]
+                # What is already buffered goes out in the same write (one thread hop, not one per line).
+                while (
+                    sub.pending
+                    and len(batch) < WRITE_BATCH
+                    and (args.count is None or received + len(batch) < args.count)
+                ):
+                    batch.append(await sub.__anext__())
+            except StopAsyncIteration:
+                break
+            written = await _write_or_stop(ctx, b"".join(format_message(m, args.format) for m in batch))
+            if written and not args.no_ack:
+                for m in batch:
+                    await m.ack()
+            if not written:
+                break
+            received += len(batch)
+    except Stopped:
+        pass
+    finally:
+        await sub.close()  # sends the queued acks, then UNSUBSCRIBE and waits for its OK
+    if sub.ack_errors:
+        ctx.warn(f"{len(sub.ack_errors)} acks refused by the broker, the first: {sub.ack_errors[0]}")
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+async def _write_or_stop(ctx: Context, data: bytes) -> bool:
+    """Write some lines; return whether they went out (False: stdout closed, or stopped while blocked).
+
+    A stop (Ctrl-C) that arrives while the lines are being written gives the
+    write a moment: a line the reader has seen must be acked.
+    """
+    write = asyncio.ensure_future(ctx.out.write(data))
+    try:
+        await ctx.stopper.race(asyncio.shield(write))
+    except Stopped:
+        try:
+            await asyncio.wait_for(asyncio.shield(write), STOP_GRACE)
+        except (TimeoutError, OSError):
+            write.cancel()
+            return False
+    except BrokenPipeError:
+        return False
+    return True
+
+
+async def run_fetch(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    start = args.start if args.start is not None else "earliest"
+    msgs = await ctx.stopper.race(
+        client.fetch(args.queue, durable=args.durable, events=parse_events(args.event), max_messages=args.max,
+                     wait=args.wait, start=start)
+    )  # fmt: skip
+    written: list[Message] = []
+    try:
+        for msg in msgs:
+            await ctx.out.write(format_message(msg, args.format))
+            written.append(msg)
+    except BrokenPipeError:
+        pass
+    if args.durable is not None and not args.no_ack and written:
+        await asyncio.gather(*(m.ack(wait=True) for m in written))
+    return EXIT_OK
+
+
+# --- status -------------------------------------------------------------------
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _age(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d"
+
+
+def _events(events: Any) -> str:
+    return ",".join(events) if events else "*"
+
+
+def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -> str:
+    """Format a STATUS reply as aligned tables.
+
+    Args:
+        info: the reply.
+        rates: messages/s per queue measured between two polls (``--watch``);
+            without it the broker's average since it started is shown.
+    """
+    s = info.get("server", {})
+    now = time.time()
+    out = [
+        f"tidings {s.get('version', '?')}  up {_age(s.get('uptime'))}  {s.get('conn_count', '?')} connections  "
+        f"fsync={s.get('fsync', '?')}  data={s.get('data_dir', '?')}",
+        "",
+    ]
+    conns, subs = [], []
+    for c in info.get("connections", []):
+        since = c.get("since")
+        age = _age(now - since) if isinstance(since, int | float) and since > 1e9 else "-"
+        mine = c.get("subscriptions", [])
+        pulls = c.get("pulls", [])
+        conns.append([c.get("id"), c.get("name"), c.get("address"), age, len(mine), len(pulls)])
+        for x in mine:
+            subs.append([c.get("id"), x.get("queue"), _events(x.get("events")), x.get("durable") or "-",
+                         x.get("prefetch", "-"), x.get("in_flight", "-")])  # fmt: skip
+        for x in pulls:
+            subs.append([c.get("id"), x.get("queue"), "(fetch)", x.get("durable") or "-", "-", "-"])
+    out += ["CONNECTIONS", _table(conns, ["ID", "NAME", "ADDRESS", "AGE", "SUBS", "PULLS"]), ""]
+    if subs:
+        out += ["SUBSCRIPTIONS",
+                _table(subs, ["CONN", "QUEUE", "EVENTS", "DURABLE", "PREFETCH", "IN FLIGHT"]), ""]  # fmt: skip
+    queues = []
+    for q in info.get("queues", []):
+        rate = rates.get(q.get("name", ""), 0.0) if rates is not None else q.get("publish_rate", "-")
+        queues.append([q.get("name"), q.get("first_offset"), q.get("next_offset"), q.get("messages"),
+                       _size(q.get("bytes")), rate if isinstance(rate, str) else f"{rate:.1f}"])  # fmt: skip
+    rate_head = "MSG/S" if rates is not None else "MSG/S (AVG)"
+    out += ["QUEUES", _table(queues, ["QUEUE", "FIRST", "NEXT", "MESSAGES", "SIZE", rate_head]), ""]
+    durs = [[d.get("queue"), d.get("name"), _events(d.get("events")), d.get("ack_floor"), d.get("lag"),
+             d.get("in_flight"), d.get("consumers")] for d in info.get("durables", [])]  # fmt: skip
+    out += ["DURABLES", _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS"])]
+    failed = info.get("failed_queues") or []
+    if failed:
+        out += ["", "FAILED QUEUES", _table([[f.get("name"), f.get("error")] for f in failed], ["QUEUE", "ERROR"])]
+    return "\n".join(out)
+
+
+async def run_status(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    if args.watch is None:
+        info = await client.status()
+        await ctx.out.line(json.dumps(info, indent=2, default=str) if args.json else render_status(info))
+        return EXIT_OK
+    tty = os.isatty(ctx.out.fd)
+    before: tuple[float, dict[str, int]] | None = None
+    try:
+        while True:
+            info = await ctx.stopper.race(client.status())
+            now = time.monotonic()
+            nexts = {q["name"]: q.get("next_offset", 0) for q in info.get("queues", []) if "name" in q}
+            rates = None
+            if before is not None:
+                dt = max(now - before[0], 1e-6)
+                rates = {n: max(v - before[1].get(n, v), 0) / dt for n, v in nexts.items()}
+            before = (now, nexts)
+            try:
+                if args.json:
+                    await ctx.out.line(to_json(info))
+                else:
+                    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                    text = render_status(info, rates)
+                    head = "\x1b[H\x1b[2J" if tty else ""
+                    await ctx.out.line(f"{head}{stamp}  (every {args.watch:g}s, Ctrl-C to stop)\n{text}\n")
+            except BrokenPipeError:
+                return EXIT_OK
+            await ctx.stopper.race(asyncio.sleep(args.watch))
+    except Stopped:
+        return EXIT_OK
+
+
+# --- ping ---------------------------------------------------------------------
+
+
+async def run_ping(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    rtts: list[float] = []
+    try:
+        while args.count == 0 or len(rtts) < args.count:
+            if rtts and args.interval:
+                await ctx.stopper.race(asyncio.sleep(args.interval))
+            rtt = await ctx.stopper.race(client.ping())
+            rtts.append(rtt * 1000)
+            seq = f" seq={len(rtts)}" if args.count != 1 else ""
+            await ctx.out.line(
+                f"pong from {client.host}:{client.port} (tidings {client.server_version}){seq} time={rtts[-1]:.2f} ms"
+            )
+    except (Stopped, BrokenPipeError):
+        pass
+    if len(rtts) > 1:
+        with contextlib.suppress(BrokenPipeError):
+            await ctx.out.line(f"{len(rtts)} pings, min/avg/max = "
+                               f"{min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms")  # fmt: skip
+    return EXIT_OK

@@ -1,0 +1,58 @@
+"""``tidings status``, ``ping`` and ``--help``."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from .conftest import Lines, finish, lines_of, run, run_all, start
+
+COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw"]
+
+
+def test_status_tables_and_json(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="1\n2\n", url=url)
+    run("fetch", queue, "--durable", "audit", "--max", 1, url=url)
+    table = run("status", url=url)
+    assert table.returncode == 0, table.stderr
+    text = table.stdout
+    for section in ("CONNECTIONS", "QUEUES", "DURABLES"):
+        assert section in text
+    sections = {block.split("\n", 1)[0]: block for block in text.split("\n\n")}
+    (row,) = [line.split() for line in sections["QUEUES"].splitlines() if line.startswith(queue + " ")]
+    assert row[:4] == [queue, "0", "2", "2"]  # QUEUE FIRST NEXT MESSAGES
+    (drow,) = [line.split() for line in sections["DURABLES"].splitlines() if line.startswith(queue + " ")]
+    assert drow[1:5] == ["audit", "*", "1", "1"]  # DURABLE EVENTS CURSOR LAG
+
+    info = json.loads(run("status", "--json", url=url).stdout)
+    assert {"server", "connections", "queues", "durables"} <= set(info)
+    (q,) = [q for q in info["queues"] if q["name"] == queue]
+    assert (q["first_offset"], q["next_offset"]) == (0, 2)
+    assert any(c["name"] == "tidings-status" for c in info["connections"])
+
+
+def test_status_watch_repeats_until_ctrl_c(url: str) -> None:
+    proc = start("status", "--json", "--watch", "0.05", url=url)
+    assert proc.stdout is not None
+    docs = [json.loads(line) for line in Lines(proc.stdout.fileno()).readlines(3)]
+    assert all("queues" in d for d in docs)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc) == (0, "")
+
+
+def test_ping(url: str) -> None:
+    one = run("ping", url=url)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("pong from 127.0.0.1:") and "(tidings " in one.stdout and " ms" in one.stdout
+    three = run("ping", "-c", 3, "-i", 0, "--name", "pinger", url=url)
+    out = lines_of(three.stdout)
+    assert [line.split("seq=")[1].split()[0] for line in out[:3]] == ["1", "2", "3"]
+    assert out[3].startswith("3 pings, min/avg/max = ")
+
+
+def test_help_has_examples() -> None:
+    commands = [[], *[[c] for c in COMMANDS]]
+    for args, got in zip(commands, run_all([[*a, "--help"] for a in commands]), strict=True):
+        assert got.returncode == 0, args
+        assert "examples:" in got.stdout, args
+        assert "exit codes:" in got.stdout, args

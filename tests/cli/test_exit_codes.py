@@ -1,0 +1,114 @@
+"""Every exit code: 0 ok, 1 usage, 2 cannot connect, 3 refused. One line on stderr, never a traceback.
+
+(``run`` itself asserts "no traceback, one line" for every failing run.)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import broker_process
+
+from .conftest import Lines, finish, free_port, run, run_all, start
+
+USAGE_ERRORS = [
+    [],
+    ["bogus"],
+    ["pub"],
+    ["pub", "Q", "E", '{"id": 1'],  # not JSON
+    ["pub", "Q", "E", "two words"],  # neither JSON nor a bare word
+    ["pub", "Q", "E", '{"$base64": "!!"}'],
+    ["pub", "Q", "E", "1", "--header", "novalue"],
+    ["pub", "Q", "E", "1", "extra"],
+    ["sub", "Q", "--from", "yesterday"],
+    ["sub", "Q", "-n", "many"],
+    ["sub", "Q", "-n", "0"],
+    ["fetch", "Q", "--wait", "-1"],
+    ["fetch", "Q", "--max", "0"],
+    ["status", "--url", "http://example.com"],
+    ["ping", "--bogus"],
+    ["raw", "--linger", "soon"],
+]
+
+
+def test_usage_errors_exit_1() -> None:
+    # Found before connecting: the URL points at a port where nothing listens.
+    nowhere = f"tidings://127.0.0.1:{free_port()}"
+    commands = [args + (["--url", nowhere] if args and "--url" not in args else []) for args in USAGE_ERRORS]
+    for args, got in zip(USAGE_ERRORS, run_all(commands), strict=True):
+        assert got.returncode == 1, (args, got.returncode, got.stderr)
+        assert got.stderr.strip(), args
+        assert got.stdout == "", args
+
+
+def test_no_broker_exits_2() -> None:
+    port = free_port()
+    url = f"tidings://127.0.0.1:{port}"
+    cases = [["ping"], ["status"], ["pub", "Q", "E", "1"], ["sub", "Q", "-n", "1"], ["fetch", "Q"], ["raw"]]
+    for args, got in zip(cases, run_all([[*a, "--url", url] for a in cases], input=""), strict=True):
+        assert got.returncode == 2, (args, got.stderr)
+        assert f"127.0.0.1:{port}" in got.stderr, args
+        assert len(got.stderr.strip().splitlines()) == 1, args
+
+
+def test_refused_exits_3_with_the_code_name(url: str) -> None:
+    got = run("pub", "../x", "E", "1", url=url)
+    assert got.returncode == 3
+    assert "INVALID_NAME" in got.stderr and "'../x'" in got.stderr
+    sub = run("sub", "Q", "-e", "bad event!", url=url)
+    assert sub.returncode == 3 and "INVALID_NAME" in sub.stderr
+
+
+def test_broker_refusing_the_token_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_TOKEN", "s3cret")  # read by the broker subprocess; run() strips it for the CLI
+    with broker_process(tmp_path) as bp:
+        cases = [["ping"], ["status"], ["pub", "Q", "E", "1"], ["raw"]]
+        for args, got in zip(cases, run_all([[*a, "--token", "wrong", "--url", bp.url] for a in cases], input=""),
+                             strict=True):  # fmt: skip
+            assert got.returncode == 3, (args, got.stderr)
+            assert got.stderr == "tidings: refused by the broker: AUTH_FAILED: invalid or missing token\n", args
+        ok = run("ping", "--token", "s3cret", url=bp.url)
+        assert ok.returncode == 0, ok.stderr
+
+
+def test_a_peer_that_is_not_a_broker_exits_2() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer() -> None:  # an HTTP server's answer to whatever it got
+            for _ in range(2):
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        url = f"tidings://127.0.0.1:{port}"
+        for got in run_all([["ping", "--url", url], ["raw", "--url", url]], input=""):
+            assert got.returncode == 2, got.stderr
+            assert "does not speak the tidings protocol" in got.stderr and "'HTTP'" in got.stderr
+        thread.join(5)
+
+
+def test_broker_going_away_mid_subscription_exits_2(tmp_path: Path) -> None:
+    for graceful in (True, False):
+        with broker_process(tmp_path) as bp:
+            run("pub", "Q", "E", "1", url=bp.url)
+            proc = start("sub", "Q", "--from", "earliest", url=bp.url)
+            assert proc.stdout is not None
+            Lines(proc.stdout.fileno()).readline()  # subscribed and delivering
+            if graceful:
+                bp.stop()  # SIGTERM: the broker says SHUTTING_DOWN, then closes
+            else:
+                bp.kill()
+            code, err = finish(proc)
+        assert code == 2, err
+        if graceful:
+            assert err == "tidings: the broker ended the connection: SHUTTING_DOWN: broker is shutting down\n"
+        else:
+            assert "closed the connection" in err

@@ -1,0 +1,174 @@
+"""``tidings pub``, ``sub`` and ``fetch``: the real executable against a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from datetime import UTC, datetime
+
+from .conftest import TIDINGS, Lines, cli_env, finish, lines_of, run, start
+
+KEYS = ["queue", "event", "offset", "timestamp", "headers", "payload", "deliveries"]
+
+
+def test_pub_then_sub_prints_json_lines(url: str, queue: str) -> None:
+    first = run("pub", queue, "CREATE", '{"id": 7, "tags": ["a"]}', "-H", "source=cli", "--header", "k=v=w", url=url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "0\n"
+    second = run("pub", queue, "NOTE", "hello", url=url)  # a bare word is a string
+    assert second.stdout == "1\n"
+    third = run("pub", queue, "NOTE", "--string", "two words", url=url)
+    assert third.stdout == "2\n"
+
+    sub = run("sub", queue, "--from", "earliest", "-n", 3, url=url)
+    assert sub.returncode == 0, sub.stderr
+    msgs = [json.loads(line) for line in lines_of(sub.stdout)]
+    assert [list(m) for m in msgs] == [KEYS] * 3
+    assert msgs[0]["queue"] == queue
+    assert (msgs[0]["event"], msgs[0]["offset"], msgs[0]["payload"]) == ("CREATE", 0, {"id": 7, "tags": ["a"]})
+    assert msgs[0]["headers"] == {"source": "cli", "k": "v=w"}
+    assert [m["payload"] for m in msgs[1:]] == ["hello", "two words"]
+    assert all(isinstance(m["timestamp"], int) and m["timestamp"] > 1_500_000_000_000 for m in msgs)
+    assert all(m["deliveries"] == 1 for m in msgs)
+
+    only = run("sub", queue, "--from", "earliest", "-e", "NOTE", "-n", 1, "--format", "text", url=url)
+    assert only.returncode == 0
+    assert f' {queue}#1 NOTE "hello"' in only.stdout
+
+
+def test_bytes_payloads_print_as_base64_and_raw(url: str, queue: str) -> None:
+    assert run("pub", queue, "BLOB", '{"$base64": "AAEC/w=="}', url=url).stdout == "0\n"
+    assert run("pub", queue, "BLOB", '{"k": {"$hex": "00ff"}}', url=url).stdout == "1\n"
+    got = run("sub", queue, "--from", "earliest", "-n", 2, url=url)
+    payloads = [json.loads(line)["payload"] for line in lines_of(got.stdout)]
+    assert payloads == [{"$base64": "AAEC/w=="}, {"k": {"$base64": "AP8="}}]
+    raw = subprocess.run([*TIDINGS, "fetch", queue, "--max", "1", "--format", "raw", "--url", url],
+                         capture_output=True, timeout=20, env=cli_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert raw.returncode == 0
+    assert raw.stdout == b"\x00\x01\x02\xff\n"
+
+
+def test_pub_reads_json_lines_from_stdin_pipelined(url: str, queue: str) -> None:
+    payloads = [{"n": i} for i in range(150)] + ["text", 3.5, None, [1, 2]]
+    text = (
+        "\n".join(json.dumps(p) for p in payloads[:100])
+        + "\n\n"
+        + "\n".join(json.dumps(p) for p in payloads[100:])
+        + "\nbare-word"
+    )  # a blank line is skipped; the last line has no newline
+    got = run("pub", queue, "ROW", "-H", "batch=1", input=text, url=url)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == f"published 155 messages to {queue} (offsets 0..154)\n"
+    fetched = run("fetch", queue, "--max", 200, url=url)
+    msgs = [json.loads(line) for line in lines_of(fetched.stdout)]
+    assert [m["payload"] for m in msgs] == [*payloads, "bare-word"]
+    assert [m["offset"] for m in msgs] == list(range(155))
+    assert all(m["headers"] == {"batch": "1"} for m in msgs)
+
+
+def test_pub_stdin_stops_at_a_bad_line(url: str, queue: str) -> None:
+    got = run("pub", queue, "ROW", input='1\n2\n{"broken": \n4\n', url=url)
+    assert got.returncode == 1
+    assert "stdin line 3" in got.stderr and "not JSON" in got.stderr
+    assert got.stdout == f"published 2 messages to {queue} (offsets 0..1)\n"
+
+
+def test_pub_message_id_deduplicates(url: str, queue: str) -> None:
+    assert run("pub", queue, "E", "1", url=url).stdout == "0\n"
+    assert run("pub", queue, "E", "2", "--id", "order-7", url=url).stdout == "1\n"
+    assert run("pub", queue, "E", "2", "--id", "order-7", url=url).stdout == "1\n"
+    lines = run("pub", queue, "E", "--id", "imp", input="1\n2\n", url=url)
+    assert lines.stdout.endswith("(offsets 2..3)\n")
+    again = run("pub", queue, "E", "--id", "imp", input="1\n2\n", url=url)  # ids imp-1, imp-2 again
+    assert again.stdout.endswith("(offsets 2..3)\n")
+
+
+def test_sub_exits_cleanly_when_the_reader_closes_the_pipe(url: str, queue: str) -> None:
+    run("pub", queue, "E", "1", url=url)
+    # The reader takes one line and goes away while tidings waits for more.
+    proc = start("sub", queue, "--from", "earliest", "-n", 100, url=url)
+    assert proc.stdout is not None
+    assert json.loads(Lines(proc.stdout.fileno()).readline())["offset"] == 0
+    proc.stdout.close()
+    code, err = finish(proc)
+    assert code == 0, err
+    assert err == ""
+
+    # Same, but more messages arrive after the close: tidings finds out by writing, or by its pipe watch.
+    proc = start("sub", queue, "--from", "earliest", "-n", 100, url=url)
+    assert proc.stdout is not None
+    assert json.loads(Lines(proc.stdout.fileno()).readline())["offset"] == 0
+    proc.stdout.close()
+    run("pub", queue, "E", "--inflight", 10, input="\n".join(map(str, range(50))), url=url)
+    code, err = finish(proc)
+    assert (code, err) == (0, "")
+
+
+def test_sub_count_into_head_in_a_shell_pipe(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="\n".join(map(str, range(20))), url=url)
+    cmd = " ".join(TIDINGS) + f" sub {queue} --from earliest -n 1000 --url {url} | head -1"
+    got = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=20,
+                         env=cli_env(), stdin=subprocess.DEVNULL, cwd=os.getcwd())  # fmt: skip
+    assert got.returncode == 0, got.stderr  # pipefail: this is tidings' own exit status
+    assert got.stderr == ""
+    assert json.loads(got.stdout)["offset"] == 0
+
+
+def test_sub_ctrl_c_exits_0_with_acks_flushed(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="1\n2\n3\n", url=url)
+    proc = start("sub", queue, "--durable", "worker", "--from", "earliest", url=url)
+    assert proc.stdout is not None
+    got = [json.loads(line)["offset"] for line in Lines(proc.stdout.fileno()).readlines(3)]
+    assert got == [0, 1, 2]
+    proc.send_signal(signal.SIGINT)
+    code, err = finish(proc)
+    assert (code, err) == (0, "")
+    status = json.loads(run("status", "--json", url=url).stdout)
+    (durable,) = [d for d in status["durables"] if d["queue"] == queue]
+    assert (durable["name"], durable["ack_floor"], durable["lag"], durable["in_flight"]) == ("worker", 3, 0, 0)
+
+
+def test_sub_durable_resumes_after_what_it_acked(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="\n".join(map(str, range(5))), url=url)
+    a = run("sub", queue, "-d", "d", "--from", "earliest", "-n", 2, url=url)
+    assert [json.loads(x)["offset"] for x in lines_of(a.stdout)] == [0, 1]
+    b = run("sub", queue, "-d", "d", "-n", 3, "--prefetch", 1, url=url)
+    assert [json.loads(x)["offset"] for x in lines_of(b.stdout)] == [2, 3, 4]
+
+
+def test_fetch_with_a_durable_acks_what_it_printed(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="\n".join(map(str, range(5))), url=url)
+    a = run("fetch", queue, "--durable", "poller", "--max", 3, url=url)
+    assert a.returncode == 0, a.stderr
+    assert [json.loads(x)["offset"] for x in lines_of(a.stdout)] == [0, 1, 2]
+    b = run("fetch", queue, "--durable", "poller", "--max", 10, "--format", "text", url=url)
+    assert [x.split()[1] for x in lines_of(b.stdout)] == [f"{queue}#3", f"{queue}#4"]
+    c = run("fetch", queue, "--durable", "poller", url=url)
+    assert (c.returncode, c.stdout) == (0, "")
+    peek = run("fetch", queue, "--durable", "peeker", "--no-ack", "--max", 1, url=url)
+    assert json.loads(peek.stdout)["offset"] == 0
+    plain = run("fetch", queue, "--from", 3, "--max", 1, url=url)  # a plain read remembers nothing
+    assert json.loads(plain.stdout)["offset"] == 3
+    status = json.loads(run("status", "--json", url=url).stdout)
+    floors = {d["name"]: d["ack_floor"] for d in status["durables"] if d["queue"] == queue}
+    assert floors["poller"] == 5
+
+
+def test_sub_and_fetch_from_an_offset_or_a_time(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="1\n2\n3\n", url=url)
+    last = json.loads(run("fetch", queue, "--from", 2, "--max", 1, url=url).stdout)
+    assert last["offset"] == 2
+    assert run("pub", queue, "LATER", "4", url=url).stdout == "3\n"
+    later = json.loads(run("fetch", queue, "--from", 3, url=url).stdout)
+    assert later["event"] == "LATER"
+    # The first message stored at or after a time; "Z" and offsets like +00:00 both work.
+    when = datetime.fromtimestamp(later["timestamp"] / 1000, UTC)
+    for stamp in (when.isoformat(), when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")):
+        got = run("sub", queue, "--from", stamp, "-n", 1, url=url)
+        assert json.loads(got.stdout)["offset"] == 3, (stamp, got.stderr)
+    one = run("sub", queue, "--from", 1, "-n", 1, "--format", "raw", url=url)
+    assert one.stdout == "2\n"
+    future = run("fetch", queue, "--from", "2999-01-01T00:00:00Z", url=url)
+    assert (future.returncode, future.stdout) == (0, "")
