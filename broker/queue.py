@@ -118,6 +118,9 @@ class Queue:
         self._tail_bytes = 0
         self._dedup: dict[str, tuple[int, float]] = {}
         self.published = 0  # since start, for the publish rate in STATUS
+        #: Called with a group whose ``dead`` list has offsets to move to its
+        #: dead-letter queue (set by the store).
+        self.on_dead: Callable[[Queue, Group], None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -280,7 +283,9 @@ class Queue:
                 if frames or group.read_pos != start:
                     progressed = True
             if not progressed:
-                return
+                break
+        if group.dead and self.on_dead is not None:
+            self.on_dead(self, group)
 
     # --- pull (FETCH) -------------------------------------------------------
 
@@ -329,6 +334,8 @@ class Queue:
                         if size >= FETCH_MAX_BYTES:
                             break
             waiter.position = next_offset = position
+        if group is not None and group.dead and self.on_dead is not None:
+            self.on_dead(self, group)
         if not out:
             return None
         return encode_batch(waiter.req, next_offset, out)

@@ -100,6 +100,7 @@ class Group:
         *,
         ack_wait: float = DEFAULT_ACK_WAIT,
         max_deliveries: int = 0,
+        dead_letter: str | None = None,
     ) -> None:
         self.queue = queue
         self.name = name
@@ -108,6 +109,13 @@ class Group:
         self.read_pos = max(read_pos, cursor.ack_floor)
         self.ack_wait = ack_wait
         self.max_deliveries = max_deliveries
+        #: Where dead letters go (None: ``<queue>.dead``).
+        self.dead_letter = dead_letter
+        #: Offsets that used up max_deliveries, waiting for the shell to move
+        #: them (``(offset, deliveries)``), and those whose copy in the
+        #: dead-letter queue is not yet stored: they are acked once it is.
+        self.dead: list[tuple[int, int]] = []
+        self.parked: set[int] = set()
         self.auto_ack = name is None
         self.consumers: list[Consumer] = []
         self.in_flight: dict[int, tuple[Consumer, float]] = {}
@@ -164,8 +172,31 @@ class Group:
             offset = heapq.heappop(self.ready)
             if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
                 continue  # acked while it waited
+            if self.max_deliveries and self.deliveries.get(offset, 0) >= self.max_deliveries:
+                self.dead.append((offset, self.deliveries[offset]))
+                self.parked.add(offset)
+                continue
             return offset, self._hand_out(consumer, offset, now)
         return None
+
+    def take_dead(self) -> list[tuple[int, int]]:
+        """The offsets to move to the dead-letter queue now (they stay parked)."""
+        dead, self.dead = self.dead, []
+        return dead
+
+    def dead_lettered(self, offsets: Iterable[int]) -> None:
+        """Their copies are stored in the dead-letter queue: the cursor moves on."""
+        for offset in offsets:
+            if offset in self.parked:
+                self.parked.discard(offset)
+                self._acked(offset)
+
+    def dead_letter_failed(self, offsets: Iterable[int]) -> None:
+        """Storing the copies failed: keep the messages (redelivered later)."""
+        for offset in offsets:
+            if offset in self.parked:
+                self.parked.discard(offset)
+                self.delayed[offset] = 0.0  # ready at the next expire()
 
     def deliver_new(self, consumer: Consumer, offset: int, now: float) -> int:
         """Hand ``offset`` (== read_pos, matching the filter) to ``consumer``.
@@ -213,7 +244,7 @@ class Group:
             AckError: an offset was never handed out or is already acked;
                 nothing is changed in that case.
         """
-        offsets = tuple(offsets)
+        offsets = tuple(o for o in offsets if o not in self.parked)  # being dead-lettered: done soon anyway
         for offset in offsets:
             self._check_ackable(offset)
         if upto is not None and upto >= self.read_pos:
@@ -253,11 +284,18 @@ class Group:
                 heapq.heappush(self.ready, offset)
 
     def extend(self, offsets: Iterable[int], now: float) -> None:
-        """Restart the ack wait of in-flight offsets (work in progress)."""
+        """Restart the ack wait of in-flight offsets (work in progress).
+
+        Raises:
+            AckError: an offset is not in flight; nothing is changed.
+        """
+        offsets = tuple(offsets)
         for offset in offsets:
-            entry = self.in_flight.get(offset)
-            if entry is not None:
-                self.in_flight[offset] = (entry[0], now + self.ack_wait)
+            if offset not in self.in_flight:
+                raise AckError(f"offset {offset} is not in flight for {self.name!r}")
+        for offset in offsets:
+            entry = self.in_flight[offset]
+            self.in_flight[offset] = (entry[0], now + self.ack_wait)
 
     def expire(self, now: float) -> int:
         """Move overdue in-flight offsets and due delayed ones to ``ready``.

@@ -45,6 +45,7 @@ from protocol import (
     Ok,
     Ping,
     Pong,
+    Progress,
     Publish,
     RemoteProtocolError,
     Role,
@@ -136,6 +137,7 @@ class Session(asyncio.Protocol):
             Unsubscribe: self._on_unsubscribe,
             Ack: self._on_ack,
             Nack: self._on_nack,
+            Progress: self._on_progress,
             Fetch: self._on_fetch,
             Status: self._on_status,
             Ping: self._on_ping,
@@ -424,14 +426,22 @@ class Session(asyncio.Protocol):
         return log.next_offset
 
     def _durable(self, req: int, queue: Queue, name: str, events: tuple[str, ...],
-                 start: str, start_value: int | None, ack_wait: float) -> Group | None:  # fmt: skip
+                 start: str, start_value: int | None, ack_wait: float,
+                 max_deliveries: int = 0, dead_letter: str | None = None) -> Group | None:  # fmt: skip
         group = queue.groups.get(name)
         if group is None:
             pos = self._start_offset(queue, start, start_value)
-            group = Group(queue.name, name, events, Cursor(pos), pos, ack_wait=ack_wait or 30.0)
+            group = Group(queue.name, name, events, Cursor(pos), pos, ack_wait=ack_wait or 30.0,
+                          max_deliveries=max_deliveries, dead_letter=dead_letter)  # fmt: skip
             group.dirty = True
             queue.groups[name] = group
             return group
+        if max_deliveries:
+            group.max_deliveries = max_deliveries
+            group.dirty = True
+        if dead_letter is not None:
+            group.dead_letter = dead_letter
+            group.dirty = True
         # An existing durable keeps its filter when none is given (a FETCH need
         # not repeat it); to widen it to every event, pass ["*"].
         if events and set(group.filter.patterns) != set(events):
@@ -458,7 +468,8 @@ class Session(asyncio.Protocol):
             return
         ack_wait = ev.ack_wait_ms / 1000.0
         if ev.durable is not None:
-            group = self._durable(ev.req, queue, ev.durable, ev.events, ev.start, ev.start_value, ack_wait)
+            group = self._durable(ev.req, queue, ev.durable, ev.events, ev.start, ev.start_value, ack_wait,
+                                  ev.max_deliveries, ev.dead_letter)  # fmt: skip
             if group is None:
                 return
         else:
@@ -529,6 +540,18 @@ class Session(asyncio.Protocol):
             queue.pump(group, time.monotonic())
             if queue.waiters:
                 queue.serve_waiters()
+
+    def _on_progress(self, ev: Progress) -> None:
+        found = self._group(ev.req, ev.queue, ev.durable)
+        if found is None:
+            return
+        try:
+            found[1].extend(ev.offsets, time.monotonic())
+        except AckError as exc:
+            self.reply_error(ev.req, ErrorCode.BAD_ACK, str(exc))
+            return
+        if ev.req:
+            self.write(self.conn.send(Ok(ev.req)))
 
     # --- fetch ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
-from protocol import check_pattern
+import msgpack
+
+from protocol import ErrorCode, check_pattern, check_queue, encode_record
 
 from .config import BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
@@ -102,6 +105,7 @@ class Store:
         path = self._path(name)
         log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
         queue = Queue(name, log)
+        queue.on_dead = self._dead_letter
         cursors = CursorStore(path / "durables")
         for durable, state in cursors.load_all().items():
             queue.groups[durable] = group_from_state(queue, durable, state)
@@ -123,6 +127,53 @@ class Store:
         if not create:
             return None
         return self._load(name)
+
+    # --- dead letters -------------------------------------------------------
+
+    def _dead_letter(self, queue: Queue, group: Group) -> None:
+        """Copy the group's dead offsets to its dead-letter queue; ack them once stored.
+
+        The copy keeps event and payload and adds the headers ``x-dead-queue``,
+        ``x-dead-offset``, ``x-dead-durable``, ``x-dead-reason`` and
+        ``x-deliveries``. The original is acked only after the copy is
+        committed, so a crash in between can duplicate a dead letter but
+        never lose the message.
+        """
+        dead = group.take_dead()
+        name = group.dead_letter or f"{queue.name}.dead"
+        try:
+            if name == queue.name or check_queue(name) is not None:
+                raise ValueError(f"{name!r} cannot be a dead-letter queue for {queue.name!r}")
+            target = self.get(name, create=True)
+            assert target is not None
+        except (ValueError, OSError, QueueUnavailable) as exc:
+            logger.warning("cannot dead-letter messages of %s/%s: %s", queue.name, group.name, exc)
+            group.dead_letter_failed(o for o, _ in dead)
+            return
+        bodies = []
+        for offset, deliveries in dead:
+            body = queue.body(offset)
+            if body is None:  # dropped by retention meanwhile: nothing to keep
+                group.dead_letter_failed((offset,))
+                continue
+            event, _ts, headers, payload = msgpack.Unpacker(io.BytesIO(body), raw=False)
+            headers = dict(headers or {})
+            headers.update({
+                "x-dead-queue": queue.name, "x-dead-offset": str(offset), "x-dead-durable": group.name or "",
+                "x-dead-reason": "max_deliveries", "x-deliveries": str(deliveries),
+            })  # fmt: skip
+            bodies.append((offset, encode_record(event, int(time.time() * 1000), headers, payload)))
+        if not bodies:
+            return
+        offsets = [o for o, _ in bodies]
+        try:
+            first = target.append([b for _, b in bodies], [None] * len(bodies), int(time.time() * 1000), dedup_until=0)
+        except OSError as exc:
+            logger.warning("cannot dead-letter %d messages of %s/%s: %s", len(bodies), queue.name, group.name, exc)
+            group.dead_letter_failed(offsets)
+            return
+        target.expect_confirm(first + len(bodies), _DeadLetterDone(queue, group, offsets), [])
+        self.appended(target)
 
     # --- group commit -------------------------------------------------------
 
@@ -203,9 +254,10 @@ class Store:
             for queue_name, durable in failed:
                 # Not fatal: an old cursor on disk only means redeliveries after a
                 # crash (R8). Keep it dirty so the next flush tries again.
-                group = self.queues[queue_name].groups.get(durable) if queue_name in self.queues else None
-                if group is not None:
-                    group.dirty = True
+                owner = self.queues.get(queue_name)
+                retry = owner.groups.get(durable) if owner is not None else None
+                if retry is not None:
+                    retry.dirty = True
 
     @staticmethod
     def state_of(group: Group) -> CursorState:
@@ -215,6 +267,7 @@ class Store:
             "delivered": group.read_pos,
             "ack_wait": group.ack_wait,
             "max_deliveries": group.max_deliveries,
+            "dead_letter": group.dead_letter,
         }
         return CursorState(group.cursor.ack_floor, frozenset(group.cursor.acked), meta)
 
@@ -269,6 +322,7 @@ def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
         read_pos=max(cursor.ack_floor, queue.log.first_offset),
         ack_wait=_number(meta.get("ack_wait"), 30.0),
         max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
+        dead_letter=dead if isinstance(dead := meta.get("dead_letter"), str) and check_queue(dead) is None else None,
     )
     # Offsets handed out before the restart but never acked: mark them so
     # the next hand-out says "redelivered" (deliveries >= 2).
@@ -294,6 +348,20 @@ def _save_all(work: list[tuple[CursorStore, str, str, CursorState]]) -> list[tup
             logger.warning("cannot save cursor %s/%s (will retry): %s", queue, name, exc)
             failed.append((queue, name))
     return failed
+
+
+class _DeadLetterDone:
+    """The Confirmer of a dead-letter append: acks the originals once it is stored."""
+
+    def __init__(self, queue: Queue, group: Group, offsets: list[int]) -> None:
+        self.queue, self.group, self.offsets = queue, group, offsets
+
+    def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
+        self.group.dead_lettered(self.offsets)
+        self.queue.pump(self.group, time.monotonic())
+
+    def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
+        self.group.dead_letter_failed(self.offsets)
 
 
 class QueueUnavailable(Exception):

@@ -52,6 +52,7 @@ from protocol import (
     Nack,
     Ping,
     Pong,
+    Progress,
     PubAck,
     Publish,
     RemoteProtocolError,
@@ -303,6 +304,8 @@ class Client:
         start: str | int | datetime = "new",
         prefetch: int = 100,
         ack_wait: float | None = None,
+        max_deliveries: int = 0,
+        dead_letter: str | None = None,
     ) -> Subscription:
         """Start a push subscription.
 
@@ -316,6 +319,9 @@ class Client:
             prefetch: most unacked messages in flight to this subscription.
             ack_wait: seconds before an unacked message is redelivered
                 (default: the broker's, 30 s).
+            max_deliveries: after this many deliveries without an ack, a
+                message is moved to the dead-letter queue (0 = never).
+            dead_letter: that queue (default ``<queue>.dead``).
 
         Returns:
             The subscription; iterate it, then ``await sub.close()``.
@@ -329,7 +335,7 @@ class Client:
         self._subs[sub_id] = sub
         frame = Subscribe(
             0, sub_id, queue, tuple(events), durable, kind, value, prefetch,
-            int((ack_wait or 0) * 1000),
+            int((ack_wait or 0) * 1000), max_deliveries, dead_letter,
         )  # fmt: skip
         try:
             await self._request(frame)
@@ -408,6 +414,9 @@ class Client:
     async def _nack(self, queue: str, durable: str, offset: int, delay: float) -> None:
         await self._flush_acks_now()
         await self._request(Nack(0, queue, durable, (offset,), int(delay * 1000)))
+
+    async def _progress(self, queue: str, durable: str, offset: int) -> None:
+        await self._request(Progress(0, queue, durable, (offset,)))
 
     async def _flush_acks_now(self) -> None:
         if self._acks:

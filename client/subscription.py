@@ -88,6 +88,16 @@ class Message:
         self._settled = True
         await self._client._ack(self.queue, self.durable, self.offset, wait=wait)
 
+    async def in_progress(self) -> None:
+        """Still working on it: restart the ack wait so it is not redelivered yet.
+
+        Raises:
+            ServerError: the broker refused (BadAck: no longer in flight).
+        """
+        if self.durable is None or self._client is None or self._settled:
+            return
+        await self._client._progress(self.queue, self.durable, self.offset)
+
     async def nack(self, delay: float = 0.0) -> None:
         """Give the message back: it is redelivered after ``delay`` seconds.
 

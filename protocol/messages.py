@@ -58,6 +58,7 @@ __all__ = [
     "Ok",
     "Ping",
     "Pong",
+    "Progress",
     "PubAck",
     "Publish",
     "Record",
@@ -101,6 +102,7 @@ class FrameType(enum.IntEnum):
     OK = 17
     ERR = 18
     BYE = 19
+    PROGRESS = 20
 
 
 # --- field checks -----------------------------------------------------------
@@ -438,6 +440,23 @@ class Nack(Frame):
 
 
 @_frame
+class Progress(Frame):
+    """Client -> broker: still working on these in-flight offsets; restart their ack wait."""
+
+    TYPE = FrameType.PROGRESS
+    req: int
+    queue: str
+    durable: str
+    offsets: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _uint("PROGRESS", "req", self.req)
+        _name("PROGRESS", self.queue, check_queue)
+        _name("PROGRESS", self.durable, check_durable)
+        _set(self, "offsets", _int_tuple("PROGRESS", "offsets", self.offsets))
+
+
+@_frame
 class Fetch(Frame):
     """Client -> broker: pull up to ``max_messages``, waiting up to ``wait_ms``.
 
@@ -627,7 +646,7 @@ FRAME_CLASSES: Final[dict[int, type[Frame]]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Publish, PubAck, Subscribe, Unsubscribe, Deliver, Ack, Nack,
-        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye,
+        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye, Progress,
     )
 }  # fmt: skip
 

@@ -240,7 +240,18 @@ def test_every_client_frame_the_table_allows_decodes_on_the_broker(frame: Any) -
 
 def test_protocol_package_does_no_io() -> None:
     """protocol/ is sans-I/O: it may import only pure modules and msgpack."""
-    allowed = {"__future__", "enum", "dataclasses", "typing", "struct", "re", "collections", "functools", "operator", "msgpack"}
+    allowed = {
+        "__future__",
+        "enum",
+        "dataclasses",
+        "typing",
+        "struct",
+        "re",
+        "collections",
+        "functools",
+        "operator",
+        "msgpack",
+    }
     root = Path(__file__).resolve().parents[2] / "protocol"
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -1,0 +1,136 @@
+"""Delivery patterns: ack wait, NACK, work in progress, dead letters,
+idempotent publish, competing consumers with a consumer killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from protocol import ServerError
+from tests.helpers import connected, running_broker, url_of
+
+FAST = {"cursor_flush": 0.05}  # the ticker that expires ack waits runs this often
+
+
+async def test_unacked_messages_come_back_after_the_ack_wait(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, **FAST) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", ack_wait=0.2)
+        await c.publish("Q", "E", "job")
+        first = await sub.next(timeout=5)
+        started = time.monotonic()
+        again = await sub.next(timeout=5)
+        assert time.monotonic() - started >= 0.15
+        assert (again.offset, again.deliveries, again.redelivered) == (first.offset, 2, True)
+        await again.ack(wait=True)
+
+
+async def test_nack_now_and_later(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, **FAST) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d")
+        await c.publish("Q", "E", "job")
+        await (await sub.next(timeout=5)).nack()
+        msg = await sub.next(timeout=5)
+        assert msg.deliveries == 2
+        started = time.monotonic()
+        await msg.nack(delay=0.3)
+        msg = await sub.next(timeout=5)
+        assert msg.deliveries == 3 and time.monotonic() - started >= 0.25
+        await msg.ack(wait=True)
+
+
+async def test_in_progress_extends_the_ack_wait(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, **FAST) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", ack_wait=0.3)
+        await c.publish("Q", "E", "slow job")
+        msg = await sub.next(timeout=5)
+        for _ in range(6):  # 0.6 s of "work", twice the ack wait
+            await asyncio.sleep(0.1)
+            await msg.in_progress()
+        await c.ping()
+        assert sub.pending == 0, "redelivered although the work was in progress"
+        await msg.ack(wait=True)
+        with pytest.raises(ServerError) as info:
+            await c._progress("Q", "d", msg.offset)
+        assert info.value.code == 26  # BAD_ACK: no longer in flight
+
+
+async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("jobs", durable="workers", max_deliveries=3, prefetch=1)
+        await c.publish("jobs", "user.created", {"id": 1}, headers={"trace": "t1"})
+        await c.publish("jobs", "user.created", {"id": 2})
+        for n in (1, 2, 3):
+            msg = await sub.next(timeout=5)
+            assert (msg.payload, msg.deliveries) == ({"id": 1}, n)
+            await msg.nack()
+        nxt = await sub.next(timeout=5)  # the poison message is gone; the next one flows
+        assert nxt.payload == {"id": 2}
+        await nxt.ack(wait=True)
+        dead = await c.fetch("jobs.dead", max_messages=10, wait=5)  # stored asynchronously
+        assert [m.payload for m in dead] == [{"id": 1}]
+        assert dead[0].event == "user.created"
+        assert dead[0].headers == {
+            "trace": "t1", "x-dead-queue": "jobs", "x-dead-offset": "0", "x-dead-durable": "workers",
+            "x-dead-reason": "max_deliveries", "x-deliveries": "3",
+        }  # fmt: skip
+        info = await c.status()
+        (durable,) = [d for d in info["durables"] if d["name"] == "workers"]
+        assert durable["ack_floor"] == 2 and durable["lag"] == 0
+
+
+async def test_dead_letter_queue_can_be_named(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("jobs", durable="w", max_deliveries=1, dead_letter="poison", prefetch=1)
+        await c.publish("jobs", "E", "bad")
+        await (await sub.next(timeout=5)).nack()
+        await c.publish("jobs", "E", "good")
+        assert (await sub.next(timeout=5)).payload == "good"
+        assert [m.payload for m in await c.fetch("poison", wait=5)] == ["bad"]
+
+
+async def test_idempotent_publish(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        first = await c.publish("orders", "CREATE", {"n": 17}, message_id="order-17")
+        again = await c.publish("orders", "CREATE", {"n": 17}, message_id="order-17")
+        other = await c.publish("orders", "CREATE", {"n": 18}, message_id="order-18")
+        assert (first, again, other) == (0, 0, 1)
+        assert [m.payload for m in await c.fetch("orders")] == [{"n": 17}, {"n": 18}]
+
+
+async def test_three_competing_consumers_one_killed_midway(tmp_path: Path) -> None:
+    total = 10_000
+    acks: dict[int, int] = {}
+    async with running_broker(tmp_path) as broker, connected(broker, "pub") as pub:
+        clients = [await Client.open(url_of(broker), name=f"w{i}") for i in range(3)]
+        subs = [await c.subscribe("Q", durable="work", prefetch=50) for c in clients]
+        for start in range(0, total, 500):
+            await pub.publish_many("Q", [("E", i) for i in range(start, start + 500)])
+
+        async def work(i: int) -> None:
+            sub = subs[i]
+            while sum(acks.values()) < total:
+                try:
+                    msg = await sub.next(timeout=0.5)
+                except TimeoutError:
+                    continue
+                if i == 0 and sum(acks.values()) > total // 3:
+                    clients[0].abort()  # killed mid-stream, holding unacked messages
+                    return
+                if i == 0:
+                    await msg.ack(wait=True)  # so we know exactly which acks landed
+                else:
+                    await msg.ack()
+                acks[msg.offset] = acks.get(msg.offset, 0) + 1
+
+        await asyncio.gather(*(work(i) for i in range(3)))
+        assert sorted(acks) == list(range(total))
+        assert set(acks.values()) == {1}, "a message was acked twice"
+        for c in clients[1:]:
+            await c.aclose()
+        info = await pub.status()
+        (durable,) = info["durables"]
+        assert (durable["ack_floor"], durable["lag"], durable["in_flight"]) == (total, 0, 0)
