@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="PING idle clients this often, 0 = off; 2 missed = disconnect (default: %(default)s)",
     )
     p.add_argument(
+        "--retention-bytes",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="per queue, drop the oldest whole segments beyond this size, 0 = keep all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retention-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="per queue, drop whole segments older than this, 0 = keep all (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep-unacked",
+        action="store_true",
+        help="retention never drops a message that some durable has not acked",
+    )
+    p.add_argument(
         "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
     )
     p.add_argument(
@@ -138,6 +157,9 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_connections=args.max_connections,
         heartbeat=args.heartbeat,
         repair=args.repair,
+        retention_bytes=args.retention_bytes,
+        retention_age=args.retention_age,
+        retention_keep_unacked=args.keep_unacked,
         token=os.environ.get("TIDINGS_TOKEN") or None,
     )
 

@@ -79,6 +79,11 @@ class BrokerConfig:
         shutdown_grace: seconds to drain writes at shutdown.
         repair: truncate corrupt logs at the damage instead of refusing them.
         token: when set, HELLO must carry ``{"token": token}``.
+        retention_bytes: per queue, drop the oldest whole segments while the
+            log is larger than this (0 = keep everything).
+        retention_age: per queue, drop whole segments whose newest record is
+            older than this many seconds (0 = keep everything).
+        retention_keep_unacked: never drop a record some durable has not acked.
     """
 
     host: str = "127.0.0.1"
@@ -99,6 +104,9 @@ class BrokerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     repair: bool = False
     token: str | None = None
+    retention_bytes: int = 0
+    retention_age: float = 0.0
+    retention_keep_unacked: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -112,6 +120,8 @@ class BrokerConfig:
         for name in ("slow_consumer_timeout", "handshake_timeout", "cursor_flush", "shutdown_grace"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")
+        if self.retention_bytes < 0 or self.retention_age < 0:
+            raise ConfigError("retention limits must be 0 (off) or positive")
         if self.heartbeat < 0:
             raise ConfigError("heartbeat must be 0 (off) or positive")
         if self.max_connections < 1 or self.max_inflight_publishes < 1:

@@ -47,6 +47,8 @@ __all__ = ["Store", "group_from_state"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between retention checks.
+RETENTION_EVERY: Final = 1.0
 #: Worker threads for fsyncs: queues sync in parallel (their files are independent).
 SYNC_THREADS: Final = 4
 
@@ -227,9 +229,13 @@ class Store:
     async def _ticker(self) -> None:
         """Periodic work: redeliveries past their ack wait, cursor persists, dedup pruning."""
         interval = self.config.cursor_flush
+        retention_due = 0.0
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if now >= retention_due:
+                retention_due = now + RETENTION_EVERY
+                self.enforce_retention(int(time.time() * 1000))
             for queue in self.queues.values():
                 ready = False
                 for group in (*queue.groups.values(), *queue.ephemeral):
@@ -239,6 +245,40 @@ class Store:
                     queue.pump_all()
                 queue.prune_dedup(now)
             await self.flush_cursors()
+
+    def enforce_retention(self, now_ms: int) -> int:
+        """Drop whole sealed segments past the retention limits; return the records dropped."""
+        cfg = self.config
+        if not (cfg.retention_bytes or cfg.retention_age):
+            return 0
+        dropped = 0
+        for queue in self.queues.values():
+            log = queue.log
+            sealed = log.segments[:-1]
+            cut = log.first_offset
+            if cfg.retention_bytes:
+                size = log.size_bytes
+                for seg in sealed:
+                    if size <= cfg.retention_bytes:
+                        break
+                    size -= seg.size
+                    cut = max(cut, seg.next_offset)
+            if cfg.retention_age:
+                oldest = now_ms - int(cfg.retention_age * 1000)
+                for seg in sealed:
+                    if seg.last_ts >= oldest:
+                        break
+                    cut = max(cut, seg.next_offset)
+            cut = min(cut, queue.committed)
+            if cfg.retention_keep_unacked and queue.groups:
+                cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
+            if cut > log.first_offset:
+                n = log.drop_segments_before(cut)
+                if n:
+                    logger.info("queue %s: retention dropped %d messages (now from offset %d)",
+                                queue.name, n, log.first_offset)  # fmt: skip
+                    dropped += n
+        return dropped
 
     async def flush_cursors(self) -> None:
         """Persist every durable cursor that changed (write-temp/fsync/rename/fsync-dir)."""

@@ -1,0 +1,81 @@
+"""Retention: whole segments dropped by size or age, never what a durable
+still needs when --keep-unacked is on; readers continue from the first
+retained message."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from tests.helpers import broker_process, connected, running_broker
+
+SEGMENT = 4096
+PAYLOAD = b"x" * 200  # ~230 bytes a record: ~17 records a segment
+
+
+async def publish(c: Client, n: int) -> None:
+    """In small batches: a segment rolls between appends, and one append may be a whole batch."""
+    for _ in range(n // 10):
+        await c.publish_many("Q", [("E", PAYLOAD)] * 10)
+
+
+async def test_size_limit_drops_the_oldest_segments(tmp_path: Path) -> None:
+    overrides = {"segment_bytes": SEGMENT, "retention_bytes": 3 * SEGMENT}
+    async with running_broker(tmp_path, **overrides) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="slow", start="earliest", prefetch=1)
+        await publish(c, 200)
+        dropped = broker.store.enforce_retention(int(time.time() * 1000))
+        info = (await c.status())["queues"][0]
+        assert dropped == info["first_offset"] > 100 and info["bytes"] <= 4 * SEGMENT
+        batch = await c.fetch("Q", start="earliest", max_messages=1000)
+        assert batch[0].offset == info["first_offset"] and batch[-1].offset == 199
+        # The slow durable held offset 0; it continues from the first retained message.
+        first = await sub.next(timeout=5)
+        assert first.offset == 0  # delivered before the drop
+        await first.ack()
+        assert (await sub.next(timeout=5)).offset == info["first_offset"]
+
+
+async def test_keep_unacked_never_drops_what_a_durable_needs(tmp_path: Path) -> None:
+    overrides = {"segment_bytes": SEGMENT, "retention_bytes": SEGMENT, "retention_keep_unacked": True}
+    async with running_broker(tmp_path, **overrides) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=1000)
+        await publish(c, 100)
+        assert broker.store.enforce_retention(int(time.time() * 1000)) == 0
+        for _ in range(60):
+            await (await sub.next(timeout=5)).ack(wait=True)
+        dropped = broker.store.enforce_retention(int(time.time() * 1000))
+        assert 0 < dropped <= 60
+        assert (await c.status())["queues"][0]["first_offset"] <= 60
+
+
+async def test_age_limit(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, segment_bytes=SEGMENT, retention_age=60) as broker, connected(broker) as c:
+        await publish(c, 100)
+        now = int(time.time() * 1000)
+        assert broker.store.enforce_retention(now) == 0
+        # An hour later every sealed segment is too old; the active one stays.
+        dropped = broker.store.enforce_retention(now + 3_600_000)
+        info = (await c.status())["queues"][0]
+        assert dropped == info["first_offset"] > 50 and info["next_offset"] == 100
+
+
+@pytest.mark.one_loop
+async def test_the_broker_applies_retention_by_itself_and_after_a_restart(tmp_path: Path) -> None:
+    args = ("--segment-bytes", str(SEGMENT), "--retention-bytes", str(2 * SEGMENT))
+    with broker_process(tmp_path, *args) as bp:
+        async with Client(bp.url) as c:
+            await publish(c, 200)
+            deadline = time.monotonic() + 10
+            while (first := (await c.status())["queues"][0]["first_offset"]) == 0:
+                assert time.monotonic() < deadline, "retention never ran"
+                await asyncio.sleep(0.1)  # the broker checks once a second
+        assert bp.stop() == 0
+    with broker_process(tmp_path) as bp:
+        async with Client(bp.url) as c:
+            assert (await c.status())["queues"][0]["first_offset"] == first
+            assert (await c.fetch("Q", start="earliest", max_messages=1))[0].offset == first
