@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
+import msgpack
+
 from protocol import ErrorCode, EventFilter, encode_batch, encode_deliver, record_event
 
 from .log import QueueLog
@@ -40,6 +42,8 @@ TAIL_MAX_RECORDS: Final = 8192
 TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 #: Records read from the log per pread batch when catching up.
 READ_BATCH: Final = 512
+#: The header that carries a publish's message_id in the stored record.
+MESSAGE_ID_HEADER: Final = "x-message-id"
 #: Most bytes of records written to one subscriber per write (see pump()).
 PUMP_MAX_BYTES: Final = 256 * 1024
 #: Largest BATCH reply; leaves room under the 1 MiB default frame limit.
@@ -171,6 +175,28 @@ class Queue:
             confirmer.confirm(acks)
         else:
             self._confirms.append((end, confirmer, acks))
+
+    def rebuild_dedup(self, window: float) -> int:
+        """After a restart: index the message ids stored within the last ``window`` seconds.
+
+        Returns:
+            How many ids were found.
+        """
+        now_ms, mono = int(time.time() * 1000), time.monotonic()
+        offset = self.log.offset_for_time(now_ms - int(window * 1000))
+        found = 0
+        while offset < self.log.next_offset:
+            records = self.log.read(offset, max_count=1024, max_bytes=FETCH_MAX_BYTES)
+            if not records:
+                break
+            for off, ts, body in records:
+                headers = _record_headers(body)
+                mid = headers.get(MESSAGE_ID_HEADER) if headers else None
+                if isinstance(mid, str):
+                    self._dedup[mid] = (off, mono + window - (now_ms - ts) / 1000.0)
+                    found += 1
+                offset = off + 1
+        return found
 
     def prune_dedup(self, now: float) -> None:
         """Forget message ids older than the dedup window."""
@@ -371,3 +397,13 @@ class Queue:
             else:
                 keep.append(w)
         self.waiters = keep
+
+
+def _record_headers(body: bytes) -> dict[str, str] | None:
+    """The headers of a stored record body (event, timestamp, headers, payload)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(body)
+    unpacker.skip()  # event
+    unpacker.skip()  # timestamp
+    headers = unpacker.unpack()
+    return headers if isinstance(headers, dict) else None

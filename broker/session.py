@@ -61,7 +61,7 @@ from protocol import (
 )
 
 from .cursors import Cursor
-from .queue import FetchWaiter, Queue
+from .queue import MESSAGE_ID_HEADER, FetchWaiter, Queue
 from .router import AckError, Consumer, Group
 from .store import QueueUnavailable
 
@@ -359,14 +359,20 @@ class Session(asyncio.Protocol):
         if queue is None:
             return
         mid = ev.message_id
+        headers = ev.headers
         if mid is not None:
+            pending = self._batch.get(queue)
+            if pending is not None and mid in (m for _, m in pending[1]):
+                self._flush_publishes()  # the same id twice in one read: the first must be known
             dup = queue.find_duplicate(mid, time.monotonic())
             if dup is not None:
                 self.unconfirmed += 1
                 queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
                 return
+            # Stored with the record, so the dedup index survives a restart.
+            headers = {**headers, MESSAGE_ID_HEADER: mid} if headers else {MESSAGE_ID_HEADER: mid}
         try:
-            body = encode_record(ev.event, int(time.time() * 1000), ev.headers, ev.payload)
+            body = encode_record(ev.event, int(time.time() * 1000), headers, ev.payload)
         except Exception as exc:  # only reachable with exotic decoded values
             self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
             return

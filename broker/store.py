@@ -108,6 +108,8 @@ class Store:
         log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
         queue = Queue(name, log)
         queue.on_dead = self._dead_letter
+        if log.next_offset > log.first_offset:
+            queue.rebuild_dedup(self.config.dedup_window)
         cursors = CursorStore(path / "durables")
         for durable, state in cursors.load_all().items():
             queue.groups[durable] = group_from_state(queue, durable, state)

@@ -134,3 +134,14 @@ async def test_three_competing_consumers_one_killed_midway(tmp_path: Path) -> No
         info = await pub.status()
         (durable,) = info["durables"]
         assert (durable["ack_floor"], durable["lag"], durable["in_flight"]) == (total, 0, 0)
+
+
+async def test_idempotent_publish_survives_a_restart_and_a_repeat_in_one_write(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        offsets = await asyncio.gather(*(c.publish("orders", "E", i, message_id="same") for i in range(5)))
+        assert offsets == [0] * 5  # pipelined in one write: stored once
+        msg = (await c.fetch("orders"))[0]
+        assert msg.headers == {"x-message-id": "same"}
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish("orders", "E", 0, message_id="same") == 0
+        assert await c.publish("orders", "E", 1, message_id="other") == 1
