@@ -314,7 +314,7 @@ class Group:
         return len(due) + len(later)
 
     def _check_ackable(self, offset: int) -> None:
-        if offset >= self.read_pos:
+        if offset >= self.read_pos and offset not in self.deliveries:  # (delivered before a restart: ok)
             raise AckError(f"offset {offset} was never delivered to {self.name!r}")
         if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
             raise AckError(f"offset {offset} is already acknowledged")

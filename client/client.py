@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -79,6 +81,10 @@ DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
 READ_SIZE: Final = 256 * 1024
 #: Write buffer high-water mark: publish() awaits drain above it.
 WRITE_HIGH_WATER: Final = 1024 * 1024
+#: Connection-ending errors after which reconnecting makes sense.
+RECONNECT_CODES: Final = frozenset(
+    {ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS}
+)
 #: Ephemeral subscriptions stop the socket reader past this many buffered messages.
 DEFAULT_MAX_PENDING: Final = 10_000
 
@@ -127,6 +133,17 @@ class Client:
         ssl_context: TLS settings for ``tidingss://`` (default: verify).
         max_pending: buffered messages per ephemeral subscription before
             the client stops reading the socket.
+        reconnect: when the connection is lost (or the broker restarts),
+            reconnect with backoff, subscribe again and resend what was in
+            flight; callers see an error only if the broker stays unreachable
+            for ``reconnect_deadline`` seconds. A publish without a
+            ``message_id`` that was in flight fails with ConnectionLost (its
+            outcome is unknown); see ``idempotent``.
+        reconnect_deadline: seconds to keep trying before giving up.
+        idempotent: give every publish a message id (unique to this client)
+            so that it is retried safely after a reconnect: the broker stores
+            it once. Costs the broker an index entry per message for its
+            dedup window.
     """
 
     def __init__(
@@ -138,6 +155,9 @@ class Client:
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        reconnect: bool = True,
+        reconnect_deadline: float = 60.0,
+        idempotent: bool = False,
     ) -> None:
         self.url = url
         self.host, self.port, tls = parse_url(url)
@@ -166,6 +186,18 @@ class Client:
         self._error: BaseException | None = None
         self._closing = False
         self._closed = False
+        self.reconnect = reconnect
+        self.reconnect_deadline = reconnect_deadline
+        self.idempotent = idempotent
+        #: How often the connection was re-established.
+        self.reconnects = 0
+        self._frames: dict[int, Frame] = {}  # pending requests, resent after a reconnect
+        self._reconnecting = False
+        self._established = False
+        self._held: list[int] = []  # requests made while reconnecting
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._uid = uuid.uuid4().hex[:16]
+        self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._writer is not None else "new"
@@ -197,6 +229,13 @@ class Client:
             RequestTimeout: no WELCOME in time.
         """
         self._loop = asyncio.get_running_loop()
+        await self._open()
+        self._established = True
+        self._sweep()
+
+    async def _open(self) -> None:
+        """Open a fresh socket and shake hands (also used to reconnect)."""
+        self._conn = Connection(Role.CLIENT, limits=Limits())
         try:
             async with asyncio.timeout(self.timeout):
                 self._reader, self._writer = await asyncio.open_connection(
@@ -207,10 +246,19 @@ class Client:
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._reading_paused = False
         self._read_task = self._loop.create_task(self._read_loop())
-        self._sweep()
         credentials = {"token": self._token} if self._token is not None else None
-        welcome = await self._request(Hello(0, PROTOCOL_VERSION, self.name, credentials))
+        hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials)
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        self._pending[hello.req] = fut
+        self._writer.write(self._conn.send(hello))
+        try:
+            welcome = await self._wait(fut, "hello", self.timeout)
+        except BaseException:
+            self._pending.pop(hello.req, None)
+            self._writer.transport.abort()
+            raise
         assert isinstance(welcome, Welcome)
         self._conn.adopt_max_frame_size(welcome.max_frame_size)
         self.server_version = welcome.server
@@ -257,6 +305,8 @@ class Client:
             ServerError: refused by the broker (StorageFull, PayloadTooLarge...).
             ConnectionLost: the connection broke before the confirm arrived.
         """
+        if message_id is None and self.idempotent:
+            message_id = f"{self._uid}-{next(self._ids)}"
         reply = await self._request(Publish(0, queue, event, payload, headers, message_id))
         assert isinstance(reply, PubAck)
         return reply.offset
@@ -276,7 +326,13 @@ class Client:
         Raises:
             ServerError: the first refusal, after all replies arrived.
         """
-        futures = [self._send_request(Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None)) for m in messages]
+        futures = [
+            self._send_request(
+                Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None,
+                        f"{self._uid}-{next(self._ids)}" if self.idempotent else None)
+            )
+            for m in messages
+        ]  # fmt: skip
         await self._maybe_drain()
         # Await the futures themselves (the sweeper times them out): no task per message.
         offsets: list[int] = []
@@ -332,6 +388,7 @@ class Client:
         kind, value = _start(start)
         sub_id = next(self._subs_ids)
         sub = Subscription(self, sub_id, queue, tuple(events), durable, prefetch, self.max_pending)
+        sub._settings = (int((ack_wait or 0) * 1000), max_deliveries, dead_letter)
         self._subs[sub_id] = sub
         frame = Subscribe(
             0, sub_id, queue, tuple(events), durable, kind, value, prefetch,
@@ -419,7 +476,7 @@ class Client:
         await self._request(Progress(0, queue, durable, (offset,)))
 
     async def _flush_acks_now(self) -> None:
-        if self._acks:
+        if self._acks and not self._reconnecting:
             self._write_acks()
 
     def _write_acks(self) -> None:
@@ -451,7 +508,7 @@ class Client:
         if self._closed or self._closing:
             return
         self._closing = True
-        if self._writer is not None and self._error is None:
+        if self._writer is not None and self._error is None and not self._reconnecting:
             try:
                 self._write_acks()
                 self._wbuf.append(self._conn.send(Bye(0)))
@@ -474,6 +531,8 @@ class Client:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            self._reconnect_task.cancel()
         if self._writer is not None:
             self._writer.transport.abort()
         if self._read_task is not None and not self._read_task.done():
@@ -492,13 +551,17 @@ class Client:
         self._check_open()
         req = next(self._reqs)
         object.__setattr__(frame, "req", req)  # frames are values; the id is ours to assign
-        data = self._conn.send(frame)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[req] = fut
         if tracked:  # else the caller applies its own timeout
             self._deadlines.append((self._loop.time() + self.timeout, req, frame.TYPE))
-        self._wbuf.append(data)
-        self._schedule_flush()
+        if self.reconnect:
+            self._frames[req] = frame
+        if self._reconnecting:
+            self._held.append(req)  # sent when the connection is back
+        else:
+            self._wbuf.append(self._conn.send(frame))
+            self._schedule_flush()
         return fut
 
     def _sweep(self) -> None:
@@ -510,26 +573,18 @@ class Client:
         """
         now = self._loop.time()
         deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
+        while deadlines and deadlines[0][0] <= now and not self._reconnecting:
             _, req, frame_type = deadlines.popleft()
             fut = self._pending.pop(req, None)
+            self._frames.pop(req, None)
             if fut is not None and not fut.done():
                 fut.set_exception(RequestTimeout(frame_type.name.lower(), self.timeout))
         if not self._closed and self._error is None:
             self._sweeper = self._loop.call_later(max(self.timeout / 4, 0.01), self._sweep)
 
     async def _request(self, frame: Frame, timeout: float | None = None) -> Frame:
-        if isinstance(frame, Hello):
-            req = next(self._reqs)
-            object.__setattr__(frame, "req", req)
-            fut: asyncio.Future[Frame] = self._loop.create_future()
-            self._pending[req] = fut
-            self._deadlines.append((self._loop.time() + self.timeout, req, frame.TYPE))
-            self._wbuf.append(self._conn.send(frame))
-            self._flush()
-        else:
-            fut = self._send_request(frame, tracked=timeout is None)
-            await self._maybe_drain()
+        fut = self._send_request(frame, tracked=timeout is None)
+        await self._maybe_drain()
         return await self._wait(fut, frame.TYPE.name.lower(), timeout)
 
     async def _wait(self, fut: asyncio.Future[Frame], what: str, timeout: float | None = None) -> Frame:
@@ -556,6 +611,8 @@ class Client:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._reconnecting:
+            return  # acks and requests wait for the new connection
         if self._acks:
             self._write_acks()
         if self._wbuf and self._writer is not None and not self._writer.transport.is_closing():
@@ -601,9 +658,18 @@ class Client:
         finally:
             if error is not None and not self._closing:
                 logger.warning("%s: %s", self.url, error)
-            self._fail_all(error or ConnectionClosed(), clean=error is None)
             if self._writer is not None:
                 self._writer.transport.abort()
+            if error is not None and self._may_reconnect(error):
+                self._start_reconnect(error)
+            elif self._reconnecting:
+                # A reconnect attempt failed during its handshake: fail only that.
+                for req in [r for r in self._pending if r not in self._frames]:
+                    fut = self._pending.pop(req)
+                    if not fut.done():
+                        fut.set_exception(error or ConnectionLost("connection closed during the handshake"))
+            else:
+                self._fail_all(error or ConnectionClosed(), clean=error is None)
 
     def _dispatch(self, event: object) -> BaseException | None:
         t = type(event)
@@ -611,6 +677,7 @@ class Client:
             ev: Deliver = event  # type: ignore[assignment]
             sub = self._subs.get(ev.sub_id)
             if sub is not None:
+                sub._last_offset = ev.offset
                 sub._deliver(
                     Message(sub.queue, ev.event, ev.payload, ev.headers or {}, ev.offset,
                             ev.timestamp, ev.deliveries, sub.durable, self)
@@ -637,13 +704,104 @@ class Client:
                         sub.ack_errors.append(exc)
                 return None
             fut = self._pending.pop(req, None)
+            self._frames.pop(req, None)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
             return exc if err.code in FATAL_CODES else None
         fut = self._pending.pop(req, None)
+        if self._frames:
+            self._frames.pop(req, None)
         if fut is not None and not fut.done():
             fut.set_result(event)  # type: ignore[arg-type]
         return None
+
+    # --- reconnecting -------------------------------------------------------
+
+    def _may_reconnect(self, error: BaseException) -> bool:
+        if not self.reconnect or self._closing or self._closed or self._reconnecting or not self._established:
+            return False
+        if isinstance(error, ConnectionLost):
+            return True
+        return isinstance(error, ServerError) and error.code in RECONNECT_CODES
+
+    def _start_reconnect(self, cause: BaseException) -> None:
+        self._reconnecting = True
+        self._wbuf.clear()  # encoded for the old connection; the requests are resent
+        lost = ConnectionLost(
+            f"connection lost before the broker confirmed this publish ({cause}); it may or may not be "
+            "stored. Give it a message_id (or use Client(idempotent=True)) to have it retried safely."
+        )
+        for req in sorted(self._pending):
+            frame = self._frames.get(req)
+            if frame is None:  # the handshake of a connection that is gone
+                fut = self._pending.pop(req)
+                if not fut.done():
+                    fut.set_exception(ConnectionLost(str(cause)))
+                    fut.exception()
+            elif type(frame) is Publish and frame.message_id is None:
+                fut = self._pending.pop(req)
+                self._frames.pop(req)
+                if not fut.done():
+                    fut.set_exception(lost)
+                    fut.exception()
+            else:
+                self._held.append(req)
+        self._reconnect_task = self._loop.create_task(self._reconnect(cause))
+
+    async def _reconnect(self, cause: BaseException) -> None:
+        """Try again with backoff until ``reconnect_deadline``, then resume."""
+        deadline = self._loop.time() + self.reconnect_deadline
+        delay = 0.02
+        while True:
+            try:
+                await self._open()
+                break
+            except (ConnectionLost, RequestTimeout, OSError) as exc:
+                if self._loop.time() + delay > deadline:
+                    error = ConnectionLost(
+                        f"the broker at {self.host}:{self.port} stayed unreachable for "
+                        f"{self.reconnect_deadline:g} s after {cause}: {exc}"
+                    )
+                    self._reconnecting = False
+                    self._held.clear()
+                    self._fail_all(error, clean=False)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ServerError as exc:  # AuthFailed and friends: trying again will not help
+                self._reconnecting = False
+                self._held.clear()
+                self._fail_all(exc, clean=False)
+                return
+        self.reconnects += 1
+        self._reconnecting = False
+        logger.info("%s: reconnected (conn %d) after %s", self.url, self.conn_id, cause)
+        held, self._held = self._held, []
+        pending_subs = {f.sub_id for r in held if type(f := self._frames.get(r)) is Subscribe}
+        # Acks and requests made meanwhile go first, so an ack of a message
+        # delivered before the drop lands before that message could come again.
+        if self._acks:
+            self._write_acks()
+        for req in held:
+            frame = self._frames.get(req)
+            if frame is not None and req in self._pending:
+                self._wbuf.append(self._conn.send(frame))
+        for sub in list(self._subs.values()):
+            if sub.sub_id in pending_subs:
+                continue  # its own SUBSCRIBE is about to be resent
+            if sub.durable is not None or sub._last_offset is None:
+                kind, value = ("new", None)
+            else:
+                kind, value = ("offset", sub._last_offset + 1)
+            ack_wait_ms, max_deliveries, dead_letter = sub._settings
+            fut = self._send_request(
+                Subscribe(0, sub.sub_id, sub.queue, sub.events, sub.durable, kind, value, sub.prefetch,
+                          ack_wait_ms, max_deliveries, dead_letter)
+            )  # fmt: skip
+            fut.add_done_callback(functools.partial(_resubscribed, sub))
+        now = self._loop.time()
+        self._deadlines = collections.deque((now + self.timeout, r, t) for _, r, t in self._deadlines)
+        self._flush()
 
     def _fail_all(self, error: BaseException, *, clean: bool) -> None:
         if self._sweeper is not None:
@@ -652,6 +810,7 @@ class Client:
         if self._error is None and not clean:
             self._error = error
         pending, self._pending = self._pending, {}
+        self._frames.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(error if not clean else ConnectionClosed())
@@ -660,3 +819,12 @@ class Client:
             sub._end(None if clean else error)
         if clean:
             self._closed = True
+
+
+def _resubscribed(sub: Subscription, fut: asyncio.Future[Frame]) -> None:
+    """A subscription could not be re-established after a reconnect: end it with the reason."""
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        sub._end(exc)

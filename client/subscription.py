@@ -141,6 +141,10 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._ended = False
+        #: Last offset delivered: an ephemeral subscription resumes after it.
+        self._last_offset: int | None = None
+        #: (ack_wait_ms, max_deliveries, dead_letter), for subscribing again.
+        self._settings: tuple[int, int, str | None] = (0, 0, None)
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "active"

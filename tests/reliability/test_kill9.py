@@ -34,7 +34,7 @@ async def publish_stream(url: str, producer: int, history: History, start_seq: i
     until the connection breaks. Returns the next seq."""
     seq = start_seq
     try:
-        client = await Client.open(url, name=f"p{producer}", timeout=5)
+        client = await Client.open(url, name=f"p{producer}", timeout=5, reconnect=False)
     except TidingsError:
         return seq
     window = asyncio.Semaphore(64)

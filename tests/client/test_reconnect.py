@@ -1,0 +1,109 @@
+"""Client(reconnect=True): a broker restart under a busy client loses no
+confirmed publish, stores nothing twice, and subscriptions carry on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from protocol import ConnectionLost
+from tests.checker import History, check, read_all
+from tests.helpers import BrokerProcess
+
+pytestmark = pytest.mark.one_loop
+
+
+def restart_on_same_port(bp: BrokerProcess, *, kill: bool) -> BrokerProcess:
+    if kill:
+        bp.kill()
+    else:
+        assert bp.stop() == 0
+    return BrokerProcess(bp.data_dir, "--port", str(bp.port)).start()
+
+
+async def test_kill9_under_an_idempotent_publisher_loses_nothing_and_stores_nothing_twice(tmp_path: Path) -> None:
+    bp = BrokerProcess(tmp_path).start()
+    history = History()
+    try:
+        async with Client(bp.url, name="pub", idempotent=True, reconnect_deadline=30) as c:
+            sem = asyncio.Semaphore(100)
+            restarted = asyncio.Event()
+
+            async def one(seq: int) -> None:
+                try:
+                    history.ok[(0, seq)] = ("Q", await c.publish("Q", "E", [0, seq]))
+                finally:
+                    sem.release()
+
+            tasks = []
+            for seq in range(6000):
+                await sem.acquire()
+                tasks.append(asyncio.ensure_future(one(seq)))
+                if seq in (2000, 4000):
+                    bp = restart_on_same_port(bp, kill=True)  # publishes are in flight right now
+                    restarted.set()
+            await asyncio.gather(*tasks)  # no publish raised
+            assert c.reconnects == 2
+        report = check(history, {"Q": await _read(bp)})
+        assert report.clean and report.order_inversions == 0, report
+        assert len(history.ok) == 6000
+    finally:
+        bp.kill()
+
+
+async def _read(bp: BrokerProcess) -> list[tuple[int, object]]:
+    async with Client(bp.url, reconnect=False) as c:
+        return await read_all(c, "Q")
+
+
+async def test_subscriptions_continue_across_a_broker_restart(tmp_path: Path) -> None:
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        async with Client(bp.url, name="sub") as sc, Client(bp.url, name="pub") as pc:
+            durable = await sc.subscribe("Q", durable="d", start="earliest", prefetch=10)
+            live = await sc.subscribe("Q")
+            await pc.publish_many("Q", [("E", i) for i in range(5)])
+            got = [await durable.next(timeout=5) for _ in range(5)]
+            assert [(await live.next(timeout=5)).payload for _ in range(5)] == list(range(5))
+            for m in got[:3]:
+                await m.ack(wait=True)
+            bp = restart_on_same_port(bp, kill=False)  # graceful: clients get SHUTTING_DOWN
+            # Acks of messages delivered before the restart are applied after it.
+            await got[3].ack(wait=True)
+            await pc.publish_many("Q", [("E", i) for i in range(5, 8)])
+            again = [await durable.next(timeout=10) for _ in range(4)]
+            assert [(m.payload, m.redelivered) for m in again] == [(4, True), (5, False), (6, False), (7, False)]
+            # The ephemeral one resumes after the last message it saw.
+            assert [(await live.next(timeout=10)).payload for _ in range(3)] == [5, 6, 7]
+            assert sc.reconnects == 1 and pc.reconnects == 1
+    finally:
+        bp.kill()
+
+
+async def test_a_plain_publish_in_flight_at_a_crash_is_reported_not_guessed(tmp_path: Path) -> None:
+    bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "after_write_before_sync:crash:1"}).start()
+    try:
+        async with Client(bp.url, reconnect_deadline=0.5) as c:
+            with pytest.raises(ConnectionLost, match="may or may not be stored"):
+                await c.publish("Q", "E", "written, never confirmed")
+    finally:
+        bp.kill()
+
+
+async def test_the_client_gives_up_after_the_deadline(tmp_path: Path) -> None:
+    bp = BrokerProcess(tmp_path).start()
+    c = await Client.open(bp.url, reconnect_deadline=0.5)
+    try:
+        bp.kill()
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="unreachable"):
+            while True:
+                await c.publish("Q", "E", message_id=f"m{time.monotonic()}")
+        assert time.monotonic() - started < 5
+    finally:
+        c.abort()
+        bp.kill()
