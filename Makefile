@@ -8,7 +8,7 @@ PORT   ?= 6464
 DATA   ?= ./tidings-data
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-slow soak lint typecheck fmt check bench bench-quick clean
+.PHONY: help install run test test-slow soak lint typecheck fmt check bench bench-quick bench-peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ bench: $(STAMP) ## run every benchmark scenario against tidings
 
 bench-quick: $(STAMP) ## a smoke run of every scenario (< 1 minute)
 	$(BIN)/python -m bench --quick
+
+bench-peers: $(STAMP) ## install Redis, NATS, RabbitMQ (apt) and their clients, then benchmark side by side
+	command -v redis-server >/dev/null && command -v nats-server >/dev/null && test -x /usr/lib/rabbitmq/bin/rabbitmq-server || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server nats-server rabbitmq-server)
+	$(BIN)/python -m pip install -q -e '.[bench,peers]'
+	$(BIN)/python -m bench --peers --chart
 
 clean: ## remove the virtual environment and caches (keeps tidings-data)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis build *.egg-info

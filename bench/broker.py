@@ -1,0 +1,160 @@
+"""The broker under test as a subprocess, and what /proc says about it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces: split after its closing parenthesis.
+    fields = data[data.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy since boot (/proc/stat), to spot other load."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal ...
+    busy = sum(int(x) for i, x in enumerate(fields[1:9]) if i not in (3, 4))
+    return busy / _CLK_TCK
+
+
+def proc_status_kb(pid: int, key: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/status (VmHWM, VmRSS...), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class BrokerProcess:
+    """``python -m broker --port 0`` as a subprocess; the port is read from its log.
+
+    Args:
+        data_dir: a fresh folder for its data.
+        fsync: always | interval | never.
+        extra: more command-line arguments.
+        prefix: wrap the command (e.g. ``[python, -m, cProfile, -o, file]``).
+    """
+
+    def __init__(self, data_dir: Path, fsync: str = "always", extra: tuple[str, ...] = (),
+                 prefix: list[str] | None = None) -> None:  # fmt: skip
+        self.data_dir = data_dir
+        self.fsync = fsync
+        self.extra = extra
+        self.prefix = prefix
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.log: list[str] = []
+        self._drain: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"tidings://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> BrokerProcess:
+        head = self.prefix or [sys.executable]
+        cmd = [*head, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
+               "--fsync", self.fsync, "--log-level", "warning", *self.extra]  # fmt: skip
+        # --log-level warning would hide the "listening on" line: keep info for start-up.
+        cmd[cmd.index("--log-level") + 1] = "info"
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stderr:
+            self.log.append(line)
+            m = re.search(r"listening on [^ ]+:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.port:
+            self.stop()
+            raise RuntimeError("broker did not start:\n" + "".join(self.log[-30:]))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+        return self
+
+    def _read_rest(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if len(self.log) > 2000:
+                del self.log[:1000]
+
+    def cpu_seconds(self) -> float | None:
+        return proc_cpu_seconds(self.pid)
+
+    def peak_rss_kb(self) -> int | None:
+        return proc_status_kb(self.pid, "VmHWM")
+
+    def fsyncs(self) -> int | None:
+        """The broker's own count of log fsyncs (STATUS server.fsyncs), or None."""
+        status = self.status()
+        value = (status or {}).get("server", {}).get("fsyncs")
+        return value if isinstance(value, int) else None
+
+    def status(self) -> dict[str, Any] | None:
+        """The broker's STATUS reply (None if it cannot be had)."""
+        return asyncio.run(_status(self.url))
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (graceful), wait, SIGKILL if it hangs; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self._drain is not None:
+            self._drain.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+async def _status(url: str) -> dict[str, Any] | None:
+    from client import Client
+
+    try:
+        async with Client(url, name="bench-status", timeout=10.0) as c:
+            return await c.status()
+    except Exception:
+        return None
