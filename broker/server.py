@@ -120,8 +120,14 @@ class Broker:
             self._idle.set()
 
     def _storage_failed(self, reason: str) -> None:
+        # Publishes written but not yet synced may or may not be on disk: an ERR
+        # would claim they are not. Their clients see the connection drop
+        # instead (outcome unknown; retried safely with a message_id).
         for queue in self.store.queues.values():
-            queue.fail_pending(lambda confirmer, acks: confirmer.fail(acks, ErrorCode.STORAGE_FAILED, reason))
+            queue.fail_pending(lambda confirmer, acks: None)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
         if self._on_fatal is not None:
             self._on_fatal(reason)
 

@@ -127,3 +127,21 @@ async def test_crash_at_a_named_point_loses_nothing(tmp_path: Path, fault: str) 
         await verify(bp.url, history)
     finally:
         assert bp.stop() == 0
+
+
+async def test_a_failed_fsync_is_fail_stop_and_recovers_on_restart(tmp_path: Path) -> None:
+    """R7: fsync EIO -> nothing more is confirmed, the broker exits 3, a restart recovers."""
+    history = History()
+    bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "sync:eio:50"}).start()
+    try:
+        await asyncio.wait_for(publish_stream(bp.url, 0, history, 0), 60)
+        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert any("fsync failed" in line for line in bp.log)
+    finally:
+        bp.kill()
+    assert history.ok, "nothing was confirmed before the failure"
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        await verify(bp.url, history)
+    finally:
+        assert bp.stop() == 0
