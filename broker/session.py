@@ -36,6 +36,7 @@ from protocol import (
     Ack,
     Bye,
     Connection,
+    Delete,
     ErrorCode,
     EventFilter,
     Fetch,
@@ -138,6 +139,7 @@ class Session(asyncio.Protocol):
             Ack: self._on_ack,
             Nack: self._on_nack,
             Progress: self._on_progress,
+            Delete: self._on_delete,
             Fetch: self._on_fetch,
             Status: self._on_status,
             Ping: self._on_ping,
@@ -558,6 +560,35 @@ class Session(asyncio.Protocol):
             return
         if ev.req:
             self.write(self.conn.send(Ok(ev.req)))
+
+    def _on_delete(self, ev: Delete) -> None:
+        store = self.broker.store
+        queue = store.queues.get(ev.queue)
+        if queue is None:
+            self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no queue {ev.queue!r}")
+            return
+        if ev.durable is not None:
+            group = queue.groups.get(ev.durable)
+            if group is None:
+                self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no durable {ev.durable!r} on queue {ev.queue!r}")
+                return
+            if group.consumers:
+                self.reply_error(ev.req, ErrorCode.CONFLICT,
+                                 f"durable {ev.durable!r} is in use by {len(group.consumers)} consumers")  # fmt: skip
+                return
+            del queue.groups[ev.durable]
+            store.cursor_stores[ev.queue].delete(ev.durable)
+        else:
+            busy = sum(len(g.consumers) for g in queue.groups.values()) + len(queue.ephemeral) + len(queue.waiters)
+            if busy:
+                self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} is in use by {busy} readers")
+                return
+            if queue.committed < queue.log.next_offset:
+                self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} has publishes in flight; retry")
+                return
+            store.delete_queue(ev.queue)
+        logger.info("conn %d: deleted %s%s", self.conn_id, ev.queue, f"/{ev.durable}" if ev.durable else "")
+        self.write(self.conn.send(Ok(ev.req)))
 
     # --- fetch ------------------------------------------------------------------
 

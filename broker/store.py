@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from protocol import ErrorCode, check_pattern, check_queue, encode_record
 
 from .config import BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
-from .log import QueueLog
+from .log import QueueLog, fsync_dir
 from .queue import Queue
 from .router import Group
 
@@ -131,6 +132,15 @@ class Store:
         if not create:
             return None
         return self._load(name)
+
+    def delete_queue(self, name: str) -> None:
+        """Remove a queue and all its files (the caller checked it is idle)."""
+        queue = self.queues.pop(name)
+        self.cursor_stores.pop(name, None)
+        self._dirty.discard(queue)
+        queue.log.close()
+        shutil.rmtree(self._path(name))
+        fsync_dir(self.queues_dir)
 
     # --- dead letters -------------------------------------------------------
 

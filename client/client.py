@@ -43,6 +43,7 @@ from protocol import (
     Connection,
     ConnectionClosed,
     ConnectionLost,
+    Delete,
     Deliver,
     Err,
     ErrorCode,
@@ -483,6 +484,24 @@ class Client:
         acks, self._acks = self._acks, {}
         for (queue, durable), offsets in acks.items():
             self._wbuf.append(self._conn.send(Ack(0, queue, durable, tuple(offsets))))
+
+    # --- administration ---------------------------------------------------------
+
+    async def delete_durable(self, queue: str, durable: str) -> None:
+        """Delete a durable and its cursor.
+
+        Raises:
+            NotFound: no such durable. ServerError (CONFLICT): it has consumers.
+        """
+        await self._request(Delete(0, queue, durable))
+
+    async def delete_queue(self, queue: str) -> None:
+        """Delete a queue with all its messages and durables.
+
+        Raises:
+            NotFound: no such queue. ServerError (CONFLICT): someone is reading it.
+        """
+        await self._request(Delete(0, queue))
 
     # --- status and ping ----------------------------------------------------
 

@@ -47,6 +47,7 @@ __all__ = [
     "Ack",
     "Batch",
     "Bye",
+    "Delete",
     "Deliver",
     "Err",
     "Fetch",
@@ -103,6 +104,7 @@ class FrameType(enum.IntEnum):
     ERR = 18
     BYE = 19
     PROGRESS = 20
+    DELETE = 21
 
 
 # --- field checks -----------------------------------------------------------
@@ -457,6 +459,22 @@ class Progress(Frame):
 
 
 @_frame
+class Delete(Frame):
+    """Client -> broker: delete durable ``durable`` of ``queue``, or with no durable the whole queue."""
+
+    TYPE = FrameType.DELETE
+    req: int
+    queue: str
+    durable: str | None = None
+
+    def __post_init__(self) -> None:
+        _uint("DELETE", "req", self.req)
+        _name("DELETE", self.queue, check_queue)
+        if self.durable is not None:
+            _name("DELETE", self.durable, check_durable)
+
+
+@_frame
 class Fetch(Frame):
     """Client -> broker: pull up to ``max_messages``, waiting up to ``wait_ms``.
 
@@ -646,7 +664,7 @@ FRAME_CLASSES: Final[dict[int, type[Frame]]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Publish, PubAck, Subscribe, Unsubscribe, Deliver, Ack, Nack,
-        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye, Progress,
+        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye, Progress, Delete,
     )
 }  # fmt: skip
 

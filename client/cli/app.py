@@ -28,6 +28,7 @@ from .commands import (
     Context,
     check_pub,
     parse_start,
+    run_delete,
     run_fetch,
     run_ping,
     run_pub,
@@ -140,6 +141,16 @@ examples:
   tidings ping
   tidings ping -c 5 -i 0.2
   tidings ping -c 0                 # until Ctrl-C
+"""
+
+DELETE_EPILOG = """\
+Deletes a durable (its cursor) or, without --durable, a whole queue with
+its messages and durables. Refused (exit 3, CONFLICT) while someone is
+subscribed to it; NOT_FOUND if it does not exist.
+
+examples:
+  tidings delete DB --durable audit
+  tidings delete scratch
 """
 
 RAW_EPILOG = """\
@@ -339,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="between pings (default: %(default)s)",
     )
 
+    dl = add("delete", "delete a durable, or a whole queue", DELETE_EPILOG)
+    dl.add_argument("queue", metavar="QUEUE")
+    dl.add_argument("--durable", "-d", metavar="NAME", help="delete only this durable")
+
     rw = add("raw", "send frames as JSON lines, print the frames received", RAW_EPILOG)
     rw.add_argument("--hex", action="store_true", help='bytes as {"$hex"} and each frame\'s wire bytes')
     rw.add_argument(
@@ -382,6 +397,7 @@ _CLIENT_COMMANDS: dict[str, Any] = {
     "fetch": run_fetch,
     "status": run_status,
     "ping": run_ping,
+    "delete": run_delete,
 }
 
 

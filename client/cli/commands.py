@@ -386,3 +386,17 @@ async def run_ping(ctx: Context, client: Client) -> int:
             await ctx.out.line(f"{len(rtts)} pings, min/avg/max = "
                                f"{min(rtts):.2f}/{sum(rtts) / len(rtts):.2f}/{max(rtts):.2f} ms")  # fmt: skip
     return EXIT_OK
+
+
+# --- delete -------------------------------------------------------------------
+
+
+async def run_delete(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    if args.durable:
+        await client.delete_durable(args.queue, args.durable)
+        await ctx.out.line(f"deleted durable {args.durable} of {args.queue}")
+    else:
+        await client.delete_queue(args.queue)
+        await ctx.out.line(f"deleted queue {args.queue}")
+    return EXIT_OK

@@ -145,3 +145,34 @@ async def test_idempotent_publish_survives_a_restart_and_a_repeat_in_one_write(t
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert await c.publish("orders", "E", 0, message_id="same") == 0
         assert await c.publish("orders", "E", 1, message_id="other") == 1
+
+
+async def test_deleting_a_durable_and_a_queue(tmp_path: Path) -> None:
+    from protocol import NotFound
+
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", start="earliest")
+        await c.publish_many("Q", [("E", i) for i in range(3)])
+        with pytest.raises(ServerError) as info:
+            await c.delete_durable("Q", "d")
+        assert info.value.code == 28 and "in use" in str(info.value)  # CONFLICT
+        with pytest.raises(ServerError) as info:
+            await c.delete_queue("Q")
+        assert info.value.code == 28
+        await sub.close()
+        await c.delete_durable("Q", "d")
+        with pytest.raises(NotFound):
+            await c.delete_durable("Q", "d")
+        assert (await c.status())["durables"] == []
+        # Recreated from scratch: a new durable starts where it is told to.
+        again = await c.subscribe("Q", durable="d", start="earliest")
+        assert (await again.next(timeout=5)).offset == 0
+        await again.close()
+        await c.delete_queue("Q")
+        assert not (tmp_path / "queues" / "Q").exists()
+        assert (await c.status())["queues"] == []
+        with pytest.raises(NotFound):
+            await c.delete_queue("Q")
+        assert await c.publish("Q", "E", "fresh") == 0  # a new queue, from offset 0
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert [m.payload for m in await c.fetch("Q")] == ["fresh"]

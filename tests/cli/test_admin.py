@@ -7,7 +7,7 @@ import signal
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
 
-COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw"]
+COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw", "delete"]
 
 
 def test_status_tables_and_json(url: str, queue: str) -> None:
@@ -56,3 +56,15 @@ def test_help_has_examples() -> None:
         assert got.returncode == 0, args
         assert "examples:" in got.stdout, args
         assert "exit codes:" in got.stdout, args
+
+
+def test_delete_a_durable_and_a_queue(url: str, queue: str) -> None:
+    run("pub", queue, "E", "1", url=url)
+    run("fetch", queue, "--durable", "audit", url=url)
+    done = run("delete", queue, "--durable", "audit", url=url)
+    assert (done.returncode, done.stdout.strip()) == (0, f"deleted durable audit of {queue}")
+    missing = run("delete", queue, "--durable", "audit", url=url)
+    assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr
+    assert run("delete", queue, url=url).returncode == 0
+    info = json.loads(run("status", "--json", url=url).stdout)
+    assert queue not in [q["name"] for q in info["queues"]]
