@@ -232,6 +232,19 @@ class Group:
         consumer.held.add(offset)
         return n
 
+    def seek(self, offset: int) -> None:
+        """Start again at ``offset``: everything before it counts as done, nothing
+        after it is in flight or waiting (the caller checked there are no consumers)."""
+        self.cursor = Cursor(offset)
+        self.read_pos = offset
+        self.in_flight.clear()
+        self.deliveries.clear()
+        self.ready.clear()
+        self.delayed.clear()
+        self.parked.clear()
+        self.dead.clear()
+        self.dirty = True
+
     # --- acknowledgements ---------------------------------------------------
 
     def ack(self, offsets: Iterable[int], upto: int | None) -> int:

@@ -50,6 +50,7 @@ from protocol import (
     Publish,
     RemoteProtocolError,
     Role,
+    Seek,
     State,
     Status,
     StatusReply,
@@ -140,6 +141,7 @@ class Session(asyncio.Protocol):
             Nack: self._on_nack,
             Progress: self._on_progress,
             Delete: self._on_delete,
+            Seek: self._on_seek,
             Fetch: self._on_fetch,
             Status: self._on_status,
             Ping: self._on_ping,
@@ -560,6 +562,20 @@ class Session(asyncio.Protocol):
             return
         if ev.req:
             self.write(self.conn.send(Ok(ev.req)))
+
+    def _on_seek(self, ev: Seek) -> None:
+        found = self._group(ev.req, ev.queue, ev.durable)
+        if found is None:
+            return
+        queue, group = found
+        if group.consumers:
+            self.reply_error(ev.req, ErrorCode.CONFLICT,
+                             f"durable {ev.durable!r} is in use by {len(group.consumers)} consumers")  # fmt: skip
+            return
+        offset = self._start_offset(queue, ev.start, ev.start_value)
+        group.seek(offset)
+        logger.info("conn %d: durable %s/%s moved to offset %d", self.conn_id, ev.queue, ev.durable, offset)
+        self.write(self.conn.send(Ok(ev.req)))
 
     def _on_delete(self, ev: Delete) -> None:
         store = self.broker.store

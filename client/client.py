@@ -61,6 +61,7 @@ from protocol import (
     RemoteProtocolError,
     RequestTimeout,
     Role,
+    Seek,
     ServerError,
     Status,
     StatusReply,
@@ -494,6 +495,17 @@ class Client:
             NotFound: no such durable. ServerError (CONFLICT): it has consumers.
         """
         await self._request(Delete(0, queue, durable))
+
+    async def seek(self, queue: str, durable: str, start: str | int | datetime) -> None:
+        """Move a durable (rewind or skip ahead): it next delivers from ``start``
+        ("earliest", "new", an offset or a datetime); what it had in flight is
+        forgotten. Only while nobody is subscribed to it.
+
+        Raises:
+            NotFound: no such durable. ServerError (CONFLICT): it has consumers.
+        """
+        kind, value = _start(start)
+        await self._request(Seek(0, queue, durable, kind, value))
 
     async def delete_queue(self, queue: str) -> None:
         """Delete a queue with all its messages and durables.

@@ -63,6 +63,7 @@ __all__ = [
     "PubAck",
     "Publish",
     "Record",
+    "Seek",
     "Status",
     "StatusReply",
     "Subscribe",
@@ -105,6 +106,7 @@ class FrameType(enum.IntEnum):
     BYE = 19
     PROGRESS = 20
     DELETE = 21
+    SEEK = 22
 
 
 # --- field checks -----------------------------------------------------------
@@ -475,6 +477,24 @@ class Delete(Frame):
 
 
 @_frame
+class Seek(Frame):
+    """Client -> broker: move durable ``durable`` of ``queue`` to a new start (rewind or skip ahead)."""
+
+    TYPE = FrameType.SEEK
+    req: int
+    queue: str
+    durable: str
+    start: str = "earliest"
+    start_value: int | None = None
+
+    def __post_init__(self) -> None:
+        _uint("SEEK", "req", self.req)
+        _name("SEEK", self.queue, check_queue)
+        _name("SEEK", self.durable, check_durable)
+        _start("SEEK", self.start, self.start_value)
+
+
+@_frame
 class Fetch(Frame):
     """Client -> broker: pull up to ``max_messages``, waiting up to ``wait_ms``.
 
@@ -664,7 +684,7 @@ FRAME_CLASSES: Final[dict[int, type[Frame]]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Publish, PubAck, Subscribe, Unsubscribe, Deliver, Ack, Nack,
-        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye, Progress, Delete,
+        Fetch, Batch, Status, StatusReply, Ping, Pong, Ok, Err, Bye, Progress, Delete, Seek,
     )
 }  # fmt: skip
 

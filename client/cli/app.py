@@ -32,6 +32,7 @@ from .commands import (
     run_fetch,
     run_ping,
     run_pub,
+    run_seek,
     run_status,
     run_sub,
 )
@@ -151,6 +152,17 @@ subscribed to it; NOT_FOUND if it does not exist.
 examples:
   tidings delete DB --durable audit
   tidings delete scratch
+"""
+
+SEEK_EPILOG = """\
+Moves a durable: it next delivers from --to (earliest, new, an offset, or an
+ISO 8601 time); what it had in flight is forgotten. Refused (exit 3,
+CONFLICT) while someone is subscribed with it.
+
+examples:
+  tidings seek DB --durable audit --to earliest        # replay everything
+  tidings seek DB --durable audit --to 2026-11-23T09:00:00Z
+  tidings seek DB --durable audit --to new             # skip the backlog
 """
 
 RAW_EPILOG = """\
@@ -354,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("queue", metavar="QUEUE")
     dl.add_argument("--durable", "-d", metavar="NAME", help="delete only this durable")
 
+    sk = add("seek", "rewind a durable or skip it ahead", SEEK_EPILOG)
+    sk.add_argument("queue", metavar="QUEUE")
+    sk.add_argument("--durable", "-d", metavar="NAME", required=True, help="the durable to move")
+    sk.add_argument(
+        "--to", required=True, type=parse_start, metavar="POSITION", help="earliest, new, OFFSET or ISO-TIME"
+    )
+
     rw = add("raw", "send frames as JSON lines, print the frames received", RAW_EPILOG)
     rw.add_argument("--hex", action="store_true", help='bytes as {"$hex"} and each frame\'s wire bytes')
     rw.add_argument(
@@ -398,6 +417,7 @@ _CLIENT_COMMANDS: dict[str, Any] = {
     "status": run_status,
     "ping": run_ping,
     "delete": run_delete,
+    "seek": run_seek,
 }
 
 

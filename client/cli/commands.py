@@ -400,3 +400,10 @@ async def run_delete(ctx: Context, client: Client) -> int:
         await client.delete_queue(args.queue)
         await ctx.out.line(f"deleted queue {args.queue}")
     return EXIT_OK
+
+
+async def run_seek(ctx: Context, client: Client) -> int:
+    args = ctx.args
+    await client.seek(args.queue, args.durable, args.to)
+    await ctx.out.line(f"durable {args.durable} of {args.queue} moved to {args.to}")
+    return EXIT_OK

@@ -176,3 +176,25 @@ async def test_deleting_a_durable_and_a_queue(tmp_path: Path) -> None:
         assert await c.publish("Q", "E", "fresh") == 0  # a new queue, from offset 0
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert [m.payload for m in await c.fetch("Q")] == ["fresh"]
+
+
+async def test_seek_rewinds_and_skips_a_durable(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish_many("Q", [("E", i) for i in range(10)])
+        sub = await c.subscribe("Q", durable="d", start="earliest")
+        for _ in range(10):
+            await (await sub.next(timeout=5)).ack()
+        with pytest.raises(ServerError) as info:
+            await c.seek("Q", "d", "earliest")
+        assert info.value.code == 28  # CONFLICT: in use
+        await sub.close()
+        await c.seek("Q", "d", 4)  # rewind
+        sub = await c.subscribe("Q", durable="d")
+        got = [await sub.next(timeout=5) for _ in range(6)]
+        assert [m.offset for m in got] == list(range(4, 10))
+        await sub.close()
+        await c.seek("Q", "d", "new")  # skip everything
+        info2 = (await c.status())["durables"][0]
+        assert (info2["ack_floor"], info2["lag"], info2["in_flight"]) == (10, 0, 0)
+    async with running_broker(tmp_path) as broker, connected(broker) as c:  # the seek was persisted
+        assert (await c.status())["durables"][0]["ack_floor"] == 10

@@ -7,7 +7,7 @@ import signal
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
 
-COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw", "delete"]
+COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw", "delete", "seek"]
 
 
 def test_status_tables_and_json(url: str, queue: str) -> None:
@@ -68,3 +68,14 @@ def test_delete_a_durable_and_a_queue(url: str, queue: str) -> None:
     assert run("delete", queue, url=url).returncode == 0
     info = json.loads(run("status", "--json", url=url).stdout)
     assert queue not in [q["name"] for q in info["queues"]]
+
+
+def test_seek_rewinds_a_durable(url: str, queue: str) -> None:
+    run("pub", queue, "E", input="1\n2\n3\n", url=url)
+    first = run("fetch", queue, "--durable", "audit", "--max", 3, url=url)
+    assert len(first.stdout.splitlines()) == 3
+    moved = run("seek", queue, "--durable", "audit", "--to", "1", url=url)
+    assert moved.returncode == 0, moved.stderr
+    again = run("fetch", queue, "--durable", "audit", "--max", 3, url=url)
+    assert [json.loads(line)["offset"] for line in again.stdout.splitlines()] == [1, 2]
+    assert run("seek", queue, "--durable", "audit", "--to", "yesterday", url=url).returncode == 1
