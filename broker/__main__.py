@@ -16,7 +16,7 @@ from pathlib import Path
 
 from protocol import ConfigError, Limits
 
-from .config import DEFAULT_DATA_DIR, DEFAULT_PORT, BrokerConfig, FsyncPolicy
+from .config import DEFAULT_DATA_DIR, DEFAULT_PORT, BrokerConfig, FsyncPolicy, load_queue_config
 from .server import Broker
 
 EPILOG = """\
@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per queue, drop whole segments older than this, 0 = keep all (default: %(default)s)",
     )
     p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with per-queue retention ([queues.NAME] retention_bytes, retention_age, keep_unacked)",
+    )
+    p.add_argument(
         "--keep-unacked",
         action="store_true",
         help="retention never drops a message that some durable has not acked",
@@ -160,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_bytes=args.retention_bytes,
         retention_age=args.retention_age,
         retention_keep_unacked=args.keep_unacked,
+        queues=load_queue_config(args.config) if args.config else {},
         token=os.environ.get("TIDINGS_TOKEN") or None,
     )
 

@@ -7,13 +7,15 @@ below the entry point reads the environment or module globals.
 from __future__ import annotations
 
 import enum
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from protocol import ConfigError, Limits
+from protocol import ConfigError, Limits, check_queue
 
-__all__ = ["BrokerConfig", "FsyncPolicy"]
+__all__ = ["BrokerConfig", "FsyncPolicy", "Retention", "load_queue_config"]
 
 #: The port in the README and every URL default (tidings://127.0.0.1:6464).
 DEFAULT_PORT: Final = 6464
@@ -53,6 +55,68 @@ class FsyncPolicy(enum.Enum):
     ALWAYS = "always"  # confirm after fsync; one fsync per group of publishes
     INTERVAL = "interval"  # confirm after write; fsync every fsync_interval seconds
     NEVER = "never"  # confirm after write; the OS decides when to flush
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a queue keeps its messages (whole segments are dropped).
+
+    Attributes:
+        max_bytes: drop the oldest segments while the log is larger (0 = off).
+        max_age: drop segments whose newest message is older, in seconds (0 = off).
+        keep_unacked: never drop a message some durable has not acked.
+    """
+
+    max_bytes: int = 0
+    max_age: float = 0.0
+    keep_unacked: bool = False
+
+
+_RETENTION_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
+    "retention_bytes": int,
+    "retention_age": (int, float),
+    "keep_unacked": bool,
+}
+
+
+def load_queue_config(path: Path) -> dict[str, Retention]:
+    """Read per-queue settings from a TOML file::
+
+        [queues.audit]
+        retention_bytes = 1_073_741_824
+        retention_age = 604800      # seconds
+        keep_unacked = true
+
+    Raises:
+        ConfigError: the file cannot be read, or names an unknown key or a bad value.
+    """
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    unknown = set(doc) - {"queues"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown section(s) {sorted(unknown)}; only [queues.NAME] is known")
+    out: dict[str, Retention] = {}
+    for name, table in (doc.get("queues") or {}).items():
+        where = f"config file {path}, [queues.{name}]"
+        if check_queue(name) is not None:
+            raise ConfigError(f"{where}: {check_queue(name)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        value: Any
+        for key, value in table.items():
+            kind = _RETENTION_KEYS.get(key)
+            if kind is None:
+                raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(_RETENTION_KEYS)}")
+            if not isinstance(value, kind) or (kind is not bool and (isinstance(value, bool) or value < 0)):
+                raise ConfigError(f"{where}: {key} = {value!r} is not valid")
+        out[name] = Retention(
+            int(table.get("retention_bytes", 0)),
+            float(table.get("retention_age", 0)),
+            bool(table.get("keep_unacked", False)),
+        )
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +171,7 @@ class BrokerConfig:
     retention_bytes: int = 0
     retention_age: float = 0.0
     retention_keep_unacked: bool = False
+    queues: Mapping[str, Retention] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -126,6 +191,13 @@ class BrokerConfig:
             raise ConfigError("heartbeat must be 0 (off) or positive")
         if self.max_connections < 1 or self.max_inflight_publishes < 1:
             raise ConfigError("connection and in-flight limits must be at least 1")
+
+    def retention_for(self, queue: str) -> Retention:
+        """The retention of ``queue``: its own from the config file, else the flags'."""
+        own = self.queues.get(queue)
+        if own is not None:
+            return own
+        return Retention(self.retention_bytes, self.retention_age, self.retention_keep_unacked)
 
     @property
     def max_message_bytes(self) -> int:

@@ -259,30 +259,30 @@ class Store:
             await self.flush_cursors()
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Drop whole sealed segments past the retention limits; return the records dropped."""
-        cfg = self.config
-        if not (cfg.retention_bytes or cfg.retention_age):
-            return 0
+        """Drop whole sealed segments past each queue's retention; return the records dropped."""
         dropped = 0
         for queue in self.queues.values():
+            policy = self.config.retention_for(queue.name)
+            if not (policy.max_bytes or policy.max_age):
+                continue
             log = queue.log
             sealed = log.segments[:-1]
             cut = log.first_offset
-            if cfg.retention_bytes:
+            if policy.max_bytes:
                 size = log.size_bytes
                 for seg in sealed:
-                    if size <= cfg.retention_bytes:
+                    if size <= policy.max_bytes:
                         break
                     size -= seg.size
                     cut = max(cut, seg.next_offset)
-            if cfg.retention_age:
-                oldest = now_ms - int(cfg.retention_age * 1000)
+            if policy.max_age:
+                oldest = now_ms - int(policy.max_age * 1000)
                 for seg in sealed:
                     if seg.last_ts >= oldest:
                         break
                     cut = max(cut, seg.next_offset)
             cut = min(cut, queue.committed)
-            if cfg.retention_keep_unacked and queue.groups:
+            if policy.keep_unacked and queue.groups:
                 cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
             if cut > log.first_offset:
                 n = log.drop_segments_before(cut)

@@ -5,6 +5,8 @@ retained message."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,3 +81,43 @@ async def test_the_broker_applies_retention_by_itself_and_after_a_restart(tmp_pa
         async with Client(bp.url) as c:
             assert (await c.status())["queues"][0]["first_offset"] == first
             assert (await c.fetch("Q", start="earliest", max_messages=1))[0].offset == first
+
+
+async def test_per_queue_retention_from_a_config_file(tmp_path: Path) -> None:
+    from broker.config import Retention, load_queue_config
+
+    path = tmp_path / "tidings.toml"
+    path.write_text(
+        "[queues.audit]\nretention_bytes = 0\nkeep_unacked = true\n\n[queues.tmp]\nretention_bytes = 4096\n"
+    )
+    queues = load_queue_config(path)
+    assert queues == {"audit": Retention(0, 0.0, True), "tmp": Retention(4096, 0.0, False)}
+    overrides = {"segment_bytes": SEGMENT, "retention_bytes": SEGMENT, "queues": queues}
+    async with running_broker(tmp_path / "data", **overrides) as broker, connected(broker) as c:
+        for q in ("audit", "tmp", "other"):
+            for _ in range(10):
+                await c.publish_many(q, [("E", PAYLOAD)] * 10)
+        broker.store.enforce_retention(int(time.time() * 1000))
+        first = {q["name"]: q["first_offset"] for q in (await c.status())["queues"]}
+        assert first["audit"] == 0  # its own policy: keep everything
+        assert first["tmp"] > 0 and first["other"] > 0  # own limit, and the flags' default
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[queues.x]\nretention_days = 3\n", "unknown key 'retention_days'"),
+        ("[queues.x]\nretention_bytes = -1\n", "is not valid"),
+        ('[queues."../x"]\nkeep_unacked = true\n', "invalid queue name"),
+        ("[server]\nport = 1\n", "unknown section"),
+        ("not toml at all [", "config file"),
+    ],
+)
+def test_a_bad_config_file_is_a_clear_start_up_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(tmp_path / "d"), "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
