@@ -104,12 +104,12 @@ def load_queue_config(path: Path) -> dict[str, Retention]:
             raise ConfigError(f"{where}: {check_queue(name)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
-        value: Any
         for key, value in table.items():
             kind = _RETENTION_KEYS.get(key)
             if kind is None:
                 raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(_RETENTION_KEYS)}")
-            if not isinstance(value, kind) or (kind is not bool and (isinstance(value, bool) or value < 0)):
+            negative = isinstance(value, int | float) and not isinstance(value, bool) and value < 0
+            if not isinstance(value, kind) or negative or (kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{where}: {key} = {value!r} is not valid")
         out[name] = Retention(
             int(table.get("retention_bytes", 0)),
