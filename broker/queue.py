@@ -19,6 +19,7 @@ as they are (no decode, no re-encode).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,13 +27,15 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgpack
 
-from protocol import ErrorCode, EventFilter, encode_batch, encode_deliver, record_event
+from protocol import ErrorCode, EventFilter, encode_batch, encode_deliver, encode_record, record_event
 
 from .log import QueueLog
 from .router import Consumer, Group
 
 if TYPE_CHECKING:
     import asyncio
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Confirmer", "FetchWaiter", "PushTarget", "Queue"]
 
@@ -44,6 +47,8 @@ TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 READ_BATCH: Final = 512
 #: The header that carries a publish's message_id in the stored record.
 MESSAGE_ID_HEADER: Final = "x-message-id"
+#: Set on the first message a durable gets after retention dropped some it had not read.
+GAP_HEADER: Final = "x-retention-gap"
 #: Most bytes of records written to one subscriber per write (see pump()).
 PUMP_MAX_BYTES: Final = 256 * 1024
 #: Largest BATCH reply; leaves room under the 1 MiB default frame limit.
@@ -267,8 +272,8 @@ class Queue:
         once (``pause_writing``), so a subscriber that does not read holds at
         most the high-water mark plus one write, whatever its prefetch.
         """
-        if group.read_pos < self.log.first_offset:
-            group.read_pos = self.log.first_offset  # retention dropped what it had not read
+        if group.cursor.ack_floor < self.log.first_offset:
+            self._dropped(group)
         match_all = group.filter.match_all
         matches = group.filter
         while True:
@@ -298,6 +303,8 @@ class Queue:
                             continue
                         if match_all or matches(record_event(body)):
                             n = group.deliver_new(consumer, offset, now)
+                            if group.gap is not None:
+                                body = _mark_gap(body, group)
                             frames.append(encode_deliver(target.sub_id, offset, n, body))
                             size += len(body)
                             if size >= PUMP_MAX_BYTES:
@@ -312,6 +319,12 @@ class Queue:
                 break
         if group.dead and self.on_dead is not None:
             self.on_dead(self, group)
+
+    def _dropped(self, group: Group) -> None:
+        gap = group.skip_dropped(self.log.first_offset)
+        if gap is not None:
+            logger.warning("queue %s: durable %s missed offsets %d-%d: dropped by retention before it read them",
+                           self.name, group.name, *gap)  # fmt: skip
 
     # --- pull (FETCH) -------------------------------------------------------
 
@@ -334,14 +347,15 @@ class Queue:
                 if body is not None:
                     out.append((got[0], got[1], body))
                     size += len(body)
-            if group.read_pos < self.log.first_offset:
-                group.read_pos = self.log.first_offset
+            if group.cursor.ack_floor < self.log.first_offset:
+                self._dropped(group)
             while len(out) < limit and size < FETCH_MAX_BYTES and group.read_pos < self.committed:
                 for offset, body in self.read(group.read_pos, min(READ_BATCH, limit - len(out))):
                     if group.passed(offset):
                         continue
                     if group.filter(record_event(body)):
-                        out.append((offset, group.deliver_new(consumer, offset, now), body))
+                        n = group.deliver_new(consumer, offset, now)
+                        out.append((offset, n, _mark_gap(body, group) if group.gap is not None else body))
                         size += len(body)
                         if size >= FETCH_MAX_BYTES:
                             break
@@ -407,3 +421,15 @@ def _record_headers(body: bytes) -> dict[str, str] | None:
     unpacker.skip()  # timestamp
     headers = unpacker.unpack()
     return headers if isinstance(headers, dict) else None
+
+
+def _mark_gap(body: bytes, group: Group) -> bytes:
+    """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO" (once per gap)."""
+    assert group.gap is not None
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(body)
+    event, ts, headers, payload = unpacker
+    headers = dict(headers or {})
+    headers[GAP_HEADER] = f"{group.gap[0]}-{group.gap[1]}"
+    group.gap = None
+    return encode_record(event, ts, headers, payload)

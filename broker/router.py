@@ -116,6 +116,9 @@ class Group:
         #: dead-letter queue is not yet stored: they are acked once it is.
         self.dead: list[tuple[int, int]] = []
         self.parked: set[int] = set()
+        #: Offsets retention dropped before this durable got them, until the
+        #: next delivery says so in its ``x-retention-gap`` header.
+        self.gap: tuple[int, int] | None = None
         self.auto_ack = name is None
         self.consumers: list[Consumer] = []
         self.in_flight: dict[int, tuple[Consumer, float]] = {}
@@ -231,6 +234,28 @@ class Group:
         self.in_flight[offset] = (consumer, now + self.ack_wait)
         consumer.held.add(offset)
         return n
+
+    def skip_dropped(self, first: int) -> tuple[int, int] | None:
+        """Retention dropped everything below ``first``: count it done.
+
+        Returns:
+            ``(from, to)`` of the offsets the durable never got, or None.
+        """
+        if self.cursor.ack_floor >= first:
+            return None
+        missed = [o for o in range(self.cursor.ack_floor, first) if not self.cursor.is_acked(o)]
+        for offset in missed:
+            self._release(offset)
+            self.deliveries.pop(offset, None)
+            self.delayed.pop(offset, None)
+            self.parked.discard(offset)
+        self.cursor.ack_upto(first - 1)
+        self.read_pos = max(self.read_pos, first)
+        self.dirty = True
+        if self.name is None or not missed:
+            return None
+        self.gap = (missed[0], missed[-1])
+        return self.gap
 
     def seek(self, offset: int) -> None:
         """Start again at ``offset``: everything before it counts as done, nothing

@@ -39,7 +39,14 @@ async def test_size_limit_drops_the_oldest_segments(tmp_path: Path) -> None:
         first = await sub.next(timeout=5)
         assert first.offset == 0  # delivered before the drop
         await first.ack()
-        assert (await sub.next(timeout=5)).offset == info["first_offset"]
+        resumed = await sub.next(timeout=5)
+        assert resumed.offset == info["first_offset"]
+        # A clear signal, not a silent gap: which offsets it never got.
+        assert resumed.headers == {"x-retention-gap": f"1-{info['first_offset'] - 1}"}
+        await resumed.ack()
+        assert (await sub.next(timeout=5)).headers == {}
+        info = (await c.status())["durables"][0]
+        assert info["ack_floor"] >= resumed.offset
 
 
 async def test_keep_unacked_never_drops_what_a_durable_needs(tmp_path: Path) -> None:
