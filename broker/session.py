@@ -29,6 +29,7 @@ import hmac
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from protocol import (
@@ -131,6 +132,7 @@ class Session(asyncio.Protocol):
         self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._heard = True  # bytes arrived since the last heartbeat check
+        self._tasks: set[asyncio.Task[None]] = set()
         self._ping_out = False
         self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
         self._handlers: dict[type[Any], Any] = {
@@ -350,7 +352,7 @@ class Session(asyncio.Protocol):
         try:
             queue = self.broker.store.get(name, create=True)
         except QueueUnavailable as exc:
-            self.reply_error(req, ErrorCode.QUEUE_CORRUPT, str(exc))
+            self.reply_error(req, exc.code, str(exc))
             return None
         except OSError as exc:
             self.reply_error(req, _storage_code(exc), f"cannot create queue {name!r}: {exc}")
@@ -592,8 +594,7 @@ class Session(asyncio.Protocol):
                 self.reply_error(ev.req, ErrorCode.CONFLICT,
                                  f"durable {ev.durable!r} is in use by {len(group.consumers)} consumers")  # fmt: skip
                 return
-            del queue.groups[ev.durable]
-            store.cursor_stores[ev.queue].delete(ev.durable)
+            done = store.delete_durable(queue, ev.durable)
         else:
             busy = sum(len(g.consumers) for g in queue.groups.values()) + len(queue.ephemeral) + len(queue.waiters)
             if busy:
@@ -602,9 +603,21 @@ class Session(asyncio.Protocol):
             if queue.committed < queue.log.next_offset:
                 self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} has publishes in flight; retry")
                 return
-            store.delete_queue(ev.queue)
+            done = store.delete_queue(ev.queue)
+        task = asyncio.get_running_loop().create_task(self._deleted(ev, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deleted(self, ev: Delete, done: Awaitable[None]) -> None:
+        try:
+            await done
+        except OSError as exc:
+            logger.error("conn %d: deleting %s failed: %s", self.conn_id, ev.queue, exc)
+            self.reply_error(ev.req, ErrorCode.STORAGE_FAILED, f"cannot delete: {exc}")
+            return
         logger.info("conn %d: deleted %s%s", self.conn_id, ev.queue, f"/{ev.durable}" if ev.durable else "")
-        self.write(self.conn.send(Ok(ev.req)))
+        if not self.closed:
+            self.write(self.conn.send(Ok(ev.req)))
 
     # --- fetch ------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
@@ -77,7 +77,8 @@ class Store:
         self._tasks: set[asyncio.Task[None]] = set()
         self._fatal = False
         self._closed = False
-        self.fsyncs = 0  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
+        self.fsyncs = 0
+        self._deleting: set[str] = set()  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
 
     @property
     def fatal(self) -> bool:
@@ -129,18 +130,42 @@ class Store:
             return queue
         if name in self.failed:
             raise QueueUnavailable(name, self.failed[name])
+        if name in self._deleting:
+            raise QueueUnavailable(name, "it is being deleted; retry", code=ErrorCode.CONFLICT)
         if not create:
             return None
         return self._load(name)
 
-    def delete_queue(self, name: str) -> None:
-        """Remove a queue and all its files (the caller checked it is idle)."""
-        queue = self.queues.pop(name)
+    def delete_queue(self, name: str) -> Awaitable[None]:
+        """Remove a queue and all its files (the caller checked it is idle).
+
+        Cursor saves run on their own thread: the queue leaves ``queues`` first
+        (no new saves), a no-op on that thread waits out any save in flight (so
+        none can recreate a file afterwards), then the directory goes. Until
+        then the name is reserved: a PUBLISH to it gets CONFLICT.
+        """
+        queue = self.queues.pop(name)  # now, not when the returned coroutine runs
         self.cursor_stores.pop(name, None)
         self._dirty.discard(queue)
-        queue.log.close()
-        shutil.rmtree(self._path(name))
-        fsync_dir(self.queues_dir)
+        self._deleting.add(name)
+        return self._remove_queue_files(queue)
+
+    async def _remove_queue_files(self, queue: Queue) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._cursor_pool, lambda: None)
+            queue.log.close()
+            await loop.run_in_executor(self._cursor_pool, shutil.rmtree, self._path(queue.name))
+            fsync_dir(self.queues_dir)
+        finally:
+            self._deleting.discard(queue.name)
+
+    def delete_durable(self, queue: Queue, name: str) -> Awaitable[None]:
+        """Remove a durable now and its cursor files on the cursor thread, after
+        any save of it already in flight (the caller checked it has no consumers)."""
+        del queue.groups[name]
+        store = self.cursor_stores[queue.name]
+        return asyncio.get_running_loop().run_in_executor(self._cursor_pool, store.delete, name)
 
     # --- dead letters -------------------------------------------------------
 
@@ -417,9 +442,10 @@ class _DeadLetterDone:
 
 
 class QueueUnavailable(Exception):
-    """A queue that failed its start-up checks (corrupt log) and is not served."""
+    """A queue that failed its start-up checks (corrupt log), or is being deleted."""
 
-    def __init__(self, queue: str, reason: str) -> None:
+    def __init__(self, queue: str, reason: str, *, code: ErrorCode = ErrorCode.QUEUE_CORRUPT) -> None:
         super().__init__(f"queue {queue!r} is unavailable: {reason}")
         self.queue = queue
         self.reason = reason
+        self.code = code
