@@ -41,6 +41,8 @@ __all__ = ["AckError", "Consumer", "Group"]
 
 #: A message not acked within this time is redelivered (NATS AckWait default).
 DEFAULT_ACK_WAIT: Final = 30.0
+#: The ack wait doubles per redelivery, up to 2**3 = 8 times the configured one.
+MAX_BACKOFF_SHIFT: Final = 3
 
 
 class AckError(Exception):
@@ -231,7 +233,9 @@ class Group:
             self._acked(offset)
             return n
         self.deliveries[offset] = n
-        self.in_flight[offset] = (consumer, now + self.ack_wait)
+        # Back off: each redelivery doubles the time to ack it (up to 8x), so a
+        # message nobody manages to ack comes back ever more rarely.
+        self.in_flight[offset] = (consumer, now + self.ack_wait * (1 << min(n - 1, MAX_BACKOFF_SHIFT)))
         consumer.held.add(offset)
         return n
 

@@ -4,6 +4,7 @@ idempotent publish, competing consumers with a consumer killed mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -198,3 +199,17 @@ async def test_seek_rewinds_and_skips_a_durable(tmp_path: Path) -> None:
         assert (info2["ack_floor"], info2["lag"], info2["in_flight"]) == (10, 0, 0)
     async with running_broker(tmp_path) as broker, connected(broker) as c:  # the seek was persisted
         assert (await c.status())["durables"][0]["ack_floor"] == 10
+
+
+async def test_redeliveries_after_the_ack_wait_back_off(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, cursor_flush=0.01) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", ack_wait=0.1)
+        await c.publish("Q", "E", "nobody acks me")
+        times = []
+        for n in range(1, 5):
+            msg = await sub.next(timeout=10)
+            assert msg.deliveries == n
+            times.append(time.monotonic())
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # ack wait 0.1 s, then 0.2, then 0.4: each gap at least the doubled wait
+        assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps
