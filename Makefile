@@ -31,7 +31,7 @@ test-slow: $(STAMP) ## the suite with the Hypothesis "ci" profile (more examples
 	$(BIN)/python -m pytest --hypothesis-profile=ci $(PYTEST_ARGS)
 
 soak: $(STAMP) ## the soak tier (T2): long crash, churn and hostile-client runs
-	TIDINGS_SOAK=1 $(BIN)/python -m pytest --hypothesis-profile=ci $(PYTEST_ARGS)
+	TIDINGS_SOAK=1 TIDINGS_TEST_TIMEOUT=1800 $(BIN)/python -m pytest --hypothesis-profile=ci $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check protocol broker client bench tests
