@@ -19,6 +19,12 @@ from protocol import ConfigError, Limits
 from .config import DEFAULT_DATA_DIR, DEFAULT_PORT, BrokerConfig, FsyncPolicy, load_queue_config
 from .server import Broker
 
+#: Descriptors the broker needs besides one per connection: the listening
+#: socket, the event loop's own (epoll, self-pipe), stdio, and per queue an open
+#: segment and its directory while it syncs or rolls. 1,024 leaves room for
+#: a few hundred queues.
+FD_HEADROOM = 1024
+
 EPILOG = """\
 examples:
   tidings-broker                                  127.0.0.1:6464, data in ./tidings-data
@@ -171,6 +177,39 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     )
 
 
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE so that ``max_connections`` can be held.
+
+    The soft limit is often 1,024 while the hard one is far higher; servers
+    raise it for themselves (nginx ``worker_rlimit_nofile``, Redis at start-up
+    for ``maxclients``). It is never lowered, and never raised past the hard
+    limit: if that is too low, say so, and accept() will fail with EMFILE
+    before ``max_connections`` is reached.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    log = logging.getLogger("broker")
+    want = max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, new, exc)
+            return
+        log.debug("descriptor limit raised from %d to %d (hard limit %s)", soft, new, hard)
+        soft = new
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning(
+            "descriptor limit %d (hard) is below --max-connections %d + %d: raise it (ulimit -Hn) "
+            "or connections will fail before the limit",
+            soft, max_connections, FD_HEADROOM,
+        )  # fmt: skip
+
+
 async def _run(config: BrokerConfig) -> int:
     loop = asyncio.get_running_loop()
     exit_code = 0
@@ -217,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("broker").warning(
             "no TIDINGS_TOKEN set: any client that can reach %s may connect", config.host
         )
+    raise_fd_limit(config.max_connections)
     try:
         import uvloop
     except ImportError:
