@@ -186,7 +186,24 @@ class RawPeer:
         self.writer.close()
 
 
-async def assert_broker_healthy(broker: Broker) -> None:
-    """A control client still gets PONG promptly."""
-    async with connected(broker, "control") as c:
-        assert await c.ping() < 1.0
+async def assert_broker_healthy(
+    target: Broker | str, *, baseline: int = 0, pong_within: float = 0.1, settle: float = 10.0
+) -> None:
+    """After a hostile case: a control client gets PONG within ``pong_within``
+    seconds (100 ms), and the broker's connection count (STATUS
+    ``server.conn_count``, the control client not counted) returns to
+    ``baseline`` within ``settle`` seconds.
+
+    Args:
+        target: an in-process broker, or the URL of a broker subprocess.
+        baseline: connections that are meant to be open besides the control client.
+    """
+    url = target if isinstance(target, str) else url_of(target)
+    async with Client(url, name="control") as c:
+        rtt = await c.ping()
+        assert rtt < pong_within, f"PONG after {rtt * 1000:.0f} ms (limit {pong_within * 1000:.0f} ms)"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settle
+        while (count := (await c.status())["server"]["conn_count"] - 1) != baseline:
+            assert loop.time() < deadline, f"{count} connections {settle} s later, baseline {baseline}"
+            await asyncio.sleep(0.02)  # polling a condition with a deadline; closes take a few loop turns
