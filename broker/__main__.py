@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="per queue, drop whole segments older than this, 0 = keep all (default: %(default)s)",
     )
     p.add_argument(
+        "--retention-check",
+        type=float,
+        default=BrokerConfig().retention_check,
+        metavar="SECONDS",
+        help="how often retention drops segments (default: %(default)s)",
+    )
+    p.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
@@ -172,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_bytes=args.retention_bytes,
         retention_age=args.retention_age,
         retention_keep_unacked=args.keep_unacked,
+        retention_check=args.retention_check,
         queues=load_queue_config(args.config) if args.config else {},
         token=os.environ.get("TIDINGS_TOKEN") or None,
     )

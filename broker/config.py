@@ -148,6 +148,7 @@ class BrokerConfig:
         retention_age: per queue, drop whole segments whose newest record is
             older than this many seconds (0 = keep everything).
         retention_keep_unacked: never drop a record some durable has not acked.
+        retention_check: seconds between retention passes.
     """
 
     host: str = "127.0.0.1"
@@ -171,6 +172,7 @@ class BrokerConfig:
     retention_bytes: int = 0
     retention_age: float = 0.0
     retention_keep_unacked: bool = False
+    retention_check: float = 1.0
     queues: Mapping[str, Retention] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -182,7 +184,13 @@ class BrokerConfig:
             raise ConfigError("segment size must be at least 4096 bytes")
         if self.write_high_water < 1024:
             raise ConfigError("write high-water mark must be at least 1024 bytes")
-        for name in ("slow_consumer_timeout", "handshake_timeout", "cursor_flush", "shutdown_grace"):
+        for name in (
+            "slow_consumer_timeout",
+            "handshake_timeout",
+            "cursor_flush",
+            "shutdown_grace",
+            "retention_check",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")
         if self.retention_bytes < 0 or self.retention_age < 0:

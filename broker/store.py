@@ -48,8 +48,6 @@ __all__ = ["Store", "group_from_state"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between retention checks.
-RETENTION_EVERY: Final = 1.0
 #: Worker threads for fsyncs: queues sync in parallel (their files are independent).
 SYNC_THREADS: Final = 4
 
@@ -266,12 +264,12 @@ class Store:
     async def _ticker(self) -> None:
         """Periodic work: redeliveries past their ack wait, cursor persists, dedup pruning."""
         interval = self.config.cursor_flush
-        retention_due = 0.0
+        retention_due = time.monotonic() + self.config.retention_check
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             if now >= retention_due:
-                retention_due = now + RETENTION_EVERY
+                retention_due = now + self.config.retention_check
                 self.enforce_retention(int(time.time() * 1000))
             for queue in self.queues.values():
                 ready = False
