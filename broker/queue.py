@@ -162,15 +162,15 @@ class Queue:
         """
         first = self.log.append(bodies, timestamp_ms)
         tail = self._tail
-        for body in bodies:
-            tail.append(body)
-            self._tail_bytes += len(body)
+        tail.extend(bodies)
+        self._tail_bytes += sum(map(len, bodies))
         while len(tail) > TAIL_MAX_RECORDS or (self._tail_bytes > TAIL_MAX_BYTES and len(tail) > 1):
             self._tail_bytes -= len(tail.popleft())
             self._tail_base += 1
-        for i, mid in enumerate(ids):
-            if mid is not None:
-                self._dedup[mid] = (first + i, dedup_until)
+        if ids.count(None) != len(ids):
+            for i, mid in enumerate(ids):
+                if mid is not None:
+                    self._dedup[mid] = (first + i, dedup_until)
         self.published += len(bodies)
         return first
 

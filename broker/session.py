@@ -135,6 +135,8 @@ class Session(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._ping_out = False
         self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
+        self._now_ms = 0
+        self._queues = broker.store.queues
         self._handlers: dict[type[Any], Any] = {
             Publish: self._on_publish,
             Subscribe: self._on_subscribe,
@@ -178,6 +180,7 @@ class Session(asyncio.Protocol):
         if self.closed:
             return
         self._heard = True
+        self._now_ms = int(time.time() * 1000)  # one clock read per chunk, for every record in it
         self.conn.receive_data(data)
         try:
             events = self.conn.events()
@@ -361,7 +364,7 @@ class Session(asyncio.Protocol):
         return queue
 
     def _on_publish(self, ev: Publish) -> None:
-        queue = self._queue(ev.req, ev.queue)
+        queue = self._queues.get(ev.queue) or self._queue(ev.req, ev.queue)
         if queue is None:
             return
         mid = ev.message_id
@@ -378,7 +381,7 @@ class Session(asyncio.Protocol):
             # Stored with the record, so the dedup index survives a restart.
             headers = {**headers, MESSAGE_ID_HEADER: mid} if headers else {MESSAGE_ID_HEADER: mid}
         try:
-            body = encode_record(ev.event, int(time.time() * 1000), headers, ev.payload)
+            body = encode_record(ev.event, self._now_ms, headers, ev.payload)
         except Exception as exc:  # only reachable with exotic decoded values
             self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
             return
@@ -403,7 +406,7 @@ class Session(asyncio.Protocol):
                 for req, _mid in reqs:
                     self.reply_error(req, ErrorCode.STORAGE_FAILED, "storage failed; not accepting publishes")
             return
-        now_ms = int(time.time() * 1000)
+        now_ms = self._now_ms
         dedup_until = time.monotonic() + self.config.dedup_window
         for queue, (bodies, reqs) in batch.items():
             try:

@@ -43,6 +43,7 @@ _unpack_len = HEADER.unpack_from
 # bytes and str distinct on the wire.
 _packer: Final = msgpack.Packer(use_bin_type=True)
 _pack = _packer.pack
+_unpackb: Final = msgpack.unpackb
 
 # msgpack's own nesting/size guards: a 10,000-deep nested array or a map with
 # a billion claimed entries is refused by the C unpacker before it allocates.
@@ -86,6 +87,13 @@ def unpack_body(body: bytes, max_size: int) -> Any:
         RemoteProtocolError: MALFORMED_FRAME if the body is not exactly one
             valid msgpack value.
     """
+    if len(body) <= _MAX_ITEMS:
+        # unpackb's own limits default to len(body), tighter than any bound
+        # below; a call with one keyword costs half of the bound partial.
+        try:
+            return _unpackb(body, max_ext_len=0)
+        except Exception as exc:
+            raise _malformed(exc) from exc
     unpack = _unpackers.get(max_size)
     if unpack is None:
         unpack = _unpackers[max_size] = functools.partial(
@@ -102,10 +110,14 @@ def unpack_body(body: bytes, max_size: int) -> Any:
     try:
         return unpack(body)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, RecursionError, ...
-        raise RemoteProtocolError(
-            f"frame body is not one valid msgpack value: {type(exc).__name__}: {exc}",
-            code=ErrorCode.MALFORMED_FRAME,
-        ) from exc
+        raise _malformed(exc) from exc
+
+
+def _malformed(exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"frame body is not one valid msgpack value: {type(exc).__name__}: {exc}",
+        code=ErrorCode.MALFORMED_FRAME,
+    )
 
 
 class FrameDecoder:

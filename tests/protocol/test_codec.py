@@ -15,7 +15,9 @@ from protocol import (
     ErrorCode,
     Frame,
     FrameDecoder,
+    LocalProtocolError,
     PubAck,
+    Publish,
     Record,
     RemoteProtocolError,
     encode_batch,
@@ -150,3 +152,49 @@ def test_unpack_body_turns_every_msgpack_failure_into_malformed_frame(body: byte
     with pytest.raises(RemoteProtocolError) as info:
         unpack_body(body, LIMIT)
     assert info.value.code is ErrorCode.MALFORMED_FRAME
+
+
+def test_a_large_body_keeps_the_item_bound() -> None:
+    # 2^20 + 1 nils: small per item, but past the array bound of big bodies.
+    body = b"\xdd" + struct.pack(">I", (1 << 20) + 1) + b"\xc0" * ((1 << 20) + 1)
+    with pytest.raises(RemoteProtocolError) as info:
+        unpack_body(body, 4 << 20)
+    assert info.value.code is ErrorCode.MALFORMED_FRAME
+    assert unpack_body(b"\xdc\x00\x02\xc0\xc0", 4 << 20) == [None, None]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [-1, "Q", "E", None, None, None],
+        [True, "Q", "E", None, None, None],
+        [1 << 64, "Q", "E", None, None, None],
+        [1, "Q", "E", None, {"k": 1}, None],
+        [1, "Q", "E", None, [], None],
+        [1, "Q", "E", None, None, 7],
+        [1, "Q/..", "E", None, None, None],
+        [1, "Q", "E\x00", None, None, None],
+        [1, b"Q", "E", None, None, None],
+    ],
+)
+def test_publish_fast_path_checks_what_the_constructor_checks(fields: list[object]) -> None:
+    good = Publish(0, "Q", "E")  # "Q" and "E" are now known names: the fast path applies
+    assert Publish.from_wire([3, 0, "Q", "E", None, None, None]) == good
+    with pytest.raises(LocalProtocolError) as constructed:
+        Publish(*fields)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError) as decoded:
+        Publish.from_wire([3, *fields])
+    assert (decoded.value.code, str(decoded.value)) == (constructed.value.code, str(constructed.value))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [[-1, 0, False], [1, -1, False], [True, 0, False], [1, 1 << 64, False], [1, 0, 0], [1, 0, None], [1, "0", False]],
+)
+def test_puback_fast_path_checks_what_the_constructor_checks(fields: list[object]) -> None:
+    assert PubAck.from_wire([4, 1, 2, True]) == PubAck(1, 2, True)
+    with pytest.raises(LocalProtocolError) as constructed:
+        PubAck(*fields)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError) as decoded:
+        PubAck.from_wire([4, *fields])
+    assert (decoded.value.code, str(decoded.value)) == (constructed.value.code, str(constructed.value))
