@@ -309,7 +309,12 @@ class Client:
         """
         if message_id is None and self.idempotent:
             message_id = f"{self._uid}-{next(self._ids)}"
-        reply = await self._request(Publish(0, queue, event, payload, headers, message_id))
+        # _request() inlined: two coroutines fewer per publish (the sweeper times it out).
+        fut = self._send_request(Publish(0, queue, event, payload, headers, message_id))
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self._maybe_drain()
+        reply = await fut
         assert isinstance(reply, PubAck)
         return reply.offset
 
