@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from broker import faults
-from broker.log import HEADER_SIZE, CorruptLogError, LogFailedError, QueueLog
+from broker.log import HEADER_SIZE, MAGIC, POINT_FILE, CorruptLogError, LogFailedError, QueueLog
 
 SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
 
@@ -44,6 +44,12 @@ def _all(log: QueueLog) -> list[bytes]:
 
 def _segments(path: Path) -> list[Path]:
     return sorted(path.glob("*.log"))
+
+
+def _crash(log: QueueLog) -> None:
+    """Stop without a clean close: the files are closed, no recovery point is saved."""
+    for seg in log.segments:
+        os.close(seg.fd)
 
 
 def test_append_read_across_rolls_and_reopen(tmp_path: Path) -> None:
@@ -162,12 +168,169 @@ def test_damage_in_a_sealed_segment_refuses_the_log(tmp_path: Path) -> None:
     log.close()
 
 
+def _groups(path: Path, *, synced: int, unsynced: int, size: int = 20) -> tuple[QueueLog, int]:
+    """Write ``synced`` groups of 5 records, each fsynced before the next (as the
+    committer does), then ``unsynced`` groups that never were; crash."""
+    log = QueueLog.open(path, segment_bytes=1 << 20)
+    n = 0
+    for g in range(synced + unsynced):
+        log.append([_body(n + i, size) for i in range(5)], 1)
+        n += 5
+        if g < synced:
+            log.sync()
+    _crash(log)
+    return log, HEADER_SIZE + size
+
+
+def _hole(seg: Path, start: int, length: int) -> None:
+    raw = bytearray(seg.read_bytes())
+    raw[start : start + length] = bytes(length)
+    seg.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("record", [1, 5, 12, 14])
+def test_a_hole_before_a_later_sync_group_is_damage(tmp_path: Path, record: int) -> None:
+    """R4: records 0-14 were fsynced group by group; records 15-19 (written after
+    the last fsync) say so. A hole in 0-14 is damage, even with no recovery point."""
+    _groups(tmp_path, synced=3, unsynced=1)
+    assert not (tmp_path / POINT_FILE).exists()
+    seg = _segments(tmp_path)[0]
+    rec = HEADER_SIZE + 20
+    _hole(seg, record * rec + 7, 40)  # a dropped sector: the rest of the file is intact
+    with pytest.raises(CorruptLogError, match="had been fsynced") as err:
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert err.value.path == seg and err.value.position == record * rec
+    assert f"byte {record * rec}" in str(err.value)
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)
+    assert log.next_offset == record
+    log.close()
+
+
+@pytest.mark.parametrize("record", [15, 16, 19, 22, 24])
+def test_a_hole_in_the_unsynced_tail_is_a_torn_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, record: int
+) -> None:
+    """R3: 15 records fsynced, then two groups (15-19, 20-24) written and never
+    fsynced (the second while the first one's fsync would still be running). A
+    power loss drops a page of them: cut at the hole, keep 0..record-1, start."""
+    _groups(tmp_path, synced=3, unsynced=2)
+    seg = _segments(tmp_path)[0]
+    rec = HEADER_SIZE + 20
+    _hole(seg, record * rec + 3, 40)
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert log.next_offset == record
+    assert f"{seg}: torn tail (never fsynced): cutting" in caplog.text
+    assert f"from byte {record * rec} on" in caplog.text
+    assert seg.stat().st_size == record * rec
+    assert _all(log) == [_body(i) for i in range(record)]
+    assert log.append([b"after"], 1) == record  # R5
+    log.sync()
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert again.next_offset == record + 1
+    again.close()
+
+
+def test_records_after_a_restart_vouch_for_records_before_it(tmp_path: Path) -> None:
+    """After an unclean stop, opening fsyncs what no record vouches for (it may
+    have been only in the page cache), so the first record after it claims all."""
+    _groups(tmp_path, synced=2, unsynced=0)  # 0-9 fsynced, no later record says so
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    log.append([_body(10)], 1)
+    _crash(log)
+    seg = _segments(tmp_path)[0]
+    _hole(seg, 7 * (HEADER_SIZE + 20), 10)
+    with pytest.raises(CorruptLogError, match="had been fsynced"):
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+
+
+def test_the_recovery_point_covers_the_last_fsync(tmp_path: Path) -> None:
+    """After sync and close, no record vouches for the last group, the recovery point does."""
+    log, rec = _groups(tmp_path, synced=2, unsynced=0)
+    assert not (tmp_path / POINT_FILE).exists()  # a crash saved none
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    log.close()  # a clean close saves it
+    seg = _segments(tmp_path)[0]
+    _hole(seg, 8 * rec, 10)
+    with pytest.raises(CorruptLogError, match="below the recovery point 10"):
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+
+
+def test_synced_records_missing_at_the_end_are_damage(tmp_path: Path) -> None:
+    _fill(tmp_path, 20, segment_bytes=1 << 20).close()
+    seg = _segments(tmp_path)[0]
+    rec = HEADER_SIZE + 20
+    seg.write_bytes(seg.read_bytes()[: 15 * rec])  # a clean cut between records
+    with pytest.raises(CorruptLogError, match="ends at record 15, but records below 20"):
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)  # lowers the recovery point
+    assert log.next_offset == 15
+    log.append([b"x", b"y"], 1)
+    _crash(log)
+    with seg.open("r+b") as f:  # the unsynced y is torn: a torn tail again, not damage
+        f.truncate(16 * rec + 5)
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert log.next_offset == 16
+    log.close()
+
+
+def test_a_damaged_recovery_point_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _fill(tmp_path, 20, segment_bytes=1 << 20).close()
+    point = tmp_path / POINT_FILE
+    raw = bytearray(point.read_bytes())
+    raw[9] ^= 1
+    point.write_bytes(bytes(raw))
+    seg = _segments(tmp_path)[0]
+    with seg.open("r+b") as f:
+        f.truncate(seg.stat().st_size - 3)
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert "not a valid recovery point" in caplog.text
+    assert log.next_offset == 19  # without it, a torn last record
+    log.close()
+
+
+def test_a_roll_leaves_only_the_newest_segment_unsynced(tmp_path: Path) -> None:
+    """Every sealed segment was fsynced with its directory entry at the roll,
+    and the new segment's records claim nothing of the old one."""
+    log = QueueLog.open(tmp_path, segment_bytes=SEG)
+    for i in range(400):
+        log.append([_body(i)], 1)  # never synced by sync(): only rolls fsync
+    assert len(log.segments) > 3
+    last = log.segments[-1]
+    _crash(log)
+    _hole(last.path, 0, 10)  # the newest segment's first record never reached the disk
+    log = QueueLog.open(tmp_path, segment_bytes=SEG)
+    assert log.next_offset == last.base
+    log.close()
+
+
+def test_a_log_of_format_version_1_is_refused_not_cut(tmp_path: Path) -> None:
+    """Version 1 records (no sync claim) must not read as one long torn tail."""
+    import struct
+    import zlib
+
+    head = struct.pack(">HIQq", 0x7D01, 5, 0, 1)
+    record = head + struct.pack(">I", zlib.crc32(b"hello", zlib.crc32(head))) + b"hello"
+    (tmp_path / f"{0:020d}.log").write_bytes(record * 3)
+    with pytest.raises(CorruptLogError, match="format version 1"):
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+
+
 @settings(max_examples=30)
 @given(st.data())
 def test_bit_rot_is_always_detected(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
-    """S3: flip one byte anywhere: the log either refuses or keeps a valid prefix, never serves it."""
+    """S3: flip one byte anywhere: the log either refuses or keeps a valid prefix, never serves it.
+
+    50 records were fsynced, 10 more written after it and never fsynced: damage
+    in the first 50 refuses (R4); in the last 10 it can be a torn write (R3).
+    """
     d = tmp_path_factory.mktemp("rot")
-    _fill(d, 60, segment_bytes=1 << 20).close()
+    log = _fill(d, 50, segment_bytes=1 << 20)
+    for i in range(50, 60):
+        log.append([_body(i)], 1)
+    log.close()  # the recovery point says 50
     seg = _segments(d)[0]
     raw = bytearray(seg.read_bytes())
     at = data.draw(st.integers(0, len(raw) - 1))
@@ -176,17 +339,20 @@ def test_bit_rot_is_always_detected(tmp_path_factory: pytest.TempPathFactory, da
     rec = HEADER_SIZE + 20
     try:
         log = QueueLog.open(d, segment_bytes=1 << 20)
-    except CorruptLogError:
-        assert at < 59 * rec  # only damage before the last record refuses
+    except CorruptLogError as err:
+        assert at < 50 * rec
+        assert err.position == at // rec * rec
         return
-    assert at >= 59 * rec and log.next_offset == 59  # in the last record: torn tail
-    assert _all(log) == [_body(i) for i in range(59)]
+    assert at >= 50 * rec and log.next_offset == at // rec  # never fsynced: cut there
+    assert _all(log) == [_body(i) for i in range(at // rec)]
     log.close()
 
 
 @settings(max_examples=60)
 @given(cuts=st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=64)), max_size=4))
-def test_loader_never_crashes_on_mangled_files(tmp_path_factory: pytest.TempPathFactory, cuts: list) -> None:
+def test_loader_never_crashes_on_mangled_files(
+    tmp_path_factory: pytest.TempPathFactory, cuts: list[tuple[int, bytes]]
+) -> None:
     """S7: any overwrite of segment bytes loads a valid prefix or fails with CorruptLogError."""
     d = tmp_path_factory.mktemp("fuzz")
     _fill(d, 300).close()
@@ -317,7 +483,7 @@ class LogModel(RuleBasedStateMachine):
         self.log.close()
         last = sorted(self.dir.glob("*.log"))[-1]
         with last.open("ab") as f:
-            f.write(b"\x7d\x01" + bytes(tear))  # a torn record header + zeros
+            f.write(MAGIC.to_bytes(2, "big") + bytes(tear))  # a torn record header + zeros
         self.log = QueueLog.open(self.dir, segment_bytes=SEG)
         self.synced = len(self.model)
 
