@@ -12,13 +12,19 @@ escape the data directory.
 Group commit (``--fsync always``)
 ---------------------------------
 Sessions append on the event-loop thread (a ``write()`` into the page cache)
-and mark the queue dirty. One committer task loops: take the dirty queues and
-each one's end offset, fsync them on a worker thread (the loop keeps
-running, and publishes that arrive meanwhile wait for the next round), then
-``commit()`` each queue up to the offset it had, which sends the PUBACKs and
-delivers. One fsync thus serves every publish that arrived while the previous
-one ran. A failed fsync is fatal (R7): nothing more is confirmed and the
-broker stops through ``on_fatal``.
+and mark the queue dirty. One committer thread loops: take the dirty queues
+and each one's end offset, fsync them (several queues in parallel on the sync
+pool; the loop keeps running, and publishes that arrive meanwhile wait for
+the next round), then hand the batch back to the loop with one
+``call_soon_threadsafe``, where ``commit()`` moves each queue up to the offset
+it had, which sends the PUBACKs and delivers. One fsync thus serves every
+publish that arrived while the previous one ran. A dedicated thread, rather
+than an asyncio task awaiting executor futures, halves the hand-off: one
+wake-up each way and no futures, gather or task steps (about 40 against 95 us
+a round here), which is most of what a lone publisher waits for besides the
+fsync itself. A failed fsync is fatal (R7): nothing more is confirmed and the
+broker stops through ``on_fatal``. With ``--fsync interval`` the same thread
+syncs the dirty queues every interval (records were confirmed at write).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import io
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +75,10 @@ class Store:
         self.cursor_stores: dict[str, CursorStore] = {}
         self.failed: dict[str, str] = {}  # queue -> why it cannot be served
         self._on_fatal = on_fatal
-        self._dirty: set[Queue] = set()
-        self._wake = asyncio.Event()
+        self._dirty: set[Queue] = set()  # guarded by _commit_cond
+        self._commit_cond = threading.Condition()
+        self._commit_thread: threading.Thread | None = None
+        self._stopping = False
         self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="tidings-sync")
         self._cursor_pool = ThreadPoolExecutor(1, thread_name_prefix="tidings-cursor")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -216,21 +225,25 @@ class Store:
 
     def appended(self, queue: Queue) -> None:
         """``queue`` has new records: commit them per the fsync policy."""
-        if self.config.fsync is FsyncPolicy.ALWAYS:
-            self._dirty.add(queue)
-            self._wake.set()
-        else:
-            if self.config.fsync is FsyncPolicy.INTERVAL:
+        policy = self.config.fsync
+        if policy is not FsyncPolicy.NEVER:
+            with self._commit_cond:
                 self._dirty.add(queue)
+                self._commit_cond.notify()
+        if policy is not FsyncPolicy.ALWAYS:
             queue.commit(queue.log.next_offset)
 
     def start(self) -> None:
-        """Start the committer and the periodic flusher."""
+        """Start the committer thread and the periodic flusher."""
         loop = asyncio.get_running_loop()
-        for coro in (self._committer(), self._ticker()):
-            task = loop.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+        task = loop.create_task(self._ticker())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if self.config.fsync is not FsyncPolicy.NEVER:
+            self._commit_thread = threading.Thread(
+                target=self._committer, args=(loop,), name="tidings-commit", daemon=True
+            )
+            self._commit_thread.start()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -238,28 +251,43 @@ class Store:
             logger.critical("storage task failed", exc_info=task.exception())
             self._fail(f"storage task failed: {task.exception()!r}")
 
-    async def _committer(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _committer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The committer thread (see the module docstring); any failure is fatal."""
+        try:
+            self._commit_rounds(loop)
+        except Exception as exc:
+            loop.call_soon_threadsafe(self._fail, f"fsync failed: {exc!r}")
+
+    def _commit_rounds(self, loop: asyncio.AbstractEventLoop) -> None:
         always = self.config.fsync is FsyncPolicy.ALWAYS
+        cond = self._commit_cond
         while True:
-            if always:
-                await self._wake.wait()
-                self._wake.clear()
-            else:
-                await asyncio.sleep(self.config.fsync_interval)
-            if not self._dirty:
+            with cond:
+                if always:
+                    cond.wait_for(lambda: self._dirty or self._stopping)
+                else:
+                    cond.wait_for(lambda: self._stopping, timeout=self.config.fsync_interval)
+                if self._stopping:
+                    return  # aclose() syncs everything itself
+                # Offsets read here were written before they were counted, so
+                # the fsync below covers them; later appends mark the queue again.
+                batch = [(q, q.log.next_offset) for q in self._dirty]
+                self._dirty.clear()
+            if not batch:
                 continue
-            batch = [(q, q.log.next_offset) for q in self._dirty]
-            self._dirty.clear()
-            self.fsyncs += len(batch)
-            try:
-                await asyncio.gather(*(loop.run_in_executor(self._sync_pool, q.log.sync) for q, _ in batch))
-            except Exception as exc:
-                self._fail(f"fsync failed: {exc!r}")
-                return
-            if always:
-                for queue, upto in batch:
-                    queue.commit(upto)
+            if len(batch) == 1:
+                batch[0][0].log.sync()
+            else:
+                for future in [self._sync_pool.submit(q.log.sync) for q, _ in batch]:
+                    future.result()
+            loop.call_soon_threadsafe(self._synced, batch, always)
+
+    def _synced(self, batch: list[tuple[Queue, int]], always: bool) -> None:
+        """On the loop: the committer synced ``batch``; confirm and deliver."""
+        self.fsyncs += len(batch)
+        if always and not self._closed:
+            for queue, upto in batch:
+                queue.commit(upto)
 
     async def _ticker(self) -> None:
         """Periodic work: redeliveries past their ack wait, cursor persists, dedup pruning."""
@@ -366,6 +394,12 @@ class Store:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         loop = asyncio.get_running_loop()
+        thread = self._commit_thread
+        if thread is not None:
+            with self._commit_cond:
+                self._stopping = True
+                self._commit_cond.notify()
+            await loop.run_in_executor(self._sync_pool, thread.join)  # it may be in an fsync
         if not self._fatal:
             queues = list(self.queues.values())
             try:
