@@ -316,3 +316,21 @@ async def test_a_subscriber_that_stops_reading_is_paused_not_buffered(tmp_path: 
             assert durable["lag"] == 1000 and durable["in_flight"] < 1000
         sleeper.close()
         await assert_broker_healthy(broker)
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+async def test_fsync_interval_and_never_confirm_at_write(tmp_path: Path, policy: str) -> None:
+    from broker.config import FsyncPolicy
+
+    overrides = {"fsync": FsyncPolicy(policy), "fsync_interval": 0.05}
+    async with running_broker(tmp_path, **overrides) as broker, connected(broker) as c:
+        assert await c.publish_many("Q", [("E", i) for i in range(100)]) == list(range(100))
+        if policy == "interval":  # the committer thread syncs the dirty queue within an interval or so
+            deadline = asyncio.get_running_loop().time() + 5
+            while (await c.status())["server"]["fsyncs"] == 0:
+                assert asyncio.get_running_loop().time() < deadline, "no fsync within 5 s"
+                await asyncio.sleep(0.01)  # polling the broker's counter
+        else:
+            assert (await c.status())["server"]["fsyncs"] == 0
+    async with running_broker(tmp_path) as broker, connected(broker) as c:  # a clean stop syncs all
+        assert [m.payload for m in await c.fetch("Q", start="earliest", max_messages=200)] == list(range(100))
