@@ -204,15 +204,18 @@ class Session(asyncio.Protocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        # Detaching one subscription pumps its group: neither this connection's
+        # other subscriptions nor its FETCHes may take what it gives back.
+        self._set_paused(True)
+        for queue in self.broker.store.queues.values():
+            if queue.waiters:
+                queue.drop_waiters(self.write)
         for sub in self.subs.values():
             self._detach(sub.queue, sub.group, sub.consumer)
         self.subs.clear()
         for queue, group, consumer in self.pullers.values():
             self._detach(queue, group, consumer)
         self.pullers.clear()
-        for queue in self.broker.store.queues.values():
-            if queue.waiters:
-                queue.drop_waiters(self.write)
         self.broker.unregister(self)
         logger.debug("conn %d %s closed: %s", self.conn_id, self.peer, exc or "clean")
 
