@@ -99,6 +99,12 @@ class Broker:
         """Wait until :meth:`aclose` has finished."""
         await self._closed.wait()
 
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`aclose` has begun: sessions then stop handing out messages
+        (the store closes the logs before the last sessions are gone)."""
+        return self._closing
+
     # --- sessions -----------------------------------------------------------
 
     def next_conn_id(self) -> int:

@@ -513,7 +513,7 @@ class Session(asyncio.Protocol):
         group.detach(consumer)
         if group.name is None:
             queue.ephemeral.discard(group)
-        elif group.consumers or group.ready:
+        elif (group.consumers or group.ready) and not self.broker.closing:  # (its logs may be closed)
             queue.pump(group, time.monotonic())
             if queue.waiters:
                 queue.serve_waiters()

@@ -25,3 +25,27 @@ async def test_a_dropped_connection_does_not_hand_messages_to_itself(tmp_path: P
             sub = await c2.subscribe("Q", durable="d", prefetch=5)
             m = await sub.next(timeout=5)
             assert (m.offset, m.deliveries) == (0, 2)
+
+
+async def test_shutdown_does_not_read_the_closed_logs(tmp_path: Path) -> None:
+    """At shutdown the store closed the logs before the sessions went; a session
+    detaching a subscription pumped another consumer, read a closed file
+    (EBADF inside connection_lost, so the session was never unregistered and
+    aclose waited out the whole grace period)."""
+    async with running_broker(tmp_path) as broker, connected(broker, "pub") as pub:
+        await pub.publish("Q", "E", "on disk")
+    async with running_broker(tmp_path) as broker:  # the record is read from disk, not the tail
+        a = await Client.open(url_of(broker), name="a", reconnect=False)
+        b = await Client.open(url_of(broker), name="b", reconnect=False)
+        try:
+            # Crosswise, so whichever connection closes first gives back a message
+            # that a consumer on the other one has credit for.
+            for holder, spare, durable in ((a, b, "x"), (b, a, "y")):
+                sub = await holder.subscribe("Q", durable=durable, start="earliest", prefetch=1)
+                assert (await sub.next(timeout=5)).offset == 0
+                await spare.subscribe("Q", durable=durable, prefetch=5)
+            await broker.aclose()
+            assert not broker.sessions
+        finally:
+            a.abort()
+            b.abort()
