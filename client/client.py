@@ -594,8 +594,10 @@ class Client:
         if self.reconnect:
             self._frames[req] = frame
         if self._reconnecting:
-            self._held.append(req)  # sent when the connection is back
+            self._held.append(req)  # sent when the connection is back (after the acks)
         else:
+            if self._acks:  # acks queued earlier go first: the broker sees calls in program order
+                self._write_acks()
             self._wbuf.append(self._conn.send(frame))
             self._schedule_flush()
         return fut

@@ -49,3 +49,15 @@ async def test_shutdown_does_not_read_the_closed_logs(tmp_path: Path) -> None:
         finally:
             a.abort()
             b.abort()
+
+
+async def test_an_ack_reaches_the_broker_before_any_later_request(tmp_path: Path) -> None:
+    """``await msg.ack()`` queues the ack for the end of the loop turn; a request
+    made right after it (a PING, STATUS, FETCH...) was written first, so the
+    broker answered it as if the ack had not happened yet."""
+    async with running_broker(tmp_path) as broker, connected(broker, "c") as c:
+        await c.publish("Q", "E", 0)
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=1)
+        await (await sub.next(timeout=5)).ack()
+        (durable,) = (await c.status())["durables"]
+        assert (durable["ack_floor"], durable["lag"]) == (1, 0)
