@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from client import Client
 from tests.helpers import connected, running_broker, url_of
 
@@ -61,3 +63,32 @@ async def test_an_ack_reaches_the_broker_before_any_later_request(tmp_path: Path
         await (await sub.next(timeout=5)).ack()
         (durable,) = (await c.status())["durables"]
         assert (durable["ack_floor"], durable["lag"]) == (1, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="broker/store.py: Store.state_of persists read_pos as 'delivered'; after a restart read_pos restarts "
+    "at the ack floor, so a second restart forgets what was delivered before the first (fix: persist "
+    "max(read_pos, max(group.deliveries) + 1))",
+)
+async def test_two_restarts_remember_what_was_delivered_before_the_first(tmp_path: Path) -> None:
+    """Offset 1, delivered before a restart and not handed out again before a
+    second one, comes back with deliveries 1 (no redelivered flag); the model
+    also saw an ack of such an offset refused as "never delivered"."""
+    async with running_broker(tmp_path) as broker, connected(broker, "c") as c:
+        await c.publish_many("Q", [("E", 0), ("E", 1)])
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=2)
+        for _ in range(2):
+            await sub.next(timeout=5)
+        await sub.close()
+    async with running_broker(tmp_path) as broker, connected(broker, "c") as c:
+        sub = await c.subscribe("Q", durable="d", prefetch=1)  # only offset 0 is handed out again
+        m = await sub.next(timeout=5)
+        assert (m.offset, m.deliveries) == (0, 2)
+        await sub.close()
+        await m.ack(wait=True)  # after the close, so that offset 1 is not handed out
+    async with running_broker(tmp_path) as broker, connected(broker, "c") as c:
+        sub = await c.subscribe("Q", durable="d", prefetch=1)
+        m = await sub.next(timeout=5)
+        assert (m.offset, m.deliveries) == (1, 2)
