@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
@@ -539,8 +539,17 @@ class ClientModel(RuleBasedStateMachine):
         self.subs = []
 
 
+#: Shrinking is off unless TIDINGS_MODEL_SHRINK is set: which competing consumer
+#: gets a message varies between runs, so replays of a failure diverge and
+#: shrinking one ran for 5 minutes without getting far. The unshrunk steps are
+#: still printed; set the variable to shrink a failure that replays reliably.
+SHRINK = bool(os.environ.get("TIDINGS_MODEL_SHRINK"))
 ClientModel.TestCase.settings = settings(
-    max_examples=300 if SOAK else 40, stateful_step_count=60 if SOAK else 50, deadline=None
+    max_examples=300 if SOAK else 40,
+    stateful_step_count=60 if SOAK else 50,
+    deadline=None,
+    report_multiple_bugs=False,
+    phases=[p for p in Phase if p is not Phase.shrink or SHRINK],
 )
 #: Until broker/store.py persists what was delivered before a restart (see
 #: test_model_regressions.py::test_two_restarts_remember_what_was_delivered_before_the_first),
