@@ -367,7 +367,10 @@ class Store:
         """The persisted form of a durable group's cursor."""
         meta: dict[str, Any] = {
             "events": list(group.filter.patterns),
-            "delivered": group.read_pos,
+            # Everything below this was handed out at some point. read_pos alone
+            # restarts at the ack floor after a restart, so the offsets marked
+            # delivered then (group.deliveries) must count too.
+            "delivered": max(group.read_pos, max(group.deliveries, default=-1) + 1),
             "ack_wait": group.ack_wait,
             "max_deliveries": group.max_deliveries,
             "dead_letter": group.dead_letter,

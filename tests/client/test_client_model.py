@@ -56,10 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from broker import Broker, BrokerConfig
@@ -348,6 +346,10 @@ class ClientModel(RuleBasedStateMachine):
         s, m = picked
         dur = self.durables[s.key]
         expect_ok = m.offset not in dur.acked
+        # A refusal of a fire-and-forget ack lands in the ack_errors of the
+        # connection's open subscriptions (and the log); once this one is
+        # closed, only ack(wait=True) can tell the model what happened.
+        wait = wait or not s.attached
 
         async def go() -> None:
             client = self.clients[s.slot]
@@ -551,12 +553,4 @@ ClientModel.TestCase.settings = settings(
     report_multiple_bugs=False,
     phases=[p for p in Phase if p is not Phase.shrink or SHRINK],
 )
-#: Until broker/store.py persists what was delivered before a restart (see
-#: test_model_regressions.py::test_two_restarts_remember_what_was_delivered_before_the_first),
-#: the model finds that bug in about half of its runs. With the fix (one line
-#: in Store.state_of) it passes; remove the mark then.
-TestClientModel = pytest.mark.xfail(
-    strict=False,
-    raises=(AssertionError, Flaky),  # Flaky: the bug depends on which client resubscribes first
-    reason="known broker bug: a second clean restart forgets deliveries made before the first",
-)(ClientModel.TestCase)
+TestClientModel = ClientModel.TestCase

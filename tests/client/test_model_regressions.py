@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from client import Client
 from tests.helpers import connected, running_broker, url_of
 
@@ -65,13 +63,6 @@ async def test_an_ack_reaches_the_broker_before_any_later_request(tmp_path: Path
         assert (durable["ack_floor"], durable["lag"]) == (1, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="broker/store.py: Store.state_of persists read_pos as 'delivered'; after a restart read_pos restarts "
-    "at the ack floor, so a second restart forgets what was delivered before the first (fix: persist "
-    "max(read_pos, max(group.deliveries) + 1))",
-)
 async def test_two_restarts_remember_what_was_delivered_before_the_first(tmp_path: Path) -> None:
     """Offset 1, delivered before a restart and not handed out again before a
     second one, comes back with deliveries 1 (no redelivered flag); the model
