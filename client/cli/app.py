@@ -29,9 +29,11 @@ from .commands import (
     check_pub,
     parse_start,
     run_delete,
+    run_durables,
     run_fetch,
     run_ping,
     run_pub,
+    run_queues,
     run_seek,
     run_status,
     run_sub,
@@ -135,6 +137,27 @@ examples:
   tidings status --json | jq '.queues[] | {name, next_offset}'
   tidings status --watch 2          # refresh every 2 s; rates measured between polls
   tidings status --json --watch 10  # one JSON document per line
+"""
+
+QUEUES_EPILOG = """\
+The queues the broker has: offsets of the first retained and the next
+message, messages, size on disk, average publish rate. Delete one with
+`tidings delete QUEUE`.
+
+examples:
+  tidings queues
+  tidings queues --json | jq -r '.[].name'
+"""
+
+DURABLES_EPILOG = """\
+Durable cursors, of every queue or of QUEUE: their event filter, cursor (ack
+floor), lag (messages not yet acked), messages in flight and consumers
+attached. Delete one with `tidings delete QUEUE --durable NAME`, rewind or
+skip one with `tidings seek QUEUE --durable NAME --to POSITION`.
+
+examples:
+  tidings durables
+  tidings durables DB --json
 """
 
 PING_EPILOG = """\
@@ -349,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="the STATUS reply as JSON")
     st.add_argument("--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
 
+    qs = add("queues", "list the queues", QUEUES_EPILOG)
+    qs.add_argument("--json", action="store_true", help="as a JSON array")
+
+    ds = add("durables", "list the durables, of every queue or of one", DURABLES_EPILOG)
+    ds.add_argument("queue", metavar="QUEUE", nargs="?", help="only this queue's durables")
+    ds.add_argument("--json", action="store_true", help="as a JSON array")
+
     pg = add("ping", "round-trip time and server version", PING_EPILOG)
     pg.add_argument(
         "-c", "--count", type=_int_at_least(0), default=1, metavar="COUNT", help="pings to send, 0 = until Ctrl-C"
@@ -418,6 +448,8 @@ _CLIENT_COMMANDS: dict[str, Any] = {
     "ping": run_ping,
     "delete": run_delete,
     "seek": run_seek,
+    "queues": run_queues,
+    "durables": run_durables,
 }
 
 

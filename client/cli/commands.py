@@ -314,20 +314,48 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
     if subs:
         out += ["SUBSCRIPTIONS",
                 _table(subs, ["CONN", "QUEUE", "EVENTS", "DURABLE", "PREFETCH", "IN FLIGHT"]), ""]  # fmt: skip
+    out += ["QUEUES", render_queues(info, rates), "", "DURABLES", render_durables(info)]
+    failed = info.get("failed_queues") or []
+    if failed:
+        out += ["", "FAILED QUEUES", _table([[f.get("name"), f.get("error")] for f in failed], ["QUEUE", "ERROR"])]
+    return "\n".join(out)
+
+
+def render_queues(info: dict[str, Any], rates: dict[str, float] | None = None) -> str:
+    """The QUEUES table of a STATUS reply (``rates`` as for :func:`render_status`)."""
     queues = []
     for q in info.get("queues", []):
         rate = rates.get(q.get("name", ""), 0.0) if rates is not None else q.get("publish_rate", "-")
         queues.append([q.get("name"), q.get("first_offset"), q.get("next_offset"), q.get("messages"),
                        _size(q.get("bytes")), rate if isinstance(rate, str) else f"{rate:.1f}"])  # fmt: skip
     rate_head = "MSG/S" if rates is not None else "MSG/S (AVG)"
-    out += ["QUEUES", _table(queues, ["QUEUE", "FIRST", "NEXT", "MESSAGES", "SIZE", rate_head]), ""]
+    return _table(queues, ["QUEUE", "FIRST", "NEXT", "MESSAGES", "SIZE", rate_head])
+
+
+def render_durables(info: dict[str, Any]) -> str:
+    """The DURABLES table of a STATUS reply."""
     durs = [[d.get("queue"), d.get("name"), _events(d.get("events")), d.get("ack_floor"), d.get("lag"),
              d.get("in_flight"), d.get("consumers")] for d in info.get("durables", [])]  # fmt: skip
-    out += ["DURABLES", _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS"])]
-    failed = info.get("failed_queues") or []
-    if failed:
-        out += ["", "FAILED QUEUES", _table([[f.get("name"), f.get("error")] for f in failed], ["QUEUE", "ERROR"])]
-    return "\n".join(out)
+    return _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS"])
+
+
+async def run_queues(ctx: Context, client: Client) -> int:
+    info = await client.status()
+    if ctx.args.json:
+        await ctx.out.line(json.dumps(info.get("queues", []), indent=2, default=str))
+    else:
+        await ctx.out.line(render_queues(info))
+    return EXIT_OK
+
+
+async def run_durables(ctx: Context, client: Client) -> int:
+    info = await client.status()
+    durables = [d for d in info.get("durables", []) if ctx.args.queue in (None, d.get("queue"))]
+    if ctx.args.json:
+        await ctx.out.line(json.dumps(durables, indent=2, default=str))
+    else:
+        await ctx.out.line(render_durables({"durables": durables}))
+    return EXIT_OK
 
 
 async def run_status(ctx: Context, client: Client) -> int:

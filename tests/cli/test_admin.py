@@ -7,7 +7,7 @@ import signal
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
 
-COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw", "delete", "seek"]
+COMMANDS = ["pub", "sub", "fetch", "status", "ping", "raw", "delete", "seek", "queues", "durables"]
 
 
 def test_status_tables_and_json(url: str, queue: str) -> None:
@@ -29,6 +29,30 @@ def test_status_tables_and_json(url: str, queue: str) -> None:
     (q,) = [q for q in info["queues"] if q["name"] == queue]
     assert (q["first_offset"], q["next_offset"]) == (0, 2)
     assert any(c["name"] == "tidings-status" for c in info["connections"])
+
+
+def test_queues_and_durables_list(url: str, queue: str) -> None:
+    other = queue + "-other"
+    run("pub", queue, "E", input="1\n2\n3\n", url=url)
+    run("pub", other, "E", "x", url=url)
+    run("fetch", queue, "--durable", "audit", "--max", 2, url=url)
+    run("fetch", other, "--durable", "mirror", url=url)
+
+    table = run("queues", url=url)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["QUEUE", "FIRST", "NEXT", "MESSAGES"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[queue][1:4] == ["0", "3", "3"] and rows[other][1:4] == ["0", "1", "1"]
+    listed = json.loads(run("queues", "--json", url=url).stdout)
+    assert {queue, other} <= {q["name"] for q in listed}
+
+    mine = run("durables", queue, url=url).stdout.splitlines()
+    assert mine[0].split()[:5] == ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG"]
+    assert [line.split()[:5] for line in mine[1:]] == [[queue, "audit", "*", "2", "1"]]
+    every = json.loads(run("durables", "--json", url=url).stdout)
+    assert {(queue, "audit"), (other, "mirror")} <= {(d["queue"], d["name"]) for d in every}
+    assert json.loads(run("durables", "nothing-here", "--json", url=url).stdout) == []
 
 
 def test_status_watch_repeats_until_ctrl_c(url: str) -> None:
