@@ -36,10 +36,10 @@ soak: $(STAMP) ## the soak tier (T2): long crash, churn and hostile-client runs
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check protocol broker client bench tests
 	$(BIN)/ruff format --check protocol broker client bench tests
-	$(BIN)/mypy protocol broker client
+	$(BIN)/mypy protocol broker client bench
 
 typecheck: $(STAMP) ## mypy only
-	$(BIN)/mypy protocol broker client
+	$(BIN)/mypy protocol broker client bench
 
 fmt: $(STAMP) ## format the code
 	$(BIN)/ruff format protocol broker client bench tests

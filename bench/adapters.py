@@ -145,7 +145,7 @@ class TidingsAdapter(Adapter):
             await c.open_push()
         return c
 
-    async def read_all(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read_all(self) -> AsyncIterator[bytes]:
         position = 0
         while True:
             msgs = await self.client.fetch(self.queue, max_messages=10_000, wait=0, start=position)
@@ -165,4 +165,5 @@ def get_adapter(params: dict[str, Any]) -> Adapter:
         return TidingsAdapter(params)
     from .peers import adapter_class
 
-    return adapter_class(kind)(params)
+    adapter: Adapter = adapter_class(kind)(params)
+    return adapter

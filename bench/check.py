@@ -39,7 +39,7 @@ class PayloadMaker:
 
 def parse(payload: bytes) -> tuple[int, int, int]:
     """``(producer, seq, intended_ns)`` of a benchmark payload."""
-    return _unpack_head(payload)  # type: ignore[return-value]
+    return _unpack_head(payload)
 
 
 class SeqChecker:

@@ -57,7 +57,8 @@ def default_count(opts: Options, scenario: str) -> int:
 
 
 class Server(Protocol):
-    url: str
+    @property
+    def url(self) -> str: ...
 
     @property
     def pid(self) -> int: ...
@@ -178,7 +179,7 @@ def _errors(results: list[dict[str, Any]]) -> list[str]:
 
 
 def _client_cpu(results: list[dict[str, Any]]) -> float:
-    return round(sum(r.get("cpu", 0.0) for r in results), 3)
+    return round(float(sum(r.get("cpu", 0.0) for r in results)), 3)
 
 
 def _publishers(t: Target, url: str, count: int, window: int, rate: float | None = None) -> list[dict[str, Any]]:
