@@ -40,7 +40,7 @@ from typing import Final
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
-from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest
+from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, decode_fixed_puback
 
 __all__ = ["Connection", "Event", "Limits", "Role", "State"]
 
@@ -261,6 +261,11 @@ class Connection:
         return out
 
     def _decode(self, body: bytes) -> Event:
+        if len(body) == 21:  # maybe a fixed-width PUBACK: the client's most frequent frame
+            ack = decode_fixed_puback(body)
+            if ack is not None:
+                self._move(_RECV, FrameType.PUBACK)
+                return ack
         items = unpack_body(body, self.max_frame_size)
         if type(items) is not list or not items or type(items[0]) is not int:
             raise RemoteProtocolError(

@@ -70,6 +70,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "Welcome",
+    "decode_fixed_puback",
     "encode_batch",
     "encode_deliver",
     "encode_pubacks",
@@ -819,6 +820,29 @@ _PUBACK: Final = int(FrameType.PUBACK)
 # format; one struct call per PUBACK costs a third of a generic pack.
 _PUBACK_FIXED: Final = struct.Struct(">IBBBQBQB")
 _pack_puback: Final = _PUBACK_FIXED.pack
+#: The body of such a PUBACK, for the client's decoder (see decode_fixed_puback).
+_PUBACK_BODY: Final = struct.Struct(">BBBQBQB")
+_PUBACK_BODY_SIZE: Final = _PUBACK_BODY.size  # 21
+_unpack_puback: Final = _PUBACK_BODY.unpack
+
+
+def decode_fixed_puback(body: bytes) -> PubAck | None:
+    """A PUBACK body in the broker's fixed-width layout, or None for anything else.
+
+    The client's hot path: one ``struct`` call instead of msgpack and the
+    field checks, which the layout makes unnecessary (two uint 64s and a
+    boolean). Any other encoding of a PUBACK takes the general path.
+    """
+    if len(body) != _PUBACK_BODY_SIZE:
+        return None
+    head, kind, req_tag, req, offset_tag, offset, dup = _unpack_puback(body)
+    if head != 0x94 or kind != _PUBACK or req_tag != 0xCF or offset_tag != 0xCF or dup not in (0xC2, 0xC3):
+        return None
+    ack: Any = _new_frame(PubAck)
+    ack.req = req
+    ack.offset = offset
+    ack.duplicate = dup == 0xC3
+    return ack  # type: ignore[no-any-return]
 
 
 def encode_pubacks(acks: list[tuple[int, int, bool]]) -> bytes:

@@ -28,7 +28,7 @@ from protocol import (
     record_event,
 )
 from protocol.framing import unpack_body
-from protocol.messages import FRAME_CLASSES
+from protocol.messages import FRAME_CLASSES, decode_fixed_puback
 
 from .strategies import EVENTS, FRAMES, HEADERS, PAYLOADS, U64
 
@@ -93,8 +93,19 @@ def test_encode_batch_with_many_records_uses_wide_array_headers() -> None:
 
 @given(st.lists(st.tuples(U64, U64, st.booleans()), max_size=10))
 def test_encode_pubacks(acks: list[tuple[int, int, bool]]) -> None:
-    got = [decode_frame(b) for b in FrameDecoder(LIMIT).feed(encode_pubacks(acks))]
-    assert got == [PubAck(*a) for a in acks]
+    bodies = FrameDecoder(LIMIT).feed(encode_pubacks(acks))
+    assert [decode_frame(b) for b in bodies] == [PubAck(*a) for a in acks]  # any msgpack decoder
+    assert [decode_fixed_puback(b) for b in bodies] == [PubAck(*a) for a in acks]  # the client's fast path
+
+
+@settings(max_examples=500)
+@given(
+    st.binary(min_size=21, max_size=21) | st.builds(lambda b: b"\x94\x04\xcf" + b, st.binary(min_size=18, max_size=18))
+)
+def test_fixed_puback_decoder_agrees_with_msgpack_or_declines(body: bytes) -> None:
+    fast = decode_fixed_puback(body)
+    if fast is not None:
+        assert decode_frame(body) == fast
 
 
 @settings(max_examples=500)
