@@ -78,7 +78,9 @@ class Store:
         self._dirty: set[Queue] = set()  # guarded by _commit_cond
         self._commit_cond = threading.Condition()
         self._commit_thread: threading.Thread | None = None
+        self._round_lock = threading.Lock()  # held by the committer from taking a batch to handing it back
         self._stopping = False
+        self._commit_dead = False
         self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="tidings-sync")
         self._cursor_pool = ThreadPoolExecutor(1, thread_name_prefix="tidings-cursor")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -153,7 +155,6 @@ class Store:
         """
         queue = self.queues.pop(name)  # now, not when the returned coroutine runs
         self.cursor_stores.pop(name, None)
-        self._dirty.discard(queue)
         self._deleting.add(name)
         return self._remove_queue_files(queue)
 
@@ -161,6 +162,9 @@ class Store:
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._cursor_pool, lambda: None)
+            # Records still unsynced are synced (and confirmed) by the committer first:
+            # closing the log under an fsync in flight would fail it (EBADF: fatal).
+            await loop.run_in_executor(self._cursor_pool, self._wait_synced, queue)
             queue.log.close()
             await loop.run_in_executor(self._cursor_pool, shutil.rmtree, self._path(queue.name))
             fsync_dir(self.queues_dir)
@@ -257,6 +261,18 @@ class Store:
             self._commit_rounds(loop)
         except Exception as exc:
             loop.call_soon_threadsafe(self._fail, f"fsync failed: {exc!r}")
+        finally:
+            with self._commit_cond:
+                self._commit_dead = True
+                self._commit_cond.notify_all()
+
+    def _wait_synced(self, queue: Queue) -> None:
+        """Block (on a worker thread) until no commit round has ``queue`` pending or in flight."""
+        cond = self._commit_cond
+        with cond:
+            cond.wait_for(lambda: queue not in self._dirty or self._commit_dead or self._commit_thread is None)
+        with self._round_lock:
+            pass
 
     def _commit_rounds(self, loop: asyncio.AbstractEventLoop) -> None:
         always = self.config.fsync is FsyncPolicy.ALWAYS
@@ -269,18 +285,22 @@ class Store:
                     cond.wait_for(lambda: self._stopping, timeout=self.config.fsync_interval)
                 if self._stopping:
                     return  # aclose() syncs everything itself
-                # Offsets read here were written before they were counted, so
-                # the fsync below covers them; later appends mark the queue again.
-                batch = [(q, q.log.next_offset) for q in self._dirty]
-                self._dirty.clear()
-            if not batch:
-                continue
-            if len(batch) == 1:
-                batch[0][0].log.sync()
-            else:
-                for future in [self._sync_pool.submit(q.log.sync) for q, _ in batch]:
-                    future.result()
-            loop.call_soon_threadsafe(self._synced, batch, always)
+            with self._round_lock:
+                with cond:
+                    # Offsets read here were written before they were counted, so
+                    # the fsync below covers them; later appends mark the queue again.
+                    batch = [(q, q.log.next_offset) for q in self._dirty]
+                    self._dirty.clear()
+                    cond.notify_all()  # for _wait_synced
+                if not batch:
+                    continue
+                if len(batch) == 1:
+                    batch[0][0].log.sync()
+                else:
+                    for future in [self._sync_pool.submit(q.log.sync) for q, _ in batch]:
+                        future.result()
+                # Still under the round lock: queued before _wait_synced's caller resumes.
+                loop.call_soon_threadsafe(self._synced, batch, always)
 
     def _synced(self, batch: list[tuple[Queue, int]], always: bool) -> None:
         """On the loop: the committer synced ``batch``; confirm and deliver."""

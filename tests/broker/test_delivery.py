@@ -12,7 +12,7 @@ import pytest
 
 from client import Client
 from protocol import ServerError
-from tests.helpers import connected, running_broker, url_of
+from tests.helpers import assert_broker_healthy, connected, running_broker, url_of
 
 FAST = {"cursor_flush": 0.05}  # the ticker that expires ack waits runs this often
 
@@ -177,6 +177,26 @@ async def test_deleting_a_durable_and_a_queue(tmp_path: Path) -> None:
         assert await c.publish("Q", "E", "fresh") == 0  # a new queue, from offset 0
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert [m.payload for m in await c.fetch("Q")] == ["fresh"]
+
+
+async def test_deleting_a_queue_with_publishes_in_flight(tmp_path: Path) -> None:
+    """The delete closes the log only after the committer synced (and confirmed) it:
+    an fsync racing the close would fail (EBADF), which is fatal."""
+    async with running_broker(tmp_path) as broker, connected(broker) as pub, connected(broker) as admin:
+        for round_ in range(30):
+            await pub.publish("Q", "E", round_)  # the queue exists
+            inflight = asyncio.ensure_future(pub.publish_many("Q", [("E", i) for i in range(200)]))
+            await asyncio.sleep(0)  # let the publishes go out
+            try:
+                await admin.delete_queue("Q")
+            except ServerError as exc:  # CONFLICT: a previous round's delete still running
+                assert exc.code == 28, exc
+            try:
+                await inflight  # confirmed (stored, then deleted) or refused while deleting
+            except ServerError as exc:
+                assert exc.code == 28, exc
+            assert not broker.store.fatal
+        await assert_broker_healthy(broker, baseline=2)
 
 
 async def test_seek_rewinds_and_skips_a_durable(tmp_path: Path) -> None:
