@@ -279,24 +279,37 @@ class Group:
     def ack(self, offsets: Iterable[int], upto: int | None) -> int:
         """Apply an ACK: single offsets and/or everything up to ``upto``.
 
+        Every valid offset is applied even when others are not: a client
+        batches the acks of many messages into one frame, and one stale ack
+        (a copy already acked) must not cost the rest theirs.
+
         Returns:
             How many offsets became acked.
 
         Raises:
-            AckError: an offset was never handed out or is already acked;
-                nothing is changed in that case.
+            AckError: some offset was never handed out or is already acked
+                (or ``upto`` reaches past what was delivered), raised after
+                the valid ones were applied; the message names each one.
         """
-        offsets = tuple(o for o in offsets if o not in self.parked)  # being dead-lettered: done soon anyway
+        problems: list[str] = []
+        valid: list[int] = []
         for offset in offsets:
-            self._check_ackable(offset)
-        if upto is not None and upto >= self.read_pos:
-            raise AckError(f"cannot ack up to {upto}: offset {self.read_pos} not delivered yet")
+            if offset in self.parked:
+                continue  # being dead-lettered: done soon anyway
+            try:
+                self._check_ackable(offset)
+            except AckError as exc:
+                problems.append(str(exc))
+            else:
+                valid.append(offset)
         done = 0
-        for offset in offsets:
+        for offset in dict.fromkeys(valid):  # an offset twice in one ACK counts once
             self._release(offset)
             self._acked(offset)
             done += 1
-        if upto is not None and upto >= self.cursor.ack_floor:
+        if upto is not None and upto >= self.read_pos:
+            problems.append(f"cannot ack up to {upto}: offset {self.read_pos} not delivered yet")
+        elif upto is not None and upto >= self.cursor.ack_floor:
             for offset in [o for o in self.in_flight if o <= upto]:
                 self._release(offset)
             for offset in [o for o in self.delayed if o <= upto]:
@@ -306,6 +319,9 @@ class Group:
             done += upto + 1 - self.cursor.ack_floor
             self.cursor.ack_upto(upto)
             self.dirty = True
+        if problems:
+            others = f" ({done} others acknowledged)" if done else ""
+            raise AckError("; ".join(problems) + others)
         return done
 
     def nack(self, offsets: Iterable[int], delay: float, now: float) -> None:

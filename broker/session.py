@@ -535,11 +535,11 @@ class Session(asyncio.Protocol):
         queue, group = found
         try:
             group.ack(ev.offsets, ev.upto)
-        except AckError as exc:
+        except AckError as exc:  # the valid offsets were applied all the same
             self.reply_error(ev.req, ErrorCode.BAD_ACK, str(exc))
-            return
-        if ev.req:
-            self.write(self.conn.send(Ok(ev.req)))
+        else:
+            if ev.req:
+                self.write(self.conn.send(Ok(ev.req)))
         queue.pump(group, time.monotonic())
 
     def _on_nack(self, ev: Nack) -> None:

@@ -218,6 +218,28 @@ async def test_acking_what_was_never_delivered_is_bad_ack(tmp_path: Path) -> Non
         peer.close()
 
 
+async def test_one_bad_offset_does_not_spoil_a_batched_ack(tmp_path: Path) -> None:
+    """The client batches fire-and-forget acks into one ACK frame per flush: a
+    stale one (a copy already acked) must not cost the others their ack."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish_many("Q", [("E", i) for i in range(4)])
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(2, 1, "Q", durable="d", start="earliest", prefetch=10))
+        assert await peer.recv() == Ok(2)
+        got = [await peer.recv() for _ in range(4)]
+        assert [d.offset for d in got] == [0, 1, 2, 3]  # type: ignore[attr-defined]
+        peer.send_frame(Ack(3, "Q", "d", (0,)))
+        assert await peer.recv() == Ok(3)
+        peer.send_frame(Ack(0, "Q", "d", (1, 0, 2, 9)))  # 0: already acked, 9: never delivered
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.req == 0 and reply.code == ErrorCode.BAD_ACK, reply
+        assert "offset 0 is already acknowledged" in reply.message and "offset 9 was never delivered" in reply.message
+        assert "2 others acknowledged" in reply.message
+        (durable,) = (await c.status())["durables"]
+        assert (durable["ack_floor"], durable["in_flight"]) == (3, 1)  # 1 and 2 were acked all the same
+        peer.close()
+
+
 async def test_payload_over_the_frame_limit(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         from protocol import LocalProtocolError
