@@ -52,13 +52,9 @@ from .messages import (
     Subscribe,
     Unsubscribe,
     Welcome,
-    encode_batch,
-    encode_deliver,
-    encode_pubacks,
-    encode_record,
-    record_event,
 )
 from .names import EventFilter, check_durable, check_event, check_pattern, check_queue
+from .wire import encode_batch, encode_deliver, encode_pubacks, encode_record, record_event
 
 __all__ = [
     "PROTOCOL_VERSION",

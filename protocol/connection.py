@@ -40,7 +40,8 @@ from typing import Final
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
-from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, decode_fixed_puback
+from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest
+from .wire import decode_fixed_puback
 
 __all__ = ["Connection", "Event", "Limits", "Role", "State"]
 

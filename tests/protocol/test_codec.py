@@ -28,7 +28,8 @@ from protocol import (
     record_event,
 )
 from protocol.framing import unpack_body
-from protocol.messages import FRAME_CLASSES, decode_fixed_puback
+from protocol.messages import FRAME_CLASSES
+from protocol.wire import decode_fixed_puback
 
 from .strategies import EVENTS, FRAMES, HEADERS, PAYLOADS, U64
 
