@@ -98,16 +98,7 @@ def run(count: int, payload_size: int) -> list[dict[str, Any]]:
     del frames
 
     # 2. PUBLISH decode (broker side).
-    def dec_publish() -> SeqChecker:
-        checker = SeqChecker({0: count})
-        see = checker.see_payload
-        for chunk in stream:
-            broker.receive_data(chunk)
-            for ev in broker.events():
-                see(ev.payload)  # type: ignore[union-attr]
-        return checker
-
-    checker, secs, cpu = _timed(dec_publish)
+    checker, secs, cpu = _timed(lambda: _decode_all(broker, stream, count))
     record("publish-decode", secs, cpu, checker)
 
     # 3. DELIVER encode (broker hot path, stored record bodies).
@@ -124,16 +115,7 @@ def run(count: int, payload_size: int) -> list[dict[str, Any]]:
     del frames
 
     # 4. DELIVER decode (client side).
-    def dec_deliver() -> SeqChecker:
-        checker = SeqChecker({0: count})
-        see = checker.see_payload
-        for chunk in stream:
-            client.receive_data(chunk)
-            for ev in client.events():
-                see(ev.payload)  # type: ignore[union-attr]
-        return checker
-
-    checker, secs, cpu = _timed(dec_deliver)
+    checker, secs, cpu = _timed(lambda: _decode_all(client, stream, count))
     record("deliver-decode", secs, cpu, checker)
 
     # 5. The broker's publish path, in-process.
@@ -141,6 +123,17 @@ def run(count: int, payload_size: int) -> list[dict[str, Any]]:
     record("broker-publish", secs, cpu, checker)
     out[-1]["broker_cpu_us_per_msg"] = round(cpu / count * 1e6, 2)
     return out
+
+
+def _decode_all(conn: Connection, stream: list[bytes], count: int) -> SeqChecker:
+    """Feed ``stream`` to ``conn`` chunk by chunk, checking every frame's payload."""
+    checker = SeqChecker({0: count})
+    see = checker.see_payload
+    for chunk in stream:
+        conn.receive_data(chunk)
+        for ev in conn.events():
+            see(ev.payload)  # type: ignore[union-attr]
+    return checker
 
 
 class _Sink:
