@@ -51,7 +51,7 @@ CHUNK = 256 * 1024
 def _pair() -> tuple[Connection, Connection]:
     """A client and a broker Connection, both READY."""
     client, broker = Connection(Role.CLIENT, limits=Limits()), Connection(Role.BROKER, limits=Limits())
-    broker.receive_data(client.send(Hello(1, PROTOCOL_VERSION, "bench")))
+    broker.receive_data(client.send(Hello(1, PROTOCOL_VERSION, "bench", None, "bench-producer")))
     broker.events()
     client.receive_data(broker.send(Welcome(1, PROTOCOL_VERSION, "bench", 1, Limits().max_frame_size, 0.0)))
     client.events()
@@ -159,7 +159,9 @@ async def _broker_publish(stream: list[bytes], count: int) -> tuple[SeqChecker, 
         broker.store.open()
         session, sink = Session(broker), _Sink()
         session.connection_made(sink)  # type: ignore[arg-type]
-        session.data_received(Connection(Role.CLIENT, limits=Limits()).send(Hello(1, PROTOCOL_VERSION, "bench")))
+        session.data_received(
+            Connection(Role.CLIENT, limits=Limits()).send(Hello(1, PROTOCOL_VERSION, "bench", None, "bench-producer"))
+        )
 
         def feed() -> None:
             for chunk in stream:

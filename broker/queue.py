@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgpack
 
-from protocol import ErrorCode, EventFilter, encode_batch, encode_deliver, encode_record, record_event
+from protocol import (
+    PRODUCER_HEADER,
+    ErrorCode,
+    EventFilter,
+    encode_batch,
+    encode_deliver,
+    encode_record,
+    record_event,
+)
 
 from .log import QueueLog
 from .router import Consumer, Group
@@ -126,6 +134,9 @@ class Queue:
         self._tail_base = log.next_offset
         self._tail_bytes = 0
         self._dedup: dict[str, tuple[int, float]] = {}
+        #: Per producer: the last sequence stored here and when to forget it.
+        self.producers: dict[str, tuple[int, float]] = {}
+        self._sequences: dict[str, list[tuple[int, int, int]]] = {}  # find_sequence's cache
         self.published = 0  # since start, for the publish rate in STATUS
         #: Called with a group whose ``dead`` list has offsets to move to its
         #: dead-letter queue (set by the store).
@@ -144,6 +155,52 @@ class Queue:
         hit = self._dedup.get(message_id)
         return hit[0] if hit is not None and hit[1] > now else None
 
+    def find_sequence(self, producer: str, seq: int, oldest_ms: int) -> int | None:
+        """The offset where ``producer`` stored sequence number ``seq``, if any.
+
+        The first record of each run of a producer's consecutive sequence
+        numbers stored together carries "PRODUCER:FIRST-LAST" (see the
+        session). Only a resent publish asks (its sequence is at most the
+        producer's last one here), and resent publishes come in ascending
+        order: the first one scans the log back from the end to its run (or
+        to records older than ``oldest_ms``), remembering every run of that
+        producer it passes; the others are found among those.
+        """
+        known = self._sequences.get(producer)
+        if known is not None:
+            for start, first, last in known:
+                if first <= seq <= last:
+                    return start + seq - first
+        found: list[tuple[int, int, int]] = []  # (offset, first, last) runs
+        prefix = producer + ":"
+        needle = prefix.encode()
+        log = self.log
+        end = log.next_offset
+        while end > log.first_offset:
+            start = max(log.first_offset, end - READ_BATCH)
+            lowest, too_old = seq + 1, False
+            offset = start
+            while offset < end:
+                records = log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+                if not records:
+                    break
+                for off, ts, body in records:
+                    too_old = too_old or ts < oldest_ms
+                    if needle in body:
+                        run = parse_sequences((_record_headers(body) or {}).get(PRODUCER_HEADER), prefix)
+                        if run is not None:
+                            found.append((off, *run))
+                            lowest = min(lowest, run[0])
+                offset = records[-1][0] + 1
+            if too_old or lowest <= seq:
+                break
+            end = start
+        self._sequences[producer] = found
+        for start, first, last in found:
+            if first <= seq <= last:
+                return start + seq - first
+        return None
+
     def append(
         self,
         bodies: list[bytes],
@@ -151,8 +208,12 @@ class Queue:
         timestamp_ms: int,
         *,
         dedup_until: float,
+        producer: tuple[str, int] | None = None,
     ) -> int:
         """Write records to the log (not yet synced) and remember them in the tail.
+
+        ``producer`` is ``(producer, last sequence among bodies)`` when a
+        named producer published them.
 
         Returns:
             The offset of the first record.
@@ -171,6 +232,8 @@ class Queue:
             for i, mid in enumerate(ids):
                 if mid is not None:
                     self._dedup[mid] = (first + i, dedup_until)
+        if producer is not None:
+            self.producers[producer[0]] = (producer[1], dedup_until)
         self.published += len(bodies)
         return first
 
@@ -182,10 +245,10 @@ class Queue:
             self._confirms.append((end, confirmer, acks))
 
     def rebuild_dedup(self, window: float) -> int:
-        """After a restart: index the message ids stored within the last ``window`` seconds.
+        """After a restart: index the message ids and producer sequences of the last ``window`` seconds.
 
         Returns:
-            How many ids were found.
+            How many ids and producers were found.
         """
         now_ms, mono = int(time.time() * 1000), time.monotonic()
         offset = self.log.offset_for_time(now_ms - int(window * 1000))
@@ -196,18 +259,29 @@ class Queue:
                 break
             for off, ts, body in records:
                 headers = _record_headers(body)
-                mid = headers.get(MESSAGE_ID_HEADER) if headers else None
+                if not headers:
+                    offset = off + 1
+                    continue
+                until = mono + window - (now_ms - ts) / 1000.0
+                mid = headers.get(MESSAGE_ID_HEADER)
                 if isinstance(mid, str):
-                    self._dedup[mid] = (off, mono + window - (now_ms - ts) / 1000.0)
+                    self._dedup[mid] = (off, until)
                     found += 1
+                producer, _, _ = str(headers.get(PRODUCER_HEADER, "")).rpartition(":")
+                run = parse_sequences(headers.get(PRODUCER_HEADER), producer + ":") if producer else None
+                if run is not None:
+                    self.producers[producer] = (run[1], until)
                 offset = off + 1
-        return found
+        return found + len(self.producers)
 
     def prune_dedup(self, now: float) -> None:
-        """Forget message ids older than the dedup window."""
+        """Forget message ids, and producers silent for longer than the dedup window."""
         stale = [k for k, (_, until) in self._dedup.items() if until <= now]
         for k in stale:
             del self._dedup[k]
+        for producer in [p for p, (_, until) in self.producers.items() if until <= now]:
+            del self.producers[producer]
+        self._sequences.clear()  # a reconnected producer's resends are over by the next tick
 
     # --- committing ---------------------------------------------------------
 
@@ -423,13 +497,27 @@ def _record_headers(body: bytes) -> dict[str, str] | None:
     return headers if isinstance(headers, dict) else None
 
 
-def _mark_gap(body: bytes, group: Group) -> bytes:
-    """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO" (once per gap)."""
-    assert group.gap is not None
+def with_header(body: bytes, name: str, value: str) -> bytes:
+    """Re-encode a stored record body with one more header."""
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(body)
     event, ts, headers, payload = unpacker
-    headers = dict(headers or {})
-    headers[GAP_HEADER] = f"{group.gap[0]}-{group.gap[1]}"
+    return encode_record(event, ts, {**(headers or {}), name: value}, payload)
+
+
+def parse_sequences(value: object, prefix: str) -> tuple[int, int] | None:
+    """``(first, last)`` from an ``x-producer-seq`` value "PRODUCER:FIRST[-LAST]" of ``prefix``'s producer."""
+    if not isinstance(value, str) or not value.startswith(prefix):
+        return None
+    first, _, last = value[len(prefix) :].partition("-")
+    if not first.isdigit() or not (last or first).isdigit() or int(last or first) < int(first):
+        return None
+    return int(first), int(last or first)
+
+
+def _mark_gap(body: bytes, group: Group) -> bytes:
+    """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO" (once per gap)."""
+    assert group.gap is not None
+    body = with_header(body, GAP_HEADER, f"{group.gap[0]}-{group.gap[1]}")
     group.gap = None
-    return encode_record(event, ts, headers, payload)
+    return body

@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from protocol import (
+    PRODUCER_HEADER,
     PROTOCOL_VERSION,
     Ack,
     Bye,
@@ -64,7 +65,7 @@ from protocol import (
 )
 
 from .cursors import Cursor
-from .queue import MESSAGE_ID_HEADER, FetchWaiter, Queue
+from .queue import MESSAGE_ID_HEADER, FetchWaiter, Queue, with_header
 from .router import AckError, Consumer, Group
 from .store import QueueUnavailable
 
@@ -78,6 +79,9 @@ logger = logging.getLogger(__name__)
 #: Pull consumers hold at most this many unacked fetched messages per durable
 #: and connection; a FETCH beyond it gets what redeliveries free up.
 PULL_MAX_UNACKED = 100_000
+#: Bytes a producer's record may grow by when it gets the x-producer-seq
+#: header: key, "PRODUCER:FIRST-LAST" (64-character id, two u64), map header.
+SEQUENCE_HEADER_ROOM = 128
 
 
 class _Push:
@@ -121,6 +125,8 @@ class Session(asyncio.Protocol):
         self.conn = Connection(Role.BROKER, limits=broker.config.limits)
         self.conn_id = broker.next_conn_id()
         self.name = ""
+        #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
+        self.producer: str | None = None
         self.peer = "?"
         self.since = time.time()
         self.transport: asyncio.Transport | None = None
@@ -136,6 +142,7 @@ class Session(asyncio.Protocol):
         self._ping_out = False
         self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
         self._now_ms = 0
+        self._max_record = self.config.max_message_bytes
         self._queues = broker.store.queues
         self._handlers: dict[type[Any], Any] = {
             Publish: self._on_publish,
@@ -324,6 +331,9 @@ class Session(asyncio.Protocol):
                 self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
                 return
         self.name = ev.name
+        self.producer = ev.producer
+        if ev.producer is not None:  # room for the x-producer-seq header
+            self._max_record = self.config.max_message_bytes - SEQUENCE_HEADER_ROOM
         if self._timer is not None:
             self._timer.cancel()
         cfg = self.config
@@ -383,16 +393,29 @@ class Session(asyncio.Protocol):
                 return
             # Stored with the record, so the dedup index survives a restart.
             headers = {**headers, MESSAGE_ID_HEADER: mid} if headers else {MESSAGE_ID_HEADER: mid}
+        elif self.producer is not None:
+            # A resent publish (its req is not above the last one stored here
+            # from this producer) is confirmed with the original offset.
+            seen = queue.producers.get(self.producer)
+            if seen is not None and ev.req <= seen[0]:
+                oldest_ms = self._now_ms - int(self.config.dedup_window * 1000)
+                dup = queue.find_sequence(self.producer, ev.req, oldest_ms)
+                if dup is not None:
+                    self.unconfirmed += 1
+                    queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
+                    return
+        if headers and PRODUCER_HEADER in headers:  # only the broker writes it (_flush_publishes)
+            headers = {k: v for k, v in headers.items() if k != PRODUCER_HEADER}
         try:
             body = encode_record(ev.event, self._now_ms, headers, ev.payload)
         except Exception as exc:  # only reachable with exotic decoded values
             self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
             return
-        if len(body) > self.config.max_message_bytes:
+        if len(body) > self._max_record:
             self.reply_error(
                 ev.req,
                 ErrorCode.PAYLOAD_TOO_LARGE,
-                f"message of {len(body)} bytes exceeds the limit of {self.config.max_message_bytes}",
+                f"message of {len(body)} bytes exceeds the limit of {self._max_record}",
             )
             return
         pending = self._batch.get(queue)
@@ -412,8 +435,13 @@ class Session(asyncio.Protocol):
         now_ms = self._now_ms
         dedup_until = time.monotonic() + self.config.dedup_window
         for queue, (bodies, reqs) in batch.items():
+            if self.producer is not None:
+                _tag_sequences(self.producer, bodies, reqs)
             try:
-                first = queue.append(bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until)
+                first = queue.append(
+                    bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until,
+                    producer=None if self.producer is None else (self.producer, reqs[-1][0]),
+                )  # fmt: skip
             except OSError as exc:
                 code = _storage_code(exc)
                 for req, _mid in reqs:
@@ -674,6 +702,7 @@ class Session(asyncio.Protocol):
             "name": self.name,
             "address": self.peer,
             "since": self.since,
+            "producer": self.producer,
             "subscriptions": [
                 {
                     "sub_id": s.sub_id,
@@ -687,6 +716,25 @@ class Session(asyncio.Protocol):
             ],
             "pulls": [{"queue": q, "durable": d} for q, d in self.pullers],
         }
+
+
+def _tag_sequences(producer: str, bodies: list[bytes], reqs: list[tuple[int, str | None]]) -> None:
+    """Mark a producer's batch for one queue with its sequence numbers (its reqs).
+
+    Stored with the records, so the broker finds a resent publish and knows
+    each producer's last sequence after a restart. Not every record pays for
+    it: the first record of each run of consecutive reqs gets the header
+    ``x-producer-seq: "PRODUCER:FIRST-LAST"`` ("PRODUCER:N" for a run of one);
+    the run's records are at consecutive offsets from that record's.
+    """
+    start = 0
+    n = len(reqs)
+    for i in range(1, n + 1):
+        if i == n or reqs[i][0] != reqs[i - 1][0] + 1:
+            first, last = reqs[start][0], reqs[i - 1][0]
+            value = f"{producer}:{first}" if first == last else f"{producer}:{first}-{last}"
+            bodies[start] = with_header(bodies[start], PRODUCER_HEADER, value)
+            start = i
 
 
 def _storage_code(exc: OSError) -> ErrorCode:

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import msgpack
 
-from protocol import ErrorCode, check_pattern, check_queue, encode_record
+from protocol import PRODUCER_HEADER, ErrorCode, check_pattern, check_queue, encode_record
 
 from .config import BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
@@ -208,6 +208,7 @@ class Store:
                 continue
             event, _ts, headers, payload = msgpack.Unpacker(io.BytesIO(body), raw=False)
             headers = dict(headers or {})
+            headers.pop(PRODUCER_HEADER, None)  # the original queue's bookkeeping
             headers.update({
                 "x-dead-queue": queue.name, "x-dead-offset": str(offset), "x-dead-durable": group.name or "",
                 "x-dead-reason": "max_deliveries", "x-deliveries": str(deliveries),

@@ -11,10 +11,12 @@ Design
 * Writes are coalesced: frames produced during one event-loop turn leave in
   one ``write()``. ``publish`` awaits the socket only when the write buffer is
   over its high-water mark, then waits for its PUBACK.
-* When the connection breaks, every pending request fails with
-  ``ConnectionLost`` (chained to the cause) and every subscription ends with
-  it; ``aclose()`` is graceful (BYE, then wait for the broker to close),
-  ``abort()`` immediate.
+* When the connection breaks, the client reconnects and resends what was in
+  flight (``reconnect=True``, the default; resent publishes are stored once,
+  see ``Client``); without reconnecting, or past ``reconnect_deadline``, every
+  pending request fails with ``ConnectionLost`` (chained to the cause) and
+  every subscription ends with it. ``aclose()`` is graceful (BYE, then wait
+  for the broker to close), ``abort()`` immediate.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from protocol import (
+    PRODUCER_HEADER,
     PROTOCOL_VERSION,
     Ack,
     Batch,
@@ -138,14 +141,14 @@ class Client:
         reconnect: when the connection is lost (or the broker restarts),
             reconnect with backoff, subscribe again and resend what was in
             flight; callers see an error only if the broker stays unreachable
-            for ``reconnect_deadline`` seconds. A publish without a
-            ``message_id`` that was in flight fails with ConnectionLost (its
-            outcome is unknown); see ``idempotent``.
+            for ``reconnect_deadline`` seconds. Resent publishes are stored
+            once: the client is a named producer (``producer_id``) whose
+            request ids are its sequence numbers, and the broker confirms a
+            resent one with the offset it already has.
         reconnect_deadline: seconds to keep trying before giving up.
-        idempotent: give every publish a message id (unique to this client)
-            so that it is retried safely after a reconnect: the broker stores
-            it once. Costs the broker an index entry per message for its
-            dedup window.
+
+    Attributes:
+        producer_id: random, unique to this client object; sent in HELLO.
     """
 
     def __init__(
@@ -159,7 +162,6 @@ class Client:
         max_pending: int = DEFAULT_MAX_PENDING,
         reconnect: bool = True,
         reconnect_deadline: float = 60.0,
-        idempotent: bool = False,
     ) -> None:
         self.url = url
         self.host, self.port, tls = parse_url(url)
@@ -190,7 +192,6 @@ class Client:
         self._closed = False
         self.reconnect = reconnect
         self.reconnect_deadline = reconnect_deadline
-        self.idempotent = idempotent
         #: How often the connection was re-established.
         self.reconnects = 0
         self._frames: dict[int, Frame] = {}  # pending requests, resent after a reconnect
@@ -198,8 +199,7 @@ class Client:
         self._established = False
         self._held: list[int] = []  # requests made while reconnecting
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._uid = uuid.uuid4().hex[:16]
-        self._ids = itertools.count(1)
+        self.producer_id = uuid.uuid4().hex[:16]
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._writer is not None else "new"
@@ -251,7 +251,7 @@ class Client:
         self._reading_paused = False
         self._read_task = self._loop.create_task(self._read_loop())
         credentials = {"token": self._token} if self._token is not None else None
-        hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials)
+        hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials, self.producer_id)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[hello.req] = fut
         self._writer.write(self._conn.send(hello))
@@ -307,8 +307,6 @@ class Client:
             ServerError: refused by the broker (StorageFull, PayloadTooLarge...).
             ConnectionLost: the connection broke before the confirm arrived.
         """
-        if message_id is None and self.idempotent:
-            message_id = f"{self._uid}-{next(self._ids)}"
         # _request() inlined: two coroutines fewer per publish (the sweeper times it out).
         fut = self._send_request(Publish(0, queue, event, payload, headers, message_id))
         writer = self._writer
@@ -333,13 +331,7 @@ class Client:
         Raises:
             ServerError: the first refusal, after all replies arrived.
         """
-        futures = [
-            self._send_request(
-                Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None,
-                        f"{self._uid}-{next(self._ids)}" if self.idempotent else None)
-            )
-            for m in messages
-        ]  # fmt: skip
+        futures = [self._send_request(Publish(0, queue, m[0], m[1], m[2] if len(m) > 2 else None)) for m in messages]
         await self._maybe_drain()
         # Await the futures themselves (the sweeper times them out): no task per message.
         offsets: list[int] = []
@@ -447,7 +439,9 @@ class Client:
         reply = await self._request(frame, timeout=self.timeout + wait)
         assert isinstance(reply, Batch)
         return [
-            Message(queue, r.event, r.payload, r.headers or {}, r.offset, r.timestamp, r.deliveries, durable, self)
+            Message(
+                queue, r.event, r.payload, _app_headers(r.headers), r.offset, r.timestamp, r.deliveries, durable, self
+            )
             for r in reply.records
         ]
 
@@ -717,7 +711,7 @@ class Client:
             if sub is not None:
                 sub._last_offset = ev.offset
                 sub._deliver(
-                    Message(sub.queue, ev.event, ev.payload, ev.headers or {}, ev.offset,
+                    Message(sub.queue, ev.event, ev.payload, _app_headers(ev.headers), ev.offset,
                             ev.timestamp, ev.deliveries, sub.durable, self)
                 )  # fmt: skip
                 if sub.durable is None and sub.pending > sub.max_pending:
@@ -765,22 +759,12 @@ class Client:
     def _start_reconnect(self, cause: BaseException) -> None:
         self._reconnecting = True
         self._wbuf.clear()  # encoded for the old connection; the requests are resent
-        lost = ConnectionLost(
-            f"connection lost before the broker confirmed this publish ({cause}); it may or may not be "
-            "stored. Give it a message_id (or use Client(idempotent=True)) to have it retried safely."
-        )
         for req in sorted(self._pending):
             frame = self._frames.get(req)
             if frame is None:  # the handshake of a connection that is gone
                 fut = self._pending.pop(req)
                 if not fut.done():
                     fut.set_exception(ConnectionLost(str(cause)))
-                    fut.exception()
-            elif type(frame) is Publish and frame.message_id is None:
-                fut = self._pending.pop(req)
-                self._frames.pop(req)
-                if not fut.done():
-                    fut.set_exception(lost)
                     fut.exception()
             else:
                 self._held.append(req)
@@ -857,6 +841,17 @@ class Client:
             sub._end(None if clean else error)
         if clean:
             self._closed = True
+
+
+def _app_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """A message's headers without the broker's bookkeeping (``x-producer-seq``).
+
+    The dict is the one just decoded from the frame, so it is changed in place.
+    """
+    if not headers:
+        return {}
+    headers.pop(PRODUCER_HEADER, None)
+    return headers
 
 
 def _resubscribed(sub: Subscription, fut: asyncio.Future[Frame]) -> None:

@@ -26,6 +26,7 @@ from .errors import (
 )
 from .framing import FrameDecoder, encode_frame
 from .messages import (
+    PRODUCER_HEADER,
     PROTOCOL_VERSION,
     Ack,
     Batch,
@@ -57,6 +58,7 @@ from .names import EventFilter, check_durable, check_event, check_pattern, check
 from .wire import encode_batch, encode_deliver, encode_pubacks, encode_record, record_event
 
 __all__ = [
+    "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
     "Ack",
     "AuthFailed",

@@ -36,6 +36,8 @@ from .names import check_durable, check_event, check_pattern, check_queue
 
 __all__ = [
     "FRAME_CLASSES",
+    "MAX_PRODUCER_LENGTH",
+    "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
     "START_KINDS",
     "Ack",
@@ -67,6 +69,11 @@ __all__ = [
 
 #: Bumped on any incompatible change to a frame's fields.
 PROTOCOL_VERSION: Final = 1
+#: Longest producer id a HELLO may carry.
+MAX_PRODUCER_LENGTH: Final = 64
+#: The header in which the broker stores "PRODUCER:SEQ" with a producer's
+#: record (spec section 4); the client leaves it out of ``Message.headers``.
+PRODUCER_HEADER: Final = "x-producer-seq"
 #: How a subscription or fetch chooses its first message (see Subscribe).
 START_KINDS: Final = ("new", "earliest", "offset", "time")
 _MAX_U64: Final = (1 << 64) - 1
@@ -224,13 +231,20 @@ def _set(obj: object, name: str, value: object) -> None:
 
 @_frame
 class Hello(Frame):
-    """Client -> broker, first frame: protocol version, client name, credentials."""
+    """Client -> broker, first frame: protocol version, client name, credentials.
+
+    ``producer``, when given, names this client as a producer whose PUBLISH
+    ``req`` ids are its sequence numbers (see the spec, section 4): a PUBLISH
+    resent after a reconnect with the same producer and req is stored once.
+    The field may be left out on the wire (a 4-field HELLO).
+    """
 
     TYPE = FrameType.HELLO
     req: int
     version: int
     name: str
     credentials: dict[str, Any] | None = None
+    producer: str | None = None
 
     def __post_init__(self) -> None:
         _uint("HELLO", "req", self.req)
@@ -239,6 +253,17 @@ class Hello(Frame):
             _fail("HELLO", "name must be a string of at most 256 characters")
         if self.credentials is not None and type(self.credentials) is not dict:
             _fail("HELLO", "credentials must be a map or nil")
+        if self.producer is not None and (
+            type(self.producer) is not str or not 0 < len(self.producer) <= MAX_PRODUCER_LENGTH
+        ):
+            _fail("HELLO", f"producer must be nil or a string of 1 to {MAX_PRODUCER_LENGTH} characters")
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Frame:
+        """Accept the 4-field HELLO of clients that do not name a producer."""
+        if len(items) == 5:
+            items = [*items, None]
+        return super(Hello, cls).from_wire(items)  # noqa: UP008 (see Publish.from_wire)
 
 
 @_frame

@@ -144,11 +144,11 @@ class RawPeer:
         self.frames: list[Frame] = []
 
     @classmethod
-    async def connect(cls, broker: Broker, *, hello: bool = True) -> RawPeer:
+    async def connect(cls, broker: Broker, *, hello: bool = True, producer: str | None = None) -> RawPeer:
         host, port = broker.address
         peer = cls(*await asyncio.open_connection(host, port))
         if hello:
-            peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw"))
+            peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw", None, producer))
             assert isinstance(await peer.recv(), Welcome)
         return peer
 

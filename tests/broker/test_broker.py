@@ -171,6 +171,7 @@ async def test_status_describes_connections_queues_and_durables(tmp_path: Path) 
         info = await c.status()
         (conn,) = info["connections"]
         assert conn["name"] == "watcher" and conn["address"].startswith("127.0.0.1:") and conn["since"] > 0
+        assert conn["producer"] == c.producer_id and len(c.producer_id) == 16
         assert conn["subscriptions"][0] | {"in_flight": 0} == {
             "sub_id": 1, "queue": "DB", "events": ["CREATE"], "durable": "logger", "prefetch": 7, "in_flight": 0,
         }  # fmt: skip

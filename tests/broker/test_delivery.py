@@ -4,15 +4,17 @@ idempotent publish, competing consumers with a consumer killed mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from client import Client
-from protocol import ServerError
-from tests.helpers import assert_broker_healthy, connected, running_broker, url_of
+from protocol import PubAck, Publish, ServerError
+from tests.helpers import RawPeer, assert_broker_healthy, connected, running_broker, url_of
 
 FAST = {"cursor_flush": 0.05}  # the ticker that expires ack waits runs this often
 
@@ -146,6 +148,86 @@ async def test_idempotent_publish_survives_a_restart_and_a_repeat_in_one_write(t
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert await c.publish("orders", "E", 0, message_id="same") == 0
         assert await c.publish("orders", "E", 1, message_id="other") == 1
+
+
+async def test_a_producer_resend_is_stored_once(tmp_path: Path) -> None:
+    """HELLO names a producer; its PUBLISH reqs are its sequence: a resend on a
+    new connection (same producer, same req) is confirmed with the first
+    offset, also after a restart; other producers and plain sessions are not
+    affected, and only the broker writes the x-producer-seq header."""
+
+    async def publish(peer: RawPeer, *reqs: int, headers: dict[str, str] | None = None) -> list[tuple[int, int, bool]]:
+        for req in reqs:
+            peer.send_frame(Publish(req, "Q", "E", req, headers))
+        acks = [await peer.recv() for _ in reqs]
+        assert all(isinstance(a, PubAck) for a in acks), acks
+        return sorted((a.req, a.offset, a.duplicate) for a in acks)  # type: ignore[attr-defined]
+
+    async with running_broker(tmp_path) as broker:
+        first = await RawPeer.connect(broker, producer="p1")
+        assert await publish(first, 5, 6, 7) == [(5, 0, False), (6, 1, False), (7, 2, False)]
+        first.close()
+        again = await RawPeer.connect(broker, producer="p1")  # reconnected: resends 6 and 7
+        assert await publish(again, 6, 7, 8) == [(6, 1, True), (7, 2, True), (8, 3, False)]
+        other = await RawPeer.connect(broker, producer="p2")
+        assert await publish(other, 6) == [(6, 4, False)]
+        plain = await RawPeer.connect(broker)
+        assert await publish(plain, 6) == [(6, 5, False)]
+        assert await publish(plain, 6) == [(6, 6, False)]
+        assert await publish(plain, 9, headers={"x-producer-seq": "p1:100", "k": "v"}) == [(9, 7, False)]
+        for peer in (again, other, plain):
+            peer.close()
+    async with running_broker(tmp_path) as broker:  # rebuilt from the log
+        peer = await RawPeer.connect(broker, producer="p1")
+        assert await publish(peer, 7, 100) == [(7, 2, True), (100, 8, False)]
+        peer.close()
+        queue = broker.store.get("Q", create=False)
+        assert queue is not None
+        records = queue.log.read(0, max_count=20, max_bytes=1 << 20)
+        stored = [list(msgpack.Unpacker(io.BytesIO(body)))[2] or {} for _, _, body in records]
+        async with connected(broker) as c:  # the client leaves the broker's header out
+            seen = [m.headers for m in await c.fetch("Q", max_messages=20)]
+    # The first record of each run of consecutive reqs stored together says "PRODUCER:FIRST-LAST".
+    sequences: dict[int, str] = {}
+    for offset, headers in enumerate(stored):
+        producer, _, run = headers.get("x-producer-seq", ":").rpartition(":")
+        first, _, last = run.partition("-")
+        for i, seq in enumerate(range(int(first), int(last or first) + 1) if first else ()):
+            sequences[offset + i] = f"{producer}:{seq}"
+    assert sequences == {0: "p1:5", 1: "p1:6", 2: "p1:7", 3: "p1:8", 4: "p2:6", 8: "p1:100"}
+    assert stored[7] == {"k": "v"}  # the client's x-producer-seq was dropped
+    assert seen == [{}] * 7 + [{"k": "v"}, {}]
+
+
+async def test_a_long_resend_interleaved_with_another_producer(tmp_path: Path) -> None:
+    """The broker finds each resent sequence in the log (a backward scan over
+    several read batches, the other producer's records in between)."""
+    async with running_broker(tmp_path) as broker:
+        a = await RawPeer.connect(broker, producer="a")
+        b = await RawPeer.connect(broker, producer="b")
+        reqs = range(10, 3010)
+        for req in reqs:
+            a.send_frame(Publish(req, "Q", "E", req))
+            b.send_frame(Publish(req, "Q", "E", req))
+        offsets = {}
+        for _ in reqs:
+            ack = await a.recv()
+            assert isinstance(ack, PubAck) and not ack.duplicate
+            offsets[ack.req] = ack.offset
+            assert isinstance(await b.recv(), PubAck)
+        a.close()
+        resent = await RawPeer.connect(broker, producer="a")
+        for req in [*reqs[500:], 5000]:
+            resent.send_frame(Publish(req, "Q", "E", req))
+        got = {}
+        for _ in range(len(reqs) - 500 + 1):
+            ack = await resent.recv()
+            assert isinstance(ack, PubAck)
+            got[ack.req] = (ack.offset, ack.duplicate)
+        assert got.pop(5000) == (6000, False)
+        assert got == {req: (offsets[req], True) for req in reqs[500:]}
+        resent.close()
+        b.close()
 
 
 async def test_deleting_a_durable_and_a_queue(tmp_path: Path) -> None:
