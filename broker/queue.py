@@ -136,7 +136,7 @@ class Queue:
         self._dedup: dict[str, tuple[int, float]] = {}
         #: Per producer: the last sequence stored here and when to forget it.
         self.producers: dict[str, tuple[int, float]] = {}
-        self._sequences: dict[str, list[tuple[int, int, int]]] = {}  # find_sequence's cache
+        self._sequences: dict[str, tuple[list[tuple[int, int, int]], int, int]] = {}  # find_sequence's cache
         self.published = 0  # since start, for the publish rate in STATUS
         #: Called with a group whose ``dead`` list has offsets to move to its
         #: dead-letter queue (set by the store).
@@ -164,42 +164,48 @@ class Queue:
         producer's last one here), and resent publishes come in ascending
         order: the first one scans the log back from the end to its run (or
         to records older than ``oldest_ms``), remembering every run of that
-        producer it passes; the others are found among those.
+        producer it passes and which sequences the scan covered; the others
+        are answered from that, found or not, without reading the log again.
         """
         known = self._sequences.get(producer)
-        if known is not None:
-            for start, first, last in known:
-                if first <= seq <= last:
-                    return start + seq - first
-        found: list[tuple[int, int, int]] = []  # (offset, first, last) runs
+        if known is None or not known[1] <= seq <= known[2]:
+            known = self._scan_sequences(producer, seq, oldest_ms)
+            self._sequences[producer] = known
+        for start, first, last in known[0]:
+            if first <= seq <= last:
+                return start + seq - first
+        return None
+
+    def _scan_sequences(self, producer: str, seq: int, oldest_ms: int) -> tuple[list[tuple[int, int, int]], int, int]:
+        """Runs ``(offset, first, last)`` of ``producer`` from the end of the log
+        back to ``seq``'s run, and the sequences that covers ``(low, high)``."""
+        runs: list[tuple[int, int, int]] = []
+        high = self.producers.get(producer, (seq, 0.0))[0]
+        low = seq + 1
         prefix = producer + ":"
         needle = prefix.encode()
         log = self.log
         end = log.next_offset
-        while end > log.first_offset:
+        while end > log.first_offset and low > seq:
             start = max(log.first_offset, end - READ_BATCH)
-            lowest, too_old = seq + 1, False
             offset = start
             while offset < end:
                 records = log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
                 if not records:
                     break
                 for off, ts, body in records:
-                    too_old = too_old or ts < oldest_ms
+                    if ts < oldest_ms:
+                        low = -1  # nothing older counts
                     if needle in body:
                         run = parse_sequences((_record_headers(body) or {}).get(PRODUCER_HEADER), prefix)
                         if run is not None:
-                            found.append((off, *run))
-                            lowest = min(lowest, run[0])
+                            runs.append((off, *run))
+                            low = min(low, run[0])
                 offset = records[-1][0] + 1
-            if too_old or lowest <= seq:
-                break
             end = start
-        self._sequences[producer] = found
-        for start, first, last in found:
-            if first <= seq <= last:
-                return start + seq - first
-        return None
+        if end <= log.first_offset:
+            low = -1  # read it all
+        return runs, low, high
 
     def append(
         self,
@@ -233,7 +239,8 @@ class Queue:
                 if mid is not None:
                     self._dedup[mid] = (first + i, dedup_until)
         if producer is not None:
-            self.producers[producer[0]] = (producer[1], dedup_until)
+            seen = self.producers.get(producer[0])
+            self.producers[producer[0]] = (producer[1] if seen is None else max(seen[0], producer[1]), dedup_until)
         self.published += len(bodies)
         return first
 

@@ -199,6 +199,26 @@ async def test_a_producer_resend_is_stored_once(tmp_path: Path) -> None:
     assert seen == [{}] * 7 + [{"k": "v"}, {}]
 
 
+async def test_a_sequence_a_queue_never_stored_is_stored(tmp_path: Path) -> None:
+    """A req at or below the producer's last one in this queue that the queue
+    never stored (it went to another queue) is new here, not a duplicate."""
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker, producer="p")
+        for req, queue in ((10, "A"), (11, "B"), (12, "A"), (13, "B")):
+            peer.send_frame(Publish(req, queue, "E", req))
+            ack = await peer.recv()
+            assert isinstance(ack, PubAck) and not ack.duplicate
+        peer.close()
+        again = await RawPeer.connect(broker, producer="p")
+        expected = [(11, 2, False), (12, 1, True), (13, 3, False), (9, 4, False), (12, 1, True)]
+        for req, offset, duplicate in expected:
+            again.send_frame(Publish(req, "A", "E", req))
+            ack = await again.recv()
+            assert isinstance(ack, PubAck)
+            assert (ack.req, ack.offset, ack.duplicate) == (req, offset, duplicate)
+        again.close()
+
+
 async def test_a_long_resend_interleaved_with_another_producer(tmp_path: Path) -> None:
     """The broker finds each resent sequence in the log (a backward scan over
     several read batches, the other producer's records in between)."""
