@@ -185,6 +185,7 @@ class Client:
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
         self._acks: dict[tuple[str, str], list[int]] = {}
+        self._ack_reqs: dict[int, tuple[str, str]] = {}  # fire-and-forget ACK frames awaiting OK/ERR
         self._reading_paused = False
         self._resume = asyncio.Event()
         self._error: BaseException | None = None
@@ -481,9 +482,17 @@ class Client:
             self._write_acks()
 
     def _write_acks(self) -> None:
+        """One ACK frame per durable for the acks queued this turn.
+
+        Each has its own req so that a refusal (ERR) names the durable it is
+        for (it goes to those subscriptions' ``ack_errors``); nobody awaits
+        the OK.
+        """
         acks, self._acks = self._acks, {}
-        for (queue, durable), offsets in acks.items():
-            self._wbuf.append(self._conn.send(Ack(0, queue, durable, tuple(offsets))))
+        for key, offsets in acks.items():
+            req = next(self._reqs)
+            self._ack_reqs[req] = key
+            self._wbuf.append(self._conn.send(Ack(req, key[0], key[1], tuple(offsets))))
 
     # --- administration ---------------------------------------------------------
 
@@ -731,8 +740,12 @@ class Client:
                 if err.code in FATAL_CODES or err.code == ErrorCode.SHUTTING_DOWN:
                     return exc
                 logger.warning("%s: %s", self.url, exc)
+                return None
+            acked = self._ack_reqs.pop(req, None)
+            if acked is not None:  # a fire-and-forget ack was refused (in part)
+                logger.warning("%s: ack of %s/%s: %s", self.url, acked[0], acked[1], exc)
                 for sub in self._subs.values():
-                    if sub.durable is not None and err.code == ErrorCode.BAD_ACK:
+                    if (sub.queue, sub.durable) == acked:
                         sub.ack_errors.append(exc)
                 return None
             fut = self._pending.pop(req, None)
@@ -741,7 +754,9 @@ class Client:
                 fut.set_exception(exc)
             return exc if err.code in FATAL_CODES else None
         fut = self._pending.pop(req, None)
-        if self._frames:
+        if fut is None:
+            self._ack_reqs.pop(req, None)
+        elif self._frames:
             self._frames.pop(req, None)
         if fut is not None and not fut.done():
             fut.set_result(event)  # type: ignore[arg-type]
@@ -759,6 +774,7 @@ class Client:
     def _start_reconnect(self, cause: BaseException) -> None:
         self._reconnecting = True
         self._wbuf.clear()  # encoded for the old connection; the requests are resent
+        self._ack_reqs.clear()  # their answers are lost with the connection
         for req in sorted(self._pending):
             frame = self._frames.get(req)
             if frame is None:  # the handshake of a connection that is gone

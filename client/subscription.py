@@ -15,8 +15,8 @@ broker pause this connection, so memory stays bounded either way.
 Acks are cheap: ``await msg.ack()`` queues the offset and returns; the acks
 of one event-loop turn leave as one ACK frame. A rejected ack (say, for a
 message the broker already redelivered elsewhere) is logged and kept in
-``sub.ack_errors``; ``await msg.ack(wait=True)`` waits for the broker's
-answer and raises instead.
+``sub.ack_errors`` (of each subscription to that durable on the connection);
+``await msg.ack(wait=True)`` waits for the broker's answer and raises instead.
 """
 
 from __future__ import annotations

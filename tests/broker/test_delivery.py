@@ -95,6 +95,21 @@ async def test_dead_letter_queue_can_be_named(tmp_path: Path) -> None:
         assert [m.payload for m in await c.fetch("poison", wait=5)] == ["bad"]
 
 
+async def test_a_refused_fire_and_forget_ack_is_reported_on_its_durable(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        one = await c.subscribe("Q", durable="one")
+        two = await c.subscribe("Q", durable="two")
+        await c.publish("Q", "E", "job")
+        msg = await one.next(timeout=5)
+        await (await two.next(timeout=5)).ack()
+        await msg.ack()
+        await c.ping()  # the acks and their answers came before the PONG
+        assert not one.ack_errors and not two.ack_errors
+        await c._ack("Q", "one", msg.offset, wait=False)  # again (msg.ack() would not resend): refused
+        await c.ping()
+        assert [e.code for e in one.ack_errors] == [26] and not two.ack_errors  # BAD_ACK
+
+
 async def test_idempotent_publish(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         first = await c.publish("orders", "CREATE", {"n": 17}, message_id="order-17")

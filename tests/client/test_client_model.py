@@ -390,8 +390,9 @@ class ClientModel(RuleBasedStateMachine):
         dur = self.durables[s.key]
         expect_ok = m.offset not in dur.acked
         # A refusal of a fire-and-forget ack lands in the ack_errors of the
-        # connection's open subscriptions (and the log); once this one is
-        # closed, only ack(wait=True) can tell the model what happened.
+        # connection's open subscriptions to that durable, and no others (and
+        # the log); once this one is closed, only ack(wait=True) can tell the
+        # model what happened.
         wait = wait or not s.attached
 
         async def go() -> None:
@@ -404,10 +405,14 @@ class ClientModel(RuleBasedStateMachine):
                     assert exc.code == ErrorCode.BAD_ACK, exc
                     ok = False
             else:
-                s.sub.ack_errors.clear()
+                mine = [o for o in self.subs if o.slot == s.slot and o.attached]
+                for o in mine:
+                    o.sub.ack_errors.clear()
                 await m.ack()
-                await client.ping()  # the ack went first; a refusal (ERR req=0) came before the PONG
+                await client.ping()  # the ack went first; its OK or ERR came before the PONG
                 ok = not s.sub.ack_errors
+                for o in mine:
+                    assert bool(o.sub.ack_errors) == (not ok and o.key == s.key), f"{o.key}: {o.sub.ack_errors}"
             assert ok == expect_ok, f"{s.key} ack of {m.offset} (deliveries {m.deliveries}): ok={ok}, model {expect_ok}"
             event("ack applied" if ok else "ack refused: already acked")
             if ok:
