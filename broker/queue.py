@@ -55,6 +55,8 @@ TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 READ_BATCH: Final = 512
 #: The header that carries a publish's message_id in the stored record.
 MESSAGE_ID_HEADER: Final = "x-message-id"
+_MESSAGE_ID_BYTES: Final = MESSAGE_ID_HEADER.encode()
+_PRODUCER_BYTES: Final = PRODUCER_HEADER.encode()
 #: Set on the first message a durable gets after retention dropped some it had not read.
 GAP_HEADER: Final = "x-retention-gap"
 #: Most bytes of records written to one subscriber per write (see pump()).
@@ -264,10 +266,12 @@ class Queue:
             records = self.log.read(offset, max_count=1024, max_bytes=FETCH_MAX_BYTES)
             if not records:
                 break
+            offset = records[-1][0] + 1
             for off, ts, body in records:
+                if _MESSAGE_ID_BYTES not in body and _PRODUCER_BYTES not in body:
+                    continue  # most records: no decoding
                 headers = _record_headers(body)
                 if not headers:
-                    offset = off + 1
                     continue
                 until = mono + window - (now_ms - ts) / 1000.0
                 mid = headers.get(MESSAGE_ID_HEADER)
@@ -278,7 +282,6 @@ class Queue:
                 run = parse_sequences(headers.get(PRODUCER_HEADER), producer + ":") if producer else None
                 if run is not None:
                     self.producers[producer] = (run[1], until)
-                offset = off + 1
         return found + len(self.producers)
 
     def prune_dedup(self, now: float) -> None:
