@@ -4,12 +4,14 @@ plan E5): a Hypothesis state machine over sockets.
 Rules publish to two queues (one by one or with ``publish_many``), open
 durable subscriptions (two durable names per queue, an event filter, prefetch
 1..5, one or two competing consumers per durable, on two client connections),
-ack (waiting for the answer or not), nack, leave messages unacked, unsubscribe,
-drop a connection under a client (it reconnects and resubscribes by itself),
-ack just as the connection drops or the broker restarts (the client resends
-it), publish (no message_id) just as the publisher's connection drops or the
-broker restarts (the client resends it; stored once), abort a client for good, restart the broker cleanly on the same data
-directory and port, and drain every durable with a fresh client. Every
+FETCH from a durable on either connection (a pull consumer competing with the
+push ones), ack (waiting for the answer or not), nack, leave messages
+unacked, unsubscribe, drop a connection under a client (it reconnects and
+resubscribes by itself), ack just as the connection drops or the broker
+restarts (the client resends it), publish (no message_id) just as the
+publisher's connection drops or the broker restarts (the client resends it;
+stored once), abort a client for good, restart the broker cleanly on the same
+data directory and port, and drain every durable with a fresh client. Every
 example starts with two competing consumers on one durable.
 
 The model mirrors each durable (queue, name): the confirmed log of its queue
@@ -40,8 +42,8 @@ the rules draw their choices so that the draws do not depend on it.
 
 Not covered here: SIGKILL of the broker (stale cursors: see
 ``broker/test_delivery_model.py`` and ``reliability/test_kill9.py``), ack
-wait expiry and NACK delays (time), FETCH, ephemeral subscriptions, SEEK and
-DELETE, max_deliveries, retention gaps.
+wait expiry and NACK delays (time), FETCH with a long-poll wait, ephemeral
+subscriptions, SEEK and DELETE, max_deliveries, retention gaps.
 """
 
 from __future__ import annotations
@@ -84,13 +86,13 @@ def matches(patterns: tuple[str, ...], event: str) -> bool:
 
 @dataclass(eq=False)
 class Sub:
-    """A subscription as the application sees it."""
+    """A subscription as the application sees it (``sub`` None: a client's FETCHes of a durable)."""
 
     slot: int
     key: tuple[str, str]
-    sub: Subscription
+    sub: Subscription | None
     prefetch: int
-    attached: bool = True  # subscribed at the broker (not closed)
+    attached: bool = True  # subscribed at the broker (not closed); a puller never is
     got: list[Message] = field(default_factory=list)  # received, neither acked nor nacked yet
 
 
@@ -455,6 +457,32 @@ class ClientModel(RuleBasedStateMachine):
             await s.sub.close()
             s.attached = False  # what it got stays in the app's hands, still ackable
             self._release(s)
+            await self._settle()
+
+        self.run(go())
+
+    @precondition(lambda self: self.durables)
+    @rule(data=st.data(), slot=st.integers(0, 1), n=st.integers(1, 4))
+    def fetch(self, data: st.DataObject, slot: int, n: int) -> None:
+        """A pull consumer of a durable (FETCH, no wait) competes with its push
+        consumers: it gets up to ``n`` of the matching messages nobody holds,
+        fewer only when no more are free, and holds them until ack or nack."""
+        key = data.draw(st.sampled_from(sorted(self.durables)))
+        dur = self.durables[key]
+
+        async def go() -> None:
+            c = await self._client(slot)
+            puller = next((s for s in self.subs if s.slot == slot and s.key == key and s.sub is None), None)
+            if puller is None:
+                puller = Sub(slot, key, None, 0, attached=False)
+                self.subs.append(puller)
+            got = await c.fetch(key[0], durable=key[1], max_messages=n, wait=0)
+            assert len(got) <= n, f"{key}: fetched {len(got)} > {n}"
+            for m in sorted(got, key=lambda m: m.offset):
+                self._observe(puller, m)
+            free = self._pending(key) - dur.holder.keys()
+            assert len(got) == n or not free, f"{key}: fetched {len(got)} of {n} while {sorted(free)} were free"
+            event(f"fetched {min(len(got), 2)}{'+' if len(got) >= 2 else ''}")
             await self._settle()
 
         self.run(go())
