@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from broker import faults
-from broker.log import HEADER_SIZE, MAGIC, POINT_FILE, CorruptLogError, LogFailedError, QueueLog
+from broker.log import POINT_FILE, CorruptLogError, LogFailedError, QueueLog
+from broker.segment import HEADER_SIZE, MAGIC
 
 SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
 

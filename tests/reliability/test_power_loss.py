@@ -181,9 +181,9 @@ def read_all(log: QueueLog) -> list[bytes]:
 @pytest.fixture(autouse=True)
 def _quiet_recovery() -> object:
     """Thousands of torn-tail warnings are the expected output here, not news."""
-    logging.getLogger("broker.log").setLevel(logging.ERROR)
+    logging.getLogger("broker.segment").setLevel(logging.ERROR)
     yield
-    logging.getLogger("broker.log").setLevel(logging.NOTSET)
+    logging.getLogger("broker.segment").setLevel(logging.NOTSET)
 
 
 @settings(max_examples=CRASHES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -212,7 +212,7 @@ def test_the_simulation_leaves_holes_before_intact_records(caplog: pytest.LogCap
     after it (before format 2 it refused the queue). The simulation must reach it."""
     rng = random.Random(2)
     kinds = ["append", "sync+append", "sync"]
-    with caplog.at_level(logging.WARNING, logger="broker.log"):
+    with caplog.at_level(logging.WARNING, logger="broker.segment"):
         for i in range(300):
             ops = [(rng.choice(kinds), rng.randint(1, 6), rng.randint(1, 300)) for _ in range(rng.randint(1, 12))]
             lost, _, refused = run_and_crash(ops, i, confirm_before_sync=False)

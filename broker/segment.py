@@ -1,0 +1,363 @@
+"""The records of a queue's log and one segment file of them: format, checks, scan, reads.
+
+On disk
+-------
+A queue directory holds segments named by their first offset, 20 digits
+(``00000000000000000000.log``), so names sort in offset order. A segment is
+a run of records::
+
+    magic u16 | length u32 | offset u64 | timestamp i64 | unsynced u32 | crc32 u32 | body
+
+all big-endian. The CRC covers the 26 header bytes before it and the body, so
+a torn length, a wrong offset or a flipped payload bit is always caught (R2).
+The body is the stored message as ``protocol.encode_record`` made it; the
+broker splices it into DELIVER and BATCH frames without decoding it.
+
+``unsynced`` is the writer's *sync claim*: how many records just before this
+one in its segment had not been fsynced yet when it was written. Every
+earlier record of the segment had been (an fsync covering it had returned),
+so a record at offset ``o`` proves that offsets below ``o - unsynced`` reached
+the disk. ``NO_CLAIM`` (2^32 - 1) claims nothing. Beside the segments, the
+file ``recovery-point`` (written by a clean ``QueueLog.close``) holds an
+offset below which every record was fsynced; it covers the last fsyncs,
+which no later record could vouch for.
+
+Reading and recovery
+--------------------
+Each segment keeps a sparse in-memory index (the file position and timestamp
+of every ``INDEX_EVERY``-th record), built by a scan when the log is opened.
+Reads ``pread`` from the nearest index entry and verify every record's CRC;
+a record that fails is never returned (R4). Opening scans every segment: the
+first record that is short, has a bad magic, CRC or offset ends the valid
+data. Whether that is a torn write or damage depends on what was synced:
+
+* in a sealed segment it is damage (sealed segments were fsynced whole);
+* in the last segment, if the recovery point or the sync claim of any valid
+  record after it says the bad record had been fsynced, it is damage too;
+* otherwise the bad record was never fsynced: a power loss may drop, tear or
+  reorder such writes, so a hole there followed by intact records of the same
+  unsynced tail is a torn tail. It is truncated away with a warning naming the
+  file and position (R3; zeros read as end of log). Nothing confirmed under
+  ``--fsync always`` is cut: a confirm follows an fsync, and the first record
+  written after that fsync claims it.
+
+Damage raises :class:`CorruptLogError` naming the file and position, unless
+the operator asked for ``repair``, which truncates there and drops later
+segments. A log that ends cleanly before the recovery point lost synced
+records, which is damage as well.
+
+What a claim cannot cover: the records fsynced by the last fsyncs before an
+unclean stop, until a later record or a clean close records it. Damage to
+those (a bit flip, not a power loss) is cut as a torn tail, as damage to
+the very last record always was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from array import array
+from bisect import bisect_right
+from pathlib import Path
+from typing import Final
+
+__all__ = ["HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "encode_records"]
+
+logger = logging.getLogger(__name__)
+
+MAGIC: Final = 0x7D02  # 0x7D "}", then format version 2 (1 had no sync claim)
+#: magic, length, offset, timestamp, unsynced (the sync claim): the CRC'd header
+_HEAD: Final = struct.Struct(">HIQqI")
+_CRC: Final = struct.Struct(">I")
+HEADER_SIZE: Final = _HEAD.size + _CRC.size  # 30 bytes
+#: Format version 1 (never released): recognised only to refuse it, never to cut it as torn.
+MAGIC_V1: Final = 0x7D01
+_HEAD_V1: Final = struct.Struct(">HIQq")
+#: An ``unsynced`` field value that claims nothing (a claim too far back to fit).
+NO_CLAIM: Final = 0xFFFF_FFFF
+#: One index entry per this many records: 0.5 bytes of memory per record.
+INDEX_EVERY: Final = 32
+#: Bytes read per ``pread`` when scanning or reading.
+READ_CHUNK: Final = 256 * 1024
+SUFFIX: Final = ".log"
+_pack_head = _HEAD.pack
+_unpack_head = _HEAD.unpack_from
+_unpack_crc = _CRC.unpack_from
+_unpack_claim = struct.Struct(">6xQ8xI").unpack_from  # offset and unsynced of a header
+_crc32 = zlib.crc32
+
+
+class CorruptLogError(Exception):
+    """A record in the middle of a log failed its checks: the queue is not served."""
+
+    def __init__(self, path: Path, position: int, reason: str) -> None:
+        super().__init__(f"{path}: corrupt record at byte {position}: {reason}")
+        self.path = path
+        self.position = position
+
+
+def encode_records(bodies: list[bytes], first: int, timestamp_ms: int, synced: int) -> bytes:
+    """Frame ``bodies`` as records with offsets from ``first``.
+
+    Args:
+        bodies: the stored messages.
+        first: the offset of the first record.
+        timestamp_ms: every record's timestamp.
+        synced: offsets below this (in the same segment) are known to be fsynced:
+            each record's sync claim.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    offset = first
+    unsynced = first - synced
+    step = 1
+    if unsynced + len(bodies) >= NO_CLAIM:  # a claim that does not fit: claim nothing (still true)
+        unsynced, step = NO_CLAIM, 0
+    for body in bodies:
+        head = _pack_head(MAGIC, len(body), offset, timestamp_ms, unsynced)
+        append(head)
+        append(_CRC.pack(_crc32(body, _crc32(head))))
+        append(body)
+        offset += 1
+        unsynced += step
+    return b"".join(parts)
+
+
+def _claim(buf: bytes | memoryview, pos: int) -> int:
+    """The offset below which the record at ``buf[pos:]`` (already checked) says all was fsynced."""
+    offset, unsynced = _unpack_claim(buf, pos)
+    return 0 if unsynced == NO_CLAIM else offset - unsynced
+
+
+def _check(buf: bytes | memoryview, pos: int, expect: int) -> tuple[int, int, str | None]:
+    """Check the record at ``buf[pos:]``.
+
+    Returns:
+        ``(length, timestamp, None)`` if it is whole and valid, else ``(0, 0, why)``.
+        ``why`` is "short" when the buffer ends inside the record.
+    """
+    if len(buf) - pos < HEADER_SIZE:
+        return 0, 0, "short"
+    magic, length, offset, ts, _ = _unpack_head(buf, pos)
+    if magic != MAGIC:
+        return 0, 0, "bad magic"
+    end = pos + HEADER_SIZE + length
+    if end > len(buf):
+        return 0, 0, "short"
+    (crc,) = _unpack_crc(buf, pos + _HEAD.size)
+    if _crc32(buf[pos + HEADER_SIZE : end], _crc32(buf[pos : pos + _HEAD.size])) != crc:
+        return 0, 0, "bad CRC"
+    if offset != expect:
+        return 0, 0, f"offset {offset} where {expect} was expected"
+    return length, ts, None
+
+
+class Segment:
+    """One segment file: its fd, size, offset range and sparse index.
+
+    Args:
+        path: the file (its name gives ``base``).
+        fd: an open read/write descriptor.
+    """
+
+    __slots__ = ("base", "fd", "last_ts", "next_offset", "path", "positions", "size", "synced", "timestamps")
+
+    def __init__(self, path: Path, fd: int, base: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.base = base
+        self.next_offset = base
+        self.size = 0
+        self.last_ts = 0
+        #: Offsets below this are known to be on disk (a completed fsync covered
+        #: them): the sync claim of the next append. Written under the log's lock
+        #: by ``sync``, read without it by ``append`` (an int, so never torn).
+        self.synced = base
+        self.positions = array("Q")  # file position of record base + k * INDEX_EVERY
+        self.timestamps = array("q")  # its timestamp
+
+    def __repr__(self) -> str:
+        return f"<Segment {self.path.name} [{self.base}, {self.next_offset}) {self.size} B>"
+
+    def note(self, offset: int, position: int, ts: int) -> None:
+        """Record a new record in the index."""
+        if (offset - self.base) % INDEX_EVERY == 0:
+            self.positions.append(position)
+            self.timestamps.append(ts)
+        self.last_ts = ts
+
+    def scan(self, *, last: bool, repair: bool, point: int) -> None:
+        """Read the file, build the index, and cut a torn tail (see the module docstring).
+
+        Args:
+            last: this is the queue's last segment (sealed ones were fsynced whole).
+            repair: truncate at damage instead of raising.
+            point: the recovery point: offsets below it were fsynced.
+
+        Raises:
+            CorruptLogError: damage that is not a torn tail, and not ``repair``.
+        """
+        size = os.fstat(self.fd).st_size
+        pos = 0
+        buf = b""
+        buf_start = 0  # file position of buf[0]
+        expect = self.base
+        last_valid = -1  # position of the last valid record in buf
+        why: str | None = None
+        while True:
+            rel = pos - buf_start
+            length, ts, why = _check(buf, rel, expect)
+            if why == "short":
+                if buf_start + len(buf) >= size:
+                    if pos == size:
+                        why = None
+                    break
+                if last_valid >= 0:  # keep its sync claim before buf is replaced
+                    self.synced = max(self.synced, _claim(buf, last_valid))
+                    last_valid = -1
+                need = max(READ_CHUNK, HEADER_SIZE + (_unpack_head(buf, rel)[1] if len(buf) - rel >= _HEAD.size else 0))
+                buf = os.pread(self.fd, min(need, size - pos), pos)
+                buf_start = pos
+                continue
+            if why is not None:
+                break
+            self.note(expect, pos, ts)
+            last_valid = rel
+            pos += HEADER_SIZE + length
+            expect += 1
+        if last_valid >= 0:
+            self.synced = max(self.synced, _claim(buf, last_valid))
+        self.next_offset = expect
+        self.size = pos
+        if why is None:
+            return
+        damage = f"{why} (record {expect})"
+        if why == "bad magic" and self._is_version_1(pos, size):
+            # An older format, not a torn write: never cut a whole segment of it.
+            damage = f"record {expect} is in format version 1; this broker reads version {MAGIC & 0xFF}"
+        elif not last:
+            damage += " in a sealed segment"
+        elif point > expect:
+            damage += f" below the recovery point {point}: it had been fsynced"
+        else:
+            intact, proof = self._after(pos, size, expect)
+            if proof is not None:
+                damage += f"; the record at byte {proof[0]} says records below {proof[1]} had been fsynced"
+            else:
+                if _all_zero(self.fd, pos, size):
+                    logger.warning("%s: %d zero bytes after the last record read as end of log", self.path, size - pos)
+                else:
+                    logger.warning(
+                        "%s: torn tail (never fsynced): cutting %d bytes from byte %d on: %s; %d intact records after it",
+                        self.path, size - pos, pos, damage, intact,
+                    )  # fmt: skip
+                self._truncate(pos)
+                return
+        if not repair:
+            raise CorruptLogError(self.path, pos, damage)
+        logger.warning("%s: repair: cutting %d bytes from byte %d on: %s", self.path, size - pos, pos, damage)
+        self._truncate(pos)
+
+    def _is_version_1(self, pos: int, size: int) -> bool:
+        """Is a whole, CRC-valid record of format version 1 at ``pos``?"""
+        head = os.pread(self.fd, _HEAD_V1.size + _CRC.size, pos)
+        if len(head) < _HEAD_V1.size + _CRC.size or _HEAD_V1.unpack_from(head)[0] != MAGIC_V1:
+            return False
+        length = _HEAD_V1.unpack_from(head)[1]
+        if pos + len(head) + length > size:
+            return False
+        body = os.pread(self.fd, length, pos + len(head))
+        (crc,) = _unpack_crc(head, _HEAD_V1.size)
+        return bool(_crc32(body, _crc32(head[: _HEAD_V1.size])) == crc)
+
+    def _truncate(self, pos: int) -> None:
+        """Cut the file at ``pos`` for good: everything left is then on disk."""
+        os.ftruncate(self.fd, pos)
+        os.fsync(self.fd)
+        self.synced = self.next_offset
+
+    def _after(self, pos: int, size: int, expect: int) -> tuple[int, tuple[int, int] | None]:
+        """The whole valid records with later offsets after the bad record at ``pos``.
+
+        Returns:
+            How many there are, and the (position, claim) of the first one whose
+            sync claim covers ``expect`` (the bad record had been fsynced), or None.
+        """
+        tail = os.pread(self.fd, size - pos, pos)
+        needle = MAGIC.to_bytes(2, "big")
+        intact = 0
+        at = tail.find(needle, 1)
+        while at != -1:
+            nxt = at + 1
+            offset = _unpack_head(tail, at)[2] if len(tail) - at >= HEADER_SIZE else expect
+            if offset > expect:
+                length, _, why = _check(tail, at, offset)
+                if why is None:
+                    intact += 1
+                    claim = _claim(tail, at)
+                    if claim > expect:
+                        return intact, (pos + at, claim)
+                    nxt = at + HEADER_SIZE + length  # not into its body: a payload may hold record bytes
+            at = tail.find(needle, nxt)
+        return intact, None
+
+    def read(self, offset: int, max_count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+        """Up to ``max_count`` records from ``offset`` (at least one, at most ~``max_bytes``).
+
+        Raises:
+            CorruptLogError: a record failed its CRC or offset check.
+        """
+        end_offset = min(self.next_offset, offset + max_count)
+        if offset >= end_offset:
+            return []
+        slot = (offset - self.base) // INDEX_EVERY
+        pos = self.positions[slot]
+        current = self.base + slot * INDEX_EVERY
+        out: list[tuple[int, int, bytes]] = []
+        got = 0
+        buf = b""
+        rel = 0
+        while current < end_offset:
+            if len(buf) - rel < HEADER_SIZE or len(buf) - rel < HEADER_SIZE + _unpack_head(buf, rel)[1]:
+                need = READ_CHUNK
+                if len(buf) - rel >= _HEAD.size:
+                    need = max(need, HEADER_SIZE + _unpack_head(buf, rel)[1])
+                buf = os.pread(self.fd, min(need, self.size - pos), pos)
+                rel = 0
+            length, ts, why = _check(buf, rel, current)
+            if why is not None:
+                raise CorruptLogError(self.path, pos, f"{why} (record {current})")
+            if current >= offset:
+                out.append((current, ts, bytes(buf[rel + HEADER_SIZE : rel + HEADER_SIZE + length])))
+                got += length
+                if got >= max_bytes:
+                    break
+            step = HEADER_SIZE + length
+            rel += step
+            pos += step
+            current += 1
+        return out
+
+    def first_at_or_after(self, ts_ms: int) -> int | None:
+        """The first offset whose timestamp is >= ``ts_ms``, or None if none here."""
+        if self.next_offset == self.base or self.last_ts < ts_ms:
+            return None
+        slot = max(0, bisect_right(self.timestamps, ts_ms - 1) - 1)
+        start = self.base + slot * INDEX_EVERY
+        while start < self.next_offset:
+            for offset, ts, _ in self.read(start, INDEX_EVERY, READ_CHUNK):
+                if ts >= ts_ms:
+                    return offset
+                start = offset + 1
+        return None
+
+
+def _all_zero(fd: int, start: int, end: int) -> bool:
+    while start < end:
+        chunk = os.pread(fd, min(READ_CHUNK, end - start), start)
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        start += len(chunk)
+    return True
