@@ -304,13 +304,15 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
         age = _age(now - since) if isinstance(since, int | float) and since > 1e9 else "-"
         mine = c.get("subscriptions", [])
         pulls = c.get("pulls", [])
-        conns.append([c.get("id"), c.get("name"), c.get("address"), age, len(mine), len(pulls)])
+        conns.append(
+            [c.get("id"), c.get("name"), c.get("producer") or "-", c.get("address"), age, len(mine), len(pulls)]
+        )
         for x in mine:
             subs.append([c.get("id"), x.get("queue"), _events(x.get("events")), x.get("durable") or "-",
                          x.get("prefetch", "-"), x.get("in_flight", "-")])  # fmt: skip
         for x in pulls:
             subs.append([c.get("id"), x.get("queue"), "(fetch)", x.get("durable") or "-", "-", "-"])
-    out += ["CONNECTIONS", _table(conns, ["ID", "NAME", "ADDRESS", "AGE", "SUBS", "PULLS"]), ""]
+    out += ["CONNECTIONS", _table(conns, ["ID", "NAME", "PRODUCER", "ADDRESS", "AGE", "SUBS", "PULLS"]), ""]
     if subs:
         out += ["SUBSCRIPTIONS",
                 _table(subs, ["CONN", "QUEUE", "EVENTS", "DURABLE", "PREFETCH", "IN FLIGHT"]), ""]  # fmt: skip
