@@ -180,7 +180,8 @@ class Queue:
 
     def _scan_sequences(self, producer: str, seq: int, oldest_ms: int) -> tuple[list[tuple[int, int, int]], int, int]:
         """Runs ``(offset, first, last)`` of ``producer`` from the end of the log
-        back to ``seq``'s run, and the sequences that covers ``(low, high)``."""
+        back to ``seq``'s run, and the range of sequences the scan covered:
+        ``low`` to ``high`` (the producer's last), found or not."""
         runs: list[tuple[int, int, int]] = []
         high = self.producers.get(producer, (seq, 0.0))[0]
         low = seq + 1

@@ -71,8 +71,9 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 #: Longest producer id a HELLO may carry.
 MAX_PRODUCER_LENGTH: Final = 64
-#: The header in which the broker stores "PRODUCER:SEQ" with a producer's
-#: record (spec section 4); the client leaves it out of ``Message.headers``.
+#: The header in which the broker stores a producer's sequence numbers with
+#: its records, "PRODUCER:FIRST-LAST" on the first record of each run (spec
+#: section 4); the client leaves it out of ``Message.headers``.
 PRODUCER_HEADER: Final = "x-producer-seq"
 #: How a subscription or fetch chooses its first message (see Subscribe).
 START_KINDS: Final = ("new", "earliest", "offset", "time")

@@ -87,7 +87,14 @@ RECORDS = st.builds(Record, U64, U64, EVENTS, U64, HEADERS, PAYLOADS)
 OFFSETS = st.lists(U64, max_size=5).map(tuple)
 
 FRAMES: st.SearchStrategy[Frame] = st.one_of(
-    st.builds(Hello, REQ, U64, st.text(max_size=50), st.none() | st.dictionaries(st.text(max_size=5), SCALARS)),
+    st.builds(
+        Hello,
+        REQ,
+        U64,
+        st.text(max_size=50),
+        st.none() | st.dictionaries(st.text(max_size=5), SCALARS),
+        st.none() | st.text(min_size=1, max_size=64),
+    ),
     st.builds(Welcome, REQ, U64, st.text(max_size=20), U64, U64, st.floats(0, 1e6)),
     st.builds(Publish, REQ, NAMES, EVENTS, PAYLOADS, HEADERS, st.none() | st.text(max_size=20)),
     st.builds(PubAck, REQ, U64, st.booleans()),

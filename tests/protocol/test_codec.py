@@ -15,6 +15,7 @@ from protocol import (
     ErrorCode,
     Frame,
     FrameDecoder,
+    Hello,
     LocalProtocolError,
     PubAck,
     Publish,
@@ -197,6 +198,14 @@ def test_publish_fast_path_checks_what_the_constructor_checks(fields: list[objec
     with pytest.raises(LocalProtocolError) as decoded:
         Publish.from_wire([3, *fields])
     assert (decoded.value.code, str(decoded.value)) == (constructed.value.code, str(constructed.value))
+
+
+def test_a_hello_may_leave_out_the_producer_and_a_bad_one_is_refused() -> None:
+    assert Hello.from_wire([1, 1, 1, "api", None]) == Hello(1, 1, "api")
+    assert Hello.from_wire([1, 1, 1, "api", None, "p-1"]) == Hello(1, 1, "api", None, "p-1")
+    for producer in ("", "x" * 65, 7):
+        with pytest.raises(LocalProtocolError, match="producer must be nil or a string of 1 to 64"):
+            Hello.from_wire([1, 1, 1, "api", None, producer])
 
 
 @pytest.mark.parametrize(
