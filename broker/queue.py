@@ -37,7 +37,7 @@ from protocol import (
     record_event,
 )
 
-from .log import QueueLog
+from .log import CorruptLogError, QueueLog
 from .router import Consumer, Group
 
 if TYPE_CHECKING:
@@ -193,7 +193,11 @@ class Queue:
             start = max(log.first_offset, end - READ_BATCH)
             offset = start
             while offset < end:
-                records = log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+                try:
+                    records = log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+                except CorruptLogError as exc:  # cannot tell: the resend is stored again
+                    logger.warning("%s: looking for %s's sequence %d: %s", self.name, producer, seq, exc)
+                    return runs, -1, high
                 if not records:
                     break
                 for off, ts, body in records:

@@ -234,6 +234,26 @@ async def test_a_sequence_a_queue_never_stored_is_stored(tmp_path: Path) -> None
         again.close()
 
 
+async def test_a_resend_over_a_damaged_record_is_stored_again_and_the_broker_carries_on(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker, producer="p")
+        for req in (10, 11):
+            peer.send_frame(Publish(req, "Q", "E", "x" * 50))
+            assert isinstance(await peer.recv(), PubAck)
+        peer.close()
+        with open(tmp_path / "queues" / "Q" / f"{0:020d}.log", "r+b") as f:  # bit rot in the last record
+            f.seek(-5, 2)
+            byte = f.read(1)
+            f.seek(-5, 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        again = await RawPeer.connect(broker, producer="p")
+        again.send_frame(Publish(11, "Q", "E", "x" * 50))
+        ack = await again.recv()
+        assert isinstance(ack, PubAck) and (ack.offset, ack.duplicate) == (2, False)
+        again.close()
+        await assert_broker_healthy(broker)
+
+
 async def test_a_long_resend_interleaved_with_another_producer(tmp_path: Path) -> None:
     """The broker finds each resent sequence in the log (a backward scan over
     several read batches, the other producer's records in between)."""
