@@ -615,7 +615,7 @@ class Client:
     def _send_publish(
         self, queue: str, event: str, payload: Any, headers: dict[str, str] | None, message_id: str | None
     ) -> asyncio.Future[Frame]:
-        """Send one PUBLISH: :meth:`_send_request` for the common case, at a third of its cost.
+        """Send one PUBLISH: :meth:`_send_request` for the common case, at about half its cost.
 
         Names are checked once per client through :class:`Publish` (which
         words the errors) and remembered; after that, a publish without
