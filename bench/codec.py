@@ -8,6 +8,14 @@ Four measurements, each over ``count`` messages carrying checked payloads:
 * ``deliver-encode``: the broker's hot path, ``encode_deliver`` around a
   stored record body (``encode_record`` once per message, as on publish);
 * ``deliver-decode``: the client's ``Connection`` decoding DELIVER frames;
+* ``client-publish``: the client's whole publish path without a socket or
+  broker: a real ``Client`` whose writer answers every PUBLISH with a
+  PUBACK (fixed-width, as the broker writes them) on the next loop turn,
+  driven by ``window`` concurrent ``publish`` calls like the bench's
+  publisher. Its CPU time per message is the client's own cost of a
+  publish (encode, bookkeeping, PUBACK decode, future and coroutine
+  resume), minus the syscalls; the fake broker's frame walk is counted in
+  it too (about 0.1 us).
 * ``broker-publish``: the broker's whole publish path without a socket: a
   real ``Broker`` (``--fsync never``, temporary data dir) and one ``Session``
   fed the PUBLISH stream in 256 KiB chunks: decode, checks, append to the
@@ -29,6 +37,7 @@ import msgpack
 from broker import Broker, BrokerConfig
 from broker.config import FsyncPolicy
 from broker.session import Session
+from client import Client
 from protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -39,13 +48,17 @@ from protocol import (
     Role,
     Welcome,
     encode_deliver,
+    encode_pubacks,
     encode_record,
 )
 
 from .adapters import EVENT
 from .check import PayloadMaker, SeqChecker
+from .workers import run_async
 
 CHUNK = 256 * 1024
+#: The client-publish row's concurrency: the publish scenario's default window.
+CLIENT_WINDOW = 1000
 
 
 def _pair() -> tuple[Connection, Connection]:
@@ -118,7 +131,12 @@ def run(count: int, payload_size: int) -> list[dict[str, Any]]:
     checker, secs, cpu = _timed(lambda: _decode_all(client, stream, count))
     record("deliver-decode", secs, cpu, checker)
 
-    # 5. The broker's publish path, in-process.
+    # 5. The client's publish path, in-process (window 1,000, as the publish scenario).
+    secs, cpu = run_async(_client_publish(payloads, CLIENT_WINDOW))
+    record("client-publish", secs, cpu, None)
+    out[-1]["client_cpu_us_per_msg"] = round(cpu / count * 1e6, 2)
+
+    # 6. The broker's publish path, in-process.
     (checker, secs, cpu) = asyncio.run(_broker_publish(publish_stream, count))
     record("broker-publish", secs, cpu, checker)
     out[-1]["broker_cpu_us_per_msg"] = round(cpu / count * 1e6, 2)
@@ -187,3 +205,89 @@ def _record_payload(body: bytes) -> Any:
     unpacker.feed(body)
     _event, _ts, _headers, payload = (unpacker.unpack() for _ in range(4))
     return payload
+
+
+class _AckingTransport:
+    """The client's transport: every PUBLISH written is answered with a PUBACK.
+
+    The client numbers its requests 1, 2, 3... and sends them in order, so
+    counting frames (walking the length prefixes) is enough to know which
+    reqs to confirm; their PUBACKs (offset = req - 1) are encoded before the
+    timing starts. The replies are fed to the client's reader on the next
+    loop turn, as a socket read would deliver them.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, count: int) -> None:
+        self._reader = reader
+        self._acks = encode_pubacks([(req, req - 1, False) for req in range(1, count + 1)])
+        self._sent = 0
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        n, pos, end = 0, 0, len(data)
+        while pos < end:
+            pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
+            n += 1
+        first, self._sent = self._sent, self._sent + n
+        self._loop.call_soon(self._reader.feed_data, self._acks[first * 25 : self._sent * 25])
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self._reader.feed_eof()
+
+
+class _Writer:
+    """The little of ``asyncio.StreamWriter`` the client uses on the publish path."""
+
+    def __init__(self, transport: _AckingTransport) -> None:
+        self.transport = transport
+        self.write = transport.write
+
+    async def drain(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+async def _client_publish(payloads: list[bytes], window: int) -> tuple[float, float]:
+    """``window`` lanes publish ``payloads`` through a Client wired to :class:`_AckingTransport`."""
+    loop = asyncio.get_running_loop()
+    client = Client(timeout=30.0)
+    # Wire the client by hand (what connect() does after the handshake): no socket.
+    conn = client._conn
+    broker_side = Connection(Role.BROKER, limits=Limits())
+    broker_side.receive_data(conn.send(Hello(0, PROTOCOL_VERSION, "bench")))
+    broker_side.events()
+    conn.receive_data(broker_side.send(Welcome(0, PROTOCOL_VERSION, "bench", 1, Limits().max_frame_size, 0.0)))
+    conn.events()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    client._loop = loop
+    client._reader = reader
+    client._writer = _Writer(_AckingTransport(reader, len(payloads)))  # type: ignore[assignment]
+    client._read_task = loop.create_task(client._read_loop())
+    client._established = True
+    client._sweep()
+    items = iter(payloads)
+    publish = client.publish
+
+    async def lane() -> None:
+        for payload in items:
+            await publish("bench", EVENT, payload)
+
+    try:
+        _, secs, cpu = await _timed_async(asyncio.gather(*(lane() for _ in range(window))))
+    finally:
+        client.abort()
+    return secs, cpu
+
+
+async def _timed_async(aw: Any) -> tuple[Any, float, float]:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    out = await aw
+    return out, time.perf_counter() - t0, time.process_time() - cpu0

@@ -22,8 +22,13 @@ publish that arrived while the previous one ran. A dedicated thread, rather
 than an asyncio task awaiting executor futures, halves the hand-off: one
 wake-up each way and no futures, gather or task steps (about 40 against 95 us
 a round here), which is most of what a lone publisher waits for besides the
-fsync itself. A failed fsync is fatal (R7): nothing more is confirmed and the
-broker stops through ``on_fatal``. With ``--fsync interval`` the same thread
+fsync itself. Even that is skipped for the smallest rounds: appends only note
+their queue, and once per loop turn :meth:`Store._kick` either fsyncs a round
+of one queue and at most ``INLINE_MAX_RECORDS`` records right there on the
+loop thread, if the committer is idle (no thread wake-up either way), or
+hands the queues to the committer. The round lock makes the two exclusive.
+A failed fsync is fatal (R7): nothing more is confirmed and the broker stops
+through ``on_fatal``. With ``--fsync interval`` the same thread
 syncs the dirty queues every interval (records were confirmed at write).
 """
 
@@ -57,6 +62,11 @@ logger = logging.getLogger(__name__)
 
 #: Worker threads for fsyncs: queues sync in parallel (their files are independent).
 SYNC_THREADS: Final = 4
+#: A commit round of one queue with at most this many unconfirmed records is
+#: fsynced on the loop thread when the committer is idle (see Store._kick):
+#: the lone publisher's case. Larger rounds keep the loop free during the
+#: fsync (about 0.2 ms here), which matters once there is traffic to read.
+INLINE_MAX_RECORDS: Final = 32
 
 
 class Store:
@@ -88,6 +98,9 @@ class Store:
         self._closed = False
         self.fsyncs = 0
         self._deleting: set[str] = set()  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._fresh: set[Queue] = set()  # appended to during this loop turn (--fsync always)
+        self._kick_scheduled = False
 
     @property
     def fatal(self) -> bool:
@@ -229,8 +242,18 @@ class Store:
     # --- group commit -------------------------------------------------------
 
     def appended(self, queue: Queue) -> None:
-        """``queue`` has new records: commit them per the fsync policy."""
+        """``queue`` has new records: commit them per the fsync policy.
+
+        With ``--fsync always`` the queue is only noted here; :meth:`_kick`
+        commits everything noted once the loop has handled this turn's reads.
+        """
         policy = self.config.fsync
+        if policy is FsyncPolicy.ALWAYS and self._loop is not None:
+            self._fresh.add(queue)
+            if not self._kick_scheduled:
+                self._kick_scheduled = True
+                self._loop.call_soon(self._kick)
+            return
         if policy is not FsyncPolicy.NEVER:
             with self._commit_cond:
                 self._dirty.add(queue)
@@ -238,9 +261,51 @@ class Store:
         if policy is not FsyncPolicy.ALWAYS:
             queue.commit(queue.log.next_offset)
 
+    def _kick(self) -> None:
+        """On the loop, after a turn that appended: sync inline when small and idle, else hand over.
+
+        A round of one queue with at most ``INLINE_MAX_RECORDS`` unconfirmed
+        records, while the committer is idle, is fsynced right here: no
+        wake-up of the committer and none of the loop afterwards (about a
+        fifth of a lone publisher's round trip). Anything bigger, or arriving
+        while a round is in flight, goes to the committer, so the loop keeps
+        reading while the disk works.
+        """
+        self._kick_scheduled = False
+        fresh, self._fresh = self._fresh, set()
+        if self._closed or self._fatal:
+            return  # aclose() syncs every queue; after a failure nothing is confirmed
+        if len(fresh) == 1:
+            (queue,) = fresh
+            if queue.log.next_offset - queue.committed <= INLINE_MAX_RECORDS and self._commit_inline(queue):
+                return
+        with self._commit_cond:
+            self._dirty.update(fresh)
+            self._commit_cond.notify()
+
+    def _commit_inline(self, queue: Queue) -> bool:
+        """fsync and commit ``queue`` on the loop thread; False (nothing done) if the committer is busy."""
+        if not self._round_lock.acquire(blocking=False):
+            return False  # a round is in flight: the next one takes this queue
+        try:
+            with self._commit_cond:
+                if self._dirty or self._commit_dead:
+                    return False  # a round is about to start: join it
+            upto = queue.log.next_offset
+            try:
+                queue.log.sync()
+            except Exception as exc:  # as in the committer: fatal (R7)
+                self._fail(f"fsync failed: {exc!r}")
+                return True
+        finally:
+            self._round_lock.release()
+        self.fsyncs += 1
+        queue.commit(upto)
+        return True
+
     def start(self) -> None:
         """Start the committer thread and the periodic flusher."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         task = loop.create_task(self._ticker())
         self._tasks.add(task)
         task.add_done_callback(self._task_done)

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
-from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest
+from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
 from .wire import decode_fixed_puback
 
 __all__ = ["Connection", "Event", "Limits", "Role", "State"]
@@ -91,6 +91,15 @@ class State(enum.Enum):
 
 
 Event = Frame | InvalidRequest
+
+_pack_len: Final = HEADER.pack
+_PUBLISH: Final = int(FrameType.PUBLISH)
+
+
+def _unencodable(frame_type: FrameType, exc: Exception) -> LocalProtocolError:
+    """A frame holding a value msgpack cannot encode (a payload, mostly)."""
+    return LocalProtocolError(f"{frame_type.name} frame cannot be encoded as msgpack: {exc}")
+
 
 _SEND, _RECV = "send", "recv"
 _T = FrameType
@@ -143,6 +152,8 @@ _Sub = dict[tuple[str, int], tuple[State, "_Sub"]]
 _BY_STATE: Final[dict[tuple[Role, State], _Sub]] = {(r, s): {} for r in Role for s in State}
 for (_role, _state, _dir, _ft), _next in _TRANSITIONS.items():
     _BY_STATE[(_role, _state)][(_dir, int(_ft))] = (_next, _BY_STATE[(_role, _next)])
+#: The sub-table of the client's usual state, where a PUBACK changes nothing.
+_CLIENT_READY: Final = _BY_STATE[(Role.CLIENT, State.READY)]
 
 
 class Connection:
@@ -186,17 +197,65 @@ class Connection:
             The bytes to write (length prefix included).
 
         Raises:
-            LocalProtocolError: the frame is not allowed in this state, or is
-                larger than the frame limit.
+            LocalProtocolError: the frame is not allowed in this state, is
+                larger than the frame limit, or holds a value msgpack cannot
+                encode.
         """
-        body = pack_body(frame.to_wire())
-        if len(body) > self.max_frame_size:
-            raise LocalProtocolError(
-                f"{frame.TYPE.name} frame of {len(body)} bytes exceeds the limit of {self.max_frame_size} bytes",
-                code=ErrorCode.FRAME_TOO_LARGE,
-            )
+        data = self.encode(frame)
         self._move(_SEND, frame.TYPE)
-        return HEADER.pack(len(body)) + body
+        return data
+
+    def encode(self, frame: Frame) -> bytes:
+        """Encode ``frame`` with its length prefix, checking only its size: no state change.
+
+        Legal in: every state (the client uses it to check a request it will
+        send once a new connection is ready).
+
+        Raises:
+            LocalProtocolError: larger than the frame limit, or a value msgpack
+                cannot encode.
+        """
+        try:
+            body = pack_body(frame.to_wire())
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _unencodable(frame.TYPE, exc) from exc
+        if len(body) > self.max_frame_size:
+            raise self._too_large(frame.TYPE, len(body))
+        return _pack_len(len(body)) + body
+
+    def send_publish(self, req: int, queue: str, event: str, payload: Any, message_id: str | None = None) -> bytes:
+        """``send(Publish(req, queue, event, payload, None, message_id))`` without the frame object.
+
+        The client's hot path: the caller vouches that the names are valid
+        (it checked them once through :class:`Publish`) and that ``req`` and
+        ``message_id`` are well-typed. The wire list is packed directly;
+        outside READY the general path decides (and words the error).
+
+        Legal in: READY (client role).
+
+        Returns:
+            The bytes to write (length prefix included).
+
+        Raises:
+            LocalProtocolError: not allowed in this state, larger than the
+                frame limit, or a payload msgpack cannot encode.
+        """
+        if self.state is not State.READY or self.role is not Role.CLIENT:
+            return self.send(Publish(req, queue, event, payload, None, message_id))
+        # READY -> READY: nothing for _move() to change.
+        try:
+            body = pack_body([_PUBLISH, req, queue, event, payload, None, message_id])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _unencodable(FrameType.PUBLISH, exc) from exc
+        if len(body) > self.max_frame_size:
+            raise self._too_large(FrameType.PUBLISH, len(body))
+        return _pack_len(len(body)) + body
+
+    def _too_large(self, frame_type: FrameType, size: int) -> LocalProtocolError:
+        return LocalProtocolError(
+            f"{frame_type.name} frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes",
+            code=ErrorCode.FRAME_TOO_LARGE,
+        )
 
     def send_error(self, req: int, code: ErrorCode, message: str) -> bytes:
         """Encode an ERR frame. Legal in every state, ERROR included, so a
@@ -265,7 +324,8 @@ class Connection:
         if len(body) == 21:  # maybe a fixed-width PUBACK: the client's most frequent frame
             ack = decode_fixed_puback(body)
             if ack is not None:
-                self._move(_RECV, FrameType.PUBACK)
+                if self._table is not _CLIENT_READY:  # a READY client stays READY
+                    self._move(_RECV, FrameType.PUBACK)
                 return ack
         items = unpack_body(body, self.max_frame_size)
         if type(items) is not list or not items or type(items[0]) is not int:

@@ -1,0 +1,62 @@
+"""Client.publish's fast path: the same errors, nothing left pending, a resendable frame."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol import LocalProtocolError, Publish
+from tests.helpers import connected, running_broker
+
+BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
+    ("bad queue", ("bad/q", "e", 1), {}, "PUBLISH: invalid queue name 'bad/q'"),
+    ("bad event", ("q", "bad event", 1), {}, "PUBLISH: invalid event name 'bad event'"),
+    ("unhashable queue", (["q"], "e", 1), {}, "PUBLISH: name must be a string, not list"),
+    ("int event", ("q", 5, 1), {}, "PUBLISH: name must be a string, not int"),
+    ("unencodable", ("q", "e", object()), {}, "PUBLISH frame cannot be encoded as msgpack"),
+    ("bad headers", ("q", "e", 1), {"headers": {"a": 1}}, "PUBLISH: headers must map strings to strings"),
+    ("bad id", ("q", "e", 1), {"message_id": 5}, "PUBLISH: message_id must be a string or nil, not int"),
+    ("too large", ("q", "e", b"x" * (2 << 20)), {}, "PUBLISH frame of 2097166 bytes exceeds the limit"),
+]
+
+
+async def test_bad_publishes_raise_at_the_call_and_leave_nothing_pending(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish("q", "e", 0) == 0  # "q" and "e" are now known names: the fast path
+        for _what, args, kwargs, message in BAD:
+            for _ in range(2):  # the second time the names may be cached
+                with pytest.raises(LocalProtocolError, match=re.escape(message)):
+                    await c.publish(*args, **kwargs)
+                if "message_id" in kwargs:
+                    continue  # publish_many takes no message ids
+                with pytest.raises(LocalProtocolError, match=re.escape(message)):
+                    await c.publish_many(args[0], [(args[1], args[2], kwargs.get("headers"))])
+        assert not c._pending and not c._frames
+        assert await c.publish("q", "e", 1) == 1
+
+
+async def test_fast_path_frames_are_the_ones_the_general_path_would_resend(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("q", "e", 0)
+        first = c._send_publish("q", "e", {"k": [1, 2]}, None, "id-1")  # known names: fast
+        second = c._send_publish("q", "e", {"k": [1, 2]}, {"h": "v"}, None)  # headers: general
+        frames = dict(c._frames)
+        assert [type(f) for f in frames.values()] == [Publish, Publish]
+        (req1, f1), (req2, f2) = frames.items()
+        assert f1 == Publish(req1, "q", "e", {"k": [1, 2]}, None, "id-1")
+        assert f2 == Publish(req2, "q", "e", {"k": [1, 2]}, {"h": "v"}, None)
+        assert c._conn.encode(f1) == c._conn.send_publish(req1, "q", "e", {"k": [1, 2]}, "id-1")
+        assert (await first).offset == 1 and (await second).offset == 2  # type: ignore[attr-defined]
+        assert not c._frames
+
+
+async def test_many_queue_and_event_names_keep_the_name_cache_bounded(tmp_path: Path) -> None:
+    from client import client as client_module
+
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        n = client_module.NAME_CACHE_SIZE + 10
+        await c.publish_many("q", [(f"e{i}", i) for i in range(n)])
+        assert len(c._event_names) <= client_module.NAME_CACHE_SIZE
