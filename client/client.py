@@ -3,119 +3,48 @@
     async with Client("tidings://127.0.0.1:6464", name="api") as c:
         offset = await c.publish("DB", "CREATE", {"id": 7})
 
-Design
-------
-* One reader task reads the socket in 64 KiB chunks and feeds the sans-I/O
-  :class:`protocol.Connection`; replies are matched to requests by id (a
-  dict of futures), so many publishes can be in flight at once.
-* Writes are coalesced: frames produced during one event-loop turn leave in
-  one ``write()``. ``publish`` awaits the socket only when the write buffer is
-  over its high-water mark, then waits for its PUBACK.
-* When the connection breaks, the client reconnects and resends what was in
-  flight (``reconnect=True``, the default; resent publishes are stored once,
-  see ``Client``); without reconnecting, or past ``reconnect_deadline``, every
-  pending request fails with ``ConnectionLost`` (chained to the cause) and
-  every subscription ends with it. ``aclose()`` is graceful (BYE, then wait
-  for the broker to close), ``abort()`` immediate.
+The connection machinery (request matching, coalesced writes, the
+publish fast path, reconnecting) is the base class,
+:class:`client._transport.Transport`; this module is the API on top.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
-import itertools
 import logging
-import ssl
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import Any
 
 from protocol import (
-    PRODUCER_HEADER,
-    PROTOCOL_VERSION,
     Ack,
     Batch,
     Bye,
     ConfigError,
-    Connection,
     ConnectionClosed,
-    ConnectionLost,
     Delete,
-    Deliver,
-    Err,
-    ErrorCode,
     Fetch,
-    Frame,
-    FrameType,
-    Hello,
-    Limits,
     Nack,
     Ping,
-    Pong,
     Progress,
     PubAck,
-    Publish,
-    RemoteProtocolError,
-    RequestTimeout,
-    Role,
     Seek,
-    ServerError,
     Status,
     StatusReply,
     Subscribe,
     TidingsError,
     Unsubscribe,
-    Welcome,
 )
-from protocol.errors import FATAL_CODES
 
+from ._transport import DEFAULT_URL, WRITE_HIGH_WATER, Transport, _app_headers, parse_url
 from .subscription import Message, Subscription
 
 __all__ = ["DEFAULT_URL", "Client", "parse_url"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
-#: Reads of this size let one syscall carry hundreds of small frames.
-READ_SIZE: Final = 256 * 1024
-#: Write buffer high-water mark: publish() awaits drain above it.
-WRITE_HIGH_WATER: Final = 1024 * 1024
-#: Connection-ending errors after which reconnecting makes sense.
-RECONNECT_CODES: Final = frozenset(
-    {ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS}
-)
-#: Ephemeral subscriptions stop the socket reader past this many buffered messages.
-DEFAULT_MAX_PENDING: Final = 10_000
-#: Queue (and event) names remembered as valid per client; the set starts
-#: over past this, so a client publishing to ever new names keeps it bounded.
-NAME_CACHE_SIZE: Final = 4096
-_PUBLISH_TYPE: Final = FrameType.PUBLISH
-_new_frame: Final = object.__new__
-
-
-def parse_url(url: str) -> tuple[str, int, bool]:
-    """Split ``tidings://host:port`` (or ``tidingss://`` for TLS).
-
-    Returns:
-        ``(host, port, tls)``.
-
-    Raises:
-        ConfigError: not a tidings URL.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("tidings", "tidingss"):
-        raise ConfigError(f"unsupported URL {url!r}: use tidings://host:port or tidingss://host:port")
-    try:
-        port = parts.port or 6464
-    except ValueError as exc:
-        raise ConfigError(f"bad port in URL {url!r}") from exc
-    return parts.hostname or "127.0.0.1", port, parts.scheme == "tidingss"
 
 
 def _start(start: str | int | datetime) -> tuple[str, int | None]:
@@ -132,7 +61,7 @@ def _start(start: str | int | datetime) -> tuple[str, int | None]:
     raise ConfigError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
 
 
-class Client:
+class Client(Transport):
     """A connection to a tidings broker.
 
     Args:
@@ -155,60 +84,6 @@ class Client:
     Attributes:
         producer_id: random, unique to this client object; sent in HELLO.
     """
-
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        name: str = "python",
-        token: str | None = None,
-        timeout: float = 10.0,
-        ssl_context: ssl.SSLContext | None = None,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        reconnect: bool = True,
-        reconnect_deadline: float = 60.0,
-    ) -> None:
-        self.url = url
-        self.host, self.port, tls = parse_url(url)
-        self.name = name
-        self.timeout = timeout
-        self.max_pending = max_pending
-        self._token = token
-        self._ssl = (ssl_context or ssl.create_default_context()) if tls else None
-        self.server_version = ""
-        self.conn_id = 0
-        self._conn = Connection(Role.CLIENT, limits=Limits())
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
-        self._reqs = itertools.count(1)
-        self._subs_ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Frame]] = {}
-        self._deadlines: collections.deque[tuple[float, int, FrameType]] = collections.deque()
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._subs: dict[int, Subscription] = {}
-        self._wbuf: list[bytes] = []
-        self._flush_scheduled = False
-        self._acks: dict[tuple[str, str], list[int]] = {}
-        self._ack_reqs: dict[int, tuple[str, str]] = {}  # fire-and-forget ACK frames awaiting OK/ERR
-        self._reading_paused = False
-        self._resume = asyncio.Event()
-        self._error: BaseException | None = None
-        self._closing = False
-        self._closed = False
-        self.reconnect = reconnect
-        self.reconnect_deadline = reconnect_deadline
-        #: How often the connection was re-established.
-        self.reconnects = 0
-        self._frames: dict[int, Frame] = {}  # pending requests, resent after a reconnect
-        self._reconnecting = False
-        self._established = False
-        self._held: list[int] = []  # requests made while reconnecting
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self.producer_id = uuid.uuid4().hex[:16]
-        # Names that passed Publish's checks: later publishes skip them (_send_publish).
-        self._queue_names: set[str] = set()
-        self._event_names: set[str] = set()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._writer is not None else "new"
@@ -243,37 +118,6 @@ class Client:
         await self._open()
         self._established = True
         self._sweep()
-
-    async def _open(self) -> None:
-        """Open a fresh socket and shake hands (also used to reconnect)."""
-        self._conn = Connection(Role.CLIENT, limits=Limits())
-        try:
-            async with asyncio.timeout(self.timeout):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._ssl, limit=READ_SIZE
-                )
-        except TimeoutError:
-            raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
-        except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._reading_paused = False
-        self._read_task = self._loop.create_task(self._read_loop())
-        credentials = {"token": self._token} if self._token is not None else None
-        hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials, self.producer_id)
-        fut: asyncio.Future[Frame] = self._loop.create_future()
-        self._pending[hello.req] = fut
-        self._writer.write(self._conn.send(hello))
-        try:
-            welcome = await self._wait(fut, "hello", self.timeout)
-        except BaseException:
-            self._pending.pop(hello.req, None)
-            self._writer.transport.abort()
-            raise
-        assert isinstance(welcome, Welcome)
-        self._conn.adopt_max_frame_size(welcome.max_frame_size)
-        self.server_version = welcome.server
-        self.conn_id = welcome.conn_id
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -489,19 +333,6 @@ class Client:
         if self._acks and not self._reconnecting:
             self._write_acks()
 
-    def _write_acks(self) -> None:
-        """One ACK frame per durable for the acks queued this turn.
-
-        Each has its own req so that a refusal (ERR) names the durable it is
-        for (it goes to those subscriptions' ``ack_errors``); nobody awaits
-        the OK.
-        """
-        acks, self._acks = self._acks, {}
-        for key, offsets in acks.items():
-            req = next(self._reqs)
-            self._ack_reqs[req] = key
-            self._wbuf.append(self._conn.send(Ack(req, key[0], key[1], tuple(offsets))))
-
     # --- administration ---------------------------------------------------------
 
     async def delete_durable(self, queue: str, durable: str) -> None:
@@ -585,360 +416,3 @@ class Client:
         if self._read_task is not None and not self._read_task.done():
             self._read_task.cancel()
         self._fail_all(ConnectionClosed(), clean=True)
-
-    # --- the machinery ------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed or self._closing or self._writer is None:
-            raise ConnectionClosed()
-
-    def _send_request(self, frame: Frame, *, tracked: bool = True) -> asyncio.Future[Frame]:
-        self._check_open()
-        req = next(self._reqs)
-        object.__setattr__(frame, "req", req)  # frames are values; the id is ours to assign
-        # Encoded before anything is registered: a frame that cannot be sent
-        # (an unencodable payload) raises here and leaves nothing pending.
-        # While reconnecting it is only checked; the new connection sends it.
-        data = self._conn.encode(frame) if self._reconnecting else self._conn.send(frame)
-        fut: asyncio.Future[Frame] = self._loop.create_future()
-        self._pending[req] = fut
-        if tracked:  # else the caller applies its own timeout
-            self._deadlines.append((self._loop.time() + self.timeout, req, frame.TYPE))
-        if self.reconnect:
-            self._frames[req] = frame
-        if self._reconnecting:
-            self._held.append(req)  # sent when the connection is back (after the acks)
-        else:
-            if self._acks:  # acks queued earlier go first: the broker sees calls in program order
-                self._write_acks()
-            self._wbuf.append(data)
-            self._schedule_flush()
-        return fut
-
-    def _send_publish(
-        self, queue: str, event: str, payload: Any, headers: dict[str, str] | None, message_id: str | None
-    ) -> asyncio.Future[Frame]:
-        """Send one PUBLISH: :meth:`_send_request` for the common case, at about half its cost.
-
-        Names are checked once per client through :class:`Publish` (which
-        words the errors) and remembered; after that, a publish without
-        headers packs its wire list directly (``Connection.send_publish``)
-        and skips the frame's validation. For a reconnect, ``_frames`` still
-        gets a ``Publish`` equal to the one the general path would build, so
-        it is re-encoded as the identical frame with the same ``req``.
-        """
-        try:
-            fast = headers is None and queue in self._queue_names and event in self._event_names
-        except TypeError:  # an unhashable name: Publish() below words the error
-            fast = False
-        if not fast or self._reconnecting or (message_id is not None and type(message_id) is not str):
-            general = self._send_request(Publish(0, queue, event, payload, headers, message_id))
-            self._remember_names(queue, event)  # valid: Publish() raised otherwise
-            return general
-        if self._error is not None or self._closed or self._closing or self._writer is None:
-            self._check_open()  # raises
-        req = next(self._reqs)
-        data = self._conn.send_publish(req, queue, event, payload, message_id)
-        loop = self._loop
-        fut: asyncio.Future[Frame] = loop.create_future()
-        self._pending[req] = fut
-        self._deadlines.append((loop.time() + self.timeout, req, _PUBLISH_TYPE))
-        if self.reconnect:
-            frame: Any = _new_frame(Publish)  # Publish(...) minus the checks done above
-            frame.req = req
-            frame.queue = queue
-            frame.event = event
-            frame.payload = payload
-            frame.headers = None
-            frame.message_id = message_id
-            self._frames[req] = frame
-        if self._acks:  # acks queued earlier go first: the broker sees calls in program order
-            self._write_acks()
-        self._wbuf.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        return fut
-
-    def _remember_names(self, queue: str, event: str) -> None:
-        """Note a queue and an event name that passed ``Publish``'s checks."""
-        for names, name in ((self._queue_names, queue), (self._event_names, event)):
-            if name not in names:
-                if len(names) >= NAME_CACHE_SIZE:
-                    names.clear()
-                names.add(name)
-
-    def _sweep(self) -> None:
-        """Fail requests older than ``timeout`` (one timer for all of them).
-
-        A per-request ``asyncio.timeout`` costs a timer handle per publish;
-        requests all share one timeout and are sent in order, so a deque of
-        deadlines checked a few times per timeout does the same job.
-        """
-        now = self._loop.time()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now and not self._reconnecting:
-            _, req, frame_type = deadlines.popleft()
-            fut = self._pending.pop(req, None)
-            self._frames.pop(req, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(RequestTimeout(frame_type.name.lower(), self.timeout))
-        if not self._closed and self._error is None:
-            self._sweeper = self._loop.call_later(max(self.timeout / 4, 0.01), self._sweep)
-
-    async def _request(self, frame: Frame, timeout: float | None = None) -> Frame:
-        fut = self._send_request(frame, tracked=timeout is None)
-        await self._maybe_drain()
-        return await self._wait(fut, frame.TYPE.name.lower(), timeout)
-
-    async def _wait(self, fut: asyncio.Future[Frame], what: str, timeout: float | None = None) -> Frame:
-        if timeout is None:
-            return await fut  # the sweeper enforces self.timeout
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise RequestTimeout(what, timeout) from None
-
-    async def _maybe_drain(self) -> None:
-        writer = self._writer
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-            try:
-                await writer.drain()
-            except (OSError, ConnectionError) as exc:
-                raise ConnectionLost(str(exc)) from exc
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._reconnecting:
-            return  # acks and requests wait for the new connection
-        if self._acks:
-            self._write_acks()
-        if self._wbuf and self._writer is not None and not self._writer.transport.is_closing():
-            data = b"".join(self._wbuf)
-            self._wbuf.clear()
-            self._writer.write(data)
-
-    def _maybe_resume_reading(self) -> None:
-        if self._reading_paused and all(s.pending <= s.max_pending // 2 for s in self._subs.values()):
-            self._reading_paused = False
-            self._resume.set()
-
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        reader, conn = self._reader, self._conn
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    data = await reader.read(READ_SIZE)
-                except (OSError, ConnectionError) as exc:
-                    error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}")
-                    error.__cause__ = exc
-                    break
-                if not data:
-                    if not self._closing:
-                        error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
-                    break
-                conn.receive_data(data)
-                for event in conn.events():
-                    error = self._dispatch(event)
-                    if error is not None:
-                        break
-                if error is not None:
-                    break
-                if self._reading_paused:
-                    self._resume.clear()
-                    await self._resume.wait()
-        except RemoteProtocolError as exc:
-            error = exc
-        except asyncio.CancelledError:
-            raise
-        finally:
-            if error is not None and not self._closing:
-                logger.warning("%s: %s", self.url, error)
-            if self._writer is not None:
-                self._writer.transport.abort()
-            if error is not None and self._may_reconnect(error):
-                self._start_reconnect(error)
-            elif self._reconnecting:
-                # A reconnect attempt failed during its handshake: fail only that.
-                for req in [r for r in self._pending if r not in self._frames]:
-                    fut = self._pending.pop(req)
-                    if not fut.done():
-                        fut.set_exception(error or ConnectionLost("connection closed during the handshake"))
-            else:
-                self._fail_all(error or ConnectionClosed(), clean=error is None)
-
-    def _dispatch(self, event: object) -> BaseException | None:
-        t = type(event)
-        if t is Deliver:
-            ev: Deliver = event  # type: ignore[assignment]
-            sub = self._subs.get(ev.sub_id)
-            if sub is not None:
-                sub._last_offset = ev.offset
-                sub._deliver(
-                    Message(sub.queue, ev.event, ev.payload, _app_headers(ev.headers), ev.offset,
-                            ev.timestamp, ev.deliveries, sub.durable, self)
-                )  # fmt: skip
-                if sub.durable is None and sub.pending > sub.max_pending:
-                    self._reading_paused = True
-            return None
-        if t is Ping:
-            self._wbuf.append(self._conn.send(Pong(event.req)))  # type: ignore[attr-defined]
-            self._schedule_flush()
-            return None
-        if t is Bye:
-            return None
-        req: int = event.req  # type: ignore[attr-defined]
-        if t is Err:
-            err: Err = event  # type: ignore[assignment]
-            exc = ServerError.for_code(err.code, err.message)
-            if req == 0:
-                if err.code in FATAL_CODES or err.code == ErrorCode.SHUTTING_DOWN:
-                    return exc
-                logger.warning("%s: %s", self.url, exc)
-                return None
-            acked = self._ack_reqs.pop(req, None)
-            if acked is not None:  # a fire-and-forget ack was refused (in part)
-                logger.warning("%s: ack of %s/%s: %s", self.url, acked[0], acked[1], exc)
-                for sub in self._subs.values():
-                    if (sub.queue, sub.durable) == acked:
-                        sub.ack_errors.append(exc)
-                return None
-            fut = self._pending.pop(req, None)
-            self._frames.pop(req, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-            return exc if err.code in FATAL_CODES else None
-        fut = self._pending.pop(req, None)
-        if fut is None:
-            self._ack_reqs.pop(req, None)
-        elif self._frames:
-            self._frames.pop(req, None)
-        if fut is not None and not fut.done():
-            fut.set_result(event)  # type: ignore[arg-type]
-        return None
-
-    # --- reconnecting -------------------------------------------------------
-
-    def _may_reconnect(self, error: BaseException) -> bool:
-        if not self.reconnect or self._closing or self._closed or self._reconnecting or not self._established:
-            return False
-        if isinstance(error, ConnectionLost):
-            return True
-        return isinstance(error, ServerError) and error.code in RECONNECT_CODES
-
-    def _start_reconnect(self, cause: BaseException) -> None:
-        self._reconnecting = True
-        self._wbuf.clear()  # encoded for the old connection; the requests are resent
-        self._ack_reqs.clear()  # their answers are lost with the connection
-        for req in sorted(self._pending):
-            frame = self._frames.get(req)
-            if frame is None:  # the handshake of a connection that is gone
-                fut = self._pending.pop(req)
-                if not fut.done():
-                    fut.set_exception(ConnectionLost(str(cause)))
-                    fut.exception()
-            else:
-                self._held.append(req)
-        self._reconnect_task = self._loop.create_task(self._reconnect(cause))
-
-    async def _reconnect(self, cause: BaseException) -> None:
-        """Try again with backoff until ``reconnect_deadline``, then resume."""
-        deadline = self._loop.time() + self.reconnect_deadline
-        delay = 0.02
-        while True:
-            try:
-                await self._open()
-                break
-            except (ConnectionLost, RequestTimeout, OSError) as exc:
-                if self._loop.time() + delay > deadline:
-                    error = ConnectionLost(
-                        f"the broker at {self.host}:{self.port} stayed unreachable for "
-                        f"{self.reconnect_deadline:g} s after {cause}: {exc}"
-                    )
-                    self._reconnecting = False
-                    self._held.clear()
-                    self._fail_all(error, clean=False)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except ServerError as exc:  # AuthFailed and friends: trying again will not help
-                self._reconnecting = False
-                self._held.clear()
-                self._fail_all(exc, clean=False)
-                return
-        self.reconnects += 1
-        self._reconnecting = False
-        logger.info("%s: reconnected (conn %d) after %s", self.url, self.conn_id, cause)
-        held, self._held = self._held, []
-        pending_subs = {f.sub_id for r in held if type(f := self._frames.get(r)) is Subscribe}
-        # Acks and requests made meanwhile go first, so an ack of a message
-        # delivered before the drop lands before that message could come again.
-        if self._acks:
-            self._write_acks()
-        for req in held:
-            frame = self._frames.get(req)
-            if frame is not None and req in self._pending:
-                self._wbuf.append(self._conn.send(frame))
-        for sub in list(self._subs.values()):
-            if sub.sub_id in pending_subs:
-                continue  # its own SUBSCRIBE is about to be resent
-            if sub.durable is not None or sub._last_offset is None:
-                kind, value = ("new", None)
-            else:
-                kind, value = ("offset", sub._last_offset + 1)
-            ack_wait_ms, max_deliveries, dead_letter = sub._settings
-            fut = self._send_request(
-                Subscribe(0, sub.sub_id, sub.queue, sub.events, sub.durable, kind, value, sub.prefetch,
-                          ack_wait_ms, max_deliveries, dead_letter)
-            )  # fmt: skip
-            fut.add_done_callback(functools.partial(_resubscribed, sub))
-        now = self._loop.time()
-        self._deadlines = collections.deque((now + self.timeout, r, t) for _, r, t in self._deadlines)
-        self._flush()
-
-    def _fail_all(self, error: BaseException, *, clean: bool) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        self._deadlines.clear()
-        if self._error is None and not clean:
-            self._error = error
-        pending, self._pending = self._pending, {}
-        self._frames.clear()
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(error if not clean else ConnectionClosed())
-                fut.exception()  # mark retrieved: the caller may have gone
-        for sub in list(self._subs.values()):
-            sub._end(None if clean else error)
-        if clean:
-            self._closed = True
-
-
-def _app_headers(headers: dict[str, str] | None) -> dict[str, str]:
-    """A message's headers without the broker's bookkeeping (``x-producer-seq``).
-
-    The dict is the one just decoded from the frame, so it is changed in place.
-    """
-    if not headers:
-        return {}
-    headers.pop(PRODUCER_HEADER, None)
-    return headers
-
-
-def _resubscribed(sub: Subscription, fut: asyncio.Future[Frame]) -> None:
-    """A subscription could not be re-established after a reconnect: end it with the reason."""
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None:
-        sub._end(exc)

@@ -54,7 +54,7 @@ async def test_fast_path_frames_are_the_ones_the_general_path_would_resend(tmp_p
 
 
 async def test_many_queue_and_event_names_keep_the_name_cache_bounded(tmp_path: Path) -> None:
-    from client import client as client_module
+    from client import _transport as client_module
 
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         n = client_module.NAME_CACHE_SIZE + 10
