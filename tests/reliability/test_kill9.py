@@ -129,6 +129,31 @@ async def test_crash_at_a_named_point_loses_nothing(tmp_path: Path, fault: str) 
         assert bp.stop() == 0
 
 
+async def test_a_failed_fsync_on_the_loop_thread_is_fail_stop_too(tmp_path: Path) -> None:
+    """R7 for the small rounds the event loop fsyncs itself (a lone publisher,
+    one message at a time): the fifth fsync fails, nothing more is confirmed,
+    the broker exits 3, and a restart has exactly the four confirmed records."""
+    bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "sync:eio:5"}).start()
+    confirmed: list[int] = []
+    try:
+        async with Client(bp.url, name="lone", timeout=5, reconnect=False) as c:
+            with pytest.raises(TidingsError):
+                for i in range(10):
+                    confirmed.append(await c.publish("Q", "E", i))
+        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert any("fsync failed" in line for line in bp.log)
+    finally:
+        bp.kill()
+    assert confirmed == [0, 1, 2, 3]
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        async with Client(bp.url, name="checker") as c:
+            stored = await read_all(c, "Q")
+        assert stored[:4] == [(i, i) for i in range(4)] and len(stored) <= 5  # the fifth: written, never confirmed
+    finally:
+        assert bp.stop() == 0
+
+
 async def test_a_failed_fsync_is_fail_stop_and_recovers_on_restart(tmp_path: Path) -> None:
     """R7: fsync EIO -> nothing more is confirmed, the broker exits 3, a restart recovers."""
     history = History()
