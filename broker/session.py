@@ -249,9 +249,20 @@ class Session(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
+    def _owe(self, n: int) -> None:
+        """``n`` more publishes await their confirm (the store counts publishing connections)."""
+        if not self.unconfirmed:
+            self.broker.store.publishers += 1
+        self.unconfirmed += n
+
+    def _paid(self, n: int) -> None:
+        self.unconfirmed -= n
+        if not self.unconfirmed:
+            self.broker.store.publishers -= 1
+
     def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
         """Send PUBACKs (the queue calls this once the records are committed)."""
-        self.unconfirmed -= len(acks)
+        self._paid(len(acks))
         if self.closed:
             return
         self.write(encode_pubacks(acks))
@@ -262,7 +273,7 @@ class Session(asyncio.Protocol):
 
     def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
         """Answer unconfirmed publishes with ERR (the store failed before syncing them)."""
-        self.unconfirmed -= len(acks)
+        self._paid(len(acks))
         for req, _offset, _dup in acks:
             self.reply_error(req, code, message)
 
@@ -388,7 +399,7 @@ class Session(asyncio.Protocol):
                 self._flush_publishes()  # the same id twice in one read: the first must be known
             dup = queue.find_duplicate(mid, time.monotonic())
             if dup is not None:
-                self.unconfirmed += 1
+                self._owe(1)
                 queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
                 return
             # Stored with the record, so the dedup index survives a restart.
@@ -401,7 +412,7 @@ class Session(asyncio.Protocol):
                 oldest_ms = self._now_ms - int(self.config.dedup_window * 1000)
                 dup = queue.find_sequence(self.producer, ev.req, oldest_ms)
                 if dup is not None:
-                    self.unconfirmed += 1
+                    self._owe(1)
                     queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
                     return
         if headers and PRODUCER_HEADER in headers:  # only the broker writes it (_flush_publishes)
@@ -447,7 +458,7 @@ class Session(asyncio.Protocol):
                 for req, _mid in reqs:
                     self.reply_error(req, code, f"cannot store message in {queue.name!r}: {exc.strerror or exc}")
                 continue
-            self.unconfirmed += len(bodies)
+            self._owe(len(bodies))
             queue.expect_confirm(
                 first + len(bodies), self, [(req, first + i, False) for i, (req, _) in enumerate(reqs)]
             )

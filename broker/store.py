@@ -97,6 +97,9 @@ class Store:
         self._fatal = False
         self._closed = False
         self.fsyncs = 0
+        #: Connections with publishes awaiting their confirm (kept by the sessions):
+        #: only a lone publisher's rounds are synced on the loop (see _kick).
+        self.publishers = 0
         self._deleting: set[str] = set()  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._fresh: set[Queue] = set()  # appended to during this loop turn (--fsync always)
@@ -265,17 +268,19 @@ class Store:
         """On the loop, after a turn that appended: sync inline when small and idle, else hand over.
 
         A round of one queue with at most ``INLINE_MAX_RECORDS`` unconfirmed
-        records, while the committer is idle, is fsynced right here: no
-        wake-up of the committer and none of the loop afterwards (about a
-        fifth of a lone publisher's round trip). Anything bigger, or arriving
-        while a round is in flight, goes to the committer, so the loop keeps
-        reading while the disk works.
+        records from a lone publisher (one connection awaiting confirms),
+        while the committer is idle, is fsynced right here: no wake-up of the
+        committer and none of the loop afterwards (about a fifth of a lone
+        publisher's round trip). Anything bigger, from several publishers, or
+        arriving while a round is in flight, goes to the committer, so the
+        loop keeps reading while the disk works (16 publishers at window 1:
+        inline rounds cost about 15% of their throughput).
         """
         self._kick_scheduled = False
         fresh, self._fresh = self._fresh, set()
         if self._closed or self._fatal:
             return  # aclose() syncs every queue; after a failure nothing is confirmed
-        if len(fresh) == 1:
+        if len(fresh) == 1 and self.publishers <= 1:
             (queue,) = fresh
             if queue.log.next_offset - queue.committed <= INLINE_MAX_RECORDS and self._commit_inline(queue):
                 return

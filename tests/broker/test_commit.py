@@ -65,3 +65,34 @@ async def test_a_small_round_during_a_round_in_flight_waits_for_the_committer(tm
             store._round_lock.release()  # the committer takes the queue in its next round
         assert await publish == 0
         assert counts == {"inline": 0, "committer": 1}
+
+
+async def test_store_counts_the_connections_awaiting_confirms(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as broker, connected(broker, "a") as a, connected(broker, "b") as b:
+        store = broker.store
+        assert store._round_lock.acquire(blocking=False)  # nothing commits meanwhile
+        try:
+            first = asyncio.ensure_future(a.publish("Q", "E", 1))
+            second = asyncio.ensure_future(b.publish("Q", "E", 2))
+            await a.ping()
+            await b.ping()  # both publishes are read and appended, neither confirmed
+            assert store.publishers == 2
+        finally:
+            store._round_lock.release()
+        assert sorted([await first, await second]) == [0, 1]
+        assert store.publishers == 0
+
+
+async def test_a_small_round_while_another_connection_awaits_confirms_goes_to_the_committer(tmp_path: Path) -> None:
+    """Several publishers: the loop keeps reading while the committer syncs."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        store = broker.store
+        counts = spy_rounds(store)
+        store.publishers += 1  # another connection is waiting for its confirms
+        try:
+            assert await c.publish("Q", "E", "x") == 0
+        finally:
+            store.publishers -= 1
+        assert counts == {"inline": 0, "committer": 1}
+        assert await c.publish("Q", "E", "y") == 1  # alone again: on the loop
+        assert counts == {"inline": 1, "committer": 1}
