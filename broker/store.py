@@ -25,8 +25,9 @@ a round here), which is most of what a lone publisher waits for besides the
 fsync itself. Even that is skipped for the smallest rounds: appends only note
 their queue, and once per loop turn :meth:`Store._kick` either fsyncs a round
 of one queue and at most ``INLINE_MAX_RECORDS`` records right there on the
-loop thread, if the committer is idle (no thread wake-up either way), or
-hands the queues to the committer. The round lock makes the two exclusive.
+loop thread, if the committer is idle and only one connection awaits
+confirms (no thread wake-up either way), or hands the queues to the
+committer. The round lock makes the two exclusive.
 A failed fsync is fatal (R7): nothing more is confirmed and the broker stops
 through ``on_fatal``. With ``--fsync interval`` the same thread
 syncs the dirty queues every interval (records were confirmed at write).
