@@ -209,5 +209,7 @@ class BrokerConfig:
 
     @property
     def max_message_bytes(self) -> int:
-        """Largest stored record body: a DELIVER frame adds at most 32 bytes to it."""
-        return self.limits.max_frame_size - 64
+        """Largest stored record body, leaving room in a frame for what goes around
+        and into it at delivery: DELIVER or one-record BATCH framing (at most
+        45 bytes) and an ``x-retention-gap`` header (at most 62)."""
+        return self.limits.max_frame_size - 128

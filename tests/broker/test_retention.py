@@ -135,3 +135,28 @@ def test_a_bad_config_file_is_a_clear_start_up_error(tmp_path: Path, text: str, 
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("producer", [False, True])
+def test_the_largest_record_still_fits_a_frame_with_the_broker_headers(tmp_path: Path, producer: bool) -> None:
+    """A record at the size limit, plus everything the broker may add to it (a
+    producer's x-producer-seq, then x-retention-gap at delivery), still fits in
+    a DELIVER and in a one-record BATCH under the frame limit."""
+    from broker import BrokerConfig
+    from broker.queue import GAP_HEADER, with_header
+    from broker.session import SEQUENCE_HEADER_ROOM
+    from protocol import PRODUCER_HEADER, encode_batch, encode_deliver, encode_record
+
+    config = BrokerConfig(host="127.0.0.1", port=0, data_dir=tmp_path)
+    limit = config.max_message_bytes - (SEQUENCE_HEADER_ROOM if producer else 0)
+    event, ts, big = "e" * 128, 2**62, 2**64 - 1
+    n = limit - 200
+    while len(encode_record(event, ts, None, b"x" * (n + 1))) <= limit:
+        n += 1
+    body = encode_record(event, ts, None, b"x" * n)
+    assert limit - 5 <= len(body) <= limit
+    if producer:
+        body = with_header(body, PRODUCER_HEADER, f"{'p' * 64}:{big}-{big}")
+    body = with_header(body, GAP_HEADER, f"{big}-{big}")
+    for frame in (encode_deliver(2**32 - 1, big, 2**32 - 1, body), encode_batch(big, big, [(big, 2**32 - 1, body)])):
+        assert len(frame) - 4 <= config.limits.max_frame_size, len(frame) - 4 - config.limits.max_frame_size
