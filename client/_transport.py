@@ -84,7 +84,6 @@ DEFAULT_MAX_PENDING: Final = 10_000
 #: over past this, so a client publishing to ever new names keeps it bounded.
 NAME_CACHE_SIZE: Final = 4096
 _PUBLISH_TYPE: Final = FrameType.PUBLISH
-_new_frame: Final = object.__new__
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -257,14 +256,7 @@ class Transport:
         self._pending[req] = fut
         self._deadlines.append((loop.time() + self.timeout, req, _PUBLISH_TYPE))
         if self.reconnect:
-            frame: Any = _new_frame(Publish)  # Publish(...) minus the checks done above
-            frame.req = req
-            frame.queue = queue
-            frame.event = event
-            frame.payload = payload
-            frame.headers = None
-            frame.message_id = message_id
-            self._frames[req] = frame
+            self._frames[req] = Publish.unchecked(req, queue, event, payload, message_id)
         if self._acks:  # acks queued earlier go first: the broker sees calls in program order
             self._write_acks()
         self._wbuf.append(data)

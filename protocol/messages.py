@@ -200,6 +200,20 @@ class Publish(Frame):
         # zero-argument form would name the discarded original.
         return super(Publish, cls).from_wire(items)  # noqa: UP008
 
+    @classmethod
+    def unchecked(cls, req: int, queue: str, event: str, payload: Any, message_id: str | None) -> Publish:
+        """A PUBLISH without headers whose fields the caller has already checked
+        (the client's fast path), filled without ``__init__``. ``from_wire``
+        does the same inline: a call per frame costs the broker too much."""
+        self: Any = _new_frame(cls)
+        self.req = req
+        self.queue = queue
+        self.event = event
+        self.payload = payload
+        self.headers = None
+        self.message_id = message_id
+        return self  # type: ignore[no-any-return]
+
 
 # Publish.from_wire's name caches: the same set objects _name() fills (it
 # only ever clears them, never replaces them).

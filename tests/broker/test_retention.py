@@ -143,8 +143,8 @@ def test_the_largest_record_still_fits_a_frame_with_the_broker_headers(tmp_path:
     producer's x-producer-seq, then x-retention-gap at delivery), still fits in
     a DELIVER and in a one-record BATCH under the frame limit."""
     from broker import BrokerConfig
+    from broker.publishing import SEQUENCE_HEADER_ROOM
     from broker.queue import GAP_HEADER, with_header
-    from broker.session import SEQUENCE_HEADER_ROOM
     from protocol import PRODUCER_HEADER, encode_batch, encode_deliver, encode_record
 
     config = BrokerConfig(host="127.0.0.1", port=0, data_dir=tmp_path)

@@ -1,0 +1,207 @@
+"""A session's publish path, the base class of :class:`broker.session.Session`.
+
+Publishes from one read are appended to each queue in one ``write()``; their
+PUBACKs leave together when the committer has synced them (``confirm``). A
+PUBLISH with a ``message_id`` is deduplicated by it; one from a named
+producer (HELLO) by its sequence number, its ``req``: a resend (a req not
+above the producer's last one in the queue) is answered with the stored
+offset, and each batch records its runs of sequence numbers in the
+``x-producer-seq`` header (spec section 4). More than
+``max_inflight_publishes`` unconfirmed publishes stops reading the socket
+until confirms catch up. ``write`` and ``reply_error``, the session's
+output, live here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from typing import TYPE_CHECKING
+
+from protocol import PRODUCER_HEADER, Connection, ErrorCode, Publish, encode_pubacks, encode_record
+
+from .queue import MESSAGE_ID_HEADER, Queue, with_header
+from .store import QueueUnavailable
+
+if TYPE_CHECKING:
+    from .config import BrokerConfig
+    from .server import Broker
+
+__all__ = ["SEQUENCE_HEADER_ROOM", "Publishing"]
+
+#: Bytes a producer's record may grow by when it gets the x-producer-seq
+#: header: key, "PRODUCER:FIRST-LAST" (64-character id, two u64), map header.
+SEQUENCE_HEADER_ROOM = 128
+
+
+class Publishing:
+    """The publish path of a session (see the module docstring); Session sets the state."""
+
+    broker: Broker
+    config: BrokerConfig
+    conn: Connection
+    transport: asyncio.Transport | None
+    closed: bool
+    write_paused: bool
+    #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
+    producer: str | None
+    unconfirmed: int
+    _reading_paused: bool
+    _batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]]
+    _now_ms: int
+    _max_record: int
+    _queues: dict[str, Queue]
+
+    def write(self, data: bytes) -> None:
+        """Write bytes to the peer now (no-op once closed)."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def _owe(self, n: int) -> None:
+        """``n`` more publishes await their confirm (the store counts publishing connections)."""
+        if not self.unconfirmed:
+            self.broker.store.publishers += 1
+        self.unconfirmed += n
+
+    def _paid(self, n: int) -> None:
+        self.unconfirmed -= n
+        if not self.unconfirmed:
+            self.broker.store.publishers -= 1
+
+    def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
+        """Send PUBACKs (the queue calls this once the records are committed)."""
+        self._paid(len(acks))
+        if self.closed:
+            return
+        self.write(encode_pubacks(acks))
+        if self._reading_paused and self.unconfirmed <= self.config.max_inflight_publishes // 2:
+            self._reading_paused = False
+            if not self.write_paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
+        """Answer unconfirmed publishes with ERR (the store failed before syncing them)."""
+        self._paid(len(acks))
+        for req, _offset, _dup in acks:
+            self.reply_error(req, code, message)
+
+    def reply_error(self, req: int, code: ErrorCode, message: str) -> None:
+        """Answer request ``req`` with ERR; the connection stays open."""
+        self.write(self.conn.send_error(req, code, message))
+
+    def _queue(self, req: int, name: str) -> Queue | None:
+        try:
+            queue = self.broker.store.get(name, create=True)
+        except QueueUnavailable as exc:
+            self.reply_error(req, exc.code, str(exc))
+            return None
+        except OSError as exc:
+            self.reply_error(req, _storage_code(exc), f"cannot create queue {name!r}: {exc}")
+            return None
+        assert queue is not None
+        return queue
+
+    def _on_publish(self, ev: Publish) -> None:
+        queue = self._queues.get(ev.queue) or self._queue(ev.req, ev.queue)
+        if queue is None:
+            return
+        mid = ev.message_id
+        headers = ev.headers
+        if mid is not None:
+            pending = self._batch.get(queue)
+            if pending is not None and mid in (m for _, m in pending[1]):
+                self._flush_publishes()  # the same id twice in one read: the first must be known
+            dup = queue.find_duplicate(mid, time.monotonic())
+            if dup is not None:
+                self._owe(1)
+                queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
+                return
+            # Stored with the record, so the dedup index survives a restart.
+            headers = {**headers, MESSAGE_ID_HEADER: mid} if headers else {MESSAGE_ID_HEADER: mid}
+        elif self.producer is not None:
+            # A resent publish (its req is not above the last one stored here
+            # from this producer) is confirmed with the original offset.
+            seen = queue.producers.get(self.producer)
+            if seen is not None and ev.req <= seen[0]:
+                oldest_ms = self._now_ms - int(self.config.dedup_window * 1000)
+                dup = queue.find_sequence(self.producer, ev.req, oldest_ms)
+                if dup is not None:
+                    self._owe(1)
+                    queue.expect_confirm(dup + 1, self, [(ev.req, dup, True)])
+                    return
+        if headers and PRODUCER_HEADER in headers:  # only the broker writes it (_flush_publishes)
+            headers = {k: v for k, v in headers.items() if k != PRODUCER_HEADER}
+        try:
+            body = encode_record(ev.event, self._now_ms, headers, ev.payload)
+        except Exception as exc:  # only reachable with exotic decoded values
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        if len(body) > self._max_record:
+            self.reply_error(
+                ev.req,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"message of {len(body)} bytes exceeds the limit of {self._max_record}",
+            )
+            return
+        pending = self._batch.get(queue)
+        if pending is None:
+            pending = self._batch[queue] = ([], [])
+        pending[0].append(body)
+        pending[1].append((ev.req, mid))
+
+    def _flush_publishes(self) -> None:
+        batch, self._batch = self._batch, {}
+        store = self.broker.store
+        if store.fatal:
+            for _, (_bodies, reqs) in batch.items():
+                for req, _mid in reqs:
+                    self.reply_error(req, ErrorCode.STORAGE_FAILED, "storage failed; not accepting publishes")
+            return
+        now_ms = self._now_ms
+        dedup_until = time.monotonic() + self.config.dedup_window
+        for queue, (bodies, reqs) in batch.items():
+            if self.producer is not None:
+                _tag_sequences(self.producer, bodies, reqs)
+            try:
+                first = queue.append(
+                    bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until,
+                    producer=None if self.producer is None else (self.producer, reqs[-1][0]),
+                )  # fmt: skip
+            except OSError as exc:
+                code = _storage_code(exc)
+                for req, _mid in reqs:
+                    self.reply_error(req, code, f"cannot store message in {queue.name!r}: {exc.strerror or exc}")
+                continue
+            self._owe(len(bodies))
+            queue.expect_confirm(
+                first + len(bodies), self, [(req, first + i, False) for i, (req, _) in enumerate(reqs)]
+            )
+            store.appended(queue)
+        if self.unconfirmed > self.config.max_inflight_publishes and not self._reading_paused:
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+
+def _tag_sequences(producer: str, bodies: list[bytes], reqs: list[tuple[int, str | None]]) -> None:
+    """Mark a producer's batch for one queue with its sequence numbers (its reqs).
+
+    Stored with the records, so the broker finds a resent publish and knows
+    each producer's last sequence after a restart. Not every record pays for
+    it: the first record of each run of consecutive reqs gets the header
+    ``x-producer-seq: "PRODUCER:FIRST-LAST"`` ("PRODUCER:N" for a run of one);
+    the run's records are at consecutive offsets from that record's.
+    """
+    start = 0
+    n = len(reqs)
+    for i in range(1, n + 1):
+        if i == n or reqs[i][0] != reqs[i - 1][0] + 1:
+            first, last = reqs[start][0], reqs[i - 1][0]
+            value = f"{producer}:{first}" if first == last else f"{producer}:{first}-{last}"
+            bodies[start] = with_header(bodies[start], PRODUCER_HEADER, value)
+            start = i
+
+
+def _storage_code(exc: OSError) -> ErrorCode:
+    return ErrorCode.STORAGE_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.STORAGE_FAILED
