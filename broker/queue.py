@@ -15,6 +15,14 @@ then new records from the group's read position, written to its socket as one
 in-memory tail, so live fan-out never touches the disk; catch-up reads go to
 the log with ``pread``. Stored bytes are spliced into DELIVER and BATCH frames
 as they are (no decode, no re-encode).
+
+A record that fails its check when read back at run time (the disk changed it
+after start-up, which checked every record) is never delivered and never
+skipped silently: ``read()`` returns the good records before it and stops
+there, the queue notes the damage (``damage``, in STATUS; logged once), push
+consumers of a durable stop at it, and a FETCH that reaches it is answered
+with ``QUEUE_CORRUPT``. Publishing goes on. An operator moves each durable
+past it (``tidings seek``), or stops the broker and repairs the log.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from protocol import (
     EventFilter,
     encode_batch,
     encode_deliver,
+    encode_error,
     encode_record,
     record_event,
 )
@@ -136,6 +145,8 @@ class Queue:
         self._tail_base = log.next_offset
         self._tail_bytes = 0
         self._dedup: dict[str, tuple[int, float]] = {}
+        #: The first record found damaged at run time, and why (None: none found).
+        self.damage: tuple[int, str] | None = None
         #: Per producer: the last sequence stored here and when to forget it.
         self.producers: dict[str, tuple[int, float]] = {}
         self._sequences: dict[str, tuple[list[tuple[int, int, int]], int, int]] = {}  # find_sequence's cache
@@ -332,11 +343,36 @@ class Queue:
         if offset >= self._tail_base:
             tail, base = self._tail, self._tail_base
             return [(o, tail[o - base]) for o in range(offset, end)]
-        records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+        try:
+            records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+        except CorruptLogError:
+            records = self._read_to_damage(offset, end)
         return [(o, body) for o, _ts, body in records]
 
+    def _read_to_damage(self, offset: int, end: int) -> list[tuple[int, int, bytes]]:
+        """Read one record at a time up to the damaged one; note the damage."""
+        records: list[tuple[int, int, bytes]] = []
+        for o in range(offset, end):
+            try:
+                records += self.log.read(o, max_count=1, max_bytes=FETCH_MAX_BYTES)
+            except CorruptLogError as exc:
+                if self.damage is None or self.damage[0] != o:
+                    self.damage = (o, str(exc))
+                    logger.error("queue %s: record %d is damaged (%s); readers stop before it. Move each durable "
+                                 "past it (tidings seek %s --durable NAME --to %d) or stop the broker and repair "
+                                 "the log", self.name, o, exc, self.name, o + 1)  # fmt: skip
+                break
+        return records
+
+    def _damage_error(self, req: int, offset: int) -> bytes | None:
+        """The ERR frame for request ``req`` of a reader stuck at ``offset``, if that record is damaged."""
+        if self.damage is None or self.damage[0] != offset:
+            return None
+        why = f"record {offset} of queue {self.name!r} is damaged ({self.damage[1]}); seek past it"
+        return encode_error(req, ErrorCode.QUEUE_CORRUPT, why)
+
     def body(self, offset: int) -> bytes | None:
-        """The body at ``offset``, or None if retention dropped it."""
+        """The body at ``offset``, or None if retention dropped it or it is damaged."""
         got = self.read(offset, 1)
         return got[0][1] if got and got[0][0] == offset else None
 
@@ -380,8 +416,10 @@ class Queue:
                     if body is not None:
                         frames.append(encode_deliver(target.sub_id, got[0], got[1], body))
                         size += len(body)
-                    else:
+                    elif got[0] < self.log.first_offset:
                         group.ack((got[0],), None)  # dropped by retention: nothing to redeliver
+                    else:
+                        break  # damaged: stays in flight, never delivered
                 start = group.read_pos
                 while len(frames) < credit and size < PUMP_MAX_BYTES and group.read_pos < self.committed:
                     records = self.read(group.read_pos, min(READ_BATCH, credit - len(frames)))
@@ -436,10 +474,15 @@ class Queue:
                 if body is not None:
                     out.append((got[0], got[1], body))
                     size += len(body)
+                elif got[0] >= self.log.first_offset:
+                    break  # damaged: stays in flight, never delivered
             if group.cursor.ack_floor < self.log.first_offset:
                 self._dropped(group)
             while len(out) < limit and size < FETCH_MAX_BYTES and group.read_pos < self.committed:
-                for offset, body in self.read(group.read_pos, min(READ_BATCH, limit - len(out))):
+                records = self.read(group.read_pos, min(READ_BATCH, limit - len(out)))
+                if not records:
+                    break  # a damaged record
+                for offset, body in records:
                     if group.passed(offset):
                         continue
                     if group.filter(record_event(body)):
@@ -455,7 +498,10 @@ class Queue:
             assert waiter.filter is not None
             position = max(waiter.position, self.log.first_offset)
             while len(out) < limit and size < FETCH_MAX_BYTES and position < self.committed:
-                for offset, body in self.read(position, min(READ_BATCH, limit - len(out))):
+                records = self.read(position, min(READ_BATCH, limit - len(out)))
+                if not records:
+                    break  # a damaged record
+                for offset, body in records:
                     position = offset + 1
                     if waiter.filter(record_event(body)):
                         out.append((offset, 1, body))
@@ -466,7 +512,7 @@ class Queue:
         if group is not None and group.dead and self.on_dead is not None:
             self.on_dead(self, group)
         if not out:
-            return None
+            return self._damage_error(waiter.req, next_offset)
         return encode_batch(waiter.req, next_offset, out)
 
     def serve_waiters(self) -> None:

@@ -155,6 +155,7 @@ class Broker:
                     "bytes": log.size_bytes,
                     "published": queue.published,
                     "publish_rate": round(queue.published / max(now - self.started, 1e-3), 1),
+                    "damaged": None if queue.damage is None else {"offset": queue.damage[0], "error": queue.damage[1]},
                 }
             )
             for dname, group in sorted(queue.groups.items()):

@@ -3,7 +3,7 @@
 Nothing here does I/O: no asyncio, no sockets, no files. See ``SPEC.md``.
 """
 
-from .connection import Connection, Event, Limits, Role, State
+from .connection import Connection, Event, Limits, Role, State, encode_error
 from .errors import (
     AuthFailed,
     BadRequest,
@@ -116,6 +116,7 @@ __all__ = [
     "check_queue",
     "encode_batch",
     "encode_deliver",
+    "encode_error",
     "encode_frame",
     "encode_pubacks",
     "encode_record",

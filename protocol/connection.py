@@ -43,7 +43,7 @@ from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
 from .wire import decode_fixed_puback
 
-__all__ = ["Connection", "Event", "Limits", "Role", "State"]
+__all__ = ["Connection", "Event", "Limits", "Role", "State", "encode_error"]
 
 #: 1 MiB: NATS's max_payload default; large enough for any reasonable event,
 #: small enough that a hostile length prefix costs little.
@@ -94,6 +94,12 @@ Event = Frame | InvalidRequest
 
 _pack_len: Final = HEADER.pack
 _PUBLISH: Final = int(FrameType.PUBLISH)
+
+
+def encode_error(req: int, code: ErrorCode, message: str) -> bytes:
+    """Encode an ERR frame (length prefix included); the message is cut at 1,024 characters."""
+    body = pack_body([int(FrameType.ERR), req, int(code), message[:1024]])
+    return HEADER.pack(len(body)) + body
 
 
 def _unencodable(frame_type: FrameType, exc: Exception) -> LocalProtocolError:
@@ -264,8 +270,7 @@ class Connection:
         Returns:
             The bytes to write.
         """
-        body = pack_body([int(FrameType.ERR), req, int(code), message[:1024]])
-        return HEADER.pack(len(body)) + body
+        return encode_error(req, code, message)
 
     def check_send(self, frame_type: FrameType) -> None:
         """Account for a frame encoded elsewhere (the DELIVER/BATCH fast path).

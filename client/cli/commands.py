@@ -320,6 +320,11 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
     failed = info.get("failed_queues") or []
     if failed:
         out += ["", "FAILED QUEUES", _table([[f.get("name"), f.get("error")] for f in failed], ["QUEUE", "ERROR"])]
+    damaged = [[q.get("name"), q["damaged"].get("offset"), q["damaged"].get("error")]
+               for q in info.get("queues", []) if q.get("damaged")]  # fmt: skip
+    if damaged:
+        out += ["", "DAMAGED RECORDS (readers stop before them; tidings seek past)",
+                _table(damaged, ["QUEUE", "OFFSET", "ERROR"])]  # fmt: skip
     return "\n".join(out)
 
 
