@@ -29,6 +29,7 @@ POINTS: Final = frozenset(
         "before_write",
         "mid_write",  # half of the append's bytes are written first
         "after_write_before_sync",
+        "extend",  # the zeros of a segment's preallocation are written next
         "sync",
         "after_sync_before_confirm",
         "during_segment_roll",

@@ -37,9 +37,21 @@ data. Whether that is a torn write or damage depends on what was synced:
 * otherwise the bad record was never fsynced: a power loss may drop, tear or
   reorder such writes, so a hole there followed by intact records of the same
   unsynced tail is a torn tail. It is truncated away with a warning naming the
-  file and position (R3; zeros read as end of log). Nothing confirmed under
-  ``--fsync always`` is cut: a confirm follows an fsync, and the first record
-  written after that fsync claims it.
+  file and position (R3). Nothing confirmed under ``--fsync always`` is cut:
+  a confirm follows an fsync, and the first record written after that fsync
+  claims it.
+
+The preallocated tail
+---------------------
+The last segment is extended ahead of its records with zeros (see
+:mod:`broker.log`), so after a kill -9 or a power loss it normally ends in a
+run of zeros after its last record. That is the end of the data and no
+damage: ``scan`` keeps it silently (``Segment.allocated`` is then the file
+size; appends continue at ``Segment.size``, the end of the data). Only a tail
+that is *all* zeros counts; zeros after a torn record, or zeros and then
+intact records (a page that never reached the disk), follow the torn-tail
+rules above. Sealed segments never have a zero tail: a roll truncates the old
+segment to its data before fsyncing it, so zeros there are damage.
 
 Damage raises :class:`CorruptLogError` naming the file and position, unless
 the operator asked for ``repair``, which truncates there and drops later
@@ -170,21 +182,30 @@ def _check(buf: bytes | memoryview, pos: int, expect: int) -> tuple[int, int, st
 
 
 class Segment:
-    """One segment file: its fd, size, offset range and sparse index.
+    """One segment file: its fd, data size, allocated size, offset range and sparse index.
 
     Args:
         path: the file (its name gives ``base``).
         fd: an open read/write descriptor.
     """
 
-    __slots__ = ("base", "fd", "last_ts", "next_offset", "path", "positions", "size", "synced", "timestamps")
+    __slots__ = (
+        "allocated", "base", "extend_from", "fd", "last_ts", "next_offset", "path", "positions", "size", "synced",
+        "timestamps",
+    )  # fmt: skip
 
     def __init__(self, path: Path, fd: int, base: int) -> None:
         self.path = path
         self.fd = fd
         self.base = base
         self.next_offset = base
+        #: The end of the records: where the next one goes. Every reader of the
+        #: data (reads, retention, STATUS) uses this, never the file size.
         self.size = 0
+        #: The file size: zeros from ``size`` to here (the preallocated tail).
+        self.allocated = 0
+        #: No preallocation until ``size`` reaches this (set after one failed).
+        self.extend_from = 0
         self.last_ts = 0
         #: Offsets below this are known to be on disk (a completed fsync covered
         #: them): the sync claim of the next append. Written under the log's lock
@@ -194,7 +215,7 @@ class Segment:
         self.timestamps = array("q")  # its timestamp
 
     def __repr__(self) -> str:
-        return f"<Segment {self.path.name} [{self.base}, {self.next_offset}) {self.size} B>"
+        return f"<Segment {self.path.name} [{self.base}, {self.next_offset}) {self.size}/{self.allocated} B>"
 
     def note(self, offset: int, position: int, ts: int) -> None:
         """Record a new record in the index."""
@@ -245,8 +266,13 @@ class Segment:
         if last_valid >= 0:
             self.synced = max(self.synced, _claim(buf, last_valid))
         self.next_offset = expect
-        self.size = pos
+        self.size = self.allocated = pos
         if why is None:
+            return
+        if last and point <= expect and _all_zero(self.fd, pos, size):
+            # The preallocated tail (no record can follow a run of zeros to the end).
+            logger.debug("%s: %d preallocated zero bytes after the last record, kept", self.path, size - pos)
+            self.allocated = size
             return
         damage = f"{why} (record {expect})"
         if why == "bad magic" and self._is_version_1(pos, size):
@@ -261,13 +287,10 @@ class Segment:
             if proof is not None:
                 damage += f"; the record at byte {proof[0]} says records below {proof[1]} had been fsynced"
             else:
-                if _all_zero(self.fd, pos, size):
-                    logger.warning("%s: %d zero bytes after the last record read as end of log", self.path, size - pos)
-                else:
-                    logger.warning(
-                        "%s: torn tail (never fsynced): cutting %d bytes from byte %d on: %s; %d intact records after it",
-                        self.path, size - pos, pos, damage, intact,
-                    )  # fmt: skip
+                logger.warning(
+                    "%s: torn tail (never fsynced): cutting %d bytes from byte %d on: %s; %d intact records after it",
+                    self.path, size - pos, pos, damage, intact,
+                )  # fmt: skip
                 self._truncate(pos)
                 return
         if not repair:
@@ -288,10 +311,11 @@ class Segment:
         return bool(_crc32(body, _crc32(head[: _HEAD_V1.size])) == crc)
 
     def _truncate(self, pos: int) -> None:
-        """Cut the file at ``pos`` for good: everything left is then on disk."""
+        """Cut the file at ``pos`` for good (the preallocation too): everything left is then on disk."""
         os.ftruncate(self.fd, pos)
         os.fsync(self.fd)
         self.synced = self.next_offset
+        self.allocated = pos
 
     def _after(self, pos: int, size: int, expect: int) -> tuple[int, tuple[int, int] | None]:
         """The whole valid records with later offsets after the bad record at ``pos``.

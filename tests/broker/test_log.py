@@ -375,14 +375,16 @@ def test_loader_never_crashes_on_mangled_files(
 def test_enospc_write_is_cut_and_appends_resume(tmp_path: Path) -> None:
     """R7: a failed write leaves the log valid, and later appends work."""
     log = _fill(tmp_path, 5, segment_bytes=1 << 20)
-    size = _segments(tmp_path)[0].stat().st_size
+    size = log.segments[-1].size
+    assert _segments(tmp_path)[0].stat().st_size == 1 << 20  # preallocated
     faults.configure("mid_write:enospc")
     try:
         with pytest.raises(OSError, match="No space"):
             log.append([b"lost"], 1)
     finally:
         faults.configure(None)
-    assert _segments(tmp_path)[0].stat().st_size == size
+    assert log.segments[-1].size == size
+    assert _segments(tmp_path)[0].stat().st_size == size  # the half record is cut, the zero tail with it
     assert log.append([b"kept"], 1) == 5
     log.sync()
     log.close()
