@@ -34,6 +34,21 @@ async def running_broker(data_dir: Path, **overrides: Any) -> AsyncIterator[Brok
         await broker.aclose()
 
 
+def records_end(path: Path) -> int:
+    """Where the records of a segment file end: the byte after the last whole
+    record in sequence (what follows may be the preallocated zero tail)."""
+    from broker.segment import HEADER_SIZE, MAGIC
+
+    raw = path.read_bytes()
+    pos = 0
+    while pos + HEADER_SIZE <= len(raw) and int.from_bytes(raw[pos : pos + 2], "big") == MAGIC:
+        end = pos + HEADER_SIZE + int.from_bytes(raw[pos + 2 : pos + 6], "big")
+        if end > len(raw):
+            break
+        pos = end
+    return pos
+
+
 def url_of(broker: Broker) -> str:
     """The tidings:// URL of a running in-process broker."""
     host, port = broker.address

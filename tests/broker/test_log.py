@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from broker import faults
 from broker.log import POINT_FILE, CorruptLogError, LogFailedError, QueueLog
 from broker.segment import HEADER_SIZE, MAGIC
+from tests.helpers import records_end
 
 SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
 
@@ -126,6 +127,140 @@ def test_zero_filled_tail_reads_as_end(tmp_path: Path) -> None:
     log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
     assert log.next_offset == 10
     assert log.append([b"x"], 1) == 10
+    log.close()
+
+
+def test_a_zero_tail_after_a_crash_is_kept_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """S5 with preallocation: after an unclean stop the last segment ends in
+    zeros (its preallocated tail). That is the end of the data, not damage: no
+    warning, nothing cut, the allocation kept, appends go on at the end of the
+    records (not of the file), reads stop there."""
+    log = _fill(tmp_path, 10, segment_bytes=1 << 20)
+    log.append([_body(i) for i in range(10, 13)], 1)  # written, never synced
+    _crash(log)
+    seg = _segments(tmp_path)[0]
+    os.truncate(seg, 300_000)  # whatever the allocation was: zeros up to here
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert not caplog.records
+    assert seg.stat().st_size == 300_000
+    assert log.next_offset == 13 and log.size_bytes == 13 * (HEADER_SIZE + 20)
+    assert log.read(13, max_count=10, max_bytes=1 << 20) == []
+    assert log.append([_body(13)], 1) == 13
+    assert seg.stat().st_size == 300_000  # written over the zeros
+    assert _all(log) == [_body(i) for i in range(14)]
+    log.sync()
+    _crash(log)
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert not caplog.records
+    assert _all(log) == [_body(i) for i in range(14)]
+    log.close()
+    assert seg.stat().st_size == 14 * (HEADER_SIZE + 20)  # a clean close cuts the tail
+
+
+def test_a_torn_record_followed_by_zeros_is_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first page of the last (never synced) record reached the disk, the
+    rest of it is zeros up to the end of the allocation: a torn tail, cut with a
+    warning (R3), the allocation with it; appends work again (R5)."""
+    log = _fill(tmp_path, 10, segment_bytes=1 << 20)
+    log.append([_body(10, 5000)], 1)
+    _crash(log)
+    seg = _segments(tmp_path)[0]
+    start = 10 * (HEADER_SIZE + 20)
+    size = seg.stat().st_size
+    _hole(seg, start + 100, size - start - 100)
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert f"torn tail (never fsynced): cutting {size - start} bytes from byte {start} on: bad CRC" in caplog.text
+    assert log.next_offset == 10 and seg.stat().st_size == start
+    assert log.append([b"after"], 1) == 10
+    log.sync()
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert _all(again) == [_body(i) for i in range(10)] + [b"after"]
+    again.close()
+
+
+def test_zeros_where_synced_records_were_are_damage(tmp_path: Path) -> None:
+    """A zero tail is the end of the data only after what was synced: zeros
+    over records below the recovery point are lost synced records (R4)."""
+    log = _fill(tmp_path, 20, segment_bytes=1 << 20)
+    log.close()
+    seg = _segments(tmp_path)[0]
+    rec = HEADER_SIZE + 20
+    _hole(seg, 15 * rec, 5 * rec)
+    os.truncate(seg, 1 << 20)
+    with pytest.raises(CorruptLogError, match="below the recovery point 20"):
+        QueueLog.open(tmp_path, segment_bytes=1 << 20)
+
+
+def test_a_clean_stop_cuts_the_zero_tail_and_a_restart_extends_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _fill(tmp_path, 10, segment_bytes=1 << 20)
+    seg = _segments(tmp_path)[0]
+    rec = HEADER_SIZE + 20
+    assert seg.stat().st_size == 1 << 20  # preallocated: a step, up to the segment size
+    log.close()
+    assert seg.stat().st_size == 10 * rec and (tmp_path / POINT_FILE).exists()
+    with caplog.at_level(logging.WARNING):
+        again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert not caplog.records
+    assert again.append([_body(10)], 1) == 10
+    assert seg.stat().st_size == 1 << 20
+    again.sync()
+    again.close()
+    third = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert _all(third) == [_body(i) for i in range(11)]
+    third.close()
+
+
+def test_sealed_segments_never_have_a_zero_tail(tmp_path: Path) -> None:
+    """A roll cuts the old segment's zero tail before fsyncing it (zeros in a
+    sealed segment are damage); extensions go in steps, never past the segment size."""
+    log = QueueLog.open(tmp_path, segment_bytes=16384, extend_bytes=4096)
+    for i in range(300):
+        log.append([_body(i, 100)], 1)
+        if i % 7 == 0:
+            log.sync()
+        last = log.segments[-1]
+        assert last.size <= last.allocated <= max(16384, last.size)
+        assert last.allocated - last.size < 4096 + HEADER_SIZE + 100
+        assert last.path.stat().st_size == last.allocated
+    assert len(log.segments) > 2
+    for seg in log.segments[:-1]:
+        assert seg.path.stat().st_size == seg.size == records_end(seg.path)
+    last = log.segments[-1]
+    assert last.path.stat().st_size > last.size == records_end(last.path)
+    _crash(log)
+    log = QueueLog.open(tmp_path, segment_bytes=16384, extend_bytes=4096)
+    assert _all(log) == [_body(i, 100) for i in range(300)]
+    log.close()
+    assert all(p.stat().st_size == records_end(p) for p in _segments(tmp_path))
+
+
+def test_a_failed_extension_falls_back_to_plain_appends(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """R7 with preallocation: ENOSPC while writing the zeros refuses nothing
+    (the append goes on as a plain one), and the next try comes a step later."""
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, extend_bytes=4096)
+    seg = log.segments[-1]
+    faults.configure("extend:enospc:1+")
+    try:
+        with caplog.at_level(logging.WARNING):
+            for i in range(100):  # 13,000 bytes: four steps' worth
+                assert log.append([_body(i, 100)], 1) == i
+    finally:
+        faults.configure(None)
+    assert seg.path.stat().st_size == seg.size == 100 * (HEADER_SIZE + 100)
+    assert len([r for r in caplog.records if "cannot preallocate 4096 bytes" in r.getMessage()]) == 4
+    for i in range(100, 140):  # space is back: a step on, the zeros are written again
+        log.append([_body(i, 100)], 1)
+    assert seg.path.stat().st_size > seg.size
+    log.sync()
+    _crash(log)
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert _all(log) == [_body(i, 100) for i in range(140)]
     log.close()
 
 

@@ -6,6 +6,9 @@ mount one (root), and always with the in-process ENOSPC injector."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from broker import faults
+from broker.log import QueueLog
+from broker.segment import HEADER_SIZE
 from client import Client
 from protocol import StorageFull
 from tests.checker import History, check, read_all
@@ -93,6 +98,41 @@ async def test_disk_full_on_a_real_tmpfs(tmp_path: Path) -> None:
                 _payload_key_check(history, await read_all(c, "Q"))
         finally:
             assert bp.stop() == 0
+
+
+def test_a_disk_too_full_for_the_zeros_takes_every_record_that_fits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """R7 with preallocation, on a real full disk: the 1 MiB of zeros does not
+    fit, what it took is given back, and plain appends take records until the
+    space is really gone, as without preallocation; then ENOSPC (nothing half
+    written), and appends resume once space is freed."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"\1" * (640 << 10))
+        log = QueueLog.open(disk / "q", segment_bytes=4 << 20)
+        stat = os.statvfs(disk)
+        free = stat.f_bavail * stat.f_frsize
+        body = b"r" * (1024 - HEADER_SIZE)
+        n = 0
+        with caplog.at_level(logging.WARNING), pytest.raises(OSError) as info:
+            while True:
+                log.append([body], 1)
+                n += 1
+        assert info.value.errno == errno.ENOSPC
+        assert "cannot preallocate 1048576 bytes, appending without" in caplog.text
+        seg = log.segments[-1]
+        assert seg.path.stat().st_size == seg.size == n * 1024
+        assert n * 1024 >= free - 2 * 4096, (n, free)  # every record that fitted was taken
+        log.sync()
+        filler.unlink()
+        for _ in range(10):
+            log.append([body], 1)
+        log.sync()
+        log.close()
+        again = QueueLog.open(disk / "q", segment_bytes=4 << 20)
+        assert again.next_offset == n + 10
+        again.close()
 
 
 async def test_disk_full_with_the_enospc_injector(tmp_path: Path) -> None:
