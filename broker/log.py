@@ -372,7 +372,7 @@ class QueueLog:
         try:
             faults.hit("sync")
             for seg in todo:
-                os.fdatasync(seg.fd)
+                _datasync(seg.fd)
             if dir_dirty:
                 fsync_dir(self.directory)
         except OSError as exc:
@@ -490,6 +490,14 @@ def _write_point(directory: Path, offset: int) -> None:
         os.close(fd)
     if new:
         fsync_dir(directory)
+
+
+def _datasync(fd: int) -> None:
+    """``fdatasync`` where the platform has it (Linux), else ``fsync`` (macOS).
+
+    Looked up per call, so that the power-loss tests' patched ``os`` functions apply.
+    """
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _write_zeros(fd: int, start: int, stop: int) -> None:
