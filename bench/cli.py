@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=5000.0, metavar="R", help="latency: msgs/s (default: %(default)s)")
     p.add_argument("--duration", type=float, help="latency: seconds at --rate (default 10; --quick 1)")
     p.add_argument(
+        "--tick",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="latency: send what fell due once per MS ms, on the tick (default: %(default)s); 0: each message "
+        "at its own time, evenly spaced",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=report.RESULTS_DIR,
@@ -96,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.payload < 20:
         print("--payload must be at least 20 bytes (producer id, sequence number, timestamp)", file=sys.stderr)
         return 2
+    if args.tick < 0:
+        print("--tick must be 0 (no ticks) or more", file=sys.stderr)
+        return 2
     opts = scenarios.Options(
         count=args.count, payload=args.payload, publishers=args.publishers, subscribers=args.subscribers,
         fetchers=args.fetchers, window=args.window, prefetch=args.prefetch, batch=args.batch, fsync=args.fsync,
-        rate=args.rate, duration=args.duration or (1.0 if args.quick else 10.0), quick=args.quick,
+        rate=args.rate, tick_ms=args.tick, duration=args.duration or (1.0 if args.quick else 10.0), quick=args.quick,
         profile_dir=args.profile,
     )  # fmt: skip
     env = report.environment()

@@ -87,6 +87,10 @@ HEADER = ["scenario", "variant", "broker", "durability", "msgs", "msgs/s", "p50 
           "broker CPU µs/msg", "broker RSS MB", "fsyncs/1k", "lost", "dup", "ooo", "status"]  # fmt: skip
 
 
+# The publisher's own lateness (send time - scheduled time): the harness's share of the latency.
+LABELS = {"schedule_send": "sched→send (harness)"}
+
+
 def rows(rec: dict[str, Any]) -> list[list[str]]:
     lats = rec.get("latency") or {}
     check = rec.get("check") or {}
@@ -100,7 +104,7 @@ def rows(rec: dict[str, Any]) -> list[list[str]]:
         return [[*base, "—", "—", "—", "—", *tail]]
     out = []
     for i, (name, p) in enumerate(lats.items()):
-        label = name.replace("publish_", "pub→").replace("_closed_loop", " (closed loop)")
+        label = LABELS.get(name) or name.replace("publish_", "pub→").replace("_closed_loop", " (closed loop)")
         lat = [_fmt(p.get("p50_ms"), 3), _fmt(p.get("p99_ms"), 3), _fmt(p.get("p999_ms"), 3), _fmt(p.get("max_ms"), 3)]
         if i == 0:
             out.append([base[0], f"{base[1]} {label}".strip(), *base[2:], *lat, *tail])

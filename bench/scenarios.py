@@ -38,6 +38,7 @@ class Options:
     batch: int
     fsync: str
     rate: float
+    tick_ms: float
     duration: float
     quick: bool
     profile_dir: Path | None = None
@@ -186,7 +187,7 @@ def _publishers(t: Target, url: str, count: int, window: int, rate: float | None
     opts = t.opts
     return [
         {"role": "publish", "broker": t.kind, "url": url, "queue": QUEUE, "producer": i, "count": n, "window": window,
-         "payload": opts.payload, "rate": rate}
+         "payload": opts.payload, "rate": rate, "tick_ns": int(opts.tick_ms * 1e6)}
         for i, n in enumerate(_split(count, opts.publishers))
     ]  # fmt: skip
 
@@ -279,13 +280,15 @@ def latency(t: Target, progress: Progress, emit: Emit) -> None:
     seconds = (sres["t_last"] - t0) / 1e9
     check = merge([sres["check"]], expected, each=True)
     emit({
-        "broker": t.kind, "durability": t.durability, "scenario": "latency", "variant": f"rate={opts.rate:g}/s",
+        "broker": t.kind, "durability": t.durability, "scenario": "latency", "variant": f"rate={opts.rate:g}/s" + ("" if opts.tick_ms == 1 else f" tick={opts.tick_ms:g}ms"),
         "params": {"count": count, "rate": opts.rate, "publishers": opts.publishers, "payload": opts.payload,
-                   "prefetch": opts.prefetch, "schedule": "open loop, 1 ms ticks"},
+                   "prefetch": opts.prefetch, "tick_ms": opts.tick_ms,
+                   "schedule": f"open loop, {f'{opts.tick_ms:g} ms ticks' if opts.tick_ms else 'evenly spaced'}"},
         "messages": check["received"], "seconds": round(seconds, 4),
         "msgs_per_s": round(check["received"] / seconds, 1) if seconds else None,
         "latency": {"publish_deliver": _lat([sres], "deliver_lat"),
-                    "publish_confirm": _lat(presults, "confirm_lat")},
+                    "publish_confirm": _lat(presults, "confirm_lat"),
+                    "schedule_send": _lat(presults, "send_late")},
         "client_cpu_s": _client_cpu([sres, *presults]), **m, "check": check,
         "errors": _errors([sres, *presults]),
     })  # fmt: skip
