@@ -22,7 +22,8 @@ skipped silently: ``read()`` returns the good records before it and stops
 there, the queue notes the damage (``damage``, in STATUS; logged once), push
 consumers of a durable stop at it, and a FETCH that reaches it is answered
 with ``QUEUE_CORRUPT``. Publishing goes on. An operator moves each durable
-past it (``tidings seek``), or stops the broker and repairs the log.
+past it (``tidings seek``); a restart refuses the queue like any damage
+until ``--repair`` cuts the log there.
 """
 
 from __future__ import annotations
@@ -359,8 +360,8 @@ class Queue:
                 if self.damage is None or self.damage[0] != o:
                     self.damage = (o, str(exc))
                     logger.error("queue %s: record %d is damaged (%s); readers stop before it. Move each durable "
-                                 "past it (tidings seek %s --durable NAME --to %d) or stop the broker and repair "
-                                 "the log", self.name, o, exc, self.name, o + 1)  # fmt: skip
+                                 "past it (tidings seek %s --durable NAME --to %d); a restart refuses the queue until "
+                                 "--repair cuts the log there", self.name, o, exc, self.name, o + 1)  # fmt: skip
                 break
         return records
 
