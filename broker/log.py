@@ -18,7 +18,10 @@ write their claims from it, so the claims cost no syscall. A failed write
 and later appends work once space returns (R7). A failed sync raises
 :class:`LogFailedError` and the log refuses every later call: after a failed
 fsync the kernel may have dropped the dirty pages, so a retried fsync proves
-nothing (PostgreSQL "fsyncgate"). A roll fsyncs the old segment and the
+nothing (PostgreSQL "fsyncgate"). Syncs of the log take turns (a lock):
+the kernel reports one descriptor's writeback error to only one of two
+concurrent syncs, so each checks after its own whether another failed
+(a roll's seal on the loop against a committer round). A roll fsyncs the old segment and the
 directory before creating the next file, so every sealed segment is wholly on
 disk, entry included: only the last segment can have an unsynced tail.
 
@@ -129,6 +132,10 @@ class QueueLog:
         self.extend_bytes = extend_bytes
         self._bases = [s.base for s in segments]
         self._lock = threading.Lock()
+        #: Held around every fsync of a segment (the committer's rounds, the loop's inline rounds,
+        #: a roll's seal): one descriptor's writeback error is reported to only one of two
+        #: concurrent syncs, so a sync that succeeds must still see whether the other failed.
+        self._sync_lock = threading.Lock()
         self._unsynced: set[Segment] = set()
         self._syncing: set[Segment] = set()
         self._dir_dirty = False
@@ -335,12 +342,15 @@ class QueueLog:
         """
         old = self.segments[-1]
         self._trim(old)
-        try:
-            os.fsync(old.fd)
-            fsync_dir(self.directory)
-        except OSError as exc:
-            self._failed = f"fsync failed: {exc}"
-            raise LogFailedError(self._failed) from exc
+        with self._sync_lock:
+            try:
+                os.fsync(old.fd)
+                fsync_dir(self.directory)
+            except OSError as exc:
+                self._failed = f"fsync failed: {exc}"
+                raise LogFailedError(self._failed) from exc
+            if self._failed is not None:  # a sync of this file failed meanwhile: ours proves nothing
+                raise LogFailedError(f"log {self.directory} failed: {self._failed}")
         path = self.directory / f"{old.next_offset:020d}{SUFFIX}"
         faults.hit("during_segment_roll")
         seg = Segment(path, _open_fd(path), old.next_offset)
@@ -370,11 +380,16 @@ class QueueLog:
             self._syncing.update(todo)
             dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
-            faults.hit("sync")
-            for seg in todo:
-                _datasync(seg.fd)
-            if dir_dirty:
-                fsync_dir(self.directory)
+            with self._sync_lock:
+                faults.hit("sync")
+                for seg in todo:
+                    _datasync(seg.fd)
+                if dir_dirty:
+                    fsync_dir(self.directory)
+                if self._failed is not None:  # a roll's fsync of a file we synced failed meanwhile
+                    raise LogFailedError(f"log {self.directory} failed: {self._failed}")
+        except LogFailedError:
+            raise
         except OSError as exc:
             self._failed = f"fsync failed: {exc}"
             raise LogFailedError(self._failed) from exc

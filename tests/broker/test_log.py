@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -542,6 +544,58 @@ def test_failed_fsync_is_final(tmp_path: Path) -> None:
         log.append([b"y"], 1)
     with pytest.raises(LogFailedError):
         log.sync()
+    log.close()
+
+
+def test_a_sync_overlapping_a_failed_roll_does_not_succeed_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R7 with two syncs of one file at once (the committer's round, a roll's seal on
+    the loop): the kernel reports a writeback error to only one of them, so a sync
+    must never return success after the other one failed. They take turns."""
+    log = QueueLog.open(tmp_path, segment_bytes=100)
+    log.append([b"a" * 120], 1)  # over the segment size: the next append rolls
+    inside, release = threading.Event(), threading.Event()
+    real_datasync = os.fdatasync
+
+    def slow_datasync(fd: int) -> None:
+        inside.set()
+        release.wait(10)
+        real_datasync(fd)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    events: list[str] = []
+
+    def committer() -> None:
+        try:
+            log.sync()
+            events.append("sync ok")
+        except LogFailedError:
+            events.append("sync failed")
+
+    def roller() -> None:
+        with pytest.raises(LogFailedError):
+            log.append([b"b"], 1)
+        events.append("roll failed")
+
+    monkeypatch.setattr(os, "fdatasync", slow_datasync)
+    a = threading.Thread(target=committer)
+    a.start()
+    assert inside.wait(10)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    b = threading.Thread(target=roller)
+    b.start()
+    b.join(0.5)  # without turns, the roll's fsync fails now, while the sync is still in fdatasync
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert "roll failed" in events
+    assert events != ["roll failed", "sync ok"]
+    with pytest.raises(LogFailedError):
+        log.sync()
+    monkeypatch.undo()
     log.close()
 
 
