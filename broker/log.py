@@ -135,7 +135,7 @@ class QueueLog:
         #: Held around every fsync of a segment (the committer's rounds, the loop's inline rounds,
         #: a roll's seal): one descriptor's writeback error is reported to only one of two
         #: concurrent syncs, so a sync that succeeds must still see whether the other failed.
-        self._sync_lock = threading.Lock()
+        self._sync_lock = threading.RLock()  # re-entrant only for the power-loss model, which syncs within a sync
         self._unsynced: set[Segment] = set()
         self._syncing: set[Segment] = set()
         self._dir_dirty = False
