@@ -386,16 +386,15 @@ class QueueLog:
                     _datasync(seg.fd)
                 if dir_dirty:
                     fsync_dir(self.directory)
-                if self._failed is not None:  # a roll's fsync of a file we synced failed meanwhile
-                    raise LogFailedError(f"log {self.directory} failed: {self._failed}")
-        except LogFailedError:
-            raise
+                failed = self._failed  # a roll's fsync of a file we synced failed meanwhile?
         except OSError as exc:
             self._failed = f"fsync failed: {exc}"
             raise LogFailedError(self._failed) from exc
         finally:
             with self._lock:
                 self._syncing.difference_update(todo)
+        if failed is not None:
+            raise LogFailedError(f"log {self.directory} failed: {failed}")
         with self._lock:  # the next appends claim these records (two syncs may overlap: keep the max)
             for seg, mark in zip(todo, marks, strict=True):
                 seg.synced = max(seg.synced, mark)

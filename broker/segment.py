@@ -143,23 +143,10 @@ def _claim(buf: bytes | memoryview, pos: int) -> int:
     return 0 if unsynced == NO_CLAIM else offset - unsynced
 
 
-def _step(buf: bytes | memoryview, pos: int, expect: int) -> tuple[int, int, str | None]:
-    """Like :func:`_check` without the CRC, for a record a read passes over on its way to a
-    later offset (so a damaged record's body does not hide the records after it)."""
-    if len(buf) - pos < HEADER_SIZE:
-        return 0, 0, "short"
-    magic, length, offset, ts, _ = _unpack_head(buf, pos)
-    if magic != MAGIC:
-        return 0, 0, "bad magic"
-    if offset != expect:
-        return 0, 0, f"offset {offset} where {expect} was expected"
-    if pos + HEADER_SIZE + length > len(buf):
-        return 0, 0, "short"
-    return length, ts, None
-
-
-def _check(buf: bytes | memoryview, pos: int, expect: int) -> tuple[int, int, str | None]:
-    """Check the record at ``buf[pos:]``.
+def _check(buf: bytes | memoryview, pos: int, expect: int, crc: bool = True) -> tuple[int, int, str | None]:
+    """Check the record at ``buf[pos:]``; with ``crc`` False only its header (a read
+    stepping over records on its way to a later offset, so that a damaged record's
+    body does not hide the records after it).
 
     Returns:
         ``(length, timestamp, None)`` if it is whole and valid, else ``(0, 0, why)``.
@@ -173,9 +160,10 @@ def _check(buf: bytes | memoryview, pos: int, expect: int) -> tuple[int, int, st
     end = pos + HEADER_SIZE + length
     if end > len(buf):
         return 0, 0, "short"
-    (crc,) = _unpack_crc(buf, pos + _HEAD.size)
-    if _crc32(buf[pos + HEADER_SIZE : end], _crc32(buf[pos : pos + _HEAD.size])) != crc:
-        return 0, 0, "bad CRC"
+    if crc:
+        (stored,) = _unpack_crc(buf, pos + _HEAD.size)
+        if _crc32(buf[pos + HEADER_SIZE : end], _crc32(buf[pos : pos + _HEAD.size])) != stored:
+            return 0, 0, "bad CRC"
     if offset != expect:
         return 0, 0, f"offset {offset} where {expect} was expected"
     return length, ts, None
@@ -365,10 +353,7 @@ class Segment:
                     need = max(need, HEADER_SIZE + _unpack_head(buf, rel)[1])
                 buf = os.pread(self.fd, min(need, self.size - pos), pos)
                 rel = 0
-            if current < offset:  # only stepped over: its header must be sane, its CRC is not ours to check
-                length, ts, why = _step(buf, rel, current)
-            else:
-                length, ts, why = _check(buf, rel, current)
+            length, ts, why = _check(buf, rel, current, current >= offset)  # stepped over: header only
             if why is not None:
                 raise CorruptLogError(self.path, pos, f"{why} (record {current})")
             if current >= offset:
