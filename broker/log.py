@@ -11,19 +11,39 @@ worker thread (or the loop, for a lone publisher's small rounds), calls
 ``fdatasync`` on every segment written since the last sync, and fsyncs the
 directory when a segment was created (R6: create, fsync the file, fsync the
 directory before the first confirm in it). A lock guards only the set of
-segments to sync, so appends never wait for a sync. Each segment remembers
+segments to sync, so appends never wait for a sync (but a failed one: see
+"A failed write"). Each segment remembers
 the end offset its last completed sync covered (``Segment.synced``); appends
-write their claims from it, so the claims cost no syscall. A failed write
-(ENOSPC) is cut off again with ``ftruncate`` and raised: the log stays valid
-and later appends work once space returns (R7). A failed sync raises
+write their claims from it, so the claims cost no syscall. A failed sync raises
 :class:`LogFailedError` and the log refuses every later call: after a failed
 fsync the kernel may have dropped the dirty pages, so a retried fsync proves
 nothing (PostgreSQL "fsyncgate"). Syncs of the log take turns (a lock):
 the kernel reports one descriptor's writeback error to only one of two
 concurrent syncs, so each checks after its own whether another failed
-(a roll's seal on the loop against a committer round). A roll fsyncs the old segment and the
+(a roll's seal or a failed write's cut on the loop against a committer
+round). A roll fsyncs the old segment and the
 directory before creating the next file, so every sealed segment is wholly on
 disk, entry included: only the last segment can have an unsynced tail.
+
+A failed write
+--------------
+A write that fails (ENOSPC) is cut off again with ``ftruncate`` and raised:
+the log stays valid, the publishers are answered STORAGE_FULL, and later
+appends work once space returns (R7). Guarantee: *a record answered
+STORAGE_FULL never comes back*, not even after a power loss. A short write
+(some whole records of the batch in the page cache before ENOSPC) needs more
+than the truncation for that: the kernel may write those pages back before
+the truncation (a committer's fdatasync of the file running at that moment
+does), and until a sync covers it the size change is only in memory, so a
+power loss could leave them on disk as valid records after the last
+synced one, which recovery keeps; a plain publish resent after STORAGE_FULL
+would then be stored twice. So when any byte of the batch reached the file,
+the cut is fsynced before ``append`` raises, taking its turn with the other
+syncs; a failure there is a failed fsync (the log fails, fail-stop). That
+costs one fsync per failed write that wrote something, none on the normal
+path. A write that put nothing in the file (every publish once the disk is
+full: the first ``pwrite`` fails) only cuts the zero tail, unsynced: if a
+power loss undoes that, the zeros come back as the end of the data.
 
 Preallocation
 -------------
@@ -65,8 +85,12 @@ the zeros come back and read as the end of the data.
 A full disk never refuses what a plain append would have taken: an
 extension that fails (ENOSPC) is cut back to where it started and the
 append goes on as a plain one; that segment tries again only once its data
-has grown by another step. A record write that fails is cut back to the end
-of the data, which drops the zero tail too (the next append extends again).
+has grown by another step. That cut is not synced, and needs none: it drops
+only the extension's own zeros, after the end of the records, so whatever a
+power loss that undoes it brings back reads as the end of the data (zeros)
+or is cut as a torn tail, never as records. A record write that fails is cut back to the end
+of the data, which drops the zero tail too (the next append extends again),
+durably if any of it was written (see "A failed write").
 """
 
 from __future__ import annotations
@@ -246,8 +270,9 @@ class QueueLog:
             The offset of the first record.
 
         Raises:
-            LogFailedError: an earlier fsync failed.
-            OSError: the write failed (ENOSPC...); nothing was appended.
+            LogFailedError: an earlier fsync failed, or the cut of this failed write
+                (truncation or fsync: see "A failed write" in the module docstring).
+            OSError: the write failed (ENOSPC...); nothing was appended, durably.
         """
         if self._failed is not None:
             raise LogFailedError(f"log {self.directory} failed earlier: {self._failed}")
@@ -261,13 +286,16 @@ class QueueLog:
         if start + len(data) > seg.allocated:
             self._extend(seg, start + len(data))
         faults.hit("before_write")
+        done = 0  # bytes of data in the file (the page cache) so far
         try:
             if faults.armed("mid_write"):
-                os.pwrite(seg.fd, data[: len(data) // 2], start)
+                done = os.pwrite(seg.fd, data[: len(data) // 2], start)
                 faults.hit("mid_write")
-            _write_all(seg.fd, data, start)
+            view = memoryview(data)
+            while done < len(data):
+                done += os.pwrite(seg.fd, view[done:], start + done)
         except OSError:
-            self._cut(seg, start)
+            self._cut(seg, start, durably=done > 0)
             raise
         pos = start
         offset = first
@@ -304,14 +332,33 @@ class QueueLog:
             return
         seg.allocated = stop
 
-    def _cut(self, seg: Segment, size: int) -> None:
-        """Undo a partial write (and the zero tail); if even that fails the log cannot be trusted."""
+    def _cut(self, seg: Segment, size: int, *, durably: bool) -> None:
+        """Undo a failed write: cut ``seg`` back to ``size``, the zero tail with it.
+
+        With ``durably`` (some of the batch reached the page cache) the cut is
+        fsynced before the caller answers, taking turns with the other syncs of
+        the log: see "A failed write" in the module docstring. If the truncation
+        or that fsync fails, the log cannot be trusted.
+
+        Raises:
+            LogFailedError: the truncation or its fsync failed; the log refuses all later work.
+        """
         try:
             os.ftruncate(seg.fd, size)
         except OSError as exc:
             self._failed = f"cannot truncate a failed write: {exc}"
             raise LogFailedError(self._failed) from exc
         seg.allocated = size
+        if not durably:
+            return  # only zeros were cut: if a power loss undoes that, they read as the end of the data
+        with self._sync_lock:
+            try:
+                os.fsync(seg.fd)
+            except OSError as exc:
+                self._failed = f"fsync of a cut-off failed write failed: {exc}"
+                raise LogFailedError(self._failed) from exc
+            if self._failed is not None:  # a sync of this file failed meanwhile: ours proves nothing
+                raise LogFailedError(f"log {self.directory} failed: {self._failed}")
 
     @staticmethod
     def _trim(seg: Segment) -> None:

@@ -530,6 +530,140 @@ def test_enospc_write_is_cut_and_appends_resume(tmp_path: Path) -> None:
     again.close()
 
 
+def test_a_short_write_is_cut_durably_before_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R7: when some of a failed batch reached the page cache, the cut is fsynced
+    before append raises (else a power loss can bring back records answered
+    STORAGE_FULL: ``reliability/test_power_loss.py``). A write that put nothing in
+    the file costs no fsync: the cut then drops only zeros."""
+    log = _fill(tmp_path, 5, segment_bytes=1 << 20)
+    seg = log.segments[-1]
+    size = seg.size
+    events: list[str] = []
+    real_fsync, real_ftruncate, real_pwrite = os.fsync, os.ftruncate, os.pwrite
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def ftruncate(fd: int, length: int) -> None:
+        events.append(f"ftruncate {length}")
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    faults.configure("mid_write:enospc")  # half of the batch (two whole records) is written first
+    try:
+        with pytest.raises(OSError) as info:
+            log.append([b"a" * 50, b"b" * 50, b"c" * 50, b"d" * 50], 1)
+    finally:
+        faults.configure(None)
+    assert info.value.errno == errno.ENOSPC
+    assert events == [f"ftruncate {size}", "fsync"]
+    assert seg.path.stat().st_size == seg.size == size
+    events.clear()
+
+    def full(fd: int, data: bytes, position: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.append([b"e"], 1)  # preallocates again
+    assert seg.path.stat().st_size > seg.size
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        log.append([b"lost"], 1)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert events == [f"ftruncate {seg.size}"]  # the zero tail given back, no fsync
+    assert seg.path.stat().st_size == seg.size
+    assert log.append([b"kept"], 1) == 6
+    log.sync()
+    log.close()
+    again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    assert _all(again)[5:] == [b"e", b"kept"]
+    again.close()
+
+
+def test_a_failed_fsync_of_a_cut_is_final(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R7: the cut's fsync failing is a failed fsync like any other: the log refuses all later work."""
+    log = _fill(tmp_path, 3)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    faults.configure("mid_write:enospc")
+    try:
+        with pytest.raises(LogFailedError, match="cut-off failed write"):
+            log.append([b"a" * 50, b"b" * 50], 1)
+    finally:
+        faults.configure(None)
+    monkeypatch.undo()
+    assert log.failed is not None
+    with pytest.raises(LogFailedError):
+        log.append([b"y"], 1)
+    with pytest.raises(LogFailedError):
+        log.sync()
+    log.close()
+
+
+def test_a_failed_cut_fsync_takes_turns_with_a_committer_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R7: the cut's fsync (on the loop) never overlaps a committer round's fdatasync of
+    the same log: the kernel reports a writeback error to only one of two concurrent
+    syncs, so an EIO the cut got could belong to pages the round then confirms. It
+    waits its turn, and its failure fails the log for every later round."""
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
+    log.append([b"a" * 120], 1)
+    inside, release = threading.Event(), threading.Event()
+    real_datasync = os.fdatasync
+    calls: list[str] = []
+
+    def slow_datasync(fd: int) -> None:
+        calls.append("datasync in")
+        inside.set()
+        release.wait(10)
+        real_datasync(fd)
+        calls.append("datasync out")
+
+    def failing_fsync(fd: int) -> None:
+        calls.append("fsync in")
+        calls.append("fsync out")
+        raise OSError(errno.EIO, "injected")
+
+    outcomes: list[str] = []
+
+    def committer() -> None:
+        try:
+            log.sync()
+            outcomes.append("sync ok")
+        except LogFailedError:
+            outcomes.append("sync failed")
+
+    def publisher() -> None:
+        with pytest.raises(LogFailedError):
+            log.append([b"b" * 50, b"c" * 50], 1)
+        outcomes.append("cut failed")
+
+    monkeypatch.setattr(os, "fdatasync", slow_datasync)
+    a = threading.Thread(target=committer)
+    a.start()
+    assert inside.wait(10)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    faults.configure("mid_write:enospc")
+    try:
+        b = threading.Thread(target=publisher)
+        b.start()
+        b.join(0.5)  # without turns, the cut's fsync runs now, inside the round's fdatasync
+        release.set()
+        a.join(10)
+        b.join(10)
+    finally:
+        faults.configure(None)
+    assert calls == ["datasync in", "datasync out", "fsync in", "fsync out"]
+    assert outcomes == ["sync ok", "cut failed"]  # the round ended before the failure
+    with pytest.raises(LogFailedError):
+        log.sync()
+    monkeypatch.undo()
+    log.close()
+
+
 def test_failed_fsync_is_final(tmp_path: Path) -> None:
     """R7: after a failed fsync the log refuses every later append and sync."""
     log = _fill(tmp_path, 3)
