@@ -215,16 +215,20 @@ class QueueLog:
             for s in segments:
                 os.close(s.fd)
             raise
-        if not segments:
+        created = not segments
+        if created:
             path = directory / f"{0:020d}{SUFFIX}"
             segments.append(Segment(path, _open_fd(path), 0))
             fsync_dir(directory)
         last = segments[-1]
         last.synced = max(last.synced, min(point, last.next_offset))
-        if last.synced < last.next_offset:
+        if last.synced < last.next_offset or (last.next_offset == last.base and not created):
             # An unclean stop: the tail no record vouches for may still be only in
             # the page cache (kill -9). It is served from now on, so make it durable
-            # (entry included), and let the next appends claim it.
+            # (entry included), and let the next appends claim it. An empty last
+            # segment (a roll whose first write failed, ENOSPC, or was killed) may
+            # hold no record but still have an entry no fsync covered: the records
+            # confirmed in it next are synced with fdatasync alone (R6).
             os.fsync(last.fd)
             fsync_dir(directory)
             last.synced = last.next_offset
