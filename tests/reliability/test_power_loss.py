@@ -20,14 +20,24 @@ synced), or a mix of the two by 512-byte sectors (a torn page write). A file
 whose name was not in its directory at the last directory fsync may be gone
 entirely. Every sync is modelled: the appends', the rolls' and recovery's.
 
+A truncation is a change like any other until a sync covers it: ``os.ftruncate``
+is replaced too, and a file's content just before each truncation that
+shortened it since its last sync is kept. Each of those pages may have been
+written back before the truncation, whose size change then never reached the
+disk: at the power loss a changed page comes from the current content or from
+any of those, and the length can reach the longest of them.
+
 The workload interleaves appends, syncs, syncs with appends while the fsync
-runs (the committer's overlap: those appends are not covered by it), kill -9
-restarts (the page cache survives) and clean restarts, over segment sizes and
-preallocation steps that give one or several extensions per segment.
+runs (the committer's overlap: those appends are not covered by it), appends
+that fail with ENOSPC after a short write (half the batch reaches the page
+cache: the records are answered STORAGE_FULL and must never come back),
+kill -9 restarts (the page cache survives) and clean restarts, over segment
+sizes and preallocation steps that give one or several extensions per segment.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -43,6 +53,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker import faults
 from broker.log import CorruptLogError, QueueLog
 
 SOAK = bool(os.environ.get("TIDINGS_SOAK"))
@@ -60,6 +71,8 @@ OPS = st.lists(
         # Restarts reopen the log (a scan): one op in eight keeps the run time near the old one's.
         st.sampled_from([("sync", 0, 0)] * 3 + [("kill", 0, 0), ("restart", 0, 0)]),
         st.tuples(st.just("sync+append"), st.integers(1, 6), st.integers(1, 300)),
+        # A short write, then ENOSPC: 2..6 records, so at least one whole one is in the written half.
+        st.tuples(st.just("enospc"), st.integers(2, 6), st.integers(1, 300)),
     ),
     min_size=1,
     max_size=25,
@@ -72,8 +85,18 @@ class Disk:
     def __init__(self) -> None:
         self.synced: dict[str, bytes] = {}
         self.entries: dict[str, set[str]] = {}
+        #: Per file, its content before each truncation that shortened it since its last sync.
+        self.cut: dict[str, list[bytes]] = {}
         self.during: Callable[[], object] | None = None  # runs inside the next sync
         self.datasyncs = 0
+        self._ftruncate = os.ftruncate
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        """Stands in for ``os.ftruncate``: a shortening is not durable until the next sync."""
+        size = os.fstat(fd).st_size
+        if length < size:
+            self.cut.setdefault(os.readlink(f"/proc/self/fd/{fd}"), []).append(os.pread(fd, size, 0))
+        self._ftruncate(fd, length)
 
     def fsync(self, fd: int) -> None:
         """Stands in for ``os.fsync``: durable is what was written before the call."""
@@ -82,6 +105,7 @@ class Disk:
             self.entries[path] = set(os.listdir(path))
         else:
             self.synced[path] = os.pread(fd, os.fstat(fd).st_size, 0)
+            self.cut.pop(path, None)  # its truncations are on disk now
         during, self.during = self.during, None
         if during is not None:
             during()  # writes while the sync runs: they may or may not reach the disk with it
@@ -101,12 +125,13 @@ class Disk:
                 continue
             old = self.synced.get(str(path), b"")
             new = path.read_bytes()
-            # The size may have been written back at any point between the two.
-            length = rng.randint(min(len(old), len(new)), max(len(old), len(new)))
+            cut = self.cut.get(str(path), [])  # written back before a truncation that did not reach the disk
+            # The size may have been written back at any point between them.
+            length = rng.randint(min(len(old), len(new)), max(len(old), len(new), *map(len, cut)))
             out = bytearray()
             for at in range(0, length, PAGE):
                 n = min(PAGE, length - at)
-                written = new[at : at + n].ljust(n, b"\0")
+                written = rng.choice([new, *cut])[at : at + n].ljust(n, b"\0")
                 disk = old[at : at + n]  # what the disk had: synced bytes, then never-written ones
                 disk += (rng.randbytes if rng.random() < 0.3 else bytes)(n - len(disk))  # stale blocks or zeros
                 roll = rng.random()
@@ -151,14 +176,28 @@ def run_and_crash(ops: list[tuple[str, int, int]], seed: int, *, confirm_before_
         return QueueLog.open(directory, segment_bytes=segment, repair=repair, extend_bytes=step)
 
     try:
-        with mock.patch.object(os, "fsync", disk.fsync), mock.patch.object(os, "fdatasync", disk.fdatasync):
+        with (
+            mock.patch.object(os, "fsync", disk.fsync),
+            mock.patch.object(os, "fdatasync", disk.fdatasync),
+            mock.patch.object(os, "ftruncate", disk.ftruncate),
+        ):
             log = open_log()
             confirmed = 0  # records confirmed to a publisher: a prefix of written
             written: list[bytes] = []
+            full: list[tuple[int, bytes]] = []  # (offset, body) of records answered STORAGE_FULL
             for op, count, size in ops:
                 bodies = [rng.randbytes(size) for _ in range(count)]
                 if op == "append":
                     log.append(bodies, 1)
+                elif op == "enospc":
+                    faults.configure("mid_write:enospc")  # half the batch is written, then ENOSPC
+                    try:
+                        with pytest.raises(OSError) as info:
+                            log.append(bodies, 1)
+                    finally:
+                        faults.configure(None)
+                    assert info.value.errno == errno.ENOSPC
+                    full += enumerate(bodies, len(written))
                 elif op == "sync":
                     log.sync()
                     confirmed = len(written)
@@ -188,6 +227,9 @@ def run_and_crash(ops: list[tuple[str, int, int]], seed: int, *, confirm_before_
                 log = open_log(repair=True)
         got = read_all(log)
         _kill(log)
+        # Failed-but-present: a record answered STORAGE_FULL is read back (not merely a later one with its bytes).
+        back = [o for o, body in full if o < len(got) and got[o] == body and written[o : o + 1] != [body]]
+        assert not back, f"records answered STORAGE_FULL came back after the power loss: offsets {back}"
         assert got == written[: len(got)], "recovered records are not a prefix of what was written"
         lost = max(0, confirmed - len(got))
         return lost, len(got), refused
@@ -270,3 +312,54 @@ def test_a_crash_during_recovery_is_harmless(tmp_path: Path, seed: int) -> None:
     b = read_all(second)
     second.close()
     assert a == b == bodies
+
+
+def test_a_record_answered_storage_full_never_comes_back() -> None:
+    """R7: a write that fails with ENOSPC after a short write (two whole records of
+    four reached the page cache) is cut off and answered STORAGE_FULL; a power loss
+    right after must not bring those records back as valid ones. Without a durable
+    cut it does: the pages may be written back before the truncation, whose size
+    change then never reaches the disk (see the model in the module docstring)."""
+    for seed in range(200):
+        ops = [("append", 3, 100), ("sync", 0, 0), ("enospc", 4, 100)]
+        lost, got, refused = run_and_crash(ops, seed, confirm_before_sync=False)
+        assert (lost, got, refused) == (0, 3, 0)
+
+
+def test_the_simulation_can_undo_an_unsynced_truncation(tmp_path: Path) -> None:
+    """The model's side of the test above: a truncation no sync covered can be lost
+    at the power loss, with the bytes it cut written back; one a sync covered cannot."""
+    path = tmp_path / "f"
+    undone = 0
+    for seed in range(100):
+        disk = Disk()
+        with mock.patch.object(os, "fsync", disk.fsync), mock.patch.object(os, "ftruncate", disk.ftruncate):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            os.pwrite(fd, b"a" * 100, 0)
+            os.fsync(fd)
+            dfd = os.open(tmp_path, os.O_RDONLY)
+            os.fsync(dfd)  # the entry, so that the file is not lost whole
+            os.close(dfd)
+            os.pwrite(fd, b"b" * 100, 100)
+            os.ftruncate(fd, 100)
+            if seed % 2:
+                os.fsync(fd)
+            os.close(fd)
+        disk.power_loss(tmp_path, random.Random(seed))
+        data = path.read_bytes()
+        assert data[:100] == b"a" * 100
+        if b"b" in data:
+            assert seed % 2 == 0, "a synced truncation was undone"
+            undone += 1
+    assert undone >= 5
+
+
+def test_a_segment_left_empty_by_a_failed_first_write_survives_a_restart() -> None:
+    """R6 after a full disk: an append rolls, its write into the new segment fails
+    (ENOSPC), the broker is killed and restarted with that segment still empty and
+    its directory entry never fsynced; the records then confirmed in it must not
+    vanish with the file at a power loss."""
+    ops = [("append", 6, 300)] * 9 + [("enospc", 2, 100), ("kill", 0, 0), ("append", 3, 100), ("sync", 0, 0)]
+    for seed in range(100):
+        lost, got, refused = run_and_crash(ops, seed, confirm_before_sync=False)
+        assert (lost, got, refused) == (0, 57, 0)
