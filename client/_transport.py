@@ -50,6 +50,8 @@ from protocol import (
     Limits,
     Ping,
     Pong,
+    PubAck,
+    PubAckRun,
     Publish,
     RemoteProtocolError,
     RequestTimeout,
@@ -132,18 +134,19 @@ class Transport:
         self._ssl = (ssl_context or ssl.create_default_context()) if tls else None
         self.server_version = ""
         self.conn_id = 0
-        self._conn = Connection(Role.CLIENT, limits=Limits())
+        self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._reqs = itertools.count(1)
         self._subs_ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}  # PUBLISH: the offset, else the reply
         self._deadlines: collections.deque[tuple[float, int, FrameType]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._subs: dict[int, Subscription] = {}
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
+        self._congested = False  # the transport's buffer passed WRITE_HIGH_WATER at the last flush
         self._acks: dict[tuple[str, str], list[int]] = {}
         self._ack_reqs: dict[int, tuple[str, str]] = {}  # fire-and-forget ACK frames awaiting OK/ERR
         self._reading_paused = False
@@ -167,7 +170,7 @@ class Transport:
 
     async def _open(self) -> None:
         """Open a fresh socket and shake hands (also used to reconnect)."""
-        self._conn = Connection(Role.CLIENT, limits=Limits())
+        self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
         try:
             async with asyncio.timeout(self.timeout):
                 self._reader, self._writer = await asyncio.open_connection(
@@ -229,8 +232,10 @@ class Transport:
 
     def _send_publish(
         self, queue: str, event: str, payload: Any, headers: dict[str, str] | None, message_id: str | None
-    ) -> asyncio.Future[Frame]:
+    ) -> asyncio.Future[int]:
         """Send one PUBLISH: :meth:`_send_request` for the common case, at about half its cost.
+
+        The future resolves to the message's offset (see :meth:`_dispatch`).
 
         Names are checked once per client through :class:`Publish` (which
         words the errors) and remembered; after that, a publish without
@@ -246,13 +251,13 @@ class Transport:
         if not fast or self._reconnecting or (message_id is not None and type(message_id) is not str):
             general = self._send_request(Publish(0, queue, event, payload, headers, message_id))
             self._remember_names(queue, event)  # valid: Publish() raised otherwise
-            return general
+            return cast("asyncio.Future[int]", general)
         if self._error is not None or self._closed or self._closing or self._writer is None:
             self._check_open()  # raises
         req = next(self._reqs)
         data = self._conn.send_publish(req, queue, event, payload, message_id)
         loop = self._loop
-        fut: asyncio.Future[Frame] = loop.create_future()
+        fut: asyncio.Future[int] = loop.create_future()
         self._pending[req] = fut
         self._deadlines.append((loop.time() + self.timeout, req, _PUBLISH_TYPE))
         if self.reconnect:
@@ -325,6 +330,9 @@ class Transport:
                 await writer.drain()
             except (OSError, ConnectionError) as exc:
                 raise ConnectionLost(str(exc)) from exc
+            self._congested = writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+        else:
+            self._congested = False
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -341,6 +349,8 @@ class Transport:
             data = b"".join(self._wbuf)
             self._wbuf.clear()
             self._writer.write(data)
+            # Only a flush fills the transport's buffer: publish() checks this flag, not the buffer.
+            self._congested = self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER
 
     def _maybe_resume_reading(self) -> None:
         if self._reading_paused and all(s.pending <= s.max_pending // 2 for s in self._subs.values()):
@@ -397,6 +407,16 @@ class Transport:
 
     def _dispatch(self, event: object) -> BaseException | None:
         t = type(event)
+        if t is PubAckRun:  # a publisher's usual read: resolve each PUBLISH with its offset
+            pending, frames = self._pending, self._frames
+            for acked, offset, _duplicate in event:  # type: ignore[attr-defined]
+                fut = pending.pop(acked, None)
+                if fut is not None:
+                    if frames:
+                        frames.pop(acked, None)
+                    if not fut.done():
+                        fut.set_result(offset)
+            return None
         if t is Deliver:
             ev: Deliver = event  # type: ignore[assignment]
             sub = self._subs.get(ev.sub_id)
@@ -442,7 +462,7 @@ class Transport:
         elif self._frames:
             self._frames.pop(req, None)
         if fut is not None and not fut.done():
-            fut.set_result(event)  # type: ignore[arg-type]
+            fut.set_result(event.offset if t is PubAck else event)  # type: ignore[attr-defined]
         return None
 
     # --- reconnecting -------------------------------------------------

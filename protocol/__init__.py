@@ -55,7 +55,7 @@ from .messages import (
     Welcome,
 )
 from .names import EventFilter, check_durable, check_event, check_pattern, check_queue
-from .wire import encode_batch, encode_deliver, encode_pubacks, encode_record, record_event
+from .wire import PubAckRun, encode_batch, encode_deliver, encode_pubacks, encode_record, record_event
 
 __all__ = [
     "PRODUCER_HEADER",
@@ -93,6 +93,7 @@ __all__ = [
     "Progress",
     "ProtocolError",
     "PubAck",
+    "PubAckRun",
     "Publish",
     "Record",
     "RemoteProtocolError",

@@ -41,7 +41,7 @@ from typing import Any, Final
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
-from .wire import decode_fixed_puback
+from .wire import PubAckRun, decode_fixed_puback, puback_run_length
 
 __all__ = ["Connection", "Event", "Limits", "Role", "State", "encode_error"]
 
@@ -90,10 +90,11 @@ class State(enum.Enum):
     ERROR = "error"
 
 
-Event = Frame | InvalidRequest
+Event = Frame | InvalidRequest | PubAckRun
 
 _pack_len: Final = HEADER.pack
 _PUBLISH: Final = int(FrameType.PUBLISH)
+_RUN_FRAME: Final = 25  # a fixed-width PUBACK frame (protocol.wire)
 
 
 def encode_error(req: int, code: ErrorCode, message: str) -> bytes:
@@ -168,12 +169,15 @@ class Connection:
     Args:
         role: which end this is.
         limits: frame size limits.
+        puback_runs: (client) :meth:`events` returns consecutive PUBACKs in
+            the broker's fixed-width layout as one :class:`PubAckRun`.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_table", "eof", "limits", "max_frame_size", "role", "state")
+    __slots__ = ("_chunks", "_decoder", "_runs", "_table", "eof", "limits", "max_frame_size", "role", "state")
 
-    def __init__(self, role: Role, *, limits: Limits | None = None) -> None:
+    def __init__(self, role: Role, *, limits: Limits | None = None, puback_runs: bool = False) -> None:
         self.role = role
+        self._runs = puback_runs and role is Role.CLIENT
         self.limits = limits or Limits()
         self.state = State.HANDSHAKE
         self._table = _BY_STATE[(role, State.HANDSHAKE)]
@@ -246,7 +250,7 @@ class Connection:
             LocalProtocolError: not allowed in this state, larger than the
                 frame limit, or a payload msgpack cannot encode.
         """
-        if self.state is not State.READY or self.role is not Role.CLIENT:
+        if self._table is not _CLIENT_READY:  # not a READY client
             return self.send(Publish(req, queue, event, payload, None, message_id))
         # READY -> READY: nothing for _move() to change.
         try:
@@ -295,8 +299,8 @@ class Connection:
         """Decode every complete frame buffered so far.
 
         Returns:
-            Frames (and InvalidRequest events) in arrival order; empty when
-            no frame is complete yet.
+            Frames (and InvalidRequest events; with ``puback_runs``,
+            PubAckRuns) in arrival order; empty when no frame is complete yet.
 
         Raises:
             RemoteProtocolError: bytes that are not a legal frame here. The
@@ -310,12 +314,22 @@ class Connection:
             return []
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        out: list[Event] = []
+        if self._runs and self._table is _CLIENT_READY:  # a READY client stays READY on PUBACKs
+            decoder = self._decoder
+            if 0 < decoder.buffered < _RUN_FRAME:  # the start of a frame, maybe a PUBACK
+                data = decoder.take() + data
+            if not decoder.buffered:  # data starts at a frame boundary
+                n = puback_run_length(data)
+                if n:
+                    cut = n * _RUN_FRAME
+                    out.append(PubAckRun(data[:cut]))
+                    data = data[cut:]
         try:
             bodies = self._decoder.feed(data)
         except RemoteProtocolError:
             self._set_state(State.ERROR)
             raise
-        out: list[Event] = []
         decode = self._decode
         try:
             for body in bodies:

@@ -139,6 +139,16 @@ class FrameDecoder:
         """Bytes received but not yet returned as a frame."""
         return len(self._buf)
 
+    def take(self) -> bytes:
+        """Return and forget the bytes buffered after the last whole frame.
+
+        They start a frame; the caller prepends them to the next chunk (a
+        connection that inspects whole chunks itself, :class:`PubAckRun`).
+        """
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add received bytes and return every frame body now complete.
 

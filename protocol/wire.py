@@ -6,7 +6,9 @@ DELIVER and BATCH frames end with exactly those four values, so the broker
 can splice stored bytes into a frame without decoding or re-encoding the
 payload (:func:`encode_deliver`, :func:`encode_batch`). PUBACKs are written
 at a fixed width so that one ``struct`` call encodes or decodes each
-(:func:`encode_pubacks`, :func:`decode_fixed_puback`). Every function here
+(:func:`encode_pubacks`, :func:`decode_fixed_puback`), and a client takes a
+run of them from one read as a :class:`PubAckRun` without a frame object
+each. Every function here
 produces exactly what the generic encoder of :mod:`protocol.messages` would
 accept; the tests check each against it.
 """
@@ -14,6 +16,7 @@ accept; the tests check each against it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, Final
 
 from .errors import LocalProtocolError
@@ -21,6 +24,7 @@ from .framing import HEADER, pack_body
 from .messages import FrameType, PubAck
 
 __all__ = [
+    "PubAckRun",
     "decode_fixed_puback",
     "encode_batch",
     "encode_deliver",
@@ -137,3 +141,63 @@ def encode_pubacks(acks: list[tuple[int, int, bool]]) -> bytes:
     """
     p = _pack_puback
     return b"".join([p(21, 0x94, _PUBACK, 0xCF, req, 0xCF, offset, 0xC3 if dup else 0xC2) for req, offset, dup in acks])
+
+
+#: Offsets of the bytes that are the same in every fixed-width PUBACK frame
+#: (length prefix, fixarray, type, the two uint 64 tags) and their values.
+_RUN_CONSTANT: Final = ((0, 0), (1, 0), (2, 0), (3, 21), (4, 0x94), (5, _PUBACK), (6, 0xCF), (15, 0xCF))
+_RUN_FRAME: Final = 4 + _PUBACK_BODY_SIZE  # 25
+_RUN_PREFIX: Final = _PUBACK_FIXED.pack(21, 0x94, _PUBACK, 0xCF, 0, 0xCF, 0, 0xC2)[:7]
+_iter_run: Final = struct.Struct(">7xQxQB").iter_unpack  # (req, offset, duplicate byte)
+
+
+class PubAckRun:
+    """Consecutive PUBACK frames in the broker's fixed-width layout, undecoded.
+
+    :meth:`Connection.events <protocol.Connection.events>` returns one
+    instead of a PubAck per frame when asked to (``puback_runs``): a
+    publisher's reads are mostly PUBACKs, and the run's checks are a few
+    C-level passes over its bytes instead of Python code per frame.
+    Iterating yields ``(req, offset, duplicate)`` with ``duplicate`` the raw
+    msgpack boolean byte (``0xc3`` true, ``0xc2`` false).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // _RUN_FRAME
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return _iter_run(self.data)
+
+    def __repr__(self) -> str:
+        return f"<PubAckRun of {len(self)}>"
+
+
+def puback_run_length(data: bytes) -> int:
+    """How many whole fixed-width PUBACK frames ``data`` starts with (0 if it
+    does not start with one).
+
+    ``data`` must start at a frame boundary. Each byte position that is fixed
+    in the layout is checked for all frames at once: a strided slice of the
+    buffer, stripped of the expected value, is as long as the part after the
+    first frame that differs.
+    """
+    whole = len(data) // _RUN_FRAME
+    if not whole or data[:7] != _RUN_PREFIX:
+        return 0
+    end = whole * _RUN_FRAME
+    n = whole
+    for pos, value in _RUN_CONSTANT:
+        column = data[pos:end:_RUN_FRAME]
+        rest = len(column.lstrip(_BYTES[value]))
+        if rest:
+            n = min(n, whole - rest)
+    rest = len(data[_RUN_FRAME - 1 : end : _RUN_FRAME].lstrip(b"\xc2\xc3"))
+    return min(n, whole - rest)
+
+
+_BYTES: Final = [bytes((i,)) for i in range(256)]
