@@ -48,6 +48,7 @@ from protocol import (
     FrameType,
     Hello,
     Limits,
+    LocalProtocolError,
     Ping,
     Pong,
     PubAck,
@@ -158,7 +159,8 @@ class Transport:
         self.reconnect_deadline = reconnect_deadline
         #: How often the connection was re-established.
         self.reconnects = 0
-        self._frames: dict[int, Frame] = {}  # pending requests, resent after a reconnect
+        # Pending requests, resent after a reconnect (a fast-path PUBLISH as its bytes).
+        self._frames: dict[int, Frame | bytes] = {}
         self._reconnecting = False
         self._established = False
         self._held: list[int] = []  # requests made while reconnecting
@@ -240,9 +242,10 @@ class Transport:
         Names are checked once per client through :class:`Publish` (which
         words the errors) and remembered; after that, a publish without
         headers packs its wire list directly (``Connection.send_publish``)
-        and skips the frame's validation. For a reconnect, ``_frames`` still
-        gets a ``Publish`` equal to the one the general path would build, so
-        it is re-encoded as the identical frame with the same ``req``.
+        and skips the frame's validation. For a reconnect, ``_frames`` keeps
+        the encoded frame itself: a resend is the identical frame, same
+        ``req`` (``Connection.send_again`` checks it against the new
+        connection's limit).
         """
         try:
             fast = headers is None and queue in self._queue_names and event in self._event_names
@@ -261,7 +264,7 @@ class Transport:
         self._pending[req] = fut
         self._deadlines.append((loop.time() + self.timeout, req, _PUBLISH_TYPE))
         if self.reconnect:
-            self._frames[req] = Publish.unchecked(req, queue, event, payload, message_id)
+            self._frames[req] = data
         if self._acks:  # acks queued earlier go first: the broker sees calls in program order
             self._write_acks()
         self._wbuf.append(data)
@@ -525,8 +528,20 @@ class Transport:
             self._write_acks()
         for req in held:
             frame = self._frames.get(req)
-            if frame is not None and req in self._pending:
-                self._wbuf.append(self._conn.send(frame))
+            if frame is None or req not in self._pending:
+                continue
+            try:
+                if isinstance(frame, bytes):
+                    data = self._conn.send_again(frame, _PUBLISH_TYPE)
+                else:
+                    data = self._conn.send(frame)
+            except LocalProtocolError as exc:  # the new connection's frame limit is smaller
+                del self._frames[req]
+                fut = self._pending.pop(req)
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            self._wbuf.append(data)
         for sub in list(self._subs.values()):
             if sub.sub_id in pending_subs:
                 continue  # its own SUBSCRIBE is about to be resent

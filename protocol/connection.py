@@ -233,6 +233,24 @@ class Connection:
             raise self._too_large(frame.TYPE, len(body))
         return _pack_len(len(body)) + body
 
+    def send_again(self, data: bytes, frame_type: FrameType) -> bytes:
+        """Check that ``data``, a ``frame_type`` frame encoded earlier (length
+        prefix included, perhaps for an earlier connection), may be sent now.
+
+        Legal in: as :meth:`send` for ``frame_type``.
+
+        Returns:
+            ``data``.
+
+        Raises:
+            LocalProtocolError: not allowed in this state, or larger than this
+                connection's frame limit.
+        """
+        if len(data) - HEADER.size > self.max_frame_size:
+            raise self._too_large(frame_type, len(data) - HEADER.size)
+        self._move(_SEND, frame_type)
+        return data
+
     def send_publish(self, req: int, queue: str, event: str, payload: Any, message_id: str | None = None) -> bytes:
         """``send(Publish(req, queue, event, payload, None, message_id))`` without the frame object.
 

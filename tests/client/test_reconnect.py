@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client import Client
-from protocol import ConnectionLost
+from protocol import ConnectionLost, ErrorCode, LocalProtocolError
 from tests.checker import History, check, read_all
 from tests.helpers import BrokerProcess, running_broker, url_of
 
@@ -147,6 +147,27 @@ async def test_a_publish_in_flight_at_a_crash_is_resent_and_stored_once(tmp_path
             assert await c.publish("Q", "E", "after") == 1
             assert c.reconnects == 1
         assert await _read(bp) == [(0, "in flight at the crash"), (1, "after")]
+    finally:
+        bp.kill()
+
+
+async def test_a_resend_too_large_for_the_restarted_broker_fails_alone(tmp_path: Path) -> None:
+    """The broker comes back with a smaller frame limit: the in-flight publish
+    that no longer fits fails with FRAME_TOO_LARGE; the client carries on."""
+    bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "before_write:crash:2"}).start()
+    try:
+        async with Client(bp.url, reconnect_deadline=30) as c:
+            await c.publish("Q", "E", "names known: the next publish takes the fast path")
+            big = asyncio.ensure_future(c.publish("Q", "E", b"x" * 100_000))
+            assert bp.proc is not None
+            assert await asyncio.to_thread(bp.proc.wait) == 137  # the fault fired
+            bp.kill()
+            bp = BrokerProcess(bp.data_dir, "--port", str(bp.port), "--max-frame-bytes", "65536").start()
+            with pytest.raises(LocalProtocolError) as caught:
+                await asyncio.wait_for(big, 30)
+            assert caught.value.code is ErrorCode.FRAME_TOO_LARGE
+            assert await c.publish("Q", "E", "after") == 1
+        assert await _read(bp) == [(0, "names known: the next publish takes the fast path"), (1, "after")]
     finally:
         bp.kill()
 

@@ -49,3 +49,18 @@ def test_send_publish_checks_the_frame_limit() -> None:
     with pytest.raises(LocalProtocolError, match=r"PUBLISH frame of \d+ bytes exceeds the limit of 64 bytes") as info:
         client.send_publish(1, "DB", "CREATE", b"x" * 100)
     assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+
+
+def test_send_again_checks_state_and_the_current_limit() -> None:
+    client, broker = handshaken()
+    data = client.send_publish(5, "DB", "CREATE", b"x" * 200)
+    fresh, _ = handshaken()
+    assert fresh.send_again(data, Publish.TYPE) is data  # a new connection sends the same bytes
+    broker.receive_data(data)
+    assert broker.events() == [Publish(5, "DB", "CREATE", b"x" * 200)]
+    fresh.adopt_max_frame_size(64)
+    with pytest.raises(LocalProtocolError) as info:
+        fresh.send_again(data, Publish.TYPE)
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    with pytest.raises(LocalProtocolError, match="cannot send PUBLISH in state HANDSHAKE"):
+        Connection(Role.CLIENT).send_again(data, Publish.TYPE)
