@@ -39,6 +39,7 @@ from protocol import (
     Connection,
     Delete,
     ErrorCode,
+    Event,
     EventFilter,
     Fetch,
     Hello,
@@ -186,8 +187,12 @@ class Session(Publishing, asyncio.Protocol):
         try:
             events = self.conn.events()
         except RemoteProtocolError as exc:
+            self._handle(exc.before)  # requests sent before the bad bytes get their answers first
             self.fatal(exc.code, str(exc))
             return
+        self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
         handlers = self._handlers
         for event in events:
             if type(event) is not Publish and self._batch:

@@ -379,9 +379,14 @@ class Transport:
                         error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
                     break
                 conn.receive_data(data)
-                for event in conn.events():
-                    error = self._dispatch(event)
-                    if error is not None:
+                try:
+                    events = conn.events()
+                except RemoteProtocolError as exc:
+                    events, error = exc.before, exc  # what came before the bad bytes still counts
+                for event in events:
+                    failed = self._dispatch(event)
+                    if failed is not None:
+                        error = failed
                         break
                 if error is not None:
                     break

@@ -27,9 +27,12 @@ Rule 4: an ERR is allowed in any live state. Whether it ends the connection
 
 Errors: a frame we may not send raises :class:`LocalProtocolError` (our bug;
 state unchanged). A frame the peer may not send, or bytes that are not a
-frame, raise :class:`RemoteProtocolError` from :meth:`events` and move the
-connection to ERROR; the caller should send ``Err(0, exc.code, str(exc))``
-with :meth:`send_error` and close.
+frame, raise :class:`RemoteProtocolError` from :meth:`events`, which refuses
+everything after it (``failed``). The frames that arrived before the bad
+bytes are in the error's ``before``: the caller handles them, replies
+included (a PING sent just before a bad frame still gets its PONG), then
+sends the ERR with :meth:`send_error`, which moves the connection to ERROR,
+and closes.
 """
 
 from __future__ import annotations
@@ -173,7 +176,9 @@ class Connection:
             the broker's fixed-width layout as one :class:`PubAckRun`.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_runs", "_table", "eof", "limits", "max_frame_size", "role", "state")
+    __slots__ = (
+        "_chunks", "_decoder", "_runs", "_table", "eof", "failed", "limits", "max_frame_size", "role", "state",
+    )  # fmt: skip
 
     def __init__(self, role: Role, *, limits: Limits | None = None, puback_runs: bool = False) -> None:
         self.role = role
@@ -188,6 +193,8 @@ class Connection:
         self._decoder = FrameDecoder(self.limits.handshake_frame_size if role is Role.BROKER else self.max_frame_size)
         self._chunks: list[bytes] = []
         self.eof = False
+        #: The peer's protocol violation, once :meth:`events` has raised it.
+        self.failed: RemoteProtocolError | None = None
 
     def __repr__(self) -> str:
         return (
@@ -287,11 +294,14 @@ class Connection:
 
     def send_error(self, req: int, code: ErrorCode, message: str) -> bytes:
         """Encode an ERR frame. Legal in every state, ERROR included, so a
-        fatal error can always be explained before the socket closes.
+        fatal error can always be explained before the socket closes. After a
+        violation (``failed``) it moves to ERROR: nothing but ERR after it.
 
         Returns:
             The bytes to write.
         """
+        if self.failed is not None:
+            self._set_state(State.ERROR)
         return encode_error(req, code, message)
 
     def check_send(self, frame_type: FrameType) -> None:
@@ -321,11 +331,13 @@ class Connection:
             PubAckRuns) in arrival order; empty when no frame is complete yet.
 
         Raises:
-            RemoteProtocolError: bytes that are not a legal frame here. The
-                state is ERROR afterwards; send ``send_error(0, exc.code,
-                str(exc))`` and close.
+            RemoteProtocolError: bytes that are not a legal frame here. Its
+                ``before`` holds the events decoded before them: handle those
+                (their replies may still be sent), then send
+                ``send_error(0, exc.code, str(exc))``, which moves to ERROR,
+                and close. It is kept in ``failed``; later calls raise.
         """
-        if self.state is State.ERROR:
+        if self.state is State.ERROR or self.failed is not None:
             raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
         chunks = self._chunks
         if not chunks:
@@ -343,18 +355,21 @@ class Connection:
                     cut = n * _RUN_FRAME
                     out.append(PubAckRun(data[:cut]))
                     data = data[cut:]
+        decode = self._decode
+        error: RemoteProtocolError | None = None
         try:
             bodies = self._decoder.feed(data)
-        except RemoteProtocolError:
-            self._set_state(State.ERROR)
-            raise
-        decode = self._decode
+        except RemoteProtocolError as exc:
+            bodies, error = exc.before, exc  # frames before the bad header: decode them, then fail
         try:
             for body in bodies:
                 out.append(decode(body))
-        except RemoteProtocolError:
-            self._set_state(State.ERROR)
-            raise
+        except RemoteProtocolError as exc:
+            error = exc
+        if error is not None:
+            error.before = out
+            self.failed = error
+            raise error
         return out
 
     def _decode(self, body: bytes) -> Event:
@@ -390,7 +405,6 @@ class Connection:
             what = f"{frame_type.name} in state {self.state.name}"
             if direction == _SEND:
                 raise LocalProtocolError(f"cannot send {what}", code=ErrorCode.UNEXPECTED_FRAME)
-            self._set_state(State.ERROR)
             raise RemoteProtocolError(f"unexpected {what}", code=ErrorCode.UNEXPECTED_FRAME)
         nxt, self._table = entry
         if nxt is not self.state:

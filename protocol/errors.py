@@ -23,7 +23,7 @@ without change (the client's reconnect logic uses this flag).
 from __future__ import annotations
 
 import enum
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 __all__ = [
     "AuthFailed",
@@ -110,7 +110,20 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol forbids; ``code`` goes into our ERR frame."""
+    """The peer sent something the protocol forbids; ``code`` goes into our ERR frame.
+
+    Attributes:
+        before: what arrived before the violation, valid and in order: frame
+            bodies from :class:`FrameDecoder`, events from
+            :meth:`Connection.events`. Handle them before closing (a request
+            sent before a bad frame still gets its answer).
+    """
+
+    def __init__(
+        self, message: str, *, code: ErrorCode = ErrorCode.MALFORMED_FRAME, before: list[Any] | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.before: list[Any] = before if before is not None else []
 
 
 class ConnectionClosed(TidingsError):

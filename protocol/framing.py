@@ -160,7 +160,8 @@ class FrameDecoder:
 
         Raises:
             RemoteProtocolError: FRAME_TOO_LARGE when a length prefix exceeds
-                ``max_frame_size``; the decoder then stays failed.
+                ``max_frame_size`` (its ``before``: the bodies complete before
+                that header); the decoder then stays failed.
         """
         if self._error is not None:
             raise self._error
@@ -175,11 +176,9 @@ class FrameDecoder:
             if size > limit:
                 # Drop what we hold: nothing after a bad header can be framed.
                 self._buf = bytearray()
-                self._error = RemoteProtocolError(
-                    f"frame of {size} bytes exceeds the limit of {limit} bytes",
-                    code=ErrorCode.FRAME_TOO_LARGE,
-                )
-                raise self._error
+                why = f"frame of {size} bytes exceeds the limit of {limit} bytes"
+                self._error = RemoteProtocolError(why, code=ErrorCode.FRAME_TOO_LARGE)
+                raise RemoteProtocolError(why, code=ErrorCode.FRAME_TOO_LARGE, before=frames)
             start = pos + _HEADER_SIZE
             stop = start + size
             if stop > end:

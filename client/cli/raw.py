@@ -154,6 +154,8 @@ class _Session:
                 try:
                     bodies = self.decoder.feed(data)
                 except RemoteProtocolError as exc:  # not a tidings peer ("HTTP/1.1 400" is a 1.2 GB frame)
+                    for body in exc.before:  # the frames before the bad header
+                        await self.on_frame(body)
                     self.error = exc
                     if not self.handshaking:
                         self.ctx.warn(f"the broker's byte stream lost its framing: {exc}")

@@ -21,8 +21,10 @@ from protocol import (
     Ping,
     Pong,
     PubAck,
+    Publish,
     Subscribe,
     Unsubscribe,
+    encode_frame,
 )
 from tests.helpers import RawPeer, assert_broker_healthy, connected, running_broker, url_of
 
@@ -251,16 +253,16 @@ async def test_payload_over_the_frame_limit(tmp_path: Path) -> None:
         assert await c.publish("Q", "E", b"x" * 1000) == 0
 
 
-@pytest.mark.parametrize(
-    ("data", "code"),
-    [
-        (b"\x00\x00\x00\x02\xc1\xc1", ErrorCode.MALFORMED_FRAME),
-        (b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE),
-        (struct.pack(">I", 1) + b"\x90", ErrorCode.MALFORMED_FRAME),  # an empty array
-        (struct.pack(">I", 2) + b"\x91\x7f", ErrorCode.MALFORMED_FRAME),  # unknown frame type
-        (struct.pack(">I", 3) + b"\x92\x11\x01", ErrorCode.UNEXPECTED_FRAME),  # OK from a client
-    ],
-)
+CONNECTION_ERRORS = [
+    (b"\x00\x00\x00\x02\xc1\xc1", ErrorCode.MALFORMED_FRAME),
+    (b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE),
+    (struct.pack(">I", 1) + b"\x90", ErrorCode.MALFORMED_FRAME),  # an empty array
+    (struct.pack(">I", 2) + b"\x91\x7f", ErrorCode.MALFORMED_FRAME),  # unknown frame type
+    (struct.pack(">I", 3) + b"\x92\x11\x01", ErrorCode.UNEXPECTED_FRAME),  # OK from a client
+]
+
+
+@pytest.mark.parametrize(("data", "code"), CONNECTION_ERRORS)
 async def test_connection_errors_answer_err_then_close(tmp_path: Path, data: bytes, code: ErrorCode) -> None:
     async with running_broker(tmp_path) as broker:
         peer = await RawPeer.connect(broker)
@@ -270,6 +272,23 @@ async def test_connection_errors_answer_err_then_close(tmp_path: Path, data: byt
         await peer.expect_closed()
         await assert_broker_healthy(broker)
         assert (await _status_conn_count(broker)) == 1
+
+
+@pytest.mark.parametrize(("data", "code"), CONNECTION_ERRORS)
+async def test_requests_before_bad_bytes_in_the_same_read_are_answered_first(
+    tmp_path: Path, data: bytes, code: ErrorCode
+) -> None:
+    """One write, so one read on the broker: PING, PUBLISH, then the bad bytes."""
+    async with running_broker(tmp_path) as broker:
+        peer = await RawPeer.connect(broker, producer="p1")
+        ping, publish = Ping(7), Publish(8, "Q", "E", "before the bad bytes")
+        peer.send(encode_frame(ping.to_wire()) + encode_frame(publish.to_wire()) + data)
+        assert await peer.recv() == Pong(7)
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and reply.code == code and reply.req == 0
+        await peer.expect_closed()  # the PUBACK is lost with the connection: a producer resends
+        async with connected(broker) as c:
+            assert [m.payload for m in await c.fetch("Q", start="earliest")] == ["before the bad bytes"]
 
 
 async def _status_conn_count(broker) -> int:  # type: ignore[no-untyped-def]

@@ -78,9 +78,11 @@ def test_broker_refuses_requests_before_hello() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         broker.events()
     assert info.value.code is ErrorCode.UNEXPECTED_FRAME and "PUBLISH" in str(info.value)
-    assert broker.state is State.ERROR
+    assert broker.failed is info.value and info.value.before == []
     with pytest.raises(RemoteProtocolError):
         broker.events()
+    broker.send_error(0, info.value.code, str(info.value))
+    assert broker.state is State.ERROR
 
 
 def test_nothing_but_welcome_err_or_bye_while_greeting() -> None:
@@ -168,7 +170,7 @@ def test_a_bad_shape_is_malformed_frame(wire: Any) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         broker.events()
     assert info.value.code is ErrorCode.MALFORMED_FRAME
-    assert broker.state is State.ERROR
+    assert broker.failed is info.value
 
 
 def test_send_error_works_in_every_state() -> None:
@@ -208,7 +210,37 @@ def test_random_bytes_raise_only_remote_protocol_errors(chunks: list[bytes], rea
                 assert event is not None
     except RemoteProtocolError as exc:
         assert exc.code in (ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNEXPECTED_FRAME)
-        assert broker.state is State.ERROR
+        assert broker.failed is not None
+
+
+@settings(max_examples=300)
+@given(st.lists(FRAMES, max_size=4), st.binary(max_size=30))
+def test_what_came_before_the_bad_bytes_is_in_the_error(frames: list[Any], garbage: bytes) -> None:
+    """Fed at once, the events before a violation come with the error, exactly
+    those a byte-at-a-time feed returns before it fails the same way."""
+    wire = b"".join(encode_frame(f.to_wire()) for f in frames) + garbage
+    whole, slow = handshaken()[1], handshaken()[1]
+    whole.receive_data(wire)
+    try:
+        events = whole.events()
+    except RemoteProtocolError as exc:
+        events, error = exc.before, exc
+    else:
+        error = None
+    got: list[Any] = []
+    slow_error = None
+    for i in range(len(wire)):
+        slow.receive_data(wire[i : i + 1])
+        try:
+            got += slow.events()
+        except RemoteProtocolError as exc:
+            got += exc.before
+            slow_error = exc
+            break
+    assert events == got
+    assert (error is None) == (slow_error is None)
+    if error is not None and slow_error is not None:
+        assert (error.code, str(error)) == (slow_error.code, str(slow_error))
 
 
 WIRE_VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), PAYLOADS)
@@ -222,7 +254,7 @@ def test_structure_aware_bad_frames_never_escape_as_other_errors(frame_type: int
     try:
         events = broker.events()
     except RemoteProtocolError:
-        assert broker.state is State.ERROR
+        assert broker.failed is not None
         return
     assert len(events) == 1 and broker.state in (State.READY, State.CLOSING)
 
