@@ -41,9 +41,9 @@ from typing import Any, Final
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
-from .wire import decode_fixed_puback
+from .wire import decode_fixed_puback, locate_plain_publish
 
-__all__ = ["Connection", "Event", "Limits", "Role", "State", "encode_error"]
+__all__ = ["Connection", "Event", "Limits", "Role", "SplicedPublish", "State", "encode_error"]
 
 #: 1 MiB: NATS's max_payload default; large enough for any reasonable event,
 #: small enough that a hostile length prefix costs little.
@@ -91,6 +91,15 @@ class State(enum.Enum):
 
 
 Event = Frame | InvalidRequest
+#: A plain PUBLISH from :meth:`Connection.events_spliced`: ``(req, queue,
+#: event, payload)`` where ``event`` is the event name packed as msgpack
+#: (what :func:`protocol.wire.encode_record` writes for it) and ``payload``
+#: the bin payload's bytes as sent (one well-formed msgpack value). The
+#: record body is ``event + pack(timestamp) + b"\xc0" + payload``.
+SplicedPublish = tuple[int, str, bytes, bytes]
+#: Byte strings of queue + event a connection remembers for events_spliced;
+#: a publisher uses a handful, and past this many they are forgotten at once.
+_PLAIN_NAMES_MAX: Final = 256
 
 _pack_len: Final = HEADER.pack
 _PUBLISH: Final = int(FrameType.PUBLISH)
@@ -160,6 +169,8 @@ for (_role, _state, _dir, _ft), _next in _TRANSITIONS.items():
     _BY_STATE[(_role, _state)][(_dir, int(_ft))] = (_next, _BY_STATE[(_role, _next)])
 #: The sub-table of the client's usual state, where a PUBACK changes nothing.
 _CLIENT_READY: Final = _BY_STATE[(Role.CLIENT, State.READY)]
+#: The broker's: a PUBLISH changes nothing there either.
+_BROKER_READY: Final = _BY_STATE[(Role.BROKER, State.READY)]
 
 
 class Connection:
@@ -170,7 +181,7 @@ class Connection:
         limits: frame size limits.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_table", "eof", "limits", "max_frame_size", "role", "state")
+    __slots__ = ("_chunks", "_decoder", "_plain_names", "_table", "eof", "limits", "max_frame_size", "role", "state")
 
     def __init__(self, role: Role, *, limits: Limits | None = None) -> None:
         self.role = role
@@ -184,6 +195,8 @@ class Connection:
         self._decoder = FrameDecoder(self.limits.handshake_frame_size if role is Role.BROKER else self.max_frame_size)
         self._chunks: list[bytes] = []
         self.eof = False
+        #: events_spliced's names: queue + event as sent -> (queue, packed event).
+        self._plain_names: dict[bytes, tuple[str, bytes]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -303,18 +316,7 @@ class Connection:
                 state is ERROR afterwards; send ``send_error(0, exc.code,
                 str(exc))`` and close.
         """
-        if self.state is State.ERROR:
-            raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
-        chunks = self._chunks
-        if not chunks:
-            return []
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        try:
-            bodies = self._decoder.feed(data)
-        except RemoteProtocolError:
-            self._set_state(State.ERROR)
-            raise
+        bodies = self._bodies()
         out: list[Event] = []
         decode = self._decode
         try:
@@ -324,6 +326,69 @@ class Connection:
             self._set_state(State.ERROR)
             raise
         return out
+
+    def events_spliced(self) -> list[Event | SplicedPublish]:
+        """:meth:`events`, but a plain PUBLISH comes out as a :data:`SplicedPublish`.
+
+        The broker's hot path. A plain PUBLISH (see
+        :func:`protocol.wire.locate_plain_publish`: no headers or message_id,
+        a ``bin`` payload) whose queue and event are *exactly the bytes* of
+        names that passed the general path earlier on this connection is not
+        decoded: the tuple carries the event's encoding and the payload's bytes
+        as sent, ready to be spliced into a record body (see SplicedPublish).
+        Every other frame, including a plain PUBLISH with names not seen yet,
+        takes the general path, which checks the names (the caches of
+        :mod:`protocol.frame`, then the rules) and words any error; a plain
+        PUBLISH it accepts teaches this connection its names' bytes. So the
+        result is what :meth:`events` would return, in another form: the
+        tests compare the two.
+
+        Legal in: every state; only READY has plain PUBLISHes (broker role).
+
+        Raises:
+            RemoteProtocolError: as :meth:`events`.
+        """
+        bodies = self._bodies()
+        out: list[Event | SplicedPublish] = []
+        decode = self._decode
+        known = self._plain_names
+        try:
+            for body in bodies:
+                at = locate_plain_publish(body) if self._table is _BROKER_READY else None
+                if at is None:
+                    out.append(decode(body))
+                    continue
+                req, start, payload = at
+                names = body[start:payload]
+                hit = known.get(names)
+                if hit is not None:
+                    out.append((req, hit[0], hit[1], body[payload:-2]))
+                    continue
+                event = decode(body)
+                if type(event) is Publish:  # the general path took these names
+                    if len(known) >= _PLAIN_NAMES_MAX:
+                        known.clear()
+                    known[names] = (event.queue, pack_body(event.event))
+                out.append(event)
+        except RemoteProtocolError:
+            self._set_state(State.ERROR)
+            raise
+        return out
+
+    def _bodies(self) -> list[bytes]:
+        """The complete frame bodies buffered so far (the start of :meth:`events`)."""
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
+        chunks = self._chunks
+        if not chunks:
+            return []
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        try:
+            return self._decoder.feed(data)
+        except RemoteProtocolError:
+            self._set_state(State.ERROR)
+            raise
 
     def _decode(self, body: bytes) -> Event:
         if len(body) == 21:  # maybe a fixed-width PUBACK: the client's most frequent frame

@@ -26,6 +26,7 @@ __all__ = [
     "encode_deliver",
     "encode_pubacks",
     "encode_record",
+    "locate_plain_publish",
     "record_event",
 ]
 
@@ -47,6 +48,90 @@ def encode_record(event: str, timestamp: int, headers: dict[str, str] | None, pa
         return _pack((event, timestamp, headers, payload))[1:]
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"payload cannot be encoded as msgpack: {exc}") from exc
+
+
+_U16: Final = struct.Struct(">H").unpack_from
+_U32: Final = struct.Struct(">I").unpack_from
+_U64: Final = struct.Struct(">Q").unpack_from
+
+
+def locate_plain_publish(body: bytes) -> tuple[int, int, int] | None:
+    """Find the fields of a *plain* PUBLISH body without decoding it.
+
+    Plain means ``[3, req, queue, event, payload, nil, nil]`` (no headers, no
+    message_id) with ``req`` a msgpack positive fixint or uint, ``queue`` and
+    ``event`` fixstr or str8, and a ``bin`` payload in the shortest format for
+    its length, which is how msgpack writes ``bytes``. Such a body is exactly
+    one msgpack value (every length is checked against the body's), and its
+    record body, as :func:`encode_record` would write it for the decoded
+    frame, is ``pack(event)``, the timestamp, nil and ``body[payload:-2]``
+    copied as is: a bin is any bytes, so there is nothing in it to check.
+
+    This checks structure only: the names' bytes are not decoded (the
+    broker's Connection takes them only if exactly these bytes passed the
+    general path before, see ``Connection.events_spliced``). The msgpack
+    format bytes are literals below, for speed: 0x97 fixarray of 7, 0xC0 nil,
+    0xCC-0xCF uint 8-64, 0xA0-0xBF fixstr, 0xD9 str 8, 0xC4-0xC6 bin 8-32.
+
+    Returns:
+        ``(req, names, payload)``: the req, the offset where the queue's
+        encoding starts (queue and event are ``body[names:payload]``) and the
+        offset of the payload's; None for anything else, malformed or not,
+        which then takes the general path.
+    """
+    n = len(body)
+    # 9 bytes: the shortest plain body, 97 03 00 a0 a0 c4 00 c0 c0.
+    if n < 9 or body[0] != 0x97 or body[1] != 3 or body[n - 1] != 0xC0 or body[n - 2] != 0xC0:
+        return None
+    m = body[2]
+    if m < 0x80:  # positive fixint
+        req, i = m, 3
+    elif m == 0xCD:  # before uint 8: a sequence of requests soon passes 255
+        req, i = _U16(body, 3)[0], 5
+    elif m == 0xCC:
+        req, i = body[3], 4
+    elif m == 0xCE:
+        req, i = _U32(body, 3)[0], 7
+    elif m == 0xCF and n >= 11:
+        req, i = _U64(body, 3)[0], 11
+    else:  # a signed int, a float, ...: the general path decides
+        return None
+    names = i
+    # Queue, then event. Each check leaves the 3 bytes after the name's
+    # format byte in the body (its str 8 length, the payload's format, a nil).
+    if i >= n - 3:
+        return None
+    m = body[i]
+    if 0xA0 <= m <= 0xBF:
+        i += m - 0x9F
+    elif m == 0xD9:
+        i += 2 + body[i + 1]
+    else:
+        return None
+    if i >= n - 3:
+        return None
+    m = body[i]
+    if 0xA0 <= m <= 0xBF:
+        i += m - 0x9F
+    elif m == 0xD9:
+        i += 2 + body[i + 1]
+    else:
+        return None
+    # The payload fills the body up to the two nils: its format byte and
+    # length field, then exactly `length` bytes, in the shortest format.
+    size = n - 2 - i
+    if size < 2:
+        return None
+    m = body[i]
+    if m == 0xC4:
+        if body[i + 1] != size - 2:
+            return None
+    elif m == 0xC5:
+        if size < 3 or _U16(body, i + 1)[0] != size - 3 or size - 3 < 0x100:
+            return None
+    elif m != 0xC6 or size < 5 or _U32(body, i + 1)[0] != size - 5 or size - 5 < 0x10000:
+        return None
+    return req, names, i
 
 
 def record_event(body: bytes) -> str:
