@@ -60,6 +60,7 @@ from protocol import (
     Welcome,
     encode_batch,
 )
+from protocol.framing import pack_body
 
 from .cursors import Cursor
 from .publishing import SEQUENCE_HEADER_ROOM, Publishing
@@ -136,6 +137,7 @@ class Session(Publishing, asyncio.Protocol):
         self._ping_out = False
         self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
         self._now_ms = 0
+        self._stamp = b""
         self._max_record = self.config.max_message_bytes
         self._queues = broker.store.queues
         self._handlers: dict[type[Any], Any] = {
@@ -181,22 +183,16 @@ class Session(Publishing, asyncio.Protocol):
         if self.closed:
             return
         self._heard = True
-        self._now_ms = int(time.time() * 1000)  # one clock read per chunk, for every record in it
+        # One clock read per chunk, for every record in it.
+        self._now_ms = now_ms = int(time.time() * 1000)
+        self._stamp = pack_body(now_ms) + b"\xc0"
         self.conn.receive_data(data)
         try:
-            events = self.conn.events()
+            events = self.conn.events_spliced()
         except RemoteProtocolError as exc:
             self.fatal(exc.code, str(exc))
             return
-        handlers = self._handlers
-        for event in events:
-            if type(event) is not Publish and self._batch:
-                self._flush_publishes()
-            handlers[type(event)](event)
-            if self.closed:
-                return
-        if self._batch:
-            self._flush_publishes()
+        self._dispatch(events)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
