@@ -10,6 +10,15 @@ offset, and each batch records its runs of sequence numbers in the
 ``max_inflight_publishes`` unconfirmed publishes stops reading the socket
 until confirms catch up. ``write`` and ``reply_error``, the session's
 output, live here too.
+
+The hot path is :meth:`Publishing._dispatch`, the loop over a read's
+events: a plain PUBLISH (no headers or message_id, a ``bin`` payload) to
+names this connection has used is a ``SplicedPublish`` tuple from
+``Connection.events_spliced``, and its record body is the packed event, the
+packed timestamp, nil and the payload's bytes as sent, concatenated: no
+msgpack decode or encode, no object, no call. It is byte for byte what
+:func:`protocol.encode_record` writes for the decoded frame (the tests
+check). Other PUBLISHes take :meth:`Publishing._on_publish`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ Flow control, both ways:
   when storage falls behind.
 
 The publish path (batching per read, deduplication, confirms) is the base
-class, :class:`broker.publishing.Publishing`.
+class, :class:`broker.publishing.Publishing`, and so is the loop that
+dispatches a read's events (``_dispatch``), which handles the common
+PUBLISH inline.
 """
 
 from __future__ import annotations

@@ -25,6 +25,11 @@ Rule 4: an ERR is allowed in any live state. Whether it ends the connection
         depends on its code (``protocol.errors.FATAL_CODES``); the I/O layer
         closes the socket, this object only records what was said.
 
+The broker reads with :meth:`Connection.events_spliced`, the same
+decoding except that a plain PUBLISH (no headers or message_id, a ``bin``
+payload) to names seen before comes out as a :data:`SplicedPublish` tuple
+holding the payload's bytes, for the broker to copy into its record.
+
 Errors: a frame we may not send raises :class:`LocalProtocolError` (our bug;
 state unchanged). A frame the peer may not send, or bytes that are not a
 frame, raise :class:`RemoteProtocolError` from :meth:`events` and move the

@@ -6,9 +6,13 @@ DELIVER and BATCH frames end with exactly those four values, so the broker
 can splice stored bytes into a frame without decoding or re-encoding the
 payload (:func:`encode_deliver`, :func:`encode_batch`). PUBACKs are written
 at a fixed width so that one ``struct`` call encodes or decodes each
-(:func:`encode_pubacks`, :func:`decode_fixed_puback`). Every function here
-produces exactly what the generic encoder of :mod:`protocol.messages` would
-accept; the tests check each against it.
+(:func:`encode_pubacks`, :func:`decode_fixed_puback`). The other way, a
+plain PUBLISH with a ``bin`` payload is located field by field
+(:func:`locate_plain_publish`) so that the broker can copy its payload into
+the record body without decoding it. Every function here agrees with the
+generic codec of :mod:`protocol.messages` (it encodes what that would
+accept, it decodes or locates what that would decode); the tests check
+each against it.
 """
 
 from __future__ import annotations
