@@ -26,9 +26,10 @@ Rule 4: an ERR is allowed in any live state. Whether it ends the connection
         closes the socket, this object only records what was said.
 
 The broker reads with :meth:`Connection.events_spliced`, the same
-decoding except that a plain PUBLISH (no headers or message_id, a ``bin``
-payload) to names seen before comes out as a :data:`SplicedPublish` tuple
-holding the payload's bytes, for the broker to copy into its record.
+decoding except that a plain PUBLISH (no headers or message_id) to names
+seen before comes out as a :data:`SplicedPublish` tuple holding the
+payload's encoding (a ``bin`` payload's bytes as sent, undecoded), for the
+broker to copy into its record.
 
 Errors: a frame we may not send raises :class:`LocalProtocolError` (our bug;
 state unchanged). A frame the peer may not send, or bytes that are not a
@@ -97,10 +98,10 @@ class State(enum.Enum):
 
 Event = Frame | InvalidRequest
 #: A plain PUBLISH from :meth:`Connection.events_spliced`: ``(req, queue,
-#: event, payload)`` where ``event`` is the event name packed as msgpack
-#: (what :func:`protocol.wire.encode_record` writes for it) and ``payload``
-#: the bin payload's bytes as sent (one well-formed msgpack value). The
-#: record body is ``event + pack(timestamp) + b"\xc0" + payload``.
+#: event, payload)`` where ``event`` and ``payload`` are the event name and
+#: the payload packed as :func:`protocol.wire.encode_record` writes them (a
+#: bin payload's bytes as sent: one well-formed msgpack value). The record
+#: body is ``event + pack(timestamp) + b"\xc0" + payload``.
 SplicedPublish = tuple[int, str, bytes, bytes]
 #: Byte strings of queue + event a connection remembers for events_spliced;
 #: a publisher uses a handful, and past this many they are forgotten at once.
@@ -336,11 +337,13 @@ class Connection:
         """:meth:`events`, but a plain PUBLISH comes out as a :data:`SplicedPublish`.
 
         The broker's hot path. A plain PUBLISH (see
-        :func:`protocol.wire.locate_plain_publish`: no headers or message_id,
-        a ``bin`` payload) whose queue and event are *exactly the bytes* of
-        names that passed the general path earlier on this connection is not
-        decoded: the tuple carries the event's encoding and the payload's bytes
-        as sent, ready to be spliced into a record body (see SplicedPublish).
+        :func:`protocol.wire.locate_plain_publish`: no headers or message_id)
+        whose queue and event are *exactly the bytes* of names that passed the
+        general path earlier on this connection makes no Publish object: the
+        tuple carries the event's encoding and the payload's, ready to be
+        spliced into a record body (see SplicedPublish). A ``bin`` payload is
+        not even decoded: its bytes are taken as sent; any other payload is
+        decoded (the check that it is valid msgpack) and encoded again.
         Every other frame, including a plain PUBLISH with names not seen yet,
         takes the general path, which checks the names (the caches of
         :mod:`protocol.frame`, then the rules) and words any error; a plain
@@ -363,12 +366,26 @@ class Connection:
                 if at is None:
                     out.append(decode(body))
                     continue
-                req, start, payload = at
+                req, start, payload, whole = at
                 names = body[start:payload]
                 hit = known.get(names)
                 if hit is not None:
-                    out.append((req, hit[0], hit[1], body[payload:-2]))
-                    continue
+                    if whole:
+                        out.append((req, hit[0], hit[1], body[payload:-2]))
+                        continue
+                    # Any other payload is decoded, by the general path's call (so
+                    # it raises what that would), and encoded as encode_record
+                    # would: inside a tuple, so that msgpack's nesting limit
+                    # counts alike. Whatever does not fit takes the general path.
+                    items = unpack_body(body, self.max_frame_size)
+                    if items[5] is None and items[6] is None:
+                        try:
+                            packed = pack_body((items[4],))[1:]  # drop the fixarray(1) byte
+                        except (TypeError, ValueError, OverflowError):
+                            pass
+                        else:
+                            out.append((req, hit[0], hit[1], packed))
+                            continue
                 event = decode(body)
                 if type(event) is Publish:  # the general path took these names
                     if len(known) >= _PLAIN_NAMES_MAX:

@@ -59,17 +59,18 @@ _U32: Final = struct.Struct(">I").unpack_from
 _U64: Final = struct.Struct(">Q").unpack_from
 
 
-def locate_plain_publish(body: bytes) -> tuple[int, int, int] | None:
+def locate_plain_publish(body: bytes) -> tuple[int, int, int, bool] | None:
     """Find the fields of a *plain* PUBLISH body without decoding it.
 
     Plain means ``[3, req, queue, event, payload, nil, nil]`` (no headers, no
-    message_id) with ``req`` a msgpack positive fixint or uint, ``queue`` and
-    ``event`` fixstr or str8, and a ``bin`` payload in the shortest format for
-    its length, which is how msgpack writes ``bytes``. Such a body is exactly
-    one msgpack value (every length is checked against the body's), and its
-    record body, as :func:`encode_record` would write it for the decoded
-    frame, is ``pack(event)``, the timestamp, nil and ``body[payload:-2]``
-    copied as is: a bin is any bytes, so there is nothing in it to check.
+    message_id) with ``req`` a msgpack positive fixint or uint and ``queue``
+    and ``event`` fixstr or str8. When the payload is a ``bin`` in the
+    shortest format for its length (how msgpack writes ``bytes``) and fills
+    the body up to the two nils, the body is exactly one msgpack value (every
+    length is checked against the body's) and the payload's bytes are what
+    :func:`encode_record` writes for it: *whole*, they can be copied as they
+    are (a bin is any bytes: there is nothing in it to check). Any other
+    payload must still be decoded to be checked.
 
     This checks structure only: the names' bytes are not decoded (the
     broker's Connection takes them only if exactly these bytes passed the
@@ -78,10 +79,11 @@ def locate_plain_publish(body: bytes) -> tuple[int, int, int] | None:
     0xCC-0xCF uint 8-64, 0xA0-0xBF fixstr, 0xD9 str 8, 0xC4-0xC6 bin 8-32.
 
     Returns:
-        ``(req, names, payload)``: the req, the offset where the queue's
-        encoding starts (queue and event are ``body[names:payload]``) and the
-        offset of the payload's; None for anything else, malformed or not,
-        which then takes the general path.
+        ``(req, names, payload, whole)``: the req, the offset where the
+        queue's encoding starts (queue and event are ``body[names:payload]``),
+        the offset of the payload's and whether ``body[payload:-2]`` is a
+        whole bin payload as above; None for anything else, malformed or
+        not, which then takes the general path.
     """
     n = len(body)
     # 9 bytes: the shortest plain body, 97 03 00 a0 a0 c4 00 c0 c0.
@@ -121,21 +123,21 @@ def locate_plain_publish(body: bytes) -> tuple[int, int, int] | None:
         i += 2 + body[i + 1]
     else:
         return None
-    # The payload fills the body up to the two nils: its format byte and
-    # length field, then exactly `length` bytes, in the shortest format.
+    # A whole bin payload fills the body up to the two nils: its format byte
+    # and length field, then exactly `length` bytes, in the shortest format.
     size = n - 2 - i
-    if size < 2:
+    if size < 1:
         return None
     m = body[i]
     if m == 0xC4:
-        if body[i + 1] != size - 2:
-            return None
+        whole = size >= 2 and body[i + 1] == size - 2
     elif m == 0xC5:
-        if size < 3 or _U16(body, i + 1)[0] != size - 3 or size - 3 < 0x100:
-            return None
-    elif m != 0xC6 or size < 5 or _U32(body, i + 1)[0] != size - 5 or size - 5 < 0x10000:
-        return None
-    return req, names, i
+        whole = size >= 3 and _U16(body, i + 1)[0] == size - 3 >= 0x100
+    elif m == 0xC6:
+        whole = size >= 5 and _U32(body, i + 1)[0] == size - 5 >= 0x10000
+    else:
+        whole = False
+    return req, names, i, whole
 
 
 def record_event(body: bytes) -> str:

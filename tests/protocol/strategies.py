@@ -209,6 +209,10 @@ RAW_PAYLOADS: st.SearchStrategy[bytes] = st.one_of(
 )
 
 
+#: Encoded headers: nil, maps good and bad, and values that end in nil as nil does.
+HEADER_VARIANTS = [b"\xc0", b"\x80", b"\x81\xa1k\xa1v", b"\x81\x01\x02", b"\x90", b"\x81\xa1k\xc0", b"\x91\xc0"]
+
+
 @st.composite
 def publish_bodies(draw: st.DrawFn, names: bytes | None = None) -> bytes:
     """The body of a PUBLISH frame, mostly plain ``[3, req, queue, event, payload, nil, nil]``
@@ -222,9 +226,7 @@ def publish_bodies(draw: st.DrawFn, names: bytes | None = None) -> bytes:
     kind = b"\x03" if plain or draw(st.booleans()) else draw(msgpack_ints())
     if names is None:
         names = draw(msgpack_strs(NAME_TEXT)) + draw(msgpack_strs(NAME_TEXT))
-    headers = (
-        b"\xc0" if plain else draw(st.sampled_from([b"\xc0", b"\x80", b"\x81\xa1k\xa1v", b"\x81\x01\x02", b"\x90"]))
-    )
+    headers = b"\xc0" if plain else draw(st.sampled_from(HEADER_VARIANTS))
     mid = b"\xc0" if plain else draw(st.sampled_from([b"\xc0", b"\xa2id", b"\x07"]))
     payload = draw(bins() if draw(st.integers(0, 3)) < 3 else RAW_PAYLOADS)
     body = head + kind + draw(msgpack_ints()) + names + payload + headers + mid

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +48,7 @@ def record_of(event: Any) -> bytes | None:
     return None
 
 
-def outcome(conn: Connection, spliced: bool) -> tuple[str, Any]:
+def outcome(conn: Connection, spliced: bool, *, stats: bool = False) -> tuple[str, Any]:
     """What one ``events()`` (or ``events_spliced()``) call gives, in a comparable form."""
     try:
         events = conn.events_spliced() if spliced else conn.events()
@@ -57,7 +58,8 @@ def outcome(conn: Connection, spliced: bool) -> tuple[str, Any]:
     out: list[Any] = []
     for ev in events:
         if type(ev) is tuple:
-            event("spliced")
+            if stats:
+                event("spliced")
             out.append(("publish", ev[0], ev[1], record_of(ev)))
         elif record_of(ev) is not None:
             assert type(ev) is Publish
@@ -76,8 +78,14 @@ def test_locate_finds_only_plain_publishes_and_their_fields(body: bytes) -> None
     at = locate_plain_publish(body)
     if at is None:
         return
-    event("located")
-    req, names, payload = at
+    req, names, payload, whole = at
+    unpacker = msgpack.Unpacker(unicode_errors="surrogateescape")
+    unpacker.feed(body[2:payload])
+    assert [type(v) for v in unpacker] == [int, str, str]  # req, queue, event exactly
+    assert body[:2] == b"\x97\x03" and body[-2:] == b"\xc0\xc0"
+    if not whole:
+        return  # the payload is for the general path's decoder to check
+    event("whole")
     # Exactly one msgpack value (the names' UTF-8 is not checked here: see events_spliced).
     items = msgpack.unpackb(body, unicode_errors="surrogateescape")
     assert items[0] == 3 and items[1] == req and items[5:] == [None, None]
@@ -97,8 +105,8 @@ def test_locate_takes_every_unsigned_req_and_only_the_shortest_bin(
     decoded = unpack_body(body, 1 << 24)
     canonical = msgpack.packb(decoded[4], use_bin_type=True) == payload
     at = locate_plain_publish(body)
-    if decoded[1] >= 0 and req[0] < 0xD0 and canonical:  # fixint or uint
-        assert at == (decoded[1], 2 + len(req), 2 + len(req) + len(names))
+    if decoded[1] >= 0 and req[0] < 0xD0:  # fixint or uint
+        assert at == (decoded[1], 2 + len(req), 2 + len(req) + len(names), canonical)
     else:
         assert at is None
 
@@ -116,7 +124,7 @@ def test_events_spliced_says_what_events_says(bodies: list[bytes], data: st.Data
         general.receive_data(stream[a:b])
         spliced.receive_data(stream[a:b])
         expect = outcome(general, False)
-        assert outcome(spliced, True) == expect
+        assert outcome(spliced, True, stats=True) == expect
         assert spliced.state is general.state
         if expect[0] == "error":
             break
@@ -139,15 +147,48 @@ def test_a_valid_plain_publish_is_spliced_once_its_names_are_known(
     first, *again = conn.events_spliced()
     assert first == Publish(value, queue, ev, payload)  # new names: the general path
     for later in again:
-        if type(payload) is bytes and req[0] < 0xD0:  # a bin payload, an unsigned req
+        if req[0] < 0xD0:  # an unsigned req: spliced (a bin payload as sent, others re-encoded)
             assert later == (value, queue, msgpack.packb(ev), packed)
         else:
-            assert later == first  # other payloads are decoded (and re-encoded when stored)
+            assert later == first
         assert record_of(later) == record_of(first)
 
 
 def _str8(name: str) -> bytes:
     return b"\xd9" + bytes([len(name)]) + name.encode()
+
+
+def test_the_deepest_payload_is_spliced_and_a_deeper_one_refused_as_before() -> None:
+    # msgpack decodes 1,024 nested arrays: the frame's and 1,023 in the payload.
+    deepest, deeper = b"\x91" * 1023 + b"\xc0", b"\x91" * 1024 + b"\xc0"
+    for conn, spliced in ((handshaken()[1], True), (handshaken()[1], False)):
+        conn.receive_data(frame(b"\x97\x03\x01\xa1Q\xa1E\xc4\x01x\xc0\xc0"))
+        conn.receive_data(frame(b"\x97\x03\x02\xa1Q\xa1E" + deepest + b"\xc0\xc0"))
+        _first, second = outcome(conn, spliced)[1]
+        assert second[3] == encode_record("E", TS, None, msgpack.unpackb(deepest))
+        conn.receive_data(frame(b"\x97\x03\x03\xa1Q\xa1E" + deeper + b"\xc0\xc0"))
+        kind, (code, _message) = outcome(conn, spliced)
+        assert (kind, code) == ("error", ErrorCode.MALFORMED_FRAME)
+
+
+@pytest.mark.parametrize(
+    ("tail", "code"),
+    [
+        (b"\x81\xa1k\xc0\xc0", ErrorCode.MALFORMED_FRAME),  # headers {"k": nil}, then nil: ends like nil, nil
+        (b"\x91\xc0\xc0", ErrorCode.MALFORMED_FRAME),  # headers [nil]
+        (b"\xc0\xc0\xc0", ErrorCode.MALFORMED_FRAME),  # one nil too many
+        (b"\xc0", ErrorCode.MALFORMED_FRAME),  # one too few
+    ],
+)
+def test_a_known_publish_whose_tail_only_looks_plain_is_refused_as_before(tail: bytes, code: ErrorCode) -> None:
+    head = b"\x97\x03\x01\xa1Q\xa1E"
+    for payload in (b"\xc4\x01x", b"\x81\xa2id\x07"):  # a bin and a map
+        results = []
+        for spliced in (True, False):
+            conn = handshaken()[1]
+            conn.receive_data(frame(head + b"\xc4\x01x\xc0\xc0") + frame(head + payload + tail))
+            results.append(outcome(conn, spliced))
+        assert results[0] == results[1] and results[0][0] == "error" and results[0][1][0] is code
 
 
 def test_names_are_learned_only_from_frames_the_general_path_accepts() -> None:
