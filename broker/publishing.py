@@ -12,11 +12,12 @@ until confirms catch up. ``write`` and ``reply_error``, the session's
 output, live here too.
 
 The hot path is :meth:`Publishing._dispatch`, the loop over a read's
-events: a plain PUBLISH (no headers or message_id, a ``bin`` payload) to
-names this connection has used is a ``SplicedPublish`` tuple from
+events: a plain PUBLISH (no headers or message_id) to names this
+connection has used is a ``SplicedPublish`` tuple from
 ``Connection.events_spliced``, and its record body is the packed event, the
-packed timestamp, nil and the payload's bytes as sent, concatenated: no
-msgpack decode or encode, no object, no call. It is byte for byte what
+packed timestamp, nil and the packed payload, concatenated, with no object
+and no call per message. A ``bin`` payload (what a client sends for
+``bytes``) is copied as sent, never decoded. The body is byte for byte what
 :func:`protocol.encode_record` writes for the decoded frame (the tests
 check). Other PUBLISHes take :meth:`Publishing._on_publish`.
 """
