@@ -192,11 +192,7 @@ class Publishing:
                     if found is None:
                         run = None
                         continue
-                    run, queue = name, found
-                    pending = self._batch.get(queue)
-                    if pending is None:
-                        pending = self._batch[queue] = ([], [])
-                    add_body, add_req = pending[0].append, pending[1].append
+                    run, queue, pending = name, found, None
                     seen = queue.producers.get(producer) if producer is not None else None
                     high = -1 if seen is None else seen[0]
                 if req <= high and self._resent(queue, req):
@@ -209,6 +205,11 @@ class Publishing:
                         f"message of {len(body)} bytes exceeds the limit of {max_record}",
                     )
                     continue
+                if pending is None:  # (not before: a batch must not be empty)
+                    pending = self._batch.get(queue)
+                    if pending is None:
+                        pending = self._batch[queue] = ([], [])
+                    add_body, add_req = pending[0].append, pending[1].append
                 add_body(body)
                 add_req((req, None))
                 continue

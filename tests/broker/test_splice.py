@@ -14,8 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from hypothesis import HealthCheck, assume, given, settings
 
+from broker import Broker
 from broker.config import FsyncPolicy
 from broker.session import Session
 from protocol import (
@@ -174,4 +176,49 @@ async def test_spliced_publishes_are_stored_and_answered_as_the_general_path_doe
                 stored = queue.log.read(start, max_count=1 << 20, max_bytes=1 << 30)
                 assert [body for _, _, body in stored] == expect_records.get(name, [])
                 assert all(ts == now_ms for _, ts, _ in stored)
+
+            # As a producer (resends are confirmed, not stored again): one reply per request.
+            replies = await feed(broker, stream, producer=f"p{len(before)}-{now_ms}")
+            if isinstance(reference, RemoteProtocolError):
+                assert [type(r) for r in replies] == [Err]
+            else:
+                assert sorted(r.req for r in replies) == sorted(e.req for e in reference)
     assert spliced > len(cases) // 4  # the splice path was exercised
+
+
+async def feed(broker: Broker, *chunks: bytes, producer: str | None = None) -> list[Any]:
+    """Feed ``chunks`` to a new session (one read each) and return its replies once confirmed."""
+    session, wire = Session(broker), Wire()
+    session.connection_made(wire)  # type: ignore[arg-type]
+    session.data_received(encode_frame(Hello(1, PROTOCOL_VERSION, "t", None, producer).to_wire()))
+    assert type(frames_of(bytes(wire.data))[0]) is Welcome
+    del wire.data[:]
+    for chunk in chunks:
+        session.data_received(chunk)
+    for _ in range(1000):
+        if not session.unconfirmed:
+            break
+        await asyncio.sleep(0.001)
+    session.connection_lost(None)
+    return frames_of(bytes(wire.data))
+
+
+async def test_a_read_of_nothing_but_resends_is_confirmed(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, fsync=FsyncPolicy.NEVER) as broker:
+        for payload in (b"\xc4\x01x", b"\x81\xa2id\x07"):  # a bin (copied) and a map (re-encoded)
+            frames = [encode_frame([3, req, "Q", "E", msgpack.unpackb(payload), None, None]) for req in (1, 2, 3)]
+            # The first read teaches the names and stores 1-3 (2 and 3 spliced); the
+            # second is all resends, the third resends and a new one.
+            first = await feed(
+                broker,
+                b"".join(frames),
+                frames[1] + frames[2],
+                frames[0] + frames[2] + frames[2].replace(b"\x03\xa1Q", b"\x04\xa1Q"),
+                producer=f"p{payload[0]}",
+            )
+            base = first[0].offset
+            assert [(a.req, a.offset - base, a.duplicate) for a in first] == [
+                (1, 0, False), (2, 1, False), (3, 2, False),
+                (2, 1, True), (3, 2, True),
+                (1, 0, True), (3, 2, True), (4, 3, False),
+            ]  # fmt: skip
