@@ -19,7 +19,9 @@ Flow control, both ways:
   when storage falls behind.
 
 The publish path (batching per read, deduplication, confirms) is the base
-class, :class:`broker.publishing.Publishing`.
+class, :class:`broker.publishing.Publishing`, and so is the loop that
+dispatches a read's events (``_dispatch``), which handles the common
+PUBLISH inline.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from protocol import (
     Connection,
     Delete,
     ErrorCode,
-    Event,
     EventFilter,
     Fetch,
     Hello,
@@ -61,6 +62,7 @@ from protocol import (
     Welcome,
     encode_batch,
 )
+from protocol.framing import pack_body
 
 from .cursors import Cursor
 from .publishing import SEQUENCE_HEADER_ROOM, Publishing
@@ -137,6 +139,7 @@ class Session(Publishing, asyncio.Protocol):
         self._ping_out = False
         self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
         self._now_ms = 0
+        self._stamp = b""
         self._max_record = self.config.max_message_bytes
         self._queues = broker.store.queues
         self._handlers: dict[type[Any], Any] = {
@@ -182,26 +185,17 @@ class Session(Publishing, asyncio.Protocol):
         if self.closed:
             return
         self._heard = True
-        self._now_ms = int(time.time() * 1000)  # one clock read per chunk, for every record in it
+        # One clock read per chunk, for every record in it.
+        self._now_ms = now_ms = int(time.time() * 1000)
+        self._stamp = pack_body(now_ms) + b"\xc0"
         self.conn.receive_data(data)
         try:
-            events = self.conn.events()
+            events = self.conn.events_spliced()
         except RemoteProtocolError as exc:
-            self._handle(exc.before)  # requests sent before the bad bytes get their answers first
+            self._dispatch(exc.before)  # requests sent before the bad bytes get their answers first
             self.fatal(exc.code, str(exc))
             return
-        self._handle(events)
-
-    def _handle(self, events: list[Event]) -> None:
-        handlers = self._handlers
-        for event in events:
-            if type(event) is not Publish and self._batch:
-                self._flush_publishes()
-            handlers[type(event)](event)
-            if self.closed:
-                return
-        if self._batch:
-            self._flush_publishes()
+        self._dispatch(events)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

@@ -3,7 +3,7 @@
 Nothing here does I/O: no asyncio, no sockets, no files. See ``SPEC.md``.
 """
 
-from .connection import Connection, Event, Limits, Role, State, encode_error
+from .connection import Connection, Event, Limits, Role, SplicedPublish, State, encode_error
 from .errors import (
     AuthFailed,
     BadRequest,
@@ -103,6 +103,7 @@ __all__ = [
     "ServerError",
     "ShuttingDown",
     "SlowConsumer",
+    "SplicedPublish",
     "State",
     "Status",
     "StatusReply",

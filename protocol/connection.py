@@ -25,6 +25,12 @@ Rule 4: an ERR is allowed in any live state. Whether it ends the connection
         depends on its code (``protocol.errors.FATAL_CODES``); the I/O layer
         closes the socket, this object only records what was said.
 
+The broker reads with :meth:`Connection.events_spliced`, the same
+decoding except that a plain PUBLISH (no headers or message_id) to names
+seen before comes out as a :data:`SplicedPublish` tuple holding the
+payload's encoding (a ``bin`` payload's bytes as sent, undecoded), for the
+broker to copy into its record.
+
 Errors: a frame we may not send raises :class:`LocalProtocolError` (our bug;
 state unchanged). A frame the peer may not send, or bytes that are not a
 frame, raise :class:`RemoteProtocolError` from :meth:`events`, which refuses
@@ -39,14 +45,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
-from .wire import PubAckRun, decode_fixed_puback, puback_run_length
+from .wire import PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
 
-__all__ = ["Connection", "Event", "Limits", "Role", "State", "encode_error"]
+__all__ = ["Connection", "Event", "Limits", "Role", "SplicedPublish", "State", "encode_error"]
 
 #: 1 MiB: NATS's max_payload default; large enough for any reasonable event,
 #: small enough that a hostile length prefix costs little.
@@ -94,6 +100,15 @@ class State(enum.Enum):
 
 
 Event = Frame | InvalidRequest | PubAckRun
+#: A plain PUBLISH from :meth:`Connection.events_spliced`: ``(req, queue,
+#: event, payload)`` where ``event`` and ``payload`` are the event name and
+#: the payload packed as :func:`protocol.wire.encode_record` writes them (a
+#: bin payload's bytes as sent: one well-formed msgpack value). The record
+#: body is ``event + pack(timestamp) + b"\xc0" + payload``.
+SplicedPublish = tuple[int, str, bytes, bytes]
+#: Byte strings of queue + event a connection remembers for events_spliced;
+#: a publisher uses a handful, and past this many they are forgotten at once.
+_PLAIN_NAMES_MAX: Final = 256
 
 _pack_len: Final = HEADER.pack
 _PUBLISH: Final = int(FrameType.PUBLISH)
@@ -164,6 +179,8 @@ for (_role, _state, _dir, _ft), _next in _TRANSITIONS.items():
     _BY_STATE[(_role, _state)][(_dir, int(_ft))] = (_next, _BY_STATE[(_role, _next)])
 #: The sub-table of the client's usual state, where a PUBACK changes nothing.
 _CLIENT_READY: Final = _BY_STATE[(Role.CLIENT, State.READY)]
+#: The broker's: a PUBLISH changes nothing there either.
+_BROKER_READY: Final = _BY_STATE[(Role.BROKER, State.READY)]
 
 
 class Connection:
@@ -177,7 +194,8 @@ class Connection:
     """
 
     __slots__ = (
-        "_chunks", "_decoder", "_runs", "_table", "eof", "failed", "limits", "max_frame_size", "role", "state",
+        "_chunks", "_decoder", "_plain_names", "_runs", "_table", "eof", "failed", "limits", "max_frame_size",
+        "role", "state",
     )  # fmt: skip
 
     def __init__(self, role: Role, *, limits: Limits | None = None, puback_runs: bool = False) -> None:
@@ -195,6 +213,8 @@ class Connection:
         self.eof = False
         #: The peer's protocol violation, once :meth:`events` has raised it.
         self.failed: RemoteProtocolError | None = None
+        #: events_spliced's names: queue + event as sent -> (queue, packed event).
+        self._plain_names: dict[bytes, tuple[str, bytes]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -294,13 +314,14 @@ class Connection:
 
     def send_error(self, req: int, code: ErrorCode, message: str) -> bytes:
         """Encode an ERR frame. Legal in every state, ERROR included, so a
-        fatal error can always be explained before the socket closes. After a
-        violation (``failed``) it moves to ERROR: nothing but ERR after it.
+        fatal error can always be explained before the socket closes. The ERR
+        that reports the peer's violation (``failed``: req 0, its code) moves
+        to ERROR: nothing but ERR after it.
 
         Returns:
             The bytes to write.
         """
-        if self.failed is not None:
+        if self.failed is not None and req == 0 and code is self.failed.code:
             self._set_state(State.ERROR)
         return encode_error(req, code, message)
 
@@ -337,14 +358,93 @@ class Connection:
                 ``send_error(0, exc.code, str(exc))``, which moves to ERROR,
                 and close. It is kept in ``failed``; later calls raise.
         """
+        out, bodies, error = self._bodies()
+        decode = self._decode
+        try:
+            for body in bodies:
+                out.append(decode(body))
+        except RemoteProtocolError as exc:
+            error = exc
+        if error is not None:
+            self._fail(error, out)
+        return out
+
+    def events_spliced(self) -> list[Event | SplicedPublish]:
+        """:meth:`events`, but a plain PUBLISH comes out as a :data:`SplicedPublish`.
+
+        The broker's hot path. A plain PUBLISH (see
+        :func:`protocol.wire.locate_plain_publish`: no headers or message_id)
+        whose queue and event are *exactly the bytes* of names that passed the
+        general path earlier on this connection makes no Publish object: the
+        tuple carries the event's encoding and the payload's, ready to be
+        spliced into a record body (see SplicedPublish). A ``bin`` payload is
+        not even decoded: its bytes are taken as sent; any other payload is
+        decoded (the check that it is valid msgpack) and encoded again.
+        Every other frame, including a plain PUBLISH with names not seen yet,
+        takes the general path, which checks the names (the caches of
+        :mod:`protocol.frame`, then the rules) and words any error; a plain
+        PUBLISH it accepts teaches this connection its names' bytes. So the
+        result is what :meth:`events` would return, in another form: the
+        tests compare the two.
+
+        Legal in: every state; only READY has plain PUBLISHes (broker role).
+
+        Raises:
+            RemoteProtocolError: as :meth:`events` (``before`` in this form).
+        """
+        out: list[Event | SplicedPublish]
+        out, bodies, error = self._bodies()  # type: ignore[assignment]
+        decode = self._decode
+        known = self._plain_names
+        try:
+            for body in bodies:
+                at = locate_plain_publish(body) if self._table is _BROKER_READY else None
+                if at is None:
+                    out.append(decode(body))
+                    continue
+                req, start, payload, whole = at
+                names = body[start:payload]
+                hit = known.get(names)
+                if hit is not None:
+                    if whole:
+                        out.append((req, hit[0], hit[1], body[payload:-2]))
+                        continue
+                    # Any other payload is decoded, by the general path's call (so
+                    # it raises what that would), and encoded as encode_record
+                    # would: inside a tuple, so that msgpack's nesting limit
+                    # counts alike. Whatever does not fit takes the general path.
+                    items = unpack_body(body, self.max_frame_size)
+                    if items[5] is None and items[6] is None:
+                        try:
+                            packed = pack_body((items[4],))[1:]  # drop the fixarray(1) byte
+                        except (TypeError, ValueError, OverflowError):
+                            pass
+                        else:
+                            out.append((req, hit[0], hit[1], packed))
+                            continue
+                event = decode(body)
+                if type(event) is Publish:  # the general path took these names
+                    if len(known) >= _PLAIN_NAMES_MAX:
+                        known.clear()
+                    known[names] = (event.queue, pack_body(event.event))
+                out.append(event)
+        except RemoteProtocolError as exc:
+            error = exc
+        if error is not None:
+            self._fail(error, out)
+        return out
+
+    def _bodies(self) -> tuple[list[Event], list[bytes], RemoteProtocolError | None]:
+        """The start of :meth:`events`: a client's PUBACK run, the complete frame
+        bodies buffered so far, and the framing's error after them, if any."""
         if self.state is State.ERROR or self.failed is not None:
             raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
+        out: list[Event] = []
         chunks = self._chunks
         if not chunks:
-            return []
+            return out, [], None
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        out: list[Event] = []
         if self._runs and self._table is _CLIENT_READY:  # a READY client stays READY on PUBACKs
             decoder = self._decoder
             if 0 < decoder.buffered < _RUN_FRAME:  # the start of a frame, maybe a PUBACK
@@ -355,22 +455,16 @@ class Connection:
                     cut = n * _RUN_FRAME
                     out.append(PubAckRun(data[:cut]))
                     data = data[cut:]
-        decode = self._decode
-        error: RemoteProtocolError | None = None
         try:
-            bodies = self._decoder.feed(data)
+            return out, self._decoder.feed(data), None
         except RemoteProtocolError as exc:
-            bodies, error = exc.before, exc  # frames before the bad header: decode them, then fail
-        try:
-            for body in bodies:
-                out.append(decode(body))
-        except RemoteProtocolError as exc:
-            error = exc
-        if error is not None:
-            error.before = out
-            self.failed = error
-            raise error
-        return out
+            return out, exc.before, exc  # the bodies before the bad header: decode them, then fail
+
+    def _fail(self, error: RemoteProtocolError, before: list[Any]) -> NoReturn:
+        """Raise the peer's violation with what came before it; nothing more is read."""
+        error.before = before
+        self.failed = error
+        raise error
 
     def _decode(self, body: bytes) -> Event:
         if len(body) == 21:  # maybe a fixed-width PUBACK: the client's most frequent frame

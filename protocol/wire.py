@@ -8,9 +8,12 @@ payload (:func:`encode_deliver`, :func:`encode_batch`). PUBACKs are written
 at a fixed width so that one ``struct`` call encodes or decodes each
 (:func:`encode_pubacks`, :func:`decode_fixed_puback`), and a client takes a
 run of them from one read as a :class:`PubAckRun` without a frame object
-each. Every function here
-produces exactly what the generic encoder of :mod:`protocol.messages` would
-accept; the tests check each against it.
+each. The other way, a plain PUBLISH with a ``bin`` payload is located
+field by field (:func:`locate_plain_publish`) so that the broker can copy
+its payload into the record body without decoding it. Every function here
+agrees with the generic codec of :mod:`protocol.messages` (it encodes what
+that would accept, it decodes or locates what that would decode); the tests
+check each against it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "encode_deliver",
     "encode_pubacks",
     "encode_record",
+    "locate_plain_publish",
     "record_event",
 ]
 
@@ -51,6 +55,92 @@ def encode_record(event: str, timestamp: int, headers: dict[str, str] | None, pa
         return _pack((event, timestamp, headers, payload))[1:]
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"payload cannot be encoded as msgpack: {exc}") from exc
+
+
+_U16: Final = struct.Struct(">H").unpack_from
+_U32: Final = struct.Struct(">I").unpack_from
+_U64: Final = struct.Struct(">Q").unpack_from
+
+
+def locate_plain_publish(body: bytes) -> tuple[int, int, int, bool] | None:
+    """Find the fields of a *plain* PUBLISH body without decoding it.
+
+    Plain means ``[3, req, queue, event, payload, nil, nil]`` (no headers, no
+    message_id) with ``req`` a msgpack positive fixint or uint and ``queue``
+    and ``event`` fixstr or str8. When the payload is a ``bin`` in the
+    shortest format for its length (how msgpack writes ``bytes``) and fills
+    the body up to the two nils, the body is exactly one msgpack value (every
+    length is checked against the body's) and the payload's bytes are what
+    :func:`encode_record` writes for it: *whole*, they can be copied as they
+    are (a bin is any bytes: there is nothing in it to check). Any other
+    payload must still be decoded to be checked.
+
+    This checks structure only: the names' bytes are not decoded (the
+    broker's Connection takes them only if exactly these bytes passed the
+    general path before, see ``Connection.events_spliced``). The msgpack
+    format bytes are literals below, for speed: 0x97 fixarray of 7, 0xC0 nil,
+    0xCC-0xCF uint 8-64, 0xA0-0xBF fixstr, 0xD9 str 8, 0xC4-0xC6 bin 8-32.
+
+    Returns:
+        ``(req, names, payload, whole)``: the req, the offset where the
+        queue's encoding starts (queue and event are ``body[names:payload]``),
+        the offset of the payload's and whether ``body[payload:-2]`` is a
+        whole bin payload as above; None for anything else, malformed or
+        not, which then takes the general path.
+    """
+    n = len(body)
+    # 9 bytes: the shortest plain body, 97 03 00 a0 a0 c4 00 c0 c0.
+    if n < 9 or body[0] != 0x97 or body[1] != 3 or body[n - 1] != 0xC0 or body[n - 2] != 0xC0:
+        return None
+    m = body[2]
+    if m < 0x80:  # positive fixint
+        req, i = m, 3
+    elif m == 0xCD:  # before uint 8: a sequence of requests soon passes 255
+        req, i = _U16(body, 3)[0], 5
+    elif m == 0xCC:
+        req, i = body[3], 4
+    elif m == 0xCE:
+        req, i = _U32(body, 3)[0], 7
+    elif m == 0xCF and n >= 11:
+        req, i = _U64(body, 3)[0], 11
+    else:  # a signed int, a float, ...: the general path decides
+        return None
+    names = i
+    # Queue, then event. Each check leaves the 3 bytes after the name's
+    # format byte in the body (its str 8 length, the payload's format, a nil).
+    if i >= n - 3:
+        return None
+    m = body[i]
+    if 0xA0 <= m <= 0xBF:
+        i += m - 0x9F
+    elif m == 0xD9:
+        i += 2 + body[i + 1]
+    else:
+        return None
+    if i >= n - 3:
+        return None
+    m = body[i]
+    if 0xA0 <= m <= 0xBF:
+        i += m - 0x9F
+    elif m == 0xD9:
+        i += 2 + body[i + 1]
+    else:
+        return None
+    # A whole bin payload fills the body up to the two nils: its format byte
+    # and length field, then exactly `length` bytes, in the shortest format.
+    size = n - 2 - i
+    if size < 1:
+        return None
+    m = body[i]
+    if m == 0xC4:
+        whole = size >= 2 and body[i + 1] == size - 2
+    elif m == 0xC5:
+        whole = size >= 3 and _U16(body, i + 1)[0] == size - 3 >= 0x100
+    elif m == 0xC6:
+        whole = size >= 5 and _U32(body, i + 1)[0] == size - 5 >= 0x10000
+    else:
+        whole = False
+    return req, names, i, whole
 
 
 def record_event(body: bytes) -> str:

@@ -278,11 +278,14 @@ async def test_connection_errors_answer_err_then_close(tmp_path: Path, data: byt
 async def test_requests_before_bad_bytes_in_the_same_read_are_answered_first(
     tmp_path: Path, data: bytes, code: ErrorCode
 ) -> None:
-    """One write, so one read on the broker: PING, PUBLISH, then the bad bytes."""
+    """One write, so one read on the broker: a refused PUBLISH, PING, PUBLISH, then the bad bytes."""
     async with running_broker(tmp_path) as broker:
         peer = await RawPeer.connect(broker, producer="p1")
         ping, publish = Ping(7), Publish(8, "Q", "E", "before the bad bytes")
-        peer.send(encode_frame(ping.to_wire()) + encode_frame(publish.to_wire()) + data)
+        bad_name = encode_frame([int(FrameType.PUBLISH), 6, "Q", "no spaces", "x", None, None])
+        peer.send(bad_name + encode_frame(ping.to_wire()) + encode_frame(publish.to_wire()) + data)
+        refused = await peer.recv()  # a request-level ERR first: the PING after it is still answered
+        assert isinstance(refused, Err) and refused.req == 6 and refused.code == ErrorCode.INVALID_NAME
         assert await peer.recv() == Pong(7)
         reply = await peer.recv()
         assert isinstance(reply, Err) and reply.code == code and reply.req == 0
