@@ -32,6 +32,7 @@ POINTS: Final = frozenset(
         "extend",  # the zeros of a segment's preallocation are written next
         "sync",
         "after_sync_before_confirm",
+        "roll_fsync",  # the fsync that seals a segment before the next is created
         "during_segment_roll",
         "during_cursor_rename",
         "during_recovery",

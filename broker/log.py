@@ -395,6 +395,7 @@ class QueueLog:
         self._trim(old)
         with self._sync_lock:
             try:
+                faults.hit("roll_fsync")
                 os.fsync(old.fd)
                 fsync_dir(self.directory)
             except OSError as exc:

@@ -216,6 +216,32 @@ async def test_a_failed_fsync_on_the_loop_thread_is_fail_stop_too(tmp_path: Path
         assert bp.stop() == 0
 
 
+async def test_a_failed_fsync_of_a_segment_roll_is_fail_stop(tmp_path: Path) -> None:
+    """R7 for the fsync that seals a segment, which an append does on the loop
+    (not the committer): the broker exits 3 as for any failed fsync; the
+    publish that met it gets no answer (its outcome is unknown), the ones
+    confirmed before are there after a restart."""
+    bp = BrokerProcess(tmp_path, "--segment-bytes", "4096", env={"TIDINGS_FAULT": "roll_fsync:eio"}).start()
+    confirmed: list[int] = []
+    try:
+        async with Client(bp.url, name="lone", timeout=5, reconnect=False) as c:
+            with pytest.raises(ConnectionLost):  # no STORAGE_FAILED ("nothing stored"): the connection drops
+                for i in range(200):
+                    confirmed.append(await c.publish("Q", "E", "x" * 100))
+        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert any("fsync failed" in line for line in bp.log)
+    finally:
+        bp.kill()
+    assert 10 < len(confirmed) < 200  # a 4 KiB segment holds about 30 such records
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        async with Client(bp.url, name="checker") as c:
+            stored = await read_all(c, "Q")
+        assert [offset for offset, _ in stored[: len(confirmed)]] == confirmed
+    finally:
+        assert bp.stop() == 0
+
+
 async def test_a_failed_fsync_is_fail_stop_and_recovers_on_restart(tmp_path: Path) -> None:
     """R7: fsync EIO -> nothing more is confirmed, the broker exits 3, a restart recovers."""
     history = History()
