@@ -40,6 +40,7 @@ from protocol import (
     encode_record,
 )
 
+from .log import LogFailedError
 from .queue import MESSAGE_ID_HEADER, Queue, with_header
 from .store import QueueUnavailable
 
@@ -253,6 +254,11 @@ class Publishing:
                     bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until,
                     producer=None if self.producer is None else (self.producer, reqs[-1][0]),
                 )  # fmt: skip
+            except LogFailedError as exc:
+                # An fsync failed (a segment roll's, or the cut of a failed write's): fail-stop
+                # (R7). No answer: what reached the file is unknown; the connection drops.
+                store.fail(f"fsync failed: {exc}")
+                return
             except OSError as exc:
                 code = _storage_code(exc)
                 for req, _mid in reqs:

@@ -53,7 +53,7 @@ from protocol import PRODUCER_HEADER, ErrorCode, check_pattern, check_queue, enc
 
 from .config import BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
-from .log import QueueLog, fsync_dir
+from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue
 from .router import Group
 
@@ -236,6 +236,10 @@ class Store:
         offsets = [o for o, _ in bodies]
         try:
             first = target.append([b for _, b in bodies], [None] * len(bodies), int(time.time() * 1000), dedup_until=0)
+        except LogFailedError as exc:  # a roll's fsync, or the cut of a failed write: fail-stop (R7)
+            self.fail(f"fsync failed: {exc}")
+            group.dead_letter_failed(offsets)
+            return
         except OSError as exc:
             logger.warning("cannot dead-letter %d messages of %s/%s: %s", len(bodies), queue.name, group.name, exc)
             group.dead_letter_failed(offsets)
@@ -301,7 +305,7 @@ class Store:
             try:
                 queue.log.sync()
             except Exception as exc:  # as in the committer: fatal (R7)
-                self._fail(f"fsync failed: {exc!r}")
+                self.fail(f"fsync failed: {exc!r}")
                 return True
         finally:
             self._round_lock.release()
@@ -325,14 +329,14 @@ class Store:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.critical("storage task failed", exc_info=task.exception())
-            self._fail(f"storage task failed: {task.exception()!r}")
+            self.fail(f"storage task failed: {task.exception()!r}")
 
     def _committer(self, loop: asyncio.AbstractEventLoop) -> None:
         """The committer thread (see the module docstring); any failure is fatal."""
         try:
             self._commit_rounds(loop)
         except Exception as exc:
-            loop.call_soon_threadsafe(self._fail, f"fsync failed: {exc!r}")
+            loop.call_soon_threadsafe(self.fail, f"fsync failed: {exc!r}")
         finally:
             with self._commit_cond:
                 self._commit_dead = True
@@ -469,7 +473,8 @@ class Store:
         }
         return CursorState(group.cursor.ack_floor, frozenset(group.cursor.acked), meta)
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """Storage can no longer be trusted (a failed fsync: R7): confirm nothing more, stop the broker."""
         if self._fatal:
             return
         self._fatal = True

@@ -226,7 +226,7 @@ async def test_a_failed_fsync_of_a_segment_roll_is_fail_stop(tmp_path: Path) -> 
     try:
         async with Client(bp.url, name="lone", timeout=5, reconnect=False) as c:
             with pytest.raises(ConnectionLost):  # no STORAGE_FAILED ("nothing stored"): the connection drops
-                for i in range(200):
+                for _ in range(200):
                     confirmed.append(await c.publish("Q", "E", "x" * 100))
         assert bp.proc is not None and bp.proc.wait(10) == 3
         assert any("fsync failed" in line for line in bp.log)
