@@ -77,6 +77,14 @@ DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
 READ_SIZE: Final = 256 * 1024
 #: Write buffer high-water mark: publish() awaits drain above it.
 WRITE_HIGH_WATER: Final = 1024 * 1024
+#: PUBLISH bytes buffered in one loop turn that are written at once, not at
+#: the end of the turn. With many publishes in flight their confirms come
+#: back together and the next publishes are all made in one turn: written as
+#: one block, the broker would wait for the whole block while the client
+#: makes it, then the client for the broker (lockstep). In 32 KiB pieces the
+#: two overlap: window 1,000 went from 131k to 182k msg/s here (medians of 6
+#: interleaved pairs).
+FLUSH_BYTES: Final = 32 * 1024
 #: Connection-ending errors after which reconnecting makes sense.
 RECONNECT_CODES: Final = frozenset(
     {ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS}
@@ -146,6 +154,7 @@ class Transport:
         self._sweeper: asyncio.TimerHandle | None = None
         self._subs: dict[int, Subscription] = {}
         self._wbuf: list[bytes] = []
+        self._wbytes = 0  # PUBLISH bytes in _wbuf
         self._flush_scheduled = False
         self._congested = False  # the transport's buffer passed WRITE_HIGH_WATER at the last flush
         self._acks: dict[tuple[str, str], list[int]] = {}
@@ -268,7 +277,10 @@ class Transport:
         if self._acks:  # acks queued earlier go first: the broker sees calls in program order
             self._write_acks()
         self._wbuf.append(data)
-        if not self._flush_scheduled:
+        self._wbytes += len(data)
+        if self._wbytes >= FLUSH_BYTES:
+            self._write_buffered()  # the broker can start on these while we make the rest
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return fut
@@ -348,9 +360,13 @@ class Transport:
             return  # acks and requests wait for the new connection
         if self._acks:
             self._write_acks()
+        self._write_buffered()
+
+    def _write_buffered(self) -> None:
         if self._wbuf and self._writer is not None and not self._writer.transport.is_closing():
             data = b"".join(self._wbuf)
             self._wbuf.clear()
+            self._wbytes = 0
             self._writer.write(data)
             # Only a flush fills the transport's buffer: publish() checks this flag, not the buffer.
             self._congested = self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER
@@ -485,6 +501,7 @@ class Transport:
     def _start_reconnect(self, cause: BaseException) -> None:
         self._reconnecting = True
         self._wbuf.clear()  # encoded for the old connection; the requests are resent
+        self._wbytes = 0
         self._ack_reqs.clear()  # their answers are lost with the connection
         for req in sorted(self._pending):
             frame = self._frames.get(req)

@@ -59,3 +59,22 @@ async def test_many_queue_and_event_names_keep_the_name_cache_bounded(tmp_path: 
         n = client_module.NAME_CACHE_SIZE + 10
         await c.publish_many("q", [(f"e{i}", i) for i in range(n)])
         assert len(c._event_names) <= client_module.NAME_CACHE_SIZE
+
+
+async def test_many_publishes_in_one_turn_are_written_in_pieces(tmp_path: Path) -> None:
+    """A window's worth of publishes made in one loop turn leaves in ~FLUSH_BYTES
+    writes, not one block at the end of the turn (so the broker starts on the
+    first while the client makes the rest), and every one is confirmed."""
+    from client import _transport as client_module
+
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("q", "e", b"")  # names known: the fast path
+        assert c._writer is not None
+        sizes: list[int] = []
+        write = c._writer.write
+        c._writer.write = lambda data: (sizes.append(len(data)), write(data))[1]  # type: ignore[method-assign]
+        futures = [c._send_publish("q", "e", b"x" * 100, None, None) for _ in range(2000)]  # one turn
+        assert client_module.FLUSH_BYTES <= 64 * 1024
+        assert len(sizes) >= 2000 * 100 // (64 * 1024)
+        assert max(sizes) < client_module.FLUSH_BYTES + 200
+        assert [await f for f in futures] == list(range(1, 2001))
