@@ -50,7 +50,7 @@ from typing import Any, Final, NoReturn
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
-from .wire import PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
+from .wire import PUBACK_FRAME_SIZE, PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
 
 __all__ = ["Connection", "Event", "Limits", "Role", "SplicedPublish", "State", "encode_error"]
 
@@ -112,7 +112,6 @@ _PLAIN_NAMES_MAX: Final = 256
 
 _pack_len: Final = HEADER.pack
 _PUBLISH: Final = int(FrameType.PUBLISH)
-_RUN_FRAME: Final = 25  # a fixed-width PUBACK frame (protocol.wire)
 
 
 def encode_error(req: int, code: ErrorCode, message: str) -> bytes:
@@ -447,12 +446,12 @@ class Connection:
         chunks.clear()
         if self._runs and self._table is _CLIENT_READY:  # a READY client stays READY on PUBACKs
             decoder = self._decoder
-            if 0 < decoder.buffered < _RUN_FRAME:  # the start of a frame, maybe a PUBACK
+            if 0 < decoder.buffered < PUBACK_FRAME_SIZE:  # the start of a frame, maybe a PUBACK
                 data = decoder.take() + data
             if not decoder.buffered:  # data starts at a frame boundary
                 n = puback_run_length(data)
                 if n:
-                    cut = n * _RUN_FRAME
+                    cut = n * PUBACK_FRAME_SIZE
                     out.append(PubAckRun(data[:cut]))
                     data = data[cut:]
         try:

@@ -106,8 +106,10 @@ def locate_plain_publish(body: bytes) -> tuple[int, int, int, bool] | None:
     else:  # a signed int, a float, ...: the general path decides
         return None
     names = i
-    # Queue, then event. Each check leaves the 3 bytes after the name's
-    # format byte in the body (its str 8 length, the payload's format, a nil).
+    # Queue, then event: the same check twice, unrolled (a loop costs the
+    # broker ~330 instructions per message, 1.2%, measured with
+    # bench.instructions). Each leaves the 3 bytes after the name's format
+    # byte in the body (its str 8 length, the payload's format, a nil).
     if i >= n - 3:
         return None
     m = body[i]
@@ -235,8 +237,12 @@ def encode_pubacks(acks: list[tuple[int, int, bool]]) -> bytes:
 
 #: Offsets of the bytes that are the same in every fixed-width PUBACK frame
 #: (length prefix, fixarray, type, the two uint 64 tags) and their values.
-_RUN_CONSTANT: Final = ((0, 0), (1, 0), (2, 0), (3, 21), (4, 0x94), (5, _PUBACK), (6, 0xCF), (15, 0xCF))
-_RUN_FRAME: Final = 4 + _PUBACK_BODY_SIZE  # 25
+_RUN_CONSTANT: Final = tuple(
+    (pos, bytes((value,)))
+    for pos, value in ((0, 0), (1, 0), (2, 0), (3, 21), (4, 0x94), (5, _PUBACK), (6, 0xCF), (15, 0xCF))
+)
+#: The size of a fixed-width PUBACK frame, length prefix included (25).
+PUBACK_FRAME_SIZE: Final = 4 + _PUBACK_BODY_SIZE
 _RUN_PREFIX: Final = _PUBACK_FIXED.pack(21, 0x94, _PUBACK, 0xCF, 0, 0xCF, 0, 0xC2)[:7]
 _iter_run: Final = struct.Struct(">7xQxQB").iter_unpack  # (req, offset, duplicate byte)
 
@@ -258,7 +264,7 @@ class PubAckRun:
         self.data = data
 
     def __len__(self) -> int:
-        return len(self.data) // _RUN_FRAME
+        return len(self.data) // PUBACK_FRAME_SIZE
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         return _iter_run(self.data)
@@ -276,18 +282,15 @@ def puback_run_length(data: bytes) -> int:
     buffer, stripped of the expected value, is as long as the part after the
     first frame that differs.
     """
-    whole = len(data) // _RUN_FRAME
+    whole = len(data) // PUBACK_FRAME_SIZE
     if not whole or data[:7] != _RUN_PREFIX:
         return 0
-    end = whole * _RUN_FRAME
+    end = whole * PUBACK_FRAME_SIZE
     n = whole
     for pos, value in _RUN_CONSTANT:
-        column = data[pos:end:_RUN_FRAME]
-        rest = len(column.lstrip(_BYTES[value]))
+        column = data[pos:end:PUBACK_FRAME_SIZE]
+        rest = len(column.lstrip(value))
         if rest:
             n = min(n, whole - rest)
-    rest = len(data[_RUN_FRAME - 1 : end : _RUN_FRAME].lstrip(b"\xc2\xc3"))
+    rest = len(data[PUBACK_FRAME_SIZE - 1 : end : PUBACK_FRAME_SIZE].lstrip(b"\xc2\xc3"))
     return min(n, whole - rest)
-
-
-_BYTES: Final = [bytes((i,)) for i in range(256)]
