@@ -2,15 +2,18 @@
 
 Theory of operation
 -------------------
-``FrameDecoder.feed(chunk)`` appends to one ``bytearray`` and returns every
-complete frame body now available. Rules:
+``FrameDecoder.feed(chunk)`` returns every complete frame body now
+available, each a slice of the chunk (one copy). Rules:
 
 1. The length prefix is checked against ``max_frame_size`` as soon as its four
    bytes are present, *before* any body byte is buffered for it, so a hostile
    "2^32-1" header costs nothing (aiokafka forgets this; Kafka CVE-2022-34917).
-2. The buffer is consumed with a moving read position and compacted once per
-   ``feed`` call, never rescanned from the start (h11 ``_receivebuffer``), so
-   many small frames in one large chunk cost O(total bytes).
+2. A chunk is consumed with a moving read position, never rescanned from the
+   start (h11 ``_receivebuffer``), so many small frames in one large chunk
+   cost O(total bytes). What follows the last whole frame is kept as chunks
+   and joined only once they can hold the next frame (its length is known
+   from its header), so a large frame arriving in many reads is copied once,
+   not once per read.
 3. Once an error has been raised the decoder is poisoned: every later call
    raises the same error, because the byte stream has lost its framing.
 
@@ -127,17 +130,20 @@ class FrameDecoder:
         max_frame_size: the largest body accepted, in bytes.
     """
 
-    __slots__ = ("_buf", "_error", "max_frame_size")
+    __slots__ = ("_error", "_have", "_need", "_parts", "max_frame_size")
 
     def __init__(self, max_frame_size: int) -> None:
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        #: Bytes received after the last whole frame (the start of the next), in chunks.
+        self._parts: list[bytes] = []
+        self._have = 0  # their total length
+        self._need = 0  # the length they must reach before the next frame can be whole
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a frame."""
-        return len(self._buf)
+        return self._have
 
     def take(self) -> bytes:
         """Return and forget the bytes buffered after the last whole frame.
@@ -145,8 +151,9 @@ class FrameDecoder:
         They start a frame; the caller prepends them to the next chunk (a
         connection that inspects whole chunks itself, :class:`PubAckRun`).
         """
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = b"".join(self._parts)
+        self._parts.clear()
+        self._have = self._need = 0
         return data
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
@@ -165,26 +172,40 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        buf = self._buf
-        buf += data
+        if type(data) is not bytes:
+            data = bytes(data)  # kept, maybe: a copy the caller cannot change
+        parts = self._parts
+        if parts:
+            parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []  # a large frame arriving: joined once, when whole
+            data = b"".join(parts)
+            parts.clear()
         frames: list[bytes] = []
+        append = frames.append
         pos = 0
-        end = len(buf)
+        end = len(data)
         limit = self.max_frame_size
+        need = _HEADER_SIZE
         while end - pos >= _HEADER_SIZE:
-            (size,) = _unpack_len(buf, pos)
+            (size,) = _unpack_len(data, pos)
             if size > limit:
                 # Drop what we hold: nothing after a bad header can be framed.
-                self._buf = bytearray()
+                self._have = 0
                 why = f"frame of {size} bytes exceeds the limit of {limit} bytes"
                 self._error = RemoteProtocolError(why, code=ErrorCode.FRAME_TOO_LARGE)
                 raise RemoteProtocolError(why, code=ErrorCode.FRAME_TOO_LARGE, before=frames)
-            start = pos + _HEADER_SIZE
-            stop = start + size
+            stop = pos + _HEADER_SIZE + size
             if stop > end:
+                need = stop - pos
                 break
-            frames.append(bytes(buf[start:stop]))
+            append(data[pos + _HEADER_SIZE : stop])
             pos = stop
-        if pos:
-            del buf[:pos]
+        if pos < end:
+            parts.append(data[pos:] if pos else data)
+            self._have = end - pos
+            self._need = need
+        else:
+            self._have = 0
         return frames
