@@ -106,7 +106,7 @@ from pathlib import Path
 from typing import Final
 
 from . import faults
-from .segment import HEADER_SIZE, SUFFIX, CorruptLogError, Segment, encode_records
+from .segment import SUFFIX, CorruptLogError, Segment, encode_records
 
 __all__ = ["CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir"]
 
@@ -301,15 +301,10 @@ class QueueLog:
         except OSError:
             self._cut(seg, start, durably=done > 0)
             raise
-        pos = start
-        offset = first
-        for body in bodies:
-            seg.note(offset, pos, ts)
-            pos += HEADER_SIZE + len(body)
-            offset += 1
-        seg.size = pos
-        seg.allocated = max(seg.allocated, pos)
-        seg.next_offset = offset
+        end = seg.note_run(first, start, bodies, ts)
+        seg.size = end
+        seg.allocated = max(seg.allocated, end)
+        seg.next_offset = first + len(bodies)
         with self._lock:
             self._unsynced.add(seg)
         faults.hit("after_write_before_sync")

@@ -72,6 +72,7 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_right
+from itertools import accumulate
 from pathlib import Path
 from typing import Final
 
@@ -211,6 +212,28 @@ class Segment:
             self.positions.append(position)
             self.timestamps.append(ts)
         self.last_ts = ts
+
+    def note_run(self, first: int, start: int, bodies: list[bytes], ts: int) -> int:
+        """Record new records in the index: :meth:`note` for each of a run.
+
+        Args:
+            first: the offset of the first record.
+            start: its file position (the others follow it).
+            bodies: the records' bodies.
+            ts: their timestamp.
+
+        Returns:
+            The file position after the last record.
+        """
+        # Body bytes before each record, in C; positions only for the indexed ones.
+        before = list(accumulate(map(len, bodies), initial=start))
+        k = -(first - self.base) % INDEX_EVERY  # the first record to index
+        picked = [before[i] + i * HEADER_SIZE for i in range(k, len(bodies), INDEX_EVERY)]
+        if picked:
+            self.positions.extend(picked)
+            self.timestamps.extend([ts] * len(picked))
+        self.last_ts = ts
+        return before[-1] + len(bodies) * HEADER_SIZE
 
     def scan(self, *, last: bool, repair: bool, point: int) -> None:
         """Read the file, build the index, and cut a torn tail (see the module docstring).
