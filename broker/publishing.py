@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections.abc import Iterable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from protocol import (
@@ -55,6 +57,11 @@ __all__ = ["SEQUENCE_HEADER_ROOM", "Publishing"]
 SEQUENCE_HEADER_ROOM = 128
 
 
+#: The publishes of one read for one queue, stored together: record bodies,
+#: their reqs, and the message ids of those that have one (by index).
+Pending = tuple[list[bytes], list[int], dict[int, str]]
+
+
 class Publishing:
     """The publish path of a session (see the module docstring); Session sets the state."""
 
@@ -68,7 +75,7 @@ class Publishing:
     producer: str | None
     unconfirmed: int
     _reading_paused: bool
-    _batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]]
+    _batch: dict[Queue, Pending]
     _now_ms: int
     #: pack(_now_ms) + nil: the middle of every spliced record body of this read.
     _stamp: bytes
@@ -133,7 +140,7 @@ class Publishing:
         headers = ev.headers
         if mid is not None:
             pending = self._batch.get(queue)
-            if pending is not None and mid in (m for _, m in pending[1]):
+            if pending is not None and mid in pending[2].values():
                 self._flush_publishes()  # the same id twice in one read: the first must be known
             dup = queue.find_duplicate(mid, time.monotonic())
             if dup is not None:
@@ -162,9 +169,11 @@ class Publishing:
             return
         pending = self._batch.get(queue)
         if pending is None:
-            pending = self._batch[queue] = ([], [])
+            pending = self._batch[queue] = ([], [], {})
+        if mid is not None:
+            pending[2][len(pending[0])] = mid
         pending[0].append(body)
-        pending[1].append((ev.req, mid))
+        pending[1].append(ev.req)
 
     def _dispatch(self, events: list[Event | SplicedPublish]) -> None:
         """Handle the events of one read in order; plain PUBLISHes inline.
@@ -209,10 +218,10 @@ class Publishing:
                 if pending is None:  # (not before: a batch must not be empty)
                     pending = self._batch.get(queue)
                     if pending is None:
-                        pending = self._batch[queue] = ([], [])
+                        pending = self._batch[queue] = ([], [], {})
                     add_body, add_req = pending[0].append, pending[1].append
                 add_body(body)
-                add_req((req, None))
+                add_req(req)
                 continue
             run = None
             if type(event) is not Publish and self._batch:
@@ -240,19 +249,19 @@ class Publishing:
         batch, self._batch = self._batch, {}
         store = self.broker.store
         if store.fatal:
-            for _, (_bodies, reqs) in batch.items():
-                for req, _mid in reqs:
+            for _bodies, reqs, _mids in batch.values():
+                for req in reqs:
                     self.reply_error(req, ErrorCode.STORAGE_FAILED, "storage failed; not accepting publishes")
             return
         now_ms = self._now_ms
         dedup_until = time.monotonic() + self.config.dedup_window
-        for queue, (bodies, reqs) in batch.items():
+        for queue, (bodies, reqs, mids) in batch.items():
             if self.producer is not None:
                 _tag_sequences(self.producer, bodies, reqs)
             try:
                 first = queue.append(
-                    bodies, [m for _, m in reqs], now_ms, dedup_until=dedup_until,
-                    producer=None if self.producer is None else (self.producer, reqs[-1][0]),
+                    bodies, now_ms, dedup_until=dedup_until, ids=mids,
+                    producer=None if self.producer is None else (self.producer, reqs[-1]),
                 )  # fmt: skip
             except LogFailedError as exc:
                 # An fsync failed (a segment roll's, or the cut of a failed write's): fail-stop
@@ -261,13 +270,12 @@ class Publishing:
                 return
             except OSError as exc:
                 code = _storage_code(exc)
-                for req, _mid in reqs:
+                for req in reqs:
                     self.reply_error(req, code, f"cannot store message in {queue.name!r}: {exc.strerror or exc}")
                 continue
             self._owe(len(bodies))
-            queue.expect_confirm(
-                first + len(bodies), self, [(req, first + i, False) for i, (req, _) in enumerate(reqs)]
-            )
+            end = first + len(bodies)
+            queue.expect_confirm(end, self, list(zip(reqs, range(first, end), repeat(False))))
             store.appended(queue)
         if self.unconfirmed > self.config.max_inflight_publishes and not self._reading_paused:
             self._reading_paused = True
@@ -275,7 +283,7 @@ class Publishing:
                 self.transport.pause_reading()
 
 
-def _tag_sequences(producer: str, bodies: list[bytes], reqs: list[tuple[int, str | None]]) -> None:
+def _tag_sequences(producer: str, bodies: list[bytes], reqs: list[int]) -> None:
     """Mark a producer's batch for one queue with its sequence numbers (its reqs).
 
     Stored with the records, so the broker finds a resent publish and knows
@@ -284,14 +292,17 @@ def _tag_sequences(producer: str, bodies: list[bytes], reqs: list[tuple[int, str
     ``x-producer-seq: "PRODUCER:FIRST-LAST"`` ("PRODUCER:N" for a run of one);
     the run's records are at consecutive offsets from that record's.
     """
-    start = 0
     n = len(reqs)
-    for i in range(1, n + 1):
-        if i == n or reqs[i][0] != reqs[i - 1][0] + 1:
-            first, last = reqs[start][0], reqs[i - 1][0]
-            value = f"{producer}:{first}" if first == last else f"{producer}:{first}-{last}"
-            bodies[start] = with_header(bodies[start], PRODUCER_HEADER, value)
-            start = i
+    if reqs[-1] - reqs[0] == n - 1 and reqs == list(range(reqs[0], reqs[-1] + 1)):
+        ends: Iterable[int] = (n,)  # the usual batch, one run (checked in C)
+    else:
+        ends = [i for i in range(1, n + 1) if i == n or reqs[i] != reqs[i - 1] + 1]
+    start = 0
+    for end in ends:
+        first, last = reqs[start], reqs[end - 1]
+        value = f"{producer}:{first}" if first == last else f"{producer}:{first}-{last}"
+        bodies[start] = with_header(bodies[start], PRODUCER_HEADER, value)
+        start = end
 
 
 def _storage_code(exc: OSError) -> ErrorCode:

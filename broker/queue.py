@@ -229,15 +229,16 @@ class Queue:
     def append(
         self,
         bodies: list[bytes],
-        ids: list[str | None],
         timestamp_ms: int,
         *,
         dedup_until: float,
+        ids: dict[int, str] | None = None,
         producer: tuple[str, int] | None = None,
     ) -> int:
         """Write records to the log (not yet synced) and remember them in the tail.
 
-        ``producer`` is ``(producer, last sequence among bodies)`` when a
+        ``ids`` maps the index in ``bodies`` of each message with a message id
+        to that id (for deduplication until ``dedup_until``). ``producer`` is ``(producer, last sequence among bodies)`` when a
         named producer published them.
 
         Returns:
@@ -253,10 +254,9 @@ class Queue:
         while len(tail) > TAIL_MAX_RECORDS or (self._tail_bytes > TAIL_MAX_BYTES and len(tail) > 1):
             self._tail_bytes -= len(tail.popleft())
             self._tail_base += 1
-        if ids.count(None) != len(ids):
-            for i, mid in enumerate(ids):
-                if mid is not None:
-                    self._dedup[mid] = (first + i, dedup_until)
+        if ids:
+            for i, mid in ids.items():
+                self._dedup[mid] = (first + i, dedup_until)
         if producer is not None:
             seen = self.producers.get(producer[0])
             self.producers[producer[0]] = (producer[1] if seen is None else max(seen[0], producer[1]), dedup_until)

@@ -65,7 +65,7 @@ from protocol import (
 from protocol.framing import pack_body
 
 from .cursors import Cursor
-from .publishing import SEQUENCE_HEADER_ROOM, Publishing
+from .publishing import SEQUENCE_HEADER_ROOM, Pending, Publishing
 from .queue import FetchWaiter, Queue
 from .router import AckError, Consumer, Group
 
@@ -137,7 +137,7 @@ class Session(Publishing, asyncio.Protocol):
         self._heard = True  # bytes arrived since the last heartbeat check
         self._tasks: set[asyncio.Task[None]] = set()
         self._ping_out = False
-        self._batch: dict[Queue, tuple[list[bytes], list[tuple[int, str | None]]]] = {}
+        self._batch: dict[Queue, Pending] = {}
         self._now_ms = 0
         self._stamp = b""
         self._max_record = self.config.max_message_bytes

@@ -235,7 +235,7 @@ class Store:
             return
         offsets = [o for o, _ in bodies]
         try:
-            first = target.append([b for _, b in bodies], [None] * len(bodies), int(time.time() * 1000), dedup_until=0)
+            first = target.append([b for _, b in bodies], int(time.time() * 1000), dedup_until=0)
         except LogFailedError as exc:  # a roll's fsync, or the cut of a failed write: fail-stop (R7)
             self.fail(f"fsync failed: {exc}")
             group.dead_letter_failed(offsets)

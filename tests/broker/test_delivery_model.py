@@ -64,9 +64,7 @@ class DeliveryModel(RuleBasedStateMachine):
 
     @rule(events=st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=5))
     def publish(self, events: list[str]) -> None:
-        self.queue.append(
-            [encode_record(e, 1, None, i) for i, e in enumerate(events)], [None] * len(events), 1, dedup_until=0
-        )
+        self.queue.append([encode_record(e, 1, None, i) for i, e in enumerate(events)], 1, dedup_until=0)
         self.matching += [self.group.filter(e) for e in events]
         self.queue.commit(self.queue.log.next_offset)
         self._pump()
