@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         except Exception as exc:
             progress.done(f"ERROR: {type(exc).__name__}: {exc}")
-            emit({"scenario": name, "broker": target.kind, "durability": target.durability, "variant": "",
+            emit({"scenario": name, "broker": target.kind, "durability": target.durability,
+                  "fsync_before_confirm": target.fsync_before_confirm, "variant": "",
                   "errors": [f"{type(exc).__name__}: {exc}"]})  # fmt: skip
     if not args.json:
         print()
