@@ -49,10 +49,27 @@ def status_of(rec: dict[str, Any]) -> str:
     return "ok"
 
 
-def finish(rec: dict[str, Any], env: dict[str, Any], run_id: str, durability: str | None) -> dict[str, Any]:
+def finish(
+    rec: dict[str, Any], env: dict[str, Any], run_id: str, durability: str | None, *, round_no: int = 1, rounds: int = 1
+) -> dict[str, Any]:
+    """The full record of one run: the scenario's fields plus the common ones and its status.
+
+    Args:
+        rec: what the scenario emitted (its ``broker`` and ``durability`` are moved to the front).
+        env: :func:`environment`.
+        run_id: the id shared by every record of this ``python -m bench`` invocation.
+        durability: the durability label when ``rec`` has none (``codec``: None).
+        round_no: which round of ``--repeat`` this run belongs to (1-based).
+        rounds: how many rounds were asked for (``--repeat``).
+
+    Returns:
+        A new dict; ``rec`` is consumed (``broker`` and ``durability`` popped).
+    """
     out = {
         "ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_id": run_id,
+        "round": round_no,
+        "rounds": rounds,
         "broker": rec.pop("broker", "tidings"),
         "durability": rec.pop("durability", durability),
         **rec,
