@@ -295,8 +295,69 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- tidings against the best peer ------------------------------------------
+
+
+def _versus_line(case: str, ours: dict[str, Any], peers: list[dict[str, Any]], who: str) -> str:
+    lower_is_better = latency_headline(ours)
+    scored = [(value, r) for r in peers if (value := headline(r)) is not None]
+    value, best = (min if lower_is_better else max)(scored, key=lambda vr: vr[0])
+    mine = headline(ours)
+    assert mine is not None  # versus() keeps only runs with a headline figure
+    if lower_is_better:
+        first = next(iter(ours["latency"]))
+        line = f"{case} p99 {_label(first)}: tidings {mine:.2f} ms vs {who} {best['broker']} {value:.2f} ms"
+    else:
+        ratio = f" ({mine / value:.2f}x)" if value else ""
+        line = f"{case}: tidings {mine:,.0f}/s vs {who} {best['broker']} {value:,.0f}/s{ratio}"
+    for r in (ours, best):
+        if r.get("status", "ok") != "ok":
+            line += f" [{r['broker']} {r['status']}]"
+    return line
+
+
+def versus(rows: list[dict[str, Any]]) -> list[str]:
+    """Tidings against the best peer, one line per scenario and variant.
+
+    Only cases that tidings and at least one peer ran (with a headline
+    figure) get a line; ``codec`` is tidings-only and skipped. Throughput
+    compares msgs/s (with tidings' multiple of the peer's); ``latency``
+    compares the p99 of its first latency entry (publish→deliver; lower is
+    better). ``publish window=1`` gets a second line against the best peer
+    whose record says ``fsync_before_confirm`` (the like-for-like bar for
+    tidings' ``--fsync always``; noted when tidings ran otherwise). A
+    non-ok status of either side is appended in brackets.
+
+    Args:
+        rows: one record per scenario, variant and broker, as from
+            :func:`median_runs` (with repeats, the median runs).
+
+    Returns:
+        The lines, in table order; empty when no peer ran.
+    """
+    cases: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["scenario"] != "codec" and headline(r) is not None:
+            cases.setdefault((r["scenario"], r.get("variant", "")), []).append(r)
+    out = []
+    for (scenario, variant), group in cases.items():
+        ours = next((r for r in group if r.get("broker") == "tidings"), None)
+        peers = [r for r in group if r.get("broker") != "tidings"]
+        if ours is None or not peers:
+            continue
+        case = f"{scenario} {variant}".strip()
+        out.append(_versus_line(case, ours, peers, "best peer"))
+        safe = [r for r in peers if r.get("fsync_before_confirm")]
+        if scenario == "publish" and variant == "window=1" and safe:
+            line = _versus_line(case, ours, safe, "best fsync-before-confirm peer")
+            if not ours.get("fsync_before_confirm"):
+                line += f" (tidings ran with {ours.get('durability')})"
+            out.append(line)
+    return out
+
+
 def print_table(records: list[dict[str, Any]], env: dict[str, Any], command: str) -> None:
-    """Print the Markdown table and any noisy or failed runs.
+    """Print the Markdown table, the versus lines and any noisy or failed runs.
 
     Args:
         records: run records, in the order they ran (every round).
@@ -309,6 +370,10 @@ def print_table(records: list[dict[str, Any]], env: dict[str, Any], command: str
     most = max((g["runs"]["count"] for g in groups), default=1)
     print(f"`{command}` — Python {env['python']}, {env['loop']}, {env['cpus']} CPUs, commit {env['commit']}"
           + (f"; each row the median of {most} runs" if most > 1 else ""))  # fmt: skip
+    lines = versus(groups)
+    if lines:
+        print()
+        print("\n".join(lines))
     noisy = [r for r in records if (r.get("other_cpu_share") or 0) > 0.25]
     if noisy:
         print()
