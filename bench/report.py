@@ -379,16 +379,18 @@ def print_table(records: list[dict[str, Any]], env: dict[str, Any], command: str
         print()
         print(
             "Noisy runs (CPU used by other processes on the machine, in cores, during the run): "
-            + ", ".join(f"{r['scenario']} {r.get('variant', '')}{_round(r)} {r['other_cpu_share']:.2f}" for r in noisy)
+            + ", ".join(f"{_which(r)} {r['other_cpu_share']:.2f}" for r in noisy)
         )
     failed = [r for r in records if r["status"] == "FAILED"]
     if failed:
         print()
         for r in failed:
             why = r.get("errors") or [f"lost {r.get('check', {}).get('lost')}"]
-            print(f"FAILED: {r['scenario']} {r.get('variant', '')}{_round(r)}: {'; '.join(map(str, why))}")
+            print(f"FAILED: {_which(r)}: {'; '.join(map(str, why))}")
     sys.stdout.flush()
 
 
-def _round(rec: dict[str, Any]) -> str:
-    return f" (round {rec['round']})" if rec.get("rounds", 1) > 1 else ""
+def _which(rec: dict[str, Any]) -> str:
+    """Scenario, variant, broker and (with --repeat) round of a run, for the notes under the table."""
+    where = f"{rec['scenario']} {rec.get('variant', '')} {rec.get('broker', 'tidings')}"
+    return where + (f" (round {rec['round']})" if rec.get("rounds", 1) > 1 else "")
