@@ -1,6 +1,8 @@
 """A PNG chart of one run: throughput per scenario and broker, and latency percentiles.
 
-Needs matplotlib (the ``bench`` extra); without it, :func:`write` says so and returns None.
+With ``--repeat``, each bar is the median run of its scenario and broker
+(:func:`bench.report.median_runs`, as in the table). Needs matplotlib (the
+``bench`` extra); without it, :func:`write` says so and returns None.
 """
 
 from __future__ import annotations
@@ -8,8 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .report import median_runs
+
 
 def write(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Draw the chart of some run records.
+
+    Args:
+        records: run records, every round (each bar is a case's median run).
+        path: the PNG to write (its folder is created).
+
+    Returns:
+        ``path``, or None without matplotlib or without a record to draw.
+    """
     try:
         import matplotlib
 
@@ -17,7 +30,7 @@ def write(records: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in records if r.get("msgs_per_s") and r.get("scenario") != "codec"]
+    rows = [r for r in median_runs(records) if r.get("msgs_per_s") and r.get("scenario") != "codec"]
     if not rows:
         return None
     brokers = list(dict.fromkeys(r["broker"] for r in rows))
@@ -53,8 +66,10 @@ def write(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax2.legend(fontsize=8)
         ax2.grid(axis="y", alpha=0.3)
     first = rows[0]
+    most = max(r["runs"]["count"] for r in rows)
     fig.suptitle(f"tidings bench — Python {first.get('python')}, {first.get('loop')}, {first.get('cpus')} CPUs, "
-                 f"commit {first.get('commit')}", fontsize=10)  # fmt: skip
+                 f"commit {first.get('commit')}" + (f"; median of {most} runs" if most > 1 else ""),
+                 fontsize=10)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tidings", action="store_true", help="with --peers: run only the peers")
     p.add_argument("--chart", action="store_true", help="also write a PNG chart next to the .jsonl (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole job list N times, in rounds (default: %(default)s); the table then shows each "
+        "scenario's median run per broker and the min-max over its runs",
+    )
     return p  # fmt: skip
 
 
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
-    for name in ("publishers", "subscribers", "fetchers", "window", "prefetch", "batch", "payload"):
+    for name in ("publishers", "subscribers", "fetchers", "window", "prefetch", "batch", "payload", "repeat"):
         if getattr(args, name) < 1:
             print(f"--{name} must be at least 1", file=sys.stderr)
             return 2
@@ -123,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
 
+    round_no = 1  # the round being run; emit reads it when called
+
     def emit(rec: dict[str, Any], durability: str | None = None) -> None:
-        rec = report.finish(rec, env, run_id, durability)
+        rec = report.finish(rec, env, run_id, durability, round_no=round_no, rounds=args.repeat)
         if (rec.get("other_cpu_share") or 0) > 0.25:
             progress.done(f"warning: other processes used ~{rec['other_cpu_share']:.0%} of a core meanwhile")
         rec["command"] = command.strip()
@@ -151,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         targets += peers.targets(opts, args.peer)
     # Interleaved: each scenario runs on every broker before the next scenario,
-    # so drift on the machine hits all brokers alike.
+    # and with --repeat the whole list runs again in the next round, so drift
+    # on the machine hits all brokers alike.
     jobs = [(t, name) for name in chosen for t in targets if name != "codec" or t.kind == "tidings"]
-    for i, (target, name) in enumerate(jobs, 1):
-        progress.prefix = f"[{i}/{len(jobs)}] {target.kind}"
+    schedule = [(k, i, t, name) for k in range(1, args.repeat + 1) for i, (t, name) in enumerate(jobs, 1)]
+    for round_no, i, target, name in schedule:
+        where = f"{i}/{len(jobs)}" if args.repeat == 1 else f"round {round_no}/{args.repeat} {i}/{len(jobs)}"
+        progress.prefix = f"[{where}] {target.kind}"
         try:
             if name == "codec":
                 count = scenarios.default_count(opts, "codec")
@@ -168,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         except Exception as exc:
             progress.done(f"ERROR: {type(exc).__name__}: {exc}")
-            emit({"scenario": name, "broker": target.kind, "durability": target.durability, "variant": "",
+            emit({"scenario": name, "broker": target.kind, "durability": target.durability,
+                  "fsync_before_confirm": target.fsync_before_confirm, "variant": "",
                   "errors": [f"{type(exc).__name__}: {exc}"]})  # fmt: skip
     if not args.json:
         print()

@@ -79,6 +79,9 @@ class Target:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.durability = f"fsync {opts.fsync}"
+        # Whether a publish is confirmed only once it is on disk: the like-for-like
+        # bar in the versus lines (bench.report.versus). Peers set their own.
+        self.fsync_before_confirm = opts.fsync == "always"
 
     @contextlib.contextmanager
     def server(self, tag: str) -> Iterator[Server]:
@@ -241,7 +244,8 @@ def publish(t: Target, progress: Progress, emit: Emit) -> None:
             m = meter.end(confirmed, confirmed)
             check = _verify(t, bp.url, _expected(specs), progress)
         emit({
-            "broker": t.kind, "durability": t.durability, "scenario": "publish", "variant": f"window={window}",
+            "broker": t.kind, "durability": t.durability, "fsync_before_confirm": t.fsync_before_confirm,
+            "scenario": "publish", "variant": f"window={window}",
             "params": {"count": n, "window": window, "publishers": opts.publishers, "payload": opts.payload},
             "messages": confirmed, "seconds": round(seconds, 4),
             "msgs_per_s": round(confirmed / seconds, 1) if seconds else None,
@@ -280,7 +284,8 @@ def latency(t: Target, progress: Progress, emit: Emit) -> None:
     seconds = (sres["t_last"] - t0) / 1e9
     check = merge([sres["check"]], expected, each=True)
     emit({
-        "broker": t.kind, "durability": t.durability, "scenario": "latency", "variant": f"rate={opts.rate:g}/s" + ("" if opts.tick_ms == 1 else f" tick={opts.tick_ms:g}ms"),
+        "broker": t.kind, "durability": t.durability, "fsync_before_confirm": t.fsync_before_confirm,
+        "scenario": "latency", "variant": f"rate={opts.rate:g}/s" + ("" if opts.tick_ms == 1 else f" tick={opts.tick_ms:g}ms"),
         "params": {"count": count, "rate": opts.rate, "publishers": opts.publishers, "payload": opts.payload,
                    "prefetch": opts.prefetch, "tick_ms": opts.tick_ms,
                    "schedule": f"open loop, {f'{opts.tick_ms:g} ms ticks' if opts.tick_ms else 'evenly spaced'}"},
@@ -319,7 +324,8 @@ def catchup(t: Target, progress: Progress, emit: Emit) -> None:
     seconds = (sres["t_acked"] - sres["t_start"]) / 1e9
     check = merge([sres["check"]], expected, each=True)
     emit({
-        "broker": t.kind, "durability": t.durability, "scenario": "catchup", "variant": f"n={count}",
+        "broker": t.kind, "durability": t.durability, "fsync_before_confirm": t.fsync_before_confirm,
+        "scenario": "catchup", "variant": f"n={count}",
         "params": {"count": count, "prefetch": opts.prefetch, "payload": opts.payload},
         "messages": check["received"], "seconds": round(seconds, 4),
         "msgs_per_s": round(check["received"] / seconds, 1) if seconds else None,
@@ -362,7 +368,8 @@ def fanout(t: Target, progress: Progress, emit: Emit) -> None:
     pub_seconds = (max(r["t_end"] for r in presults) - t0) / 1e9
     check = merge([s["check"] for s in subs], expected, each=True)
     emit({
-        "broker": t.kind, "durability": t.durability, "scenario": "fanout", "variant": f"subscribers={k}",
+        "broker": t.kind, "durability": t.durability, "fsync_before_confirm": t.fsync_before_confirm,
+        "scenario": "fanout", "variant": f"subscribers={k}",
         "params": {"count": count, "subscribers": k, "window": opts.window, "prefetch": opts.prefetch,
                    "publishers": opts.publishers, "payload": opts.payload},
         "messages": delivered, "seconds": round(seconds, 4),
@@ -397,7 +404,8 @@ def fetch(t: Target, progress: Progress, emit: Emit) -> None:
     seconds = (max(r["t_last"] for r in results) - min(r["t_start"] for r in results)) / 1e9
     check = merge([r["check"] for r in results], expected, each=False)
     emit({
-        "broker": t.kind, "durability": t.durability, "scenario": "fetch", "variant": f"batch={opts.batch} consumers={opts.fetchers}",
+        "broker": t.kind, "durability": t.durability, "fsync_before_confirm": t.fsync_before_confirm,
+        "scenario": "fetch", "variant": f"batch={opts.batch} consumers={opts.fetchers}",
         "params": {"count": count, "batch": opts.batch, "consumers": opts.fetchers, "payload": opts.payload},
         "messages": check["received"], "seconds": round(seconds, 4),
         "msgs_per_s": round(check["received"] / seconds, 1) if seconds else None,

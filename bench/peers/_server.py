@@ -110,6 +110,8 @@ class PeerTargetBase(Target):
         super().__init__(opts)
         self.kind = kind
         self.binary = binary or kind
+        # Not the tidings --fsync setting inherited from Target: each peer sets its own.
+        self.fsync_before_confirm = False
 
     def process(self, data_dir: Path) -> PeerProcess:
         raise NotImplementedError

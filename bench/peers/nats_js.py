@@ -30,6 +30,7 @@ class PeerTarget(PeerTargetBase):
     def __init__(self, opts: Options, kind: str, binary: str | None) -> None:
         super().__init__(opts, kind, binary)
         self.durability = "file storage, confirms before fsync (periodic sync)"
+        self.fsync_before_confirm = False
 
     def process(self, data_dir: Path) -> PeerProcess:
         cmd = [self.binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(data_dir)]

@@ -97,6 +97,7 @@ class PeerTarget(PeerTargetBase):
     def __init__(self, opts: Options, kind: str, binary: str | None) -> None:
         super().__init__(opts, kind, binary)
         self.durability = "quorum queue, publisher confirms (fsync before confirm)"
+        self.fsync_before_confirm = True
 
     def process(self, data_dir: Path) -> PeerProcess:
         return RabbitProcess(data_dir, self.binary)

@@ -30,6 +30,7 @@ class PeerTarget(PeerTargetBase):
             if appendfsync == "always"
             else f"AOF appendfsync {appendfsync} (confirms before fsync)"
         )
+        self.fsync_before_confirm = appendfsync == "always"
 
     def process(self, data_dir: Path) -> PeerProcess:
         port = free_port()
