@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
+from itertools import accumulate
 from typing import TYPE_CHECKING, Final, Protocol
 
 import msgpack
@@ -58,7 +60,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Confirmer", "FetchWaiter", "PushTarget", "Queue"]
 
 #: Records kept in memory after append, so that live subscribers are fed
-#: without a disk read. 8 MiB / 8192 records bound it (whichever comes first).
+#: without a disk read. 8 MiB / 8192 records bound it (whichever comes first);
+#: once past either, the oldest are dropped down to 3/4 of both at once (one
+#: ``del`` of a list's head, rarely, instead of a pop per record).
 TAIL_MAX_RECORDS: Final = 8192
 TAIL_MAX_BYTES: Final = 8 * 1024 * 1024
 #: Records read from the log per pread batch when catching up.
@@ -142,7 +146,7 @@ class Queue:
         self.ephemeral: set[Group] = set()
         self.waiters: list[FetchWaiter] = []
         self._confirms: deque[tuple[int, Confirmer, list[tuple[int, int, bool]]]] = deque()
-        self._tail: deque[bytes] = deque()
+        self._tail: list[bytes] = []  # the records from _tail_base on
         self._tail_base = log.next_offset
         self._tail_bytes = 0
         self._dedup: dict[str, tuple[int, float]] = {}
@@ -251,9 +255,8 @@ class Queue:
         tail = self._tail
         tail.extend(bodies)
         self._tail_bytes += sum(map(len, bodies))
-        while len(tail) > TAIL_MAX_RECORDS or (self._tail_bytes > TAIL_MAX_BYTES and len(tail) > 1):
-            self._tail_bytes -= len(tail.popleft())
-            self._tail_base += 1
+        if len(tail) > TAIL_MAX_RECORDS or self._tail_bytes > TAIL_MAX_BYTES:
+            self._trim_tail()
         if ids:
             for i, mid in ids.items():
                 self._dedup[mid] = (first + i, dedup_until)
@@ -262,6 +265,22 @@ class Queue:
             self.producers[producer[0]] = (producer[1] if seen is None else max(seen[0], producer[1]), dedup_until)
         self.published += len(bodies)
         return first
+
+    def _trim_tail(self) -> None:
+        """Drop the tail's oldest records, down to 3/4 of both of its limits (one record at least stays)."""
+        tail = self._tail
+        drop = max(0, len(tail) - TAIL_MAX_RECORDS * 3 // 4)
+        dropped = sum(map(len, tail[:drop]))
+        over = self._tail_bytes - dropped - TAIL_MAX_BYTES * 3 // 4
+        if over > 0:  # large records: walk on by their sizes
+            sizes = list(accumulate(map(len, tail[drop:])))
+            more = min(bisect_left(sizes, over) + 1, len(sizes) - 1)
+            if more > 0:
+                drop += more
+                dropped += sizes[more - 1]
+        del tail[:drop]
+        self._tail_bytes -= dropped
+        self._tail_base += drop
 
     def expect_confirm(self, end: int, confirmer: Confirmer, acks: list[tuple[int, int, bool]]) -> None:
         """Send ``acks`` through ``confirmer`` once every offset below ``end`` is committed."""
@@ -342,8 +361,8 @@ class Queue:
         if offset >= end:
             return []
         if offset >= self._tail_base:
-            tail, base = self._tail, self._tail_base
-            return [(o, tail[o - base]) for o in range(offset, end)]
+            base = self._tail_base
+            return list(zip(range(offset, end), self._tail[offset - base : end - base], strict=True))
         try:
             records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
         except CorruptLogError:
