@@ -4,7 +4,9 @@ The worker loops in :mod:`bench.workers` only speak this interface, so every
 broker is driven the same way. An adapter is an async context manager
 (connect / close) with:
 
-* ``publish(payload)``: one message, returns once the broker confirmed it;
+* ``publish(payload)``: one message: an awaitable that completes once the
+  broker confirmed it (the client's own coroutine, not wrapped in another:
+  the harness must not add a coroutine per message to any broker's figure);
 * ``publish_batch(payloads)`` (when ``BATCHED`` is true): the client's own
   pipelining (Redis pipelines) — the closed loop then sends windows as
   batches instead of running ``window`` concurrent ``publish`` calls;
@@ -17,7 +19,7 @@ broker is driven the same way. An adapter is an async context manager
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 EVENT = "bench"
@@ -56,7 +58,7 @@ class Adapter:
     async def __aexit__(self, *exc: object) -> None:
         pass
 
-    async def publish(self, payload: bytes) -> None:
+    def publish(self, payload: bytes) -> Awaitable[Any]:
         raise NotImplementedError
 
     async def publish_batch(self, payloads: list[bytes]) -> None:
@@ -132,8 +134,8 @@ class TidingsAdapter(Adapter):
     async def __aexit__(self, *exc: object) -> None:
         await self.client.aclose()
 
-    async def publish(self, payload: bytes) -> None:
-        await self.client.publish(self.queue, EVENT, payload)
+    def publish(self, payload: bytes) -> Awaitable[Any]:
+        return self.client.publish(self.queue, EVENT, payload)  # type: ignore[no-any-return]
 
     async def create_durable(self, name: str, start: str) -> None:
         sub = await self.client.subscribe(self.queue, durable=name, start=start, prefetch=1)

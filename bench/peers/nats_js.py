@@ -15,7 +15,7 @@ as for tidings.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,8 @@ class PeerAdapter(Adapter):
     async def __aexit__(self, *exc: object) -> None:
         await self.nc.drain()
 
-    async def publish(self, payload: bytes) -> None:
-        await self.js.publish(self.queue, payload, timeout=60)
+    def publish(self, payload: bytes) -> Awaitable[Any]:
+        return self.js.publish(self.queue, payload, timeout=60)
 
     async def create_durable(self, name: str, start: str) -> None:
         # A push consumer (see the module docstring) positioned at ``start``, nothing delivered yet.

@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +167,8 @@ class PeerAdapter(Adapter):
         await q.bind(EXCHANGE)
         return q
 
-    async def publish(self, payload: bytes) -> None:
-        await self.exchange.publish(self.message(payload, delivery_mode=self.persistent), routing_key="")
+    def publish(self, payload: bytes) -> Awaitable[Any]:
+        return self.exchange.publish(self.message(payload, delivery_mode=self.persistent), routing_key="")
 
     async def create_durable(self, name: str, start: str) -> None:
         await self._queue(name)  # gets every message published from now on

@@ -9,7 +9,7 @@ RDB snapshots off. A window of W publishes is one pipeline of W XADDs
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,8 +79,8 @@ class PeerAdapter(Adapter):
     async def __aexit__(self, *exc: object) -> None:
         await self.r.aclose()
 
-    async def publish(self, payload: bytes) -> None:
-        await self.r.xadd(self.queue, {FIELD: payload})
+    def publish(self, payload: bytes) -> Awaitable[Any]:
+        return self.r.xadd(self.queue, {FIELD: payload})
 
     async def publish_batch(self, payloads: list[bytes]) -> None:
         pipe = self.r.pipeline(transaction=False)
