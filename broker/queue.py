@@ -242,8 +242,9 @@ class Queue:
         """Write records to the log (not yet synced) and remember them in the tail.
 
         ``ids`` maps the index in ``bodies`` of each message with a message id
-        to that id (for deduplication until ``dedup_until``). ``producer`` is ``(producer, last sequence among bodies)`` when a
-        named producer published them.
+        to that id (for deduplication until ``dedup_until``). ``producer`` is
+        ``(producer, last sequence among bodies)`` when a named producer
+        published them.
 
         Returns:
             The offset of the first record.
