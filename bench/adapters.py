@@ -113,7 +113,7 @@ class TidingsConsumer(Consumer):
 
     async def ack(self, handles: list[Any]) -> None:
         for m in handles:
-            await m.ack()  # queued; one ACK frame per event-loop turn
+            await m.ack()  # queued; one ACK frame per event-loop turn (or per 128 acks)
 
     async def close(self) -> None:
         if self.sub is not None:

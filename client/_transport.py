@@ -69,7 +69,7 @@ from .subscription import Message, Subscription
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "parse_url"]
+__all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "parse_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ WRITE_HIGH_WATER: Final = 1024 * 1024
 #: two overlap: window 1,000 went from 131k to 182k msg/s here (medians of 6
 #: interleaved pairs).
 FLUSH_BYTES: Final = 32 * 1024
+#: Acks of one durable queued in one loop turn that are written at once, not
+#: at the end of the turn. A subscriber that works through a whole prefetch
+#: window in one turn would otherwise return the credit only when it is done,
+#: and the broker, out of credit, would wait for it (lockstep again).
+ACK_FLUSH: Final = 128
 #: Connection-ending errors after which reconnecting makes sense.
 RECONNECT_CODES: Final = frozenset(
     {ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS}

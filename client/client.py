@@ -38,7 +38,7 @@ from protocol import (
     Unsubscribe,
 )
 
-from ._transport import DEFAULT_URL, Transport, _app_headers, parse_url
+from ._transport import ACK_FLUSH, DEFAULT_URL, Transport, _app_headers, parse_url
 from .subscription import Message, Subscription
 
 __all__ = ["DEFAULT_URL", "Client", "parse_url"]
@@ -305,6 +305,9 @@ class Client(Transport):
             self._schedule_flush()
         else:
             batch.append(offset)
+            if len(batch) >= ACK_FLUSH and not self._reconnecting:
+                self._write_acks()  # the broker refills the window while we work on the rest
+                self._write_buffered()
 
     async def ack_upto(self, queue: str, durable: str, offset: int) -> None:
         """Acknowledge every message of ``durable`` up to ``offset`` (cumulative).
