@@ -34,7 +34,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from itertools import accumulate
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgpack
 
@@ -42,12 +42,14 @@ from protocol import (
     PRODUCER_HEADER,
     ErrorCode,
     EventFilter,
+    LocalProtocolError,
     encode_batch,
     encode_deliver,
     encode_error,
-    encode_record,
     record_event,
 )
+from protocol.framing import pack_body
+from protocol.wire import record_headers_at
 
 from .log import CorruptLogError, QueueLog
 from .router import Consumer, Group
@@ -571,20 +573,31 @@ class Queue:
 
 def _record_headers(body: bytes) -> dict[str, str] | None:
     """The headers of a stored record body (event, timestamp, headers, payload)."""
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(body)
-    unpacker.skip()  # event
-    unpacker.skip()  # timestamp
-    headers = unpacker.unpack()
+    _, headers, _ = _headers_span(body)
     return headers if isinstance(headers, dict) else None
 
 
 def with_header(body: bytes, name: str, value: str) -> bytes:
-    """Re-encode a stored record body with one more header."""
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(body)
-    event, ts, headers, payload = unpacker
-    return encode_record(event, ts, {**(headers or {}), name: value}, payload)
+    """A stored record body with one more header; the event, timestamp and
+    payload bytes are kept as they are (the payload is not decoded)."""
+    start, headers, end = _headers_span(body)
+    return body[:start] + pack_body({**(headers or {}), name: value}) + body[end:]
+
+
+def _headers_span(body: bytes) -> tuple[int, Any, int]:
+    """``(start, headers, end)``: the headers of a record body, and where their bytes are.
+
+    No ``msgpack.Unpacker`` (making one clears ~40 KB: about a quarter of a
+    lone publish's broker instructions when it ran per publish).
+    """
+    start = record_headers_at(body)
+    if body[start] == 0xC0:  # nil: the usual record
+        return start, None, start + 1
+    try:
+        headers = msgpack.unpackb(body[start:], raw=False)
+    except msgpack.ExtraData as extra:  # the payload after them: as it should be
+        return start, extra.unpacked, len(body) - len(extra.extra)
+    raise LocalProtocolError(f"record body has no payload after its headers: {headers!r}")
 
 
 def parse_sequences(value: object, prefix: str) -> tuple[int, int] | None:

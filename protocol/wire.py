@@ -155,6 +155,36 @@ def record_event(body: bytes) -> str:
     raise LocalProtocolError("record body does not start with an event name")
 
 
+#: Bytes after the format byte of a msgpack int: uint 8-64 (0xcc-0xcf), int 8-64 (0xd0-0xd3).
+_INT_SIZE: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+
+
+def record_headers_at(body: bytes) -> int:
+    """Where the headers of a record body start: after its event name and timestamp.
+
+    Found from the format bytes alone (no msgpack object is made): the body
+    is ours (:func:`encode_record`), its event a fixstr or str 8 and its
+    timestamp an int.
+
+    Raises:
+        LocalProtocolError: the body does not start with an event and a timestamp.
+    """
+    b0 = body[0]
+    if 0xA0 <= b0 <= 0xBF:
+        i = 1 + (b0 & 0x1F)
+    elif b0 == 0xD9:
+        i = 2 + body[1]
+    else:
+        raise LocalProtocolError("record body does not start with an event name")
+    m = body[i]
+    if m < 0x80 or m >= 0xE0:  # positive or negative fixint
+        return i + 1
+    size = _INT_SIZE.get(m)
+    if size is None:
+        raise LocalProtocolError("record body has no timestamp after its event name")
+    return i + 1 + size
+
+
 def encode_deliver(sub_id: int, offset: int, deliveries: int, body: bytes) -> bytes:
     """Encode a DELIVER frame around a stored record body, without re-encoding it.
 
