@@ -15,6 +15,9 @@ of the counts (the marginal instructions per message). Paths:
 * ``broker``: the broker's publish path, ``Session.data_received`` of N
   PUBLISH frames (100-byte payloads) as a socket would deliver them, into a
   real log with ``--fsync never``;
+* ``broker-single``: the same, one frame per ``data_received`` (a lone
+  publisher at window 1: every read is a batch of one, so what a batch
+  costs is paid per message);
 * ``client``: the client's publish path at window 1,000 against an in-process
   transport that answers every PUBLISH (``bench.codec``).
 """
@@ -66,16 +69,18 @@ async def _broker(stream: list[bytes], count: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("broker", "client") or not argv[1].isdigit():
-        print("usage: python -m bench.instructions broker|client COUNT (under callgrind: see the docstring)")
+    if len(argv) != 2 or argv[0] not in ("broker", "broker-single", "client") or not argv[1].isdigit():
+        print(
+            "usage: python -m bench.instructions broker|broker-single|client COUNT (under callgrind: see the docstring)"
+        )
         return 2
     path, count = argv[0], int(argv[1])
     maker = PayloadMaker(0, 100)
     payloads = [maker.make(i, 0) for i in range(count)]
-    if path == "broker":
+    if path.startswith("broker"):
         client, _ = _pair()
-        frames = b"".join(client.send(Publish(i + 2, "bench", EVENT, p)) for i, p in enumerate(payloads))
-        asyncio.run(_broker(_chunks(frames), count))
+        frames = [client.send(Publish(i + 2, "bench", EVENT, p)) for i, p in enumerate(payloads)]
+        asyncio.run(_broker(frames if path == "broker-single" else _chunks(b"".join(frames)), count))
     else:
         measured(lambda: run_async(_client_publish(payloads, CLIENT_WINDOW)))
     return 0
