@@ -396,8 +396,8 @@ class Transport:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._mark()
         if self._reconnecting:
+            self._mark()  # held, but made: their timeout runs (_write_buffered marks the others)
             return  # acks and requests wait for the new connection
         if self._acks:
             self._write_acks()

@@ -273,6 +273,7 @@ _RUN_CONSTANT: Final = tuple(
 )
 #: The size of a fixed-width PUBACK frame, length prefix included (25).
 PUBACK_FRAME_SIZE: Final = 4 + _PUBACK_BODY_SIZE
+_BOOLEANS: Final = (0xC2, 0xC3)  # msgpack false, true
 _RUN_PREFIX: Final = _PUBACK_FIXED.pack(21, 0x94, _PUBACK, 0xCF, 0, 0xCF, 0, 0xC2)[:7]
 _iter_run: Final = struct.Struct(">7xQxQB").iter_unpack  # (req, offset, duplicate byte)
 
@@ -315,6 +316,8 @@ def puback_run_length(data: bytes) -> int:
     whole = len(data) // PUBACK_FRAME_SIZE
     if not whole or data[:7] != _RUN_PREFIX:
         return 0
+    if whole == 1:  # a lone publisher's read: the first 7 bytes are checked, the rest directly
+        return 1 if data[15] == 0xCF and data[24] in _BOOLEANS else 0
     end = whole * PUBACK_FRAME_SIZE
     n = whole
     for pos, value in _RUN_CONSTANT:

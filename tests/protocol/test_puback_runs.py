@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,6 +122,11 @@ def test_run_length_stops_before_the_first_frame_that_differs() -> None:
         bad = bytearray(wire)
         bad[50 + pos] ^= 0x10  # (0x01 would turn false into true)
         assert puback_run_length(bytes(bad)) == 2, pos
+    for pos in (0, 3, 4, 5, 6, 15, 24):  # and of a lone frame
+        bad = bytearray(wire[:25])
+        bad[pos] ^= 0x10
+        assert puback_run_length(bytes(bad)) == 0, pos
+    assert puback_run_length(wire[:25]) == 1
     other = encode_frame(Ok(7).to_wire())
     assert puback_run_length(wire[:50] + other + wire[50:]) == 2
     assert puback_run_length(other + wire) == 0
@@ -139,9 +145,11 @@ def test_runs_only_in_ready() -> None:
         raise AssertionError("a PUBACK before WELCOME was accepted")
 
 
-def test_every_single_byte_change_of_a_frame_inside_a_run_is_judged_as_the_general_path_does() -> None:
-    wire = encode_pubacks([(r, r + 100, False) for r in range(1, 4)])
-    for pos in range(25, 50):  # each byte of the middle frame
+@pytest.mark.parametrize("frames", [1, 3])  # a lone frame (a window-1 read) has its own check
+def test_every_single_byte_change_of_a_frame_inside_a_run_is_judged_as_the_general_path_does(frames: int) -> None:
+    wire = encode_pubacks([(r, r + 100, False) for r in range(1, frames + 1)])
+    middle = 25 * (frames // 2)
+    for pos in range(middle, middle + 25):  # each byte of the middle frame
         for value in range(256):
             bad = bytearray(wire)
             bad[pos] = value
