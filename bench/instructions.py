@@ -19,7 +19,8 @@ of the counts (the marginal instructions per message). Paths:
   publisher at window 1: every read is a batch of one, so what a batch
   costs is paid per message);
 * ``client``: the client's publish path at window 1,000 against an in-process
-  transport that answers every PUBLISH (``bench.codec``).
+  transport that answers every PUBLISH (``bench.codec``);
+* ``client-single``: the same at window 1 (each PUBACK its own read).
 """
 
 from __future__ import annotations
@@ -69,10 +70,9 @@ async def _broker(stream: list[bytes], count: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("broker", "broker-single", "client") or not argv[1].isdigit():
-        print(
-            "usage: python -m bench.instructions broker|broker-single|client COUNT (under callgrind: see the docstring)"
-        )
+    paths = ("broker", "broker-single", "client", "client-single")
+    if len(argv) != 2 or argv[0] not in paths or not argv[1].isdigit():
+        print(f"usage: python -m bench.instructions {'|'.join(paths)} COUNT (under callgrind: see the docstring)")
         return 2
     path, count = argv[0], int(argv[1])
     maker = PayloadMaker(0, 100)
@@ -82,7 +82,8 @@ def main(argv: list[str]) -> int:
         frames = [client.send(Publish(i + 2, "bench", EVENT, p)) for i, p in enumerate(payloads)]
         asyncio.run(_broker(frames if path == "broker-single" else _chunks(b"".join(frames)), count))
     else:
-        measured(lambda: run_async(_client_publish(payloads, CLIENT_WINDOW)))
+        window = 1 if path == "client-single" else CLIENT_WINDOW
+        measured(lambda: run_async(_client_publish(payloads, window)))
     return 0
 
 
