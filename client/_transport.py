@@ -87,9 +87,12 @@ WRITE_HIGH_WATER: Final = 1024 * 1024
 #: interleaved pairs).
 FLUSH_BYTES: Final = 32 * 1024
 #: Acks of one durable queued in one loop turn that are written at once, not
-#: at the end of the turn. A subscriber that works through a whole prefetch
-#: window in one turn would otherwise return the credit only when it is done,
-#: and the broker, out of credit, would wait for it (lockstep again).
+#: at the end of the turn (half the subscription's prefetch when that is
+#: less). A subscriber that works through a whole prefetch window in one turn
+#: would otherwise return the credit only when it is done, and the broker,
+#: out of credit, would wait for it (lockstep again): catch-up with prefetch
+#: 1,000 went from 54-86k to 87-157k msg/s, with prefetch 100 (acks every
+#: 50) from 57-65k to 82-99k.
 ACK_FLUSH: Final = 128
 #: Connection-ending errors after which reconnecting makes sense.
 RECONNECT_CODES: Final = frozenset(
@@ -169,6 +172,9 @@ class Transport:
         self._flush_scheduled = False
         self._congested = False  # the transport's buffer passed WRITE_HIGH_WATER at the last flush
         self._acks: dict[tuple[str, str], list[int]] = {}
+        #: Per durable: queued acks written at once within a turn (ACK_FLUSH,
+        #: or half the prefetch of its subscription when that is less).
+        self._ack_every: dict[tuple[str, str], int] = {}
         self._ack_reqs: dict[int, tuple[str, str]] = {}  # fire-and-forget ACK frames awaiting OK/ERR
         self._reading_paused = False
         self._resume = asyncio.Event()

@@ -244,11 +244,17 @@ class Client(Transport):
         except BaseException:
             self._subs.pop(sub_id, None)
             raise
+        if durable is not None:
+            self._ack_every[(queue, durable)] = max(1, min(ACK_FLUSH, prefetch // 2))
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.sub_id, None) is None or self._closed or self._error is not None:
             return
+        if sub.durable is not None:
+            key = (sub.queue, sub.durable)
+            if not any((s.queue, s.durable) == key for s in self._subs.values()):
+                self._ack_every.pop(key, None)
         await self._flush_acks_now()
         await self._request(Unsubscribe(0, sub.sub_id))
 
@@ -305,7 +311,7 @@ class Client(Transport):
             self._schedule_flush()
         else:
             batch.append(offset)
-            if len(batch) >= ACK_FLUSH and not self._reconnecting:
+            if len(batch) >= self._ack_every.get(key, ACK_FLUSH) and not self._reconnecting:
                 self._write_acks()  # the broker refills the window while we work on the rest
                 self._write_buffered()
 

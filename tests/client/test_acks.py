@@ -1,6 +1,7 @@
 """Acks leave in batches: one ACK frame per durable per loop turn, and one
-every ACK_FLUSH acks within a turn, so that a subscriber working through a
-large prefetch window returns credit while it works (not all at the end)."""
+every ACK_FLUSH acks (or half the prefetch, if less) within a turn, so that
+a subscriber working through its window returns credit while it works (not
+all at the end)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tests.helpers import connected, running_broker
 pytestmark = pytest.mark.one_loop
 
 
-async def test_acks_leave_every_ack_flush_within_one_turn(tmp_path: Path) -> None:
-    window = 2 * ACK_FLUSH + 44
+@pytest.mark.parametrize("window", [2 * ACK_FLUSH + 44, 101])  # every ACK_FLUSH; every half window
+async def test_acks_leave_every_ack_flush_or_half_window_within_one_turn(tmp_path: Path, window: int) -> None:
+    every = min(ACK_FLUSH, window // 2)
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=window)
         await c.publish_many("Q", [("E", i) for i in range(window)])
@@ -25,7 +27,7 @@ async def test_acks_leave_every_ack_flush_within_one_turn(tmp_path: Path) -> Non
         # One stretch without suspending (ack() queues and returns): what left meanwhile?
         for m in messages:
             await m.ack()
-        assert sum(map(len, c._acks.values())) == window % ACK_FLUSH  # 2 ACK frames already written
+        assert sum(map(len, c._acks.values())) == window % every  # the ACK frames before them are written
         await c.ping()  # the rest leave with this turn; the broker has read them all
         [durable] = (await c.status())["durables"]
         assert (durable["ack_floor"], durable["in_flight"]) == (window, 0)
