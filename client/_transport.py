@@ -92,7 +92,7 @@ FLUSH_BYTES: Final = 32 * 1024
 #: would otherwise return the credit only when it is done, and the broker,
 #: out of credit, would wait for it (lockstep again): catch-up with prefetch
 #: 1,000 went from 54-86k to 87-157k msg/s, with prefetch 100 (acks every
-#: 50) from 57-65k to 82-99k.
+#: 50) from 57-65k to 90-101k.
 ACK_FLUSH: Final = 128
 #: Connection-ending errors after which reconnecting makes sense.
 RECONNECT_CODES: Final = frozenset(
