@@ -17,9 +17,9 @@ of one event-loop turn leave as one ACK frame per durable (and one every
 128 acks within a turn, or every half prefetch if that is less, so a
 subscriber working through its window returns credit as it goes). A
 rejected ack (say, for a message the broker already redelivered elsewhere)
-is logged and kept in
-``sub.ack_errors`` (of each subscription to that durable on the connection);
-``await msg.ack(wait=True)`` waits for the broker's answer and raises instead.
+is logged and kept in ``sub.ack_errors`` (of each subscription to that
+durable on the connection); ``await msg.ack(wait=True)`` waits for the
+broker's answer and raises instead.
 """
 
 from __future__ import annotations
