@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import shutil
 import threading
@@ -223,7 +222,8 @@ class Store:
             if body is None:  # dropped by retention meanwhile: nothing to keep
                 group.dead_letter_failed((offset,))
                 continue
-            event, _ts, headers, payload = msgpack.Unpacker(io.BytesIO(body), raw=False)
+            # The record's four values, read as one array (no Unpacker: making one clears ~40 KB).
+            event, _ts, headers, payload = msgpack.unpackb(b"\x94" + body, raw=False)
             headers = dict(headers or {})
             headers.pop(PRODUCER_HEADER, None)  # the original queue's bookkeeping
             headers.update({
