@@ -161,15 +161,9 @@ class Publishing:
             self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
             return
         if len(body) > self._max_record:
-            self.reply_error(
-                ev.req,
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"message of {len(body)} bytes exceeds the limit of {self._max_record}",
-            )
+            self._too_large(ev.req, len(body))
             return
-        pending = self._batch.get(queue)
-        if pending is None:
-            pending = self._batch[queue] = ([], [], {})
+        pending = self._pending(queue)
         if mid is not None:
             pending[2][len(pending[0])] = mid
         pending[0].append(body)
@@ -209,16 +203,10 @@ class Publishing:
                     continue
                 body = head + stamp + payload
                 if len(body) > max_record:
-                    self.reply_error(
-                        req,
-                        ErrorCode.PAYLOAD_TOO_LARGE,
-                        f"message of {len(body)} bytes exceeds the limit of {max_record}",
-                    )
+                    self._too_large(req, len(body))
                     continue
                 if pending is None:  # (not before: a batch must not be empty)
-                    pending = self._batch.get(queue)
-                    if pending is None:
-                        pending = self._batch[queue] = ([], [], {})
+                    pending = self._pending(queue)
                     add_body, add_req = pending[0].append, pending[1].append
                 add_body(body)
                 add_req(req)
@@ -231,6 +219,18 @@ class Publishing:
                 return
         if self._batch:
             self._flush_publishes()
+
+    def _pending(self, queue: Queue) -> Pending:
+        """This read's batch for ``queue``, started if need be."""
+        pending = self._batch.get(queue)
+        if pending is None:
+            pending = self._batch[queue] = ([], [], {})
+        return pending
+
+    def _too_large(self, req: int, size: int) -> None:
+        self.reply_error(
+            req, ErrorCode.PAYLOAD_TOO_LARGE, f"message of {size} bytes exceeds the limit of {self._max_record}"
+        )
 
     def _resent(self, queue: Queue, req: int) -> bool:
         """Whether a producer's publish whose req is not above its last one stored

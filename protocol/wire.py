@@ -169,7 +169,7 @@ def record_headers_at(body: bytes) -> int:
     Raises:
         LocalProtocolError: the body does not start with an event and a timestamp.
     """
-    b0 = body[0]
+    b0 = body[0]  # the event name, as in record_event (kept inline there: it runs per delivery)
     if 0xA0 <= b0 <= 0xBF:
         i = 1 + (b0 & 0x1F)
     elif b0 == 0xD9:
@@ -273,7 +273,7 @@ _RUN_CONSTANT: Final = tuple(
 )
 #: The size of a fixed-width PUBACK frame, length prefix included (25).
 PUBACK_FRAME_SIZE: Final = 4 + _PUBACK_BODY_SIZE
-_BOOLEANS: Final = (0xC2, 0xC3)  # msgpack false, true
+_BOOLEANS: Final = b"\xc2\xc3"  # msgpack false, true
 _RUN_PREFIX: Final = _PUBACK_FIXED.pack(21, 0x94, _PUBACK, 0xCF, 0, 0xCF, 0, 0xC2)[:7]
 _iter_run: Final = struct.Struct(">7xQxQB").iter_unpack  # (req, offset, duplicate byte)
 
@@ -325,5 +325,5 @@ def puback_run_length(data: bytes) -> int:
         rest = len(column.lstrip(value))
         if rest:
             n = min(n, whole - rest)
-    rest = len(data[PUBACK_FRAME_SIZE - 1 : end : PUBACK_FRAME_SIZE].lstrip(b"\xc2\xc3"))
+    rest = len(data[PUBACK_FRAME_SIZE - 1 : end : PUBACK_FRAME_SIZE].lstrip(_BOOLEANS))
     return min(n, whole - rest)
