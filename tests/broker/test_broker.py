@@ -17,7 +17,9 @@ from protocol import (
     ErrorCode,
     FrameType,
     Hello,
+    Limits,
     Ok,
+    PayloadTooLarge,
     Ping,
     Pong,
     PubAck,
@@ -205,6 +207,22 @@ async def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
         peer.send_frame(Ping(10))
         assert await peer.recv() == Pong(10)
         peer.close()
+
+
+async def test_a_record_over_the_limit_is_refused_on_either_publish_path(tmp_path: Path) -> None:
+    """A PUBLISH that fits its frame but whose record would not fit a delivery
+    is PAYLOAD_TOO_LARGE, on the spliced path (names seen before, no
+    headers) and on the general one alike; nothing is stored."""
+    async with (
+        running_broker(tmp_path, limits=Limits(max_frame_size=4096, handshake_frame_size=4096)) as broker,
+        connected(broker) as c,
+    ):
+        assert await c.publish("Q", "E", b"small") == 0  # the names are known from here on
+        for headers in (None, {"h": "1"}):  # spliced, then general
+            with pytest.raises(PayloadTooLarge) as info:
+                await c.publish("Q", "E", b"x" * 4000, headers=headers)
+            assert "exceeds the limit of 3840" in str(info.value)  # 4096 - 128 (delivery) - 128 (sequence header)
+        assert await c.publish("Q", "E", b"small") == 1
 
 
 async def test_acking_what_was_never_delivered_is_bad_ack(tmp_path: Path) -> None:
