@@ -30,6 +30,7 @@ from protocol import ErrorCode
 
 from .config import BrokerConfig
 from .session import Session
+from .status import status_page
 from .store import Store
 
 __all__ = ["Broker"]
@@ -139,52 +140,13 @@ class Broker:
 
     # --- status -------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Everything STATUS reports: server, connections, queues, durables."""
-        now = time.time()
-        queues = []
-        durables = []
-        for name, queue in sorted(self.store.queues.items()):
-            log = queue.log
-            queues.append(
-                {
-                    "name": name,
-                    "first_offset": log.first_offset,
-                    "next_offset": log.next_offset,
-                    "messages": log.next_offset - log.first_offset,
-                    "bytes": log.size_bytes,
-                    "published": queue.published,
-                    "publish_rate": round(queue.published / max(now - self.started, 1e-3), 1),
-                    "damaged": None if queue.damage is None else {"offset": queue.damage[0], "error": queue.damage[1]},
-                }
-            )
-            for dname, group in sorted(queue.groups.items()):
-                durables.append(
-                    {
-                        "queue": name,
-                        "name": dname,
-                        "events": list(group.filter.patterns),
-                        "ack_floor": group.cursor.ack_floor,
-                        "lag": group.lag(log.next_offset),
-                        "in_flight": len(group.in_flight),
-                        "consumers": sum(1 for c in group.consumers if c.push),
-                    }
-                )
-        failed = [{"name": n, "error": why} for n, why in sorted(self.store.failed.items())]
-        return {
-            "server": {
-                "version": self.version,
-                "uptime": round(now - self.started, 3),
-                "conn_count": len(self.sessions),
-                "fsync": self.config.fsync.value,
-                "fsyncs": self.store.fsyncs,
-                "data_dir": str(self.store.root),
-            },
-            "connections": [s.describe() for s in sorted(self.sessions, key=lambda s: s.conn_id)],
-            "queues": queues,
-            "durables": durables,
-            "failed_queues": failed,
-        }
+    def status(self, page: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One STATUS page: server, connections, queues, durables (see :mod:`broker.status`).
+
+        Raises:
+            StatusPageError: ``page`` is not a ``more`` this broker handed out.
+        """
+        return status_page(self, page, self.config.limits.max_frame_size)
 
     # --- shutdown -----------------------------------------------------------
 

@@ -45,6 +45,7 @@ from protocol import (
     Fetch,
     Hello,
     InvalidRequest,
+    LocalProtocolError,
     Nack,
     Ok,
     Ping,
@@ -68,6 +69,7 @@ from .cursors import Cursor
 from .publishing import SEQUENCE_HEADER_ROOM, Pending, Publishing
 from .queue import FetchWaiter, Queue
 from .router import AckError, Consumer, Group
+from .status import StatusPageError
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -327,7 +329,15 @@ class Session(Publishing, asyncio.Protocol):
         self.reply_error(ev.req, ev.code, ev.message)
 
     def _on_status(self, ev: Status) -> None:
-        self.write(self.conn.send(StatusReply(ev.req, self.broker.status())))
+        try:
+            reply = self.conn.send(StatusReply(ev.req, self.broker.status(ev.page)))
+        except StatusPageError as exc:
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, str(exc))
+            return
+        except LocalProtocolError as exc:  # a frame limit too small for even one entry
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, f"the status does not fit in a frame: {exc}")
+            return
+        self.write(reply)
 
     # --- subscriptions ----------------------------------------------------------
 

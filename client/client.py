@@ -20,17 +20,20 @@ from types import TracebackType
 from typing import Any
 
 from protocol import (
+    STATUS_SECTIONS,
     Ack,
     Batch,
     Bye,
     ConfigError,
     ConnectionClosed,
     Delete,
+    ErrorCode,
     Fetch,
     Nack,
     Ping,
     Progress,
     Seek,
+    ServerError,
     Status,
     StatusReply,
     Subscribe,
@@ -367,10 +370,25 @@ class Client(Transport):
     # --- status and ping ----------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        """The broker's status: server, connections, queues, durables (see SPEC.md)."""
+        """The broker's status: server, connections, queues, durables (see SPEC.md).
+
+        A status too large for one frame comes in pages; they are fetched
+        and joined here (``server`` is the first page's).
+        """
         reply = await self._request(Status(0))
         assert isinstance(reply, StatusReply)
-        return reply.info
+        info = reply.info
+        more = info.pop("more", None)
+        while more is not None:
+            reply = await self._request(Status(0, more))
+            assert isinstance(reply, StatusReply)
+            page = reply.info
+            if page.get("more") == more:  # no progress: a broker bug, not a reason to loop
+                raise ServerError.for_code(ErrorCode.BAD_REQUEST, f"STATUS paging did not advance past {more!r}")
+            more = page.pop("more", None)
+            for section in STATUS_SECTIONS:
+                info.setdefault(section, []).extend(page.get(section, ()))
+        return info
 
     async def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""

@@ -28,6 +28,7 @@ from .framing import FrameDecoder, encode_frame
 from .messages import (
     PRODUCER_HEADER,
     PROTOCOL_VERSION,
+    STATUS_SECTIONS,
     Ack,
     Batch,
     Bye,
@@ -60,6 +61,7 @@ from .wire import PubAckRun, encode_batch, encode_deliver, encode_pubacks, encod
 __all__ = [
     "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
+    "STATUS_SECTIONS",
     "Ack",
     "AuthFailed",
     "BadRequest",

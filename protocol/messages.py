@@ -54,6 +54,7 @@ __all__ = [
     "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
     "START_KINDS",
+    "STATUS_SECTIONS",
     "Ack",
     "Batch",
     "Bye",
@@ -89,6 +90,9 @@ MAX_PRODUCER_LENGTH: Final = 64
 #: its records, "PRODUCER:FIRST-LAST" on the first record of each run (spec
 #: section 4); the client leaves it out of ``Message.headers``.
 PRODUCER_HEADER: Final = "x-producer-seq"
+#: The lists of a STATUS_REPLY, in order; a reply cut into pages goes on in
+#: ``more``'s section (spec section 6).
+STATUS_SECTIONS: Final = ("connections", "queues", "durables", "failed_queues")
 
 
 @_frame
@@ -532,13 +536,31 @@ class Batch(Frame):
 
 @_frame
 class Status(Frame):
-    """Client -> broker: ask for the broker's status."""
+    """Client -> broker: ask for the broker's status.
+
+    ``page`` continues a reply that did not fit in one frame: it is that
+    reply's ``more`` value, sent back as is (SPEC.md section 6). Left out on
+    the wire when nil (a 1-field STATUS, as before paging existed).
+    """
 
     TYPE = FrameType.STATUS
     req: int
+    page: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _uint("STATUS", "req", self.req)
+        if self.page is not None and type(self.page) is not dict:
+            _fail("STATUS", "page must be a map or nil")
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, self.req] if self.page is None else [self.TYPE, self.req, self.page]
+
+    @classmethod
+    def from_wire(cls, items: list[Any]) -> Frame:
+        """Accept the 1-field STATUS (no page)."""
+        if len(items) == 2:
+            items = [*items, None]
+        return super(Status, cls).from_wire(items)  # noqa: UP008 (see Publish.from_wire)
 
 
 @_frame

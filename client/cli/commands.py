@@ -304,9 +304,11 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
         age = _age(now - since) if isinstance(since, int | float) and since > 1e9 else "-"
         mine = c.get("subscriptions", [])
         pulls = c.get("pulls", [])
+        omitted = c.get("omitted") or {}  # lists too long for a STATUS page: only counted
         conns.append(
-            [c.get("id"), c.get("name"), c.get("producer") or "-", c.get("address"), age, len(mine), len(pulls)]
-        )
+            [c.get("id"), c.get("name"), c.get("producer") or "-", c.get("address"), age,
+             len(mine) + omitted.get("subscriptions", 0), len(pulls) + omitted.get("pulls", 0)]
+        )  # fmt: skip
         for x in mine:
             subs.append([c.get("id"), x.get("queue"), _events(x.get("events")), x.get("durable") or "-",
                          x.get("prefetch", "-"), x.get("in_flight", "-")])  # fmt: skip
