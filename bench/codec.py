@@ -38,6 +38,7 @@ from broker import Broker, BrokerConfig
 from broker.config import FsyncPolicy
 from broker.session import Session
 from client import Client
+from client._transport import _Socket
 from protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -213,15 +214,16 @@ class _AckingTransport:
     The client numbers its requests 1, 2, 3... and sends them in order, so
     counting frames (walking the length prefixes) is enough to know which
     reqs to confirm; their PUBACKs (offset = req - 1) are encoded before the
-    timing starts. The replies are fed to the client's reader on the next
-    loop turn, as a socket read would deliver them.
+    timing starts. The replies are handed to the client's socket protocol on
+    the next loop turn, as a socket read would deliver them.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, count: int) -> None:
-        self._reader = reader
+    def __init__(self, sock: asyncio.Protocol, count: int) -> None:
+        self._sock = sock
         self._acks = encode_pubacks([(req, req - 1, False) for req in range(1, count + 1)])
         self._sent = 0
         self._loop = asyncio.get_running_loop()
+        self._closing = False
 
     def write(self, data: bytes) -> None:
         n, pos, end = 0, 0, len(data)
@@ -229,30 +231,18 @@ class _AckingTransport:
             pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
             n += 1
         first, self._sent = self._sent, self._sent + n
-        self._loop.call_soon(self._reader.feed_data, self._acks[first * 25 : self._sent * 25])
+        self._loop.call_soon(self._sock.data_received, self._acks[first * 25 : self._sent * 25])
 
     def get_write_buffer_size(self) -> int:
         return 0
 
     def is_closing(self) -> bool:
-        return False
+        return self._closing
 
     def abort(self) -> None:
-        self._reader.feed_eof()
-
-
-class _Writer:
-    """The little of ``asyncio.StreamWriter`` the client uses on the publish path."""
-
-    def __init__(self, transport: _AckingTransport) -> None:
-        self.transport = transport
-        self.write = transport.write
-
-    async def drain(self) -> None:
-        pass
-
-    async def wait_closed(self) -> None:
-        pass
+        if not self._closing:
+            self._closing = True
+            self._loop.call_soon(self._sock.connection_lost, None)
 
 
 async def _client_publish(payloads: list[bytes], window: int) -> tuple[float, float]:
@@ -266,11 +256,10 @@ async def _client_publish(payloads: list[bytes], window: int) -> tuple[float, fl
     broker_side.events()
     conn.receive_data(broker_side.send(Welcome(0, PROTOCOL_VERSION, "bench", 1, Limits().max_frame_size, 0.0)))
     conn.events()
-    reader = asyncio.StreamReader(limit=1 << 20)
     client._loop = loop
-    client._reader = reader
-    client._writer = _Writer(_AckingTransport(reader, len(payloads)))  # type: ignore[assignment]
-    client._read_task = loop.create_task(client._read_loop())
+    sock = _Socket(client)
+    sock.connection_made(_AckingTransport(sock, len(payloads)))  # type: ignore[arg-type]
+    client._sock = sock
     client._established = True
     client._sweep()
     items = iter(payloads)

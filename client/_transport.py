@@ -3,7 +3,8 @@
 :class:`Transport` is the base of :class:`client.Client`, which adds the
 API (publish, subscribe, fetch, acks, administration) on top of it.
 
-* One reader task reads the socket in 256 KiB chunks and feeds the sans-I/O
+* The socket's bytes go straight from the event loop's read callback
+  (:class:`_Socket`, an ``asyncio.Protocol``) to the sans-I/O
   :class:`protocol.Connection`; replies are matched to requests by id (a
   dict of futures), so many publishes can be in flight at once. One timer
   (``_sweep``) times every request out; what it needs is kept per write, not
@@ -30,6 +31,7 @@ import itertools
 import logging
 import ssl
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -74,8 +76,6 @@ __all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "pars
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
-#: Reads of this size let one syscall carry hundreds of small frames.
-READ_SIZE: Final = 256 * 1024
 #: Write buffer high-water mark: publish() awaits drain above it.
 WRITE_HIGH_WATER: Final = 1024 * 1024
 #: PUBLISH bytes buffered in one loop turn that are written at once, not at
@@ -125,6 +125,67 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname or "127.0.0.1", port, parts.scheme == "tidingss"
 
 
+class _Socket(asyncio.Protocol):
+    """One TCP connection's callbacks, handed to the :class:`Transport` that opened it.
+
+    Why a Protocol and not asyncio streams (the design's default): a
+    StreamReader copies each read into its buffer and out again, and wakes a
+    reader task one loop turn later, which then resolves the futures whose
+    callers run a turn after that. Here the bytes are decoded and the futures
+    resolved in the read callback itself: a lone publisher's round trip
+    costs 78k -> N instructions in the client and one loop turn less
+    (bench/RESULTS.md, session 9).
+    """
+
+    def __init__(self, owner: Transport) -> None:
+        self._owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.write: Callable[[bytes], None] = _not_connected
+        self.finished = False  # the owner is done with this connection (see Transport._finish)
+        self.closed: asyncio.Future[None] = owner._loop.create_future()
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        self.write = self.transport.write
+
+    def data_received(self, data: bytes) -> None:
+        self._owner._received(self, data)
+
+    def eof_received(self) -> bool:
+        return False  # the broker closed: close our side too (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("connection lost"))
+            self._drained.exception()  # retrieved: the drainer may have gone
+        self._owner._lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark."""
+        if self.closed.done():
+            raise ConnectionResetError("connection lost")
+        if self._write_paused:
+            if self._drained is None or self._drained.done():
+                self._drained = self._owner._loop.create_future()
+            await asyncio.shield(self._drained)
+
+
+def _not_connected(data: bytes) -> None:
+    raise ConnectionResetError("not connected")
+
+
 class Transport:
     """The connection machinery of a :class:`client.Client` (see the module
     docstring); its arguments are the client's."""
@@ -153,9 +214,7 @@ class Transport:
         self.server_version = ""
         self.conn_id = 0
         self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
+        self._sock: _Socket | None = None
         self._reqs = itertools.count(1)
         self._subs_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}  # PUBLISH: the offset, else the reply
@@ -177,7 +236,6 @@ class Transport:
         self._ack_every: dict[tuple[str, str], int] = {}
         self._ack_reqs: dict[int, tuple[str, str]] = {}  # fire-and-forget ACK frames awaiting OK/ERR
         self._reading_paused = False
-        self._resume = asyncio.Event()
         self._error: BaseException | None = None
         self._closing = False
         self._closed = False
@@ -201,27 +259,26 @@ class Transport:
         self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
         try:
             async with asyncio.timeout(self.timeout):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._ssl, limit=READ_SIZE
-                )
+                _, sock = await self._loop.create_connection(lambda: _Socket(self), self.host, self.port, ssl=self._ssl)
         except TimeoutError:
             raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
         except OSError as exc:
             raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        self._writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        assert sock.transport is not None
+        sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._sock = sock
         self._reading_paused = False
-        self._read_task = self._loop.create_task(self._read_loop())
         credentials = {"token": self._token} if self._token is not None else None
         hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials, self.producer_id)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[hello.req] = fut
         self._kinds[hello.req] = None  # timed by _wait below
-        self._writer.write(self._conn.send(hello))
+        sock.write(self._conn.send(hello))
         try:
             welcome = await self._wait(fut, "hello", self.timeout)
         except BaseException:
             self._forget(hello.req)
-            self._writer.transport.abort()
+            sock.transport.abort()
             raise
         assert isinstance(welcome, Welcome)
         self._conn.adopt_max_frame_size(welcome.max_frame_size)
@@ -233,7 +290,7 @@ class Transport:
     def _check_open(self) -> None:
         if self._error is not None:
             raise self._error
-        if self._closed or self._closing or self._writer is None:
+        if self._closed or self._closing or self._sock is None:
             raise ConnectionClosed()
 
     def _send_request(self, frame: Frame, *, tracked: bool = True) -> asyncio.Future[Frame]:
@@ -281,7 +338,7 @@ class Transport:
             general = self._send_request(Publish(0, queue, event, payload, headers, message_id))
             self._remember_names(queue, event)  # valid: Publish() raised otherwise
             return cast("asyncio.Future[int]", general)
-        if self._error is not None or self._closed or self._closing or self._writer is None:
+        if self._error is not None or self._closed or self._closing or self._sock is None:
             self._check_open()  # raises
         req = next(self._reqs)
         data = self._conn.send_publish(req, queue, event, payload, message_id)
@@ -385,13 +442,17 @@ class Transport:
             raise RequestTimeout(what, timeout) from None
 
     async def _maybe_drain(self) -> None:
-        writer = self._writer
-        if writer is not None and writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+        sock = self._sock
+        if (
+            sock is not None
+            and sock.transport is not None
+            and sock.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+        ):
             try:
-                await writer.drain()
+                await sock.drain()
             except (OSError, ConnectionError) as exc:
                 raise ConnectionLost(str(exc)) from exc
-            self._congested = writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+            self._congested = sock.transport.get_write_buffer_size() > WRITE_HIGH_WATER
         else:
             self._congested = False
 
@@ -410,72 +471,78 @@ class Transport:
         self._write_buffered()
 
     def _write_buffered(self) -> None:
-        if self._wbuf and self._writer is not None and not self._writer.transport.is_closing():
+        sock = self._sock
+        if self._wbuf and sock is not None and sock.transport is not None and not sock.transport.is_closing():
             data = b"".join(self._wbuf)
             self._wbuf.clear()
             self._wbytes = 0
             self._mark()
-            self._writer.write(data)
+            sock.write(data)
             # Only a flush fills the transport's buffer: publish() checks this flag, not the buffer.
-            self._congested = self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+            self._congested = sock.transport.get_write_buffer_size() > WRITE_HIGH_WATER
 
     def _maybe_resume_reading(self) -> None:
         if self._reading_paused and all(s.pending <= s.max_pending // 2 for s in self._subs.values()):
             self._reading_paused = False
-            self._resume.set()
+            sock = self._sock
+            if sock is not None and sock.transport is not None and not sock.finished:
+                sock.transport.resume_reading()
 
     # --- reading ------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        reader, conn = self._reader, self._conn
+    def _received(self, sock: _Socket, data: bytes) -> None:
+        """The socket's bytes (:meth:`_Socket.data_received`): decode, dispatch every frame."""
+        if sock.finished:
+            return  # a connection given up on (a protocol error earlier in this read)
+        conn = self._conn
+        conn.receive_data(data)
         error: BaseException | None = None
         try:
-            while True:
-                try:
-                    data = await reader.read(READ_SIZE)
-                except (OSError, ConnectionError) as exc:
-                    error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}")
-                    error.__cause__ = exc
+            events = conn.events()
+        except RemoteProtocolError as exc:
+            events, error = exc.before, exc  # what came before the bad bytes still counts
+        try:
+            for event in events:
+                failed = self._dispatch(event)
+                if failed is not None:
+                    error = failed
                     break
-                if not data:
-                    if not self._closing:
-                        error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
-                    break
-                conn.receive_data(data)
-                try:
-                    events = conn.events()
-                except RemoteProtocolError as exc:
-                    events, error = exc.before, exc  # what came before the bad bytes still counts
-                for event in events:
-                    failed = self._dispatch(event)
-                    if failed is not None:
-                        error = failed
-                        break
-                if error is not None:
-                    break
-                if self._reading_paused:
-                    self._resume.clear()
-                    await self._resume.wait()
         except RemoteProtocolError as exc:
             error = exc
-        except asyncio.CancelledError:
-            raise
-        finally:
-            if error is not None and not self._closing:
-                logger.warning("%s: %s", self.url, error)
-            if self._writer is not None:
-                self._writer.transport.abort()
-            if error is not None and self._may_reconnect(error):
-                self._start_reconnect(error)
-            elif self._reconnecting:
-                # A reconnect attempt failed during its handshake: fail only that.
-                for req in [r for r in self._pending if r not in self._frames]:
-                    fut = self._forget(req)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(error or ConnectionLost("connection closed during the handshake"))
-            else:
-                self._fail_all(error or ConnectionClosed(), clean=error is None)
+        if error is not None:
+            self._finish(sock, error)
+        elif self._reading_paused and sock.transport is not None:
+            sock.transport.pause_reading()  # resumed by _maybe_resume_reading
+
+    def _lost(self, sock: _Socket, exc: Exception | None) -> None:
+        """The socket closed (:meth:`_Socket.connection_lost`)."""
+        if sock.finished:
+            return
+        error: BaseException | None = None
+        if exc is not None:
+            error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}")
+            error.__cause__ = exc
+        elif not self._closing:
+            error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
+        self._finish(sock, error)
+
+    def _finish(self, sock: _Socket, error: BaseException | None) -> None:
+        """Done with ``sock`` (once): reconnect, or fail what is pending; None: a clean close."""
+        sock.finished = True
+        if error is not None and not self._closing:
+            logger.warning("%s: %s", self.url, error)
+        if sock.transport is not None:
+            sock.transport.abort()
+        if error is not None and self._may_reconnect(error):
+            self._start_reconnect(error)
+        elif self._reconnecting:
+            # A reconnect attempt failed during its handshake: fail only that.
+            for req in [r for r in self._pending if r not in self._frames]:
+                fut = self._forget(req)
+                if fut is not None and not fut.done():
+                    fut.set_exception(error or ConnectionLost("connection closed during the handshake"))
+        else:
+            self._fail_all(error or ConnectionClosed(), clean=error is None)
 
     def _dispatch(self, event: object) -> BaseException | None:
         t = type(event)

@@ -11,7 +11,6 @@ publish fast path, reconnecting) is the base class,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -88,7 +87,7 @@ class Client(Transport):
     """
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._writer is not None else "new"
+        state = "closed" if self._closed else "open" if self._sock is not None else "new"
         return (
             f"<Client {self.name!r} {self.host}:{self.port} {state} conn={self.conn_id} "
             f"pending={len(self._pending)} subs={len(self._subs)}>"
@@ -406,23 +405,22 @@ class Client(Transport):
         if self._closed or self._closing:
             return
         self._closing = True
-        if self._writer is not None and self._error is None and not self._reconnecting:
+        sock = self._sock
+        if sock is not None and self._error is None and not self._reconnecting:
             try:
                 self._write_acks()
                 self._wbuf.append(self._conn.send(Bye(0)))
                 self._flush()
                 async with asyncio.timeout(timeout):
-                    await self._writer.drain()
-                    if self._read_task is not None:
-                        await asyncio.shield(self._read_task)
+                    await sock.drain()
+                    await asyncio.shield(sock.closed)  # the broker closes after BYE; what came first is handled
             except (TimeoutError, OSError, ConnectionError, asyncio.CancelledError):
                 pass
             except Exception as exc:  # a protocol state that forbids BYE: just drop it
                 logger.debug("close: %r", exc)
         self.abort()
-        if self._writer is not None:
-            with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
+        if sock is not None:
+            await asyncio.shield(sock.closed)
 
     def abort(self) -> None:
         """Drop the connection now; pending requests fail with ConnectionClosed."""
@@ -431,8 +429,8 @@ class Client(Transport):
             self._sweeper.cancel()
         if self._reconnect_task is not None and not self._reconnect_task.done():
             self._reconnect_task.cancel()
-        if self._writer is not None:
-            self._writer.transport.abort()
-        if self._read_task is not None and not self._read_task.done():
-            self._read_task.cancel()
+        sock = self._sock
+        if sock is not None and sock.transport is not None:
+            sock.finished = True  # closed by us: no reconnect, no warning
+            sock.transport.abort()
         self._fail_all(ConnectionClosed(), clean=True)

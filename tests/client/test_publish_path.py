@@ -69,10 +69,10 @@ async def test_many_publishes_in_one_turn_are_written_in_pieces(tmp_path: Path) 
 
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         await c.publish("q", "e", b"")  # names known: the fast path
-        assert c._writer is not None
+        assert c._sock is not None
         sizes: list[int] = []
-        write = c._writer.write
-        c._writer.write = lambda data: (sizes.append(len(data)), write(data))[1]  # type: ignore[method-assign]
+        write = c._sock.write
+        c._sock.write = lambda data: (sizes.append(len(data)), write(data))[1]
         futures = [c._send_publish("q", "e", b"x" * 100, None, None) for _ in range(2000)]  # one turn
         assert client_module.FLUSH_BYTES <= 64 * 1024
         assert len(sizes) >= 2000 * 100 // (64 * 1024)
