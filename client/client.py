@@ -76,11 +76,24 @@ class Client(Transport):
         reconnect: when the connection is lost (or the broker restarts),
             reconnect with backoff, subscribe again and resend what was in
             flight; callers see an error only if the broker stays unreachable
-            for ``reconnect_deadline`` seconds. Resent publishes are stored
-            once: the client is a named producer (``producer_id``) whose
-            request ids are its sequence numbers, and the broker confirms a
-            resent one with the offset it already has.
+            (or every connection drops again at once, before the broker
+            answered anything on it) for ``reconnect_deadline`` seconds.
+            Resent publishes are stored once: the client is a named producer
+            (``producer_id``) whose request ids are its sequence numbers, and
+            the broker confirms a resent one with the offset it already has.
+            A request that was pending on three dropped connections fails
+            with ``ConnectionLost`` instead of being resent again: the broker
+            drops the connection for it (its third try is sent alone, so the
+            requests resent with it are not blamed). This
+            applies to publishes too: resending one is safe, but its caller
+            would otherwise wait for as long as the broker keeps dropping it;
+            a publish that failed so may still have been stored.
         reconnect_deadline: seconds to keep trying before giving up.
+        reconnect_max_delay: the longest wait between two reconnect attempts,
+            in seconds (the wait starts at 0.02 s and doubles). It starts over
+            only once a connection has stayed up for a second, so connections
+            that keep dropping right after coming back are retried about once
+            per ``reconnect_max_delay``, not in a tight loop.
 
     Attributes:
         producer_id: random, unique to this client object; sent in HELLO.

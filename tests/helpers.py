@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -222,3 +222,128 @@ async def assert_broker_healthy(
         while (count := (await c.status())["server"]["conn_count"] - 1) != baseline:
             assert loop.time() < deadline, f"{count} connections {settle} s later, baseline {baseline}"
             await asyncio.sleep(0.02)  # polling a condition with a deadline; closes take a few loop turns
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a broker that cuts connections (asyncpg's
+    ``TCPFuzzingProxy`` idea), for tests of the client's reconnecting.
+
+    Frames pass whole and in order. A connection is cut, its two sockets
+    closed:
+
+    * when the client sends a frame for which ``poison(frame)`` is true (that
+      frame is not passed on): a request the broker drops the connection for;
+    * right after the broker's WELCOME, for the next ``flaps`` connections
+      accepted (decided when each is accepted): a connection that comes back
+      and drops at once;
+    * on :meth:`cut_all`.
+
+    Attributes:
+        accepted: the loop time of each connection accepted, in order.
+        cuts: how many connections it cut.
+    """
+
+    def __init__(self, broker: Broker, *, poison: Callable[[Frame], bool] | None = None) -> None:
+        self.target = broker.address
+        self.poison = poison
+        self.flaps = 0
+        self.accepted: list[float] = []
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()  # set (and replaced) on each accept and cut
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"tidings://{host}:{port}"
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in list(self._links):
+            self._close(link)
+        await asyncio.gather(*self._handlers)
+        await self._server.wait_closed()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; it is checked whenever a connection is accepted or cut."""
+        while not predicate():
+            await self._changed.wait()
+
+    def cut_all(self) -> None:
+        """Cut every connection open now."""
+        for link in list(self._links):
+            self._cut(link)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.accepted.append(asyncio.get_running_loop().time())
+        flap, self.flaps = self.flaps > 0, max(self.flaps - 1, 0)
+        try:
+            self._notify()
+            try:
+                broker_reader, broker_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                client_writer.transport.abort()
+                return
+            link = (client_writer, broker_writer)
+            self._links.add(link)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._pump(client_reader, broker_writer, link, upstream=True))
+                    tg.create_task(self._pump(broker_reader, client_writer, link, upstream=False, flap=flap))
+            finally:
+                self._close(link)
+                self._links.discard(link)
+        finally:
+            self._handlers.discard(task)
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        link: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        *,
+        upstream: bool,
+        flap: bool = False,
+    ) -> None:
+        decoder = FrameDecoder(1 << 24)
+        try:
+            while data := await reader.read(65536):
+                for body in decoder.feed(data):
+                    items = unpack_body(body, 1 << 24)
+                    frame = FRAME_CLASSES[items[0]].from_wire(items)
+                    if upstream and self.poison is not None and self.poison(frame):
+                        self._cut(link)
+                        return
+                    writer.write(len(body).to_bytes(4, "big") + body)
+                    if flap and isinstance(frame, Welcome):
+                        self._cut(link)  # after the WELCOME: closing flushes it to the client first
+                        return
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            self._close(link)  # one side ended: so does the other
+
+    def _cut(self, link: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        if link in self._links and not link[0].is_closing():
+            self.cuts += 1
+            self._notify()
+        self._close(link)
+
+    def _close(self, link: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        for writer in link:
+            writer.close()

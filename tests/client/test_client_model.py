@@ -77,6 +77,8 @@ FILTERS = (("*",), ("user.*",), ("user.created",), ("order.paid", "user.deleted"
 ACK_WAIT = 600.0
 #: Bound on every rule (a hung barrier fails the example instead of the run).
 RULE_TIMEOUT = 30.0
+#: The clients' longest wait between reconnect attempts (see ClientModel._start).
+FAST_RECONNECT = 0.02
 
 
 def matches(patterns: tuple[str, ...], event: str) -> bool:
@@ -132,7 +134,10 @@ class ClientModel(RuleBasedStateMachine):
         await self.broker.start()
         self.port = self.broker.address[1]
         self.url = f"tidings://127.0.0.1:{self.port}"
-        self.pub = await Client.open(self.url, name="pub")
+        # Drops and restarts come milliseconds apart here: a client rightly backs
+        # off from such a broker (up to a second a reconnect), which the model
+        # does not need to wait for.
+        self.pub = await Client.open(self.url, name="pub", reconnect_max_delay=FAST_RECONNECT)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run one step on our loop, bounded; a failure marks the example broken."""
@@ -171,7 +176,9 @@ class ClientModel(RuleBasedStateMachine):
 
     async def _client(self, slot: int) -> Client:
         if slot not in self.clients:
-            self.clients[slot] = await Client.open(self.url, name=f"c{slot}", reconnect_deadline=20)
+            self.clients[slot] = await Client.open(
+                self.url, name=f"c{slot}", reconnect_deadline=20, reconnect_max_delay=FAST_RECONNECT
+            )
         return self.clients[slot]
 
     def _drop_session(self, client: Client) -> None:
