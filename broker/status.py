@@ -28,7 +28,7 @@ from protocol.framing import pack_body
 if TYPE_CHECKING:
     from .server import Broker
 
-__all__ = ["SECTIONS", "StatusPageError", "status_page"]
+__all__ = ["StatusPageError", "status_page"]
 
 #: Room kept in a page for what goes around the entries: the frame's array,
 #: type and req, the map and its keys, four list headers, and ``more`` (whose
@@ -51,6 +51,7 @@ def status_page(broker: Broker, page: dict[str, Any] | None, max_bytes: int) -> 
     now = time.time()
     info: dict[str, Any] = {"server": _server(broker, now)}
     room = max_bytes - RESERVE - len(pack_body(info))
+    added = 0  # entries on this page
     for index, section in enumerate(SECTIONS):
         entries: list[dict[str, Any]] = []
         info[section] = entries
@@ -59,7 +60,7 @@ def status_page(broker: Broker, page: dict[str, Any] | None, max_bytes: int) -> 
         last: Any = after if index == first else None
         for key, entry in _entries(broker, section, last, now):
             size = len(pack_body(entry))
-            if size > room and not _page_empty(info):
+            if size > room and added:
                 info["more"] = {"section": section, "after": last}
                 for rest in SECTIONS[index + 1 :]:
                     info[rest] = []
@@ -68,13 +69,10 @@ def status_page(broker: Broker, page: dict[str, Any] | None, max_bytes: int) -> 
                 entry = _without_lists(entry)
                 size = len(pack_body(entry))
             entries.append(entry)
+            added += 1
             room -= size
             last = key
     return info
-
-
-def _page_empty(info: dict[str, Any]) -> bool:
-    return not any(info.get(section) for section in SECTIONS)
 
 
 def _resume(page: dict[str, Any] | None) -> tuple[int, Any]:

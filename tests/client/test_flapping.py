@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from client import Client
-from client._transport import BACKOFF_MAX, BACKOFF_MIN, HEALTHY_AFTER, MAX_DROPS
+from client._reconnect import BACKOFF_MAX, BACKOFF_MIN, HEALTHY_AFTER, MAX_DROPS
 from protocol import ConnectionLost, Frame, Publish, Status
 from tests.checker import read_all
 from tests.helpers import CuttingProxy, running_broker
