@@ -1,4 +1,4 @@
-"""Test-only fault injection at named points of the storage layer.
+"""Test-only fault injection at named points of the storage layer (and one handler).
 
 Enabled by the environment variable ``TIDINGS_FAULT`` when the broker starts,
 and never otherwise (the check is one truth test of an empty dict). The
@@ -7,7 +7,8 @@ value is a comma-separated list of ``point:action[:n]``:
 * ``point`` is one of :data:`POINTS`;
 * ``action`` is ``crash`` (``os._exit(137)``, as close to ``kill -9`` as a
   process can do to itself), ``enospc`` or ``eio`` (the operation raises
-  that ``OSError``);
+  that ``OSError``) or ``bug`` (it raises ``RuntimeError``, standing in for
+  a bug of ours: see ``Session.internal_error``);
 * ``n`` (default 1) fires on the n-th time the point is reached, and for
   ``enospc`` / ``eio`` on every time after it too when written ``n+``.
 
@@ -36,8 +37,11 @@ POINTS: Final = frozenset(
         "during_segment_roll",
         "during_cursor_rename",
         "during_recovery",
+        "status",  # a STATUS request is about to be answered
     }
 )
+
+_ACTIONS: Final = ("crash", "enospc", "eio", "bug")
 
 # point -> [action, n, persistent, count]
 _armed: dict[str, list[object]] = {}
@@ -54,8 +58,8 @@ def configure(spec: str | None) -> None:
         return
     for item in spec.split(","):
         parts = item.strip().split(":")
-        if len(parts) not in (2, 3) or parts[0] not in POINTS or parts[1] not in ("crash", "enospc", "eio"):
-            raise ValueError(f"bad TIDINGS_FAULT entry {item!r}: use point:crash|enospc|eio[:n[+]]")
+        if len(parts) not in (2, 3) or parts[0] not in POINTS or parts[1] not in _ACTIONS:
+            raise ValueError(f"bad TIDINGS_FAULT entry {item!r}: use point:crash|enospc|eio|bug[:n[+]]")
         nth = parts[2] if len(parts) == 3 else "1"
         persistent = nth.endswith("+")
         _armed[parts[0]] = [parts[1], int(nth.rstrip("+")), persistent, 0]
@@ -75,6 +79,8 @@ def hit(point: str) -> None:
     action = armed[0]
     if action == "crash":
         os._exit(137)
+    if action == "bug":
+        raise RuntimeError(f"injected bug at {point}")
     code = errno.ENOSPC if action == "enospc" else errno.EIO
     raise OSError(code, f"{os.strerror(code)} (injected at {point})")
 

@@ -83,6 +83,10 @@ class Publishing:
     _queues: dict[str, Queue]
     _handlers: dict[type[Any], Any]
 
+    if TYPE_CHECKING:  # Session's
+
+        def internal_error(self, req: int) -> None: ...
+
     def write(self, data: bytes) -> None:
         """Write bytes to the peer now (no-op once closed)."""
         if not self.closed and self.transport is not None:
@@ -180,7 +184,8 @@ class Publishing:
         and the producer's last sequence up once: nothing changes those until
         the batch is flushed, which only another event does (and ends the
         run). Any other event first flushes the batch (replies keep the order
-        of requests), then goes to its handler.
+        of requests), then goes to its handler; a handler that raises (a bug
+        of ours) gets its request answered INTERNAL and ends the connection.
         """
         handlers = self._handlers
         queues = self._queues
@@ -214,7 +219,11 @@ class Publishing:
             run = None
             if type(event) is not Publish and self._batch:
                 self._flush_publishes()
-            handlers[type(event)](event)
+            try:
+                handlers[type(event)](event)
+            except Exception:  # (a try costs nothing until it catches, on 3.11+)
+                self.internal_error(getattr(event, "req", 0))
+                return
             if self.closed:
                 return
         if self._batch:

@@ -65,6 +65,7 @@ from protocol import (
 )
 from protocol.framing import pack_body
 
+from . import faults
 from .cursors import Cursor
 from .publishing import SEQUENCE_HEADER_ROOM, Pending, Publishing
 from .queue import FetchWaiter, Queue
@@ -190,14 +191,17 @@ class Session(Publishing, asyncio.Protocol):
         # One clock read per chunk, for every record in it.
         self._now_ms = now_ms = int(time.time() * 1000)
         self._stamp = pack_body(now_ms) + b"\xc0"
-        self.conn.receive_data(data)
         try:
-            events = self.conn.events_spliced()
-        except RemoteProtocolError as exc:
-            self._dispatch(exc.before)  # requests sent before the bad bytes get their answers first
-            self.fatal(exc.code, str(exc))
-            return
-        self._dispatch(events)
+            self.conn.receive_data(data)
+            try:
+                events = self.conn.events_spliced()
+            except RemoteProtocolError as exc:
+                self._dispatch(exc.before)  # requests sent before the bad bytes get their answers first
+                self.fatal(exc.code, str(exc))
+                return
+            self._dispatch(events)
+        except Exception:  # a bug of ours outside any one handler (_dispatch catches theirs)
+            self.internal_error(0)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -245,6 +249,22 @@ class Session(Publishing, asyncio.Protocol):
             return
         logger.info("conn %d %s: closing: %s (%s)", self.conn_id, self.peer, message, code.name)
         self.transport.write(self.conn.send_error(0, code, message))
+        self.close()
+
+    def internal_error(self, req: int) -> None:
+        """A bug of ours met this connection's request ``req`` (0: none in
+        particular): log it with its traceback, answer ERR INTERNAL, close.
+
+        Called from an ``except`` block. Only this connection ends: what it
+        had in flight may be half done, so the client reconnects and resends
+        (a resent PUBLISH is deduplicated as after any drop); every other
+        connection and the stored data are untouched.
+        """
+        logger.exception("conn %d %s: internal error handling request %d", self.conn_id, self.peer, req)
+        if self.closed or self.transport is None:
+            return
+        message = "internal error (a broker bug, logged there); the connection is closed"
+        self.transport.write(self.conn.send_error(req, ErrorCode.INTERNAL, message))
         self.close()
 
     def close(self, *, abort_after: float = 1.0) -> None:
@@ -329,6 +349,7 @@ class Session(Publishing, asyncio.Protocol):
         self.reply_error(ev.req, ev.code, ev.message)
 
     def _on_status(self, ev: Status) -> None:
+        faults.hit("status")
         try:
             reply = self.conn.send(StatusReply(ev.req, self.broker.status(ev.page)))
         except StatusPageError as exc:

@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import Broker
+from broker import Broker, faults
+from client import ServerError
 from protocol import (
     PROTOCOL_VERSION,
     Err,
@@ -218,3 +220,32 @@ async def test_many_idle_connections(tmp_path: Path) -> None:
         for peer in peers:
             peer.close()
         await assert_broker_healthy(broker)
+
+
+async def test_a_bug_in_a_handler_answers_internal_and_ends_only_that_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that raises (the ``status`` fault: a stand-in for a bug of
+    ours) answers its request ERR INTERNAL, logs the traceback and closes
+    that one connection. The client reconnects and goes on; another client's
+    subscription and the stored messages are untouched."""
+    faults.configure("status:bug")  # the first STATUS raises, later ones do not
+    try:
+        async with running_broker(tmp_path) as broker:
+            async with connected(broker, name="bystander") as other, connected(broker, name="victim") as c:
+                sub = await other.subscribe("Q", durable="d")
+                assert await c.publish("Q", "E", 0) == 0
+                with pytest.raises(ServerError) as info:
+                    await c.status()
+                assert info.value.code == ErrorCode.INTERNAL
+                assert await c.publish("Q", "E", 1) == 1  # on the reconnected connection
+                names = sorted(conn["name"] for conn in (await c.status())["connections"])
+                assert names == ["bystander", "victim"]
+                got = [await asyncio.wait_for(anext(sub), 10) for _ in range(2)]
+                assert [m.payload for m in got] == [0, 1]
+            await assert_broker_healthy(broker)
+    finally:
+        faults.configure(None)
+    failed = [r for r in caplog.records if "internal error handling request" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert "injected bug at status" in str(failed[0].exc_info[1])
