@@ -339,9 +339,11 @@ class Reconnecting:
 
 
 def _resubscribed(sub: Subscription, fut: asyncio.Future[Frame]) -> None:
-    """A subscription could not be re-established after a reconnect: end it with the reason."""
+    """A subscription could not be re-established after a reconnect: end it
+    with the reason, and forget it (no later reconnect tries it again)."""
     if fut.cancelled():
         return
     exc = fut.exception()
     if exc is not None:
         sub._end(exc)
+        sub._client._drop_sub(sub)

@@ -264,14 +264,21 @@ class Client(Transport):
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.sub_id, None) is None or self._closed or self._error is not None:
+        if not self._drop_sub(sub) or self._closed or self._error is not None:
             return
+        await self._flush_acks_now()
+        await self._request(Unsubscribe(0, sub.sub_id))
+
+    def _drop_sub(self, sub: Subscription) -> bool:
+        """Forget ``sub`` (and its durable's ack batching, once no other
+        subscription uses it); False if it was not known."""
+        if self._subs.pop(sub.sub_id, None) is None:
+            return False
         if sub.durable is not None:
             key = (sub.queue, sub.durable)
             if not any((s.queue, s.durable) == key for s in self._subs.values()):
                 self._ack_every.pop(key, None)
-        await self._flush_acks_now()
-        await self._request(Unsubscribe(0, sub.sub_id))
+        return True
 
     async def fetch(
         self,

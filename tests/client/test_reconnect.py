@@ -4,12 +4,13 @@ confirmed publish, stores nothing twice, and subscriptions carry on."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from client import Client
+from client import Client, ServerError
 from protocol import ConnectionLost, ErrorCode, LocalProtocolError
 from tests.checker import History, check, read_all
 from tests.helpers import BrokerProcess, running_broker, url_of
@@ -126,6 +127,41 @@ async def test_subscriptions_continue_across_a_broker_restart(tmp_path: Path) ->
             # The ephemeral one resumes after the last message it saw.
             assert [(await live.next(timeout=10)).payload for _ in range(3)] == [5, 6, 7]
             assert sc.reconnects == 1 and pc.reconnects == 1
+    finally:
+        bp.kill()
+
+
+async def test_a_subscription_the_restarted_broker_refuses_ends_with_the_reason(tmp_path: Path) -> None:
+    """The broker comes back without queue Q (its log lost records that had
+    been fsynced: QUEUE_CORRUPT). The subscription to Q ends with that error
+    and is forgotten (no later reconnect tries it again); the one to R
+    carries on."""
+    bp = BrokerProcess(tmp_path).start()
+    try:
+        async with Client(bp.url, name="sub", reconnect_deadline=30) as c:
+            lost = await c.subscribe("Q", durable="d", start="earliest")
+            kept = await c.subscribe("R", durable="d", start="earliest")
+            await c.publish("Q", "E", 0)
+            await c.publish("R", "E", 0)
+            assert (await lost.next(timeout=5)).payload == 0 and (await kept.next(timeout=5)).payload == 0
+            assert bp.stop() == 0
+            for segment in (tmp_path / "queues" / "Q").glob("*.log"):
+                os.truncate(segment, 0)
+            bp = BrokerProcess(tmp_path, "--port", str(bp.port)).start()
+            with pytest.raises(ServerError) as refused:
+                await lost.next(timeout=10)
+            assert refused.value.code is ErrorCode.QUEUE_CORRUPT
+            assert "subs=1>" in repr(c)
+            await lost.close()  # harmless: it has ended
+            await c.publish("R", "E", 1)
+            got = [await kept.next(timeout=10) for _ in range(2)]
+            assert [(m.payload, m.redelivered) for m in got] == [(0, True), (1, False)]
+            for m in got:
+                await m.ack(wait=True)
+            bp = restart_on_same_port(bp, kill=False)
+            await c.publish("R", "E", 2)
+            assert (await kept.next(timeout=10)).payload == 2
+            assert c.reconnects == 2 and "subs=1>" in repr(c)
     finally:
         bp.kill()
 
