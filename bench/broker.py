@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +55,27 @@ def proc_status_kb(pid: int, key: str) -> int | None:
 
 
 class BrokerProcess:
-    """``python -m broker --port 0`` as a subprocess; the port is read from its log.
+    """``python -m broker --port 0`` as a real subprocess (so SIGKILL is real).
+
+    ``start()`` returns once the broker has logged ``listening on HOST:PORT``
+    (the port is read from that line: the broker binds port 0 itself); its
+    log lines are kept in ``log``. The benchmarks and the tests both use it.
 
     Args:
-        data_dir: a fresh folder for its data.
-        fsync: always | interval | never.
-        extra: more command-line arguments.
+        data_dir: the data folder.
+        args: more command-line arguments (``--fsync interval``...).
+        env: more environment variables (``TIDINGS_FAULT``...).
         prefix: wrap the command (e.g. ``[python, -m, cProfile, -o, file]``).
     """
 
-    def __init__(self, data_dir: Path, fsync: str = "always", extra: tuple[str, ...] = (),
+    #: The oldest log lines are dropped past this many (a long benchmark).
+    MAX_LOG_LINES = 10_000
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None,
                  prefix: list[str] | None = None) -> None:  # fmt: skip
         self.data_dir = data_dir
-        self.fsync = fsync
-        self.extra = extra
+        self.args = args
+        self.env = env or {}
         self.prefix = prefix
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -85,16 +94,14 @@ class BrokerProcess:
     def start(self, timeout: float = 30.0) -> BrokerProcess:
         head = self.prefix or [sys.executable]
         cmd = [*head, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
-               "--fsync", self.fsync, "--log-level", "warning", *self.extra]  # fmt: skip
-        # --log-level warning would hide the "listening on" line: keep info for start-up.
-        cmd[cmd.index("--log-level") + 1] = "info"
+               *self.args]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
-        for line in self.proc.stderr:
+        for line in self.proc.stderr:  # blocks until the broker speaks; bounded by its own start-up
             self.log.append(line)
             m = re.search(r"listening on [^ ]+:(\d+)", line)
             if m:
@@ -103,8 +110,9 @@ class BrokerProcess:
             if time.monotonic() > deadline:
                 break
         if not self.port:
-            self.stop()
+            self.kill()
             raise RuntimeError("broker did not start:\n" + "".join(self.log[-30:]))
+        # Keep draining stderr so that the broker never blocks on a full pipe.
         self._drain = threading.Thread(target=self._read_rest, daemon=True)
         self._drain.start()
         return self
@@ -113,8 +121,8 @@ class BrokerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
-            if len(self.log) > 2000:
-                del self.log[:1000]
+            if len(self.log) > self.MAX_LOG_LINES:
+                del self.log[: self.MAX_LOG_LINES // 2]
 
     def cpu_seconds(self) -> float | None:
         return proc_cpu_seconds(self.pid)
@@ -132,12 +140,34 @@ class BrokerProcess:
         """The broker's STATUS reply (None if it cannot be had)."""
         return asyncio.run(_status(self.url))
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (graceful), wait, SIGKILL if it hangs; returns the exit code."""
-        if self.proc is None:
-            return None
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (graceful), wait (SIGKILL if it hangs), reap; the exit code."""
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        return self._reap(timeout)
+
+    def kill(self) -> int:
+        """SIGKILL, then reap; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the broker to exit by itself; its whole log is then in ``log``.
+
+        Raises:
+            subprocess.TimeoutExpired: it is still running after ``timeout`` seconds.
+        """
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._drain is not None:
+            self._drain.join(5)  # the lines it wrote last may still be in the pipe
+        return code
+
+    def _reap(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -148,6 +178,16 @@ class BrokerProcess:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def broker_process(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
+    """A broker subprocess, always killed at the end (use ``stop()`` inside for a graceful exit)."""
+    bp = BrokerProcess(data_dir, *args, env=env).start()
+    try:
+        yield bp
+    finally:
+        bp.kill()
 
 
 async def _status(url: str) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from .broker import BrokerProcess
 
 @contextlib.contextmanager
 def _broker(data: str, *extra: str) -> Iterator[BrokerProcess]:
-    bp = BrokerProcess(Path(data), extra=extra).start()
+    bp = BrokerProcess(Path(data), *extra).start()
     try:
         yield bp
     finally:

@@ -91,7 +91,7 @@ class Target:
             if opts.profile_dir is not None:
                 opts.profile_dir.mkdir(parents=True, exist_ok=True)
                 prefix = [sys.executable, "-m", "cProfile", "-o", str(opts.profile_dir / f"broker-{tag}.prof")]
-            bp = BrokerProcess(Path(tmp) / "data", opts.fsync, prefix=prefix).start()
+            bp = BrokerProcess(Path(tmp) / "data", "--fsync", opts.fsync, prefix=prefix).start()
             try:
                 yield bp
             finally:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.broker import BrokerProcess as BrokerProcess  # (re-exported for the tests)
+from bench.broker import broker_process as broker_process
 from broker import Broker, BrokerConfig
 from client import Client
 from protocol import PROTOCOL_VERSION, Frame, FrameDecoder, Hello, Ping, Welcome, encode_frame
@@ -60,89 +56,6 @@ async def connected(broker: Broker, name: str = "test", **options: Any) -> Async
     """A client connected to ``broker``."""
     async with Client(url_of(broker), name=name, **options) as client:
         yield client
-
-
-class BrokerProcess:
-    """``tidings-broker`` as a real subprocess (so SIGKILL is real).
-
-    ``start()`` returns once the broker has logged ``listening on HOST:PORT``;
-    the port is read from that line (the broker binds port 0 itself).
-    """
-
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.args = args
-        self.env = env or {}
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.log: list[str] = []
-        self._drain: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"tidings://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> BrokerProcess:
-        cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(self.data_dir), *self.args]
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-        )  # fmt: skip
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # blocks until the broker speaks; bounded by its own start-up
-            self.log.append(line)
-            m = re.search(r"listening on [^ ]+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
-        else:
-            self.proc.wait(timeout)
-            raise RuntimeError("broker exited before listening:\n" + "".join(self.log))
-        # Keep draining stderr so that the broker never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-        return self
-
-    def _read_rest(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def kill(self) -> None:
-        """SIGKILL, then reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self._reap()
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM (graceful), wait, return the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self._reap(timeout)
-
-    def _reap(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self._drain is not None:
-            self._drain.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        return self.proc.returncode
-
-
-@contextlib.contextmanager
-def broker_process(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
-    """A broker subprocess, always stopped at the end."""
-    bp = BrokerProcess(data_dir, *args, env=env).start()
-    try:
-        yield bp
-    finally:
-        bp.kill()
 
 
 class RawPeer:

@@ -121,7 +121,7 @@ async def test_crash_at_a_named_point_loses_nothing(tmp_path: Path, fault: str) 
     bp = BrokerProcess(tmp_path, "--segment-bytes", "16384", env={"TIDINGS_FAULT": fault}).start()
     try:
         await asyncio.wait_for(asyncio.gather(*(publish_stream(bp.url, p, history, 0) for p in range(2))), 60)
-        assert bp.proc is not None and bp.proc.wait(10) == 137, "the fault point was never reached"
+        assert bp.wait(10) == 137, "the fault point was never reached"
     finally:
         bp.kill()
     assert history.ok, "nothing was confirmed before the crash"
@@ -202,7 +202,7 @@ async def test_a_failed_fsync_on_the_loop_thread_is_fail_stop_too(tmp_path: Path
             with pytest.raises(TidingsError):
                 for i in range(10):
                     confirmed.append(await c.publish("Q", "E", i))
-        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert bp.wait(10) == 3
         assert any("fsync failed" in line for line in bp.log)
     finally:
         bp.kill()
@@ -228,7 +228,7 @@ async def test_a_failed_fsync_of_a_segment_roll_is_fail_stop(tmp_path: Path) -> 
             with pytest.raises(ConnectionLost):  # no STORAGE_FAILED ("nothing stored"): the connection drops
                 for _ in range(200):
                     confirmed.append(await c.publish("Q", "E", "x" * 100))
-        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert bp.wait(10) == 3
         assert any("fsync failed" in line for line in bp.log)
     finally:
         bp.kill()
@@ -248,7 +248,7 @@ async def test_a_failed_fsync_is_fail_stop_and_recovers_on_restart(tmp_path: Pat
     bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "sync:eio:50"}).start()
     try:
         await asyncio.wait_for(publish_stream(bp.url, 0, history, 0), 60)
-        assert bp.proc is not None and bp.proc.wait(10) == 3
+        assert bp.wait(10) == 3
         assert any("fsync failed" in line for line in bp.log)
     finally:
         bp.kill()
