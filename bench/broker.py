@@ -30,16 +30,18 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all cores spent busy since boot (/proc/stat), to spot other load."""
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds all cores spent busy since boot, and those the hypervisor
+    took from this VM (steal), from /proc/stat: to spot other load."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
     except OSError:
         return None
-    # user nice system idle iowait irq softirq steal ...
-    busy = sum(int(x) for i, x in enumerate(fields[1:9]) if i not in (3, 4))
-    return busy / _CLK_TCK
+    # cpu user nice system idle iowait irq softirq steal ...
+    ticks = [int(x) for x in fields[1:9]] + [0] * (9 - len(fields))
+    busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
+    return busy / _CLK_TCK, ticks[7] / _CLK_TCK
 
 
 def proc_status_kb(pid: int, key: str) -> int | None:

@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def emit(rec: dict[str, Any], durability: str | None = None) -> None:
         rec = report.finish(rec, env, run_id, durability, round_no=round_no, rounds=args.repeat)
-        if (rec.get("other_cpu_share") or 0) > 0.25:
-            progress.done(f"warning: other processes used ~{rec['other_cpu_share']:.0%} of a core meanwhile")
+        why = report.noise(rec)
+        if why:
+            progress.done(f"warning: the machine was busy with more than this run ({why} of a core)")
         rec["command"] = command.strip()
         records.append(rec)
         report.append_jsonl(args.out, [rec])

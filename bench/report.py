@@ -374,12 +374,12 @@ def print_table(records: list[dict[str, Any]], env: dict[str, Any], command: str
     if lines:
         print()
         print("\n".join(lines))
-    noisy = [r for r in records if (r.get("other_cpu_share") or 0) > 0.25]
+    noisy = [(r, note) for r in records if (note := noise(r))]
     if noisy:
         print()
         print(
-            "Noisy runs (CPU used by other processes on the machine, in cores, during the run): "
-            + ", ".join(f"{_which(r)} {r['other_cpu_share']:.2f}" for r in noisy)
+            "Noisy runs (other processes and the kernel, or the hypervisor (steal), used this much of a core "
+            "during the run): " + "; ".join(f"{_which(r)}: {note}" for r, note in noisy)
         )
     failed = [r for r in records if r["status"] == "FAILED"]
     if failed:
@@ -388,6 +388,15 @@ def print_table(records: list[dict[str, Any]], env: dict[str, Any], command: str
             why = r.get("errors") or [f"lost {r.get('check', {}).get('lost')}"]
             print(f"FAILED: {_which(r)}: {'; '.join(map(str, why))}")
     sys.stdout.flush()
+
+
+def noise(rec: dict[str, Any]) -> str | None:
+    """What else took the CPU during a run, when enough to skew it: over a
+    quarter of a core for other processes (and the kernel), or a tenth of
+    one stolen by the hypervisor (the VM was not running at all)."""
+    other, steal = rec.get("other_cpu_share") or 0, rec.get("steal_share") or 0
+    parts = ([f"other {other:.0%}"] if other > 0.25 else []) + ([f"steal {steal:.0%}"] if steal > 0.1 else [])
+    return ", ".join(parts) or None
 
 
 def _which(rec: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .adapters import QUEUE
-from .broker import BrokerProcess, machine_busy_seconds, proc_cpu_seconds
+from .broker import BrokerProcess, machine_cpu_seconds, proc_cpu_seconds
 from .check import merge, percentiles
 from .runner import Group, Progress, run_group
 
@@ -122,7 +122,7 @@ class Meter:
         self.bp = bp
         self.cpu0: float | None = None
         self.fsyncs0: int | None = None
-        self.busy0: float | None = None
+        self.busy0: tuple[float, float] | None = None
 
     @staticmethod
     def _own_cpu() -> float:
@@ -137,16 +137,20 @@ class Meter:
         self.own0 = self._own_cpu()
         self.t0 = time.monotonic()
         self.cpu0 = self.bp.cpu_seconds()
-        self.busy0 = machine_busy_seconds()
+        self.busy0 = machine_cpu_seconds()
 
     def end(self, messages: int, confirmed: int | None = None) -> dict[str, Any]:
         """Measurements; ``confirmed`` = publishes confirmed in the interval (for fsyncs/1000)."""
         cpu1 = self.bp.cpu_seconds()
-        busy1 = machine_busy_seconds()
+        busy1 = machine_cpu_seconds()
         wall = time.monotonic() - self.t0
-        # Everything this harness ran (itself, its reaped workers, the broker) vs the machine's busy time.
+        # Everything this harness ran (itself, its reaped workers, the broker) vs the machine's busy
+        # time (the kernel's work for us, softirqs and fsync writeback, counts as other); steal apart.
         ours = self._own_cpu() - self.own0 - self.workers0 + ((cpu1 or 0.0) - (self.cpu0 or 0.0))
-        other = None if busy1 is None or self.busy0 is None else max(0.0, busy1 - self.busy0 - ours)
+        other = steal = None
+        if busy1 is not None and self.busy0 is not None:
+            other = max(0.0, busy1[0] - self.busy0[0] - ours)
+            steal = busy1[1] - self.busy0[1]
         fsyncs1 = self.bp.fsyncs()
         cpu = None if cpu1 is None or self.cpu0 is None else round(cpu1 - self.cpu0, 3)
         fsyncs = None if fsyncs1 is None or self.fsyncs0 is None else fsyncs1 - self.fsyncs0
@@ -156,6 +160,7 @@ class Meter:
             "broker_cpu_us_per_msg": round(cpu * 1e6 / messages, 2) if cpu is not None and messages else None,
             "broker_peak_rss_kb": rss,
             "other_cpu_share": None if other is None else round(other / wall, 2),
+            "steal_share": None if steal is None else round(steal / wall, 2),
             "fsyncs": fsyncs if confirmed else None,
             "fsyncs_per_1000": round(fsyncs * 1000 / confirmed, 2) if fsyncs is not None and confirmed else None,
         }

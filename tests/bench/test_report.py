@@ -246,6 +246,24 @@ def test_versus_says_when_tidings_did_not_fsync_before_confirming() -> None:
     )
 
 
+def test_noisy_runs_say_whether_other_processes_or_the_hypervisor_took_the_cpu(capsys: Any) -> None:
+    quiet = run(PUBLISH, other_cpu_share=0.25, steal_share=0.1)
+    busy = run(PUBLISH, "nats", other_cpu_share=0.6)
+    stolen = run(PUBLISH, "redis-always", other_cpu_share=0.02, steal_share=0.42)
+    both = run(PUBLISH, "redis-everysec", other_cpu_share=0.3, steal_share=0.2)
+    old = run(PUBLISH, "redis-everysec", round_no=2, rounds=2)  # PUBLISH was recorded before steal_share existed
+    assert [report.noise(r) for r in (quiet, busy, stolen, both, old)] == [
+        None,
+        "other 60%",
+        "steal 42%",
+        "other 30%, steal 20%",
+        None,
+    ]
+    report.print_table([quiet, busy, stolen], report.environment(), "python -m bench publish")
+    out = capsys.readouterr().out
+    assert "publish window=1000 nats: other 60%; publish window=1000 redis-always: steal 42%" in out
+
+
 # --- the command line -----------------------------------------------------------
 
 
