@@ -31,7 +31,12 @@ examples:
   tidings-broker                                  127.0.0.1:6464, data in ./tidings-data
   tidings-broker --port 7000 --data-dir /var/lib/tidings
   tidings-broker --fsync interval --fsync-interval 0.2
-  TIDINGS_TOKEN=s3cret tidings-broker --host 0.0.0.0
+  TIDINGS_TOKEN=s3cret tidings-broker --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
+
+TLS (--tls-cert, --tls-key): the port then speaks only TLS 1.2 or later;
+clients use tidingss://host:port and verify the certificate (for a private
+CA: `tidings --tls-ca ca.pem ...`, or ssl_context= in Python). A connection
+that has not finished its handshake within 2 s is closed.
 
 durability (--fsync):
   always    confirm a publish only after its bytes are fsynced; concurrent
@@ -154,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
     )
     p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificate (chain): serve TLS, for tidingss:// URLs (needs --tls-key)",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA certificate(s): require clients to present a certificate signed by one (mutual TLS)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)"
     )
     return p  # fmt: skip
@@ -183,6 +201,9 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_check=args.retention_check,
         queues=load_queue_config(args.config) if args.config else {},
         token=os.environ.get("TIDINGS_TOKEN") or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
 
 
@@ -280,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with runner:
             return runner.run(_run(config))
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         print(f"tidings-broker: cannot start: {exc}", file=sys.stderr)
         return 1
 

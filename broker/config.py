@@ -42,6 +42,8 @@ DEFAULT_HEARTBEAT: Final = 30.0
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 #: How often acked cursors are persisted; bounds redeliveries after a crash.
 DEFAULT_CURSOR_FLUSH: Final = 0.2
+#: Seconds to finish a TLS handshake (NATS TLS_TIMEOUT: 2 s).
+DEFAULT_TLS_HANDSHAKE_TIMEOUT: Final = 2.0
 #: A second PUBLISH with the same message_id within this window is not stored
 #: again (NATS JetStream duplicate window: 2 minutes).
 DEFAULT_DEDUP_WINDOW: Final = 120.0
@@ -149,6 +151,12 @@ class BrokerConfig:
             older than this many seconds (0 = keep everything).
         retention_keep_unacked: never drop a record some durable has not acked.
         retention_check: seconds between retention passes.
+        tls_cert: PEM certificate chain: serve TLS (``tidingss://``) only.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_client_ca: PEM CA certificates: clients must present a
+            certificate signed by one of them (mutual TLS).
+        tls_handshake_timeout: seconds a new connection has to finish the
+            TLS handshake (a plaintext client on the TLS port is closed by then).
     """
 
     host: str = "127.0.0.1"
@@ -174,6 +182,10 @@ class BrokerConfig:
     retention_keep_unacked: bool = False
     retention_check: float = 1.0
     queues: Mapping[str, Retention] = field(default_factory=dict)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -190,6 +202,7 @@ class BrokerConfig:
             "cursor_flush",
             "shutdown_grace",
             "retention_check",
+            "tls_handshake_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")
@@ -199,6 +212,15 @@ class BrokerConfig:
             raise ConfigError("heartbeat must be 0 (off) or positive")
         if self.max_connections < 1 or self.max_inflight_publishes < 1:
             raise ConfigError("connection and in-flight limits must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("a TLS certificate needs its key, and a key its certificate (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("client certificates (--tls-client-ca) need TLS: give --tls-cert and --tls-key too")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the broker serves TLS."""
+        return self.tls_cert is not None
 
     def retention_for(self, queue: str) -> Retention:
         """The retention of ``queue``: its own from the config file, else the flags'."""

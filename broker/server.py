@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from protocol import ErrorCode
+from protocol import ConfigError, ErrorCode
 
 from .config import BrokerConfig
 from .session import Session
@@ -43,6 +44,29 @@ def _version() -> str:
         return version("tidings")
     except PackageNotFoundError:  # running from a source tree
         return "0+unknown"
+
+
+def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context (TLS 1.2 and later), or None without ``tls_cert``.
+
+    Raises:
+        ConfigError: a certificate, key or CA file cannot be read or used.
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use TLS certificate {config.tls_cert} with key {config.tls_key}: {exc}") from exc
+    if config.tls_client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot use client CA file {config.tls_client_ca}: {exc}") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 class Broker:
@@ -82,7 +106,9 @@ class Broker:
 
         Raises:
             OSError: the address cannot be bound or the data directory not created.
+            ConfigError: the TLS files cannot be used.
         """
+        tls = tls_context(self.config)  # (its errors first: before any file is touched)
         self.store.open()
         self.store.start()
         loop = asyncio.get_running_loop()
@@ -92,9 +118,12 @@ class Broker:
             self.config.port,
             backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
             reuse_address=True,
+            ssl=tls,
+            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
         )
         host, port = self.address
-        logger.info("listening on %s:%d", host, port)
+        mtls = ", client certificates required" if self.config.tls_client_ca is not None else ""
+        logger.info("listening on %s:%d%s", host, port, f" (TLS{mtls})" if tls is not None else "")
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`aclose` has finished."""

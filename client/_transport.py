@@ -54,6 +54,7 @@ from protocol import (
     RequestTimeout,
     Role,
     ServerError,
+    State,
     Welcome,
 )
 from protocol.errors import FATAL_CODES
@@ -265,7 +266,10 @@ class Transport(Reconnecting):
         except TimeoutError:
             raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise ConnectionLost(
+                f"cannot connect to {self.host}:{self.port}: {why}{_tls_hint(exc, self._ssl)}"
+            ) from exc
         assert sock.transport is not None
         sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._sock = sock
@@ -522,10 +526,14 @@ class Transport(Reconnecting):
             return
         error: BaseException | None = None
         if exc is not None:
-            error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}")
+            hint = _tls_hint(exc, self._ssl) if isinstance(exc, OSError) and self._conn.state is not State.READY else ""
+            error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}{hint}")
             error.__cause__ = exc
         elif not self._closing:
             error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
+            if self._conn.state is not State.READY:
+                hint = "if the broker serves TLS there, use tidingss://" if self._ssl is None else _CLIENT_CERT_HINT
+                error = ConnectionLost(f"{self.host}:{self.port} closed the connection before answering HELLO ({hint})")
         self._finish(sock, error)
 
     def _finish(self, sock: _Socket, error: BaseException | None) -> None:
@@ -624,6 +632,26 @@ class Transport(Reconnecting):
             sub._end(None if clean else error)
         if clean:
             self._closed = True
+
+
+#: Said when a TLS connection ends before the WELCOME.
+_CLIENT_CERT_HINT = (
+    "if the broker requires a client certificate: ssl_context.load_cert_chain(CERT, KEY), tidings --tls-cert --tls-key"
+)
+
+
+def _tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> str:
+    """What to try for the TLS errors a wrong URL, a private CA or a missing
+    client certificate cause."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            " (for a private CA: Client(..., ssl_context=ssl.create_default_context(cafile=CA)), tidings --tls-ca CA)"
+        )
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+        return " (the broker does not speak TLS there: use tidings://)"
+    if tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+        return f" ({_CLIENT_CERT_HINT})"
+    return ""
 
 
 def _app_headers(headers: dict[str, str] | None) -> dict[str, str]:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import sys
 from typing import Any, NoReturn
 
@@ -38,7 +39,7 @@ from .commands import (
     run_status,
     run_sub,
 )
-from .common import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Stopped, Stopper, UsageError
+from .common import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Stopped, Stopper, UsageError, tls_context
 from .raw import run_decode, run_raw
 from .streams import Output, silence_stdout, watch_pipe_close
 from .values import FORMATS
@@ -275,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for connecting and for each reply (default: %(default)s)",
     )
+    g.add_argument(
+        "--tls-ca",
+        default=os.environ.get("TIDINGS_TLS_CA"),
+        metavar="FILE",
+        help="tidingss://: trust the CA certificate(s) in this PEM file, not the system's (default: $TIDINGS_TLS_CA)",
+    )
+    g.add_argument(
+        "--tls-cert",
+        default=os.environ.get("TIDINGS_TLS_CERT"),
+        metavar="FILE",
+        help="tidingss://: present this client certificate, for a broker with --tls-client-ca (default: $TIDINGS_TLS_CERT)",
+    )
+    g.add_argument(
+        "--tls-key",
+        default=os.environ.get("TIDINGS_TLS_KEY"),
+        metavar="FILE",
+        help="the private key of --tls-cert (default: $TIDINGS_TLS_KEY)",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
 
     p = _Parser(
@@ -464,7 +483,8 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "raw":
             return await (run_decode(ctx) if args.decode is not None else run_raw(ctx))
         # A debugging tool reports a lost connection (exit 2) instead of hiding it.
-        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=False)
+        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=False,
+                        ssl_context=tls_context(args))  # fmt: skip
         try:
             await stopper.race(client.connect())
         except BaseException:
@@ -492,7 +512,8 @@ def _connect_error(exc: BaseException, url: str) -> str:
     """'cannot connect to HOST:PORT: Connection refused' rather than asyncio's 'Connect call failed (...)'."""
     text = _one_line(exc)
     cause = exc.__cause__
-    if text.startswith("cannot connect to ") and isinstance(cause, OSError) and cause.errno:
+    if (text.startswith("cannot connect to ") and isinstance(cause, OSError) and cause.errno
+            and not isinstance(cause, ssl.SSLError)):  # (its errno is OpenSSL's, not the OS's)  # fmt: skip
         where = text[len("cannot connect to ") :].split(": ", 1)[0]
         why = cause.strerror if isinstance(cause, socket.gaierror) else os.strerror(cause.errno)
         return f"cannot connect to {where}: {why}"

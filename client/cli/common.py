@@ -1,14 +1,25 @@
-"""Exit codes, the usage error, and graceful stopping on signals."""
+"""Exit codes, the usage error, graceful stopping on signals, the TLS options."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
+import ssl
 from collections.abc import Awaitable
 from typing import Final, TypeVar
 
-__all__ = ["EXIT_CONNECT", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "Stopped", "Stopper", "UsageError"]
+__all__ = [
+    "EXIT_CONNECT",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "Stopped",
+    "Stopper",
+    "UsageError",
+    "tls_context",
+]
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 1  # bad arguments or bad input (a payload that is not JSON, ...)
@@ -20,6 +31,26 @@ T = TypeVar("T")
 
 class UsageError(Exception):
     """Bad arguments or bad input: exit code 1 with a one-line message."""
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` ask for;
+    None for the default (the system's CAs, no client certificate).
+
+    Raises:
+        UsageError: a file cannot be read or used.
+    """
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    try:
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use the TLS files: {exc}") from exc
+    return ctx
 
 
 class Stopped(Exception):

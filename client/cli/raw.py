@@ -36,9 +36,10 @@ from protocol import (
 from protocol.framing import unpack_body
 from protocol.messages import FRAME_CLASSES
 
+from .._transport import _tls_hint
 from ..client import parse_url
 from .commands import Context
-from .common import EXIT_OK, Stopped, UsageError
+from .common import EXIT_OK, Stopped, UsageError, tls_context
 from .streams import LineReader
 from .values import parse_json, to_json
 
@@ -327,15 +328,15 @@ class _Session:
 async def run_raw(ctx: Context) -> int:
     args = ctx.args
     host, port, tls = parse_url(args.url)
+    context = (tls_context(args) or ssl.create_default_context()) if tls else None
     try:
         async with asyncio.timeout(args.timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=ssl.create_default_context() if tls else None
-            )
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
     except TimeoutError:
         raise RequestTimeout(f"connecting to {host}:{port}", args.timeout) from None
     except OSError as exc:
-        raise ConnectionLost(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise ConnectionLost(f"cannot connect to {host}:{port}: {why}{_tls_hint(exc, context)}") from exc
     return await _Session(ctx, reader, writer).run()
 
 

@@ -1,0 +1,169 @@
+"""TLS (RELIABILITY.md A5): tidingss:// end to end on TLS 1.2 and 1.3; the
+client verifies certificates by default (an unknown CA, a self-signed or an
+expired certificate are refused); a plaintext client on the TLS port and a
+TLS client on the plaintext port fail at once with a hint, and a connection
+that never finishes its handshake is closed after the TLS handshake
+timeout; mutual TLS; the broker's and the CLI's TLS options."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from protocol import ConnectionLost
+from tests.helpers import TlsFiles, assert_broker_healthy, running_broker, url_of
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def trusting(tls: TlsFiles, version: str | None = None, *, client_cert: bool = False) -> ssl.SSLContext:
+    """A client context that trusts the test CA (pinned to one TLS version if given)."""
+    ctx = ssl.create_default_context(cafile=tls.ca)
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
+    if client_cert:
+        ctx.load_cert_chain(tls.client_cert, tls.client_key)
+    return ctx
+
+
+def served(tls: TlsFiles, cert: Path | None = None, **overrides: object) -> dict[str, object]:
+    return {"tls_cert": cert or tls.cert, "tls_key": tls.key, **overrides}
+
+
+@pytest.mark.parametrize("version", sorted(TLS_VERSIONS))
+async def test_publish_subscribe_and_status_over_tls(tmp_path: Path, tls_files: TlsFiles, version: str) -> None:
+    async with running_broker(tmp_path, **served(tls_files)) as broker:
+        url = url_of(broker)
+        assert url.startswith("tidingss://")
+        ctx = trusting(tls_files, version)
+        async with Client(url, name="tls", ssl_context=ctx) as c:
+            sub = await c.subscribe("Q", durable="d", start="earliest")
+            assert await c.publish_many("Q", [("E", i) for i in range(100)]) == list(range(100))
+            got = [await sub.next(timeout=10) for _ in range(100)]
+            assert [m.payload for m in got] == list(range(100))
+            for m in got:
+                await m.ack()
+            assert [conn["name"] for conn in (await c.status())["connections"]] == ["tls"]
+            assert c._sock is not None and c._sock.transport is not None
+            assert c._sock.transport.get_extra_info("ssl_object").version() == f"TLSv{version}"
+        await assert_broker_healthy(broker, ssl_context=ctx)
+
+
+@pytest.mark.parametrize("case", ["unknown CA", "self-signed", "expired"])
+async def test_the_client_verifies_the_certificate_by_default(tmp_path: Path, tls_files: TlsFiles, case: str) -> None:
+    cert = {"unknown CA": tls_files.cert, "self-signed": tls_files.self_signed, "expired": tls_files.expired}[case]
+    async with running_broker(tmp_path, **served(tls_files, cert)) as broker:
+        ctx = None if case == "unknown CA" else trusting(tls_files)  # None: the system's CAs
+        with pytest.raises(ConnectionLost) as refused:
+            async with Client(url_of(broker), ssl_context=ctx, reconnect=False, timeout=5):
+                pass
+        assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+        why = {"unknown CA": "unable to get local issuer", "self-signed": "self-signed", "expired": "expired"}[case]
+        assert why in str(refused.value)
+        assert "--tls-ca" in str(refused.value)  # the hint
+        if case == "unknown CA":
+            await assert_broker_healthy(broker, ssl_context=trusting(tls_files))
+
+
+async def test_a_plaintext_client_on_the_tls_port_fails_at_once_and_a_silent_one_is_closed(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    async with running_broker(tmp_path, **served(tls_files, tls_handshake_timeout=0.5)) as broker:
+        host, port = broker.address
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(
+            ConnectionLost, match=r"before answering HELLO \(if the broker serves TLS there, use tidingss://\)"
+        ):
+            async with Client(f"tidings://{host}:{port}", reconnect=False, timeout=5):
+                pass
+        assert loop.time() - started < 1.0  # the HELLO is no TLS record: refused at once, no timeout
+        # A peer that connects and says nothing is closed by the handshake timeout.
+        reader, writer = await asyncio.open_connection(host, port)
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert 0.4 <= loop.time() - started < 5.0
+        writer.close()
+        await assert_broker_healthy(broker, ssl_context=trusting(tls_files))
+
+
+async def test_a_tls_client_on_the_plaintext_port_fails_at_once(tmp_path: Path, tls_files: TlsFiles) -> None:
+    async with running_broker(tmp_path) as broker:
+        host, port = broker.address
+        with pytest.raises(ConnectionLost, match="does not speak TLS there: use tidings://"):
+            async with Client(f"tidingss://{host}:{port}", ssl_context=trusting(tls_files), reconnect=False, timeout=5):
+                pass
+        await assert_broker_healthy(broker)
+
+
+@pytest.mark.parametrize("version", sorted(TLS_VERSIONS))
+async def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, tls_files: TlsFiles, version: str) -> None:
+    async with running_broker(tmp_path, **served(tls_files, tls_client_ca=tls_files.ca)) as broker:
+        with pytest.raises(ConnectionLost, match="if the broker requires a client certificate"):
+            async with Client(url_of(broker), ssl_context=trusting(tls_files, version), reconnect=False, timeout=5):
+                pass
+        mine = trusting(tls_files, version, client_cert=True)
+        async with Client(url_of(broker), name="mtls", ssl_context=mine) as c:
+            assert await c.publish("Q", "E", "hello") == 0
+        await assert_broker_healthy(broker, ssl_context=mine)
+
+
+async def _run(*cmd: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_options(tmp_path: Path, tls_files: TlsFiles) -> None:
+    tidings = [sys.executable, "-m", "client.cat"]
+    async with running_broker(tmp_path, **served(tls_files)) as broker:
+        url = url_of(broker)
+        code, out, err = await _run(*tidings, "ping", "-c", "1", "--url", url, "--tls-ca", str(tls_files.ca))
+        assert (code, err) == (0, "") and out.startswith("pong from")
+        code, out, err = await _run(*tidings, "ping", "-c", "1", "--url", url)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "not permitted" not in err
+        assert len(err.strip().splitlines()) == 1, err
+        code, out, err = await _run(*tidings, "ping", "--url", url, "--tls-ca", str(tmp_path / "missing.pem"))
+        assert code == 1 and "cannot use the TLS files" in err
+        raw = [*tidings, "raw", "--url", url, "--tls-ca", str(tls_files.ca)]
+        proc = await asyncio.create_subprocess_exec(*raw, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        out_b, _ = await asyncio.wait_for(proc.communicate(b'["PING", 5]\n'), 30)
+        assert proc.returncode == 0 and '"PONG"' in out_b.decode()
+    async with running_broker(tmp_path, **served(tls_files, tls_client_ca=tls_files.ca)) as broker:
+        ping = [*tidings, "ping", "-c", "1", "--url", url_of(broker), "--tls-ca", str(tls_files.ca)]
+        code, out, err = await _run(
+            *ping, "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.client_key)
+        )
+        assert (code, err) == (0, "") and out.startswith("pong from")
+        code, out, err = await _run(*ping)
+        assert code == 2 and "requires a client certificate" in err
+        code, out, err = await _run(*ping, "--tls-cert", str(tls_files.client_cert))
+        assert code == 1 and "--tls-cert and --tls-key go together" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-cert", "{cert}"], "needs its key"),
+        (["--tls-client-ca", "{ca}"], "need TLS"),
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "cannot use TLS certificate"),
+        (["--tls-cert", "{cert}", "--tls-key", "{ca}"], "cannot use TLS certificate"),
+    ],
+)
+async def test_the_broker_refuses_to_start_with_bad_tls_options(
+    tmp_path: Path, tls_files: TlsFiles, args: list[str], message: str
+) -> None:
+    files = {"cert": tls_files.cert, "key": tls_files.key, "ca": tls_files.ca, "missing": tmp_path / "missing.pem"}
+    argv = [a.format(**files) for a in args]
+    cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(tmp_path / "data"), *argv]
+    code, _, err = await _run(*cmd)
+    assert code == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "data").exists()  # refused before touching the data directory
