@@ -86,7 +86,7 @@ class BrokerProcess:
 
     @property
     def url(self) -> str:
-        return f"tidings://127.0.0.1:{self.port}"
+        return f"tidings{'s' if '--tls-cert' in self.args else ''}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:

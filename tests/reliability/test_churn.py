@@ -7,23 +7,33 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import ssl
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from client import Client
-from tests.helpers import running_broker, url_of
+from tests.helpers import TlsFiles, running_broker, url_of
 
 SOAK = bool(os.environ.get("TIDINGS_SOAK"))
 
 
-async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path, transport: str, tls_files: TlsFiles) -> None:
+    """RELIABILITY.md E1, and over TLS too in the soak tier (A5)."""
+    if transport == "tls" and not SOAK:
+        pytest.skip("over TLS in the soak tier (make soak)")
     total, reconnects = (100_000, 1000) if SOAK else (20_000, 200)
     prefetch = 32
     rng = random.Random(7)
-    async with running_broker(tmp_path) as broker:
+    tls: dict[str, Any] = {"tls_cert": tls_files.cert, "tls_key": tls_files.key} if transport == "tls" else {}
+    options = {"ssl_context": ssl.create_default_context(cafile=tls_files.ca)} if tls else {}
+    async with running_broker(tmp_path, **tls) as broker:
         url = url_of(broker)
 
         async def publisher() -> None:
-            async with Client(url, name="pub") as c:
+            async with Client(url, name="pub", **options) as c:
                 for start in range(0, total, 200):
                     await c.publish_many("Q", [("E", i) for i in range(start, start + 200)])
 
@@ -34,7 +44,7 @@ async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path) -> None:
         duplicates_per_session: list[int] = []
         while len(seen) < total:
             sessions += 1
-            c = await Client.open(url, name=f"sub{sessions}")
+            c = await Client.open(url, name=f"sub{sessions}", **options)
             sub = await c.subscribe("Q", durable="churn", start="earliest", prefetch=prefetch)
             budget = rng.randint(1, 2 * total // reconnects)
             dups = 0

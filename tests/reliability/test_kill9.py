@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from client import Client
 from protocol import ConnectionLost, ServerError, TidingsError
 from tests.checker import History, check, read_all
-from tests.helpers import BrokerProcess, records_end
+from tests.helpers import BrokerProcess, TlsFiles, records_end
 
 QUEUES = [f"q{i}" for i in range(8)]
 pytestmark = pytest.mark.one_loop
@@ -31,12 +33,14 @@ class Goal:
             self.event.set()
 
 
-async def publish_stream(url: str, producer: int, history: History, start_seq: int, goal: Goal | None = None) -> int:
+async def publish_stream(
+    url: str, producer: int, history: History, start_seq: int, goal: Goal | None = None, **options: Any
+) -> int:
     """Publish ``[producer, seq]`` round-robin over QUEUES, up to 64 in flight,
-    until the connection breaks. Returns the next seq."""
+    until the connection breaks. Returns the next seq. ``options``: more Client options."""
     seq = start_seq
     try:
-        client = await Client.open(url, name=f"p{producer}", timeout=5, reconnect=False)
+        client = await Client.open(url, name=f"p{producer}", timeout=5, reconnect=False, **options)
     except TidingsError:
         return seq
     window = asyncio.Semaphore(64)
@@ -74,22 +78,33 @@ async def publish_stream(url: str, producer: int, history: History, start_seq: i
     return seq
 
 
-async def verify(url: str, history: History) -> None:
-    async with Client(url, name="checker") as c:
+async def verify(url: str, history: History, **options: Any) -> None:
+    async with Client(url, name="checker", **options) as c:
         logs = {q: await read_all(c, q) for q in QUEUES}
     report = check(history, logs)
     assert report.clean and report.order_inversions == 0, report
 
 
-async def test_sigkill_during_confirmed_publishing_loses_nothing(tmp_path: Path) -> None:
-    kills, per_round = (50, 2000) if os.environ.get("TIDINGS_SOAK") else (10, 2000)
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_sigkill_during_confirmed_publishing_loses_nothing(
+    tmp_path: Path, transport: str, tls_files: TlsFiles
+) -> None:
+    """RELIABILITY.md C1, and over TLS too in the soak tier (A5)."""
+    soak = bool(os.environ.get("TIDINGS_SOAK"))
+    if transport == "tls" and not soak:
+        pytest.skip("over TLS in the soak tier (make soak)")
+    kills, per_round = (50, 2000) if soak else (10, 2000)
+    tls_args = ["--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key)] if transport == "tls" else []
+    options = {"ssl_context": ssl.create_default_context(cafile=tls_files.ca)} if transport == "tls" else {}
     history = History()
     seqs = [0] * 4
     for _ in range(kills):
-        bp = BrokerProcess(tmp_path, "--segment-bytes", "65536").start()
+        bp = BrokerProcess(tmp_path, "--segment-bytes", "65536", *tls_args).start()
         try:
             goal = Goal(history, len(history.ok) + per_round)
-            tasks = [asyncio.ensure_future(publish_stream(bp.url, p, history, seqs[p], goal)) for p in range(4)]
+            tasks = [
+                asyncio.ensure_future(publish_stream(bp.url, p, history, seqs[p], goal, **options)) for p in range(4)
+            ]
             reached = asyncio.ensure_future(goal.event.wait())
             await asyncio.wait([reached, *tasks], return_when=asyncio.FIRST_COMPLETED)
             reached.cancel()
@@ -97,9 +112,9 @@ async def test_sigkill_during_confirmed_publishing_loses_nothing(tmp_path: Path)
             seqs = list(await asyncio.gather(*tasks))
         finally:
             bp.kill()
-    bp = BrokerProcess(tmp_path).start()
+    bp = BrokerProcess(tmp_path, *tls_args).start()
     try:
-        await verify(bp.url, history)
+        await verify(bp.url, history, **options)
         assert len(history.ok) >= kills * per_round
     finally:
         assert bp.stop() == 0
