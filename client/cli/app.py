@@ -276,24 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for connecting and for each reply (default: %(default)s)",
     )
-    g.add_argument(
-        "--tls-ca",
-        default=os.environ.get("TIDINGS_TLS_CA"),
-        metavar="FILE",
-        help="tidingss://: trust the CA certificate(s) in this PEM file, not the system's (default: $TIDINGS_TLS_CA)",
-    )
-    g.add_argument(
-        "--tls-cert",
-        default=os.environ.get("TIDINGS_TLS_CERT"),
-        metavar="FILE",
-        help="tidingss://: present this client certificate, for a broker with --tls-client-ca (default: $TIDINGS_TLS_CERT)",
-    )
-    g.add_argument(
-        "--tls-key",
-        default=os.environ.get("TIDINGS_TLS_KEY"),
-        metavar="FILE",
-        help="the private key of --tls-cert (default: $TIDINGS_TLS_KEY)",
-    )
+    for what, help in (
+        ("ca", "tidingss://: trust the CA certificate(s) in this PEM file, not the system's"),
+        ("cert", "tidingss://: present this client certificate, for a broker with --tls-client-ca"),
+        ("key", "the private key of --tls-cert"),
+    ):
+        env = f"TIDINGS_TLS_{what.upper()}"
+        g.add_argument(f"--tls-{what}", default=os.environ.get(env), metavar="FILE", help=f"{help} (default: ${env})")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
 
     p = _Parser(
