@@ -267,9 +267,7 @@ class Transport(Reconnecting):
             raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
         except OSError as exc:
             why = exc.strerror or str(exc) or type(exc).__name__
-            raise ConnectionLost(
-                f"cannot connect to {self.host}:{self.port}: {why}{_tls_hint(exc, self._ssl)}"
-            ) from exc
+            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {why}{tls_hint(exc, self._ssl)}") from exc
         assert sock.transport is not None
         sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._sock = sock
@@ -526,7 +524,7 @@ class Transport(Reconnecting):
             return
         error: BaseException | None = None
         if exc is not None:
-            hint = _tls_hint(exc, self._ssl) if isinstance(exc, OSError) and self._conn.state is not State.READY else ""
+            hint = tls_hint(exc, self._ssl) if isinstance(exc, OSError) and self._conn.state is not State.READY else ""
             error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}{hint}")
             error.__cause__ = exc
         elif not self._closing:
@@ -640,7 +638,7 @@ _CLIENT_CERT_HINT = (
 )
 
 
-def _tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> str:
+def tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> str:
     """What to try for the TLS errors a wrong URL, a private CA or a missing
     client certificate cause."""
     if isinstance(exc, ssl.SSLCertVerificationError):
