@@ -65,7 +65,7 @@ from .subscription import Message, Subscription
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "parse_url"]
+__all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "parse_url", "tls_hint"]
 
 logger = logging.getLogger(__name__)
 
