@@ -94,5 +94,11 @@ async def test_a_small_round_while_another_connection_awaits_confirms_goes_to_th
         finally:
             store.publishers -= 1
         assert counts == {"inline": 0, "committer": 1}
+        # The committer queues the confirm while it holds the round lock and
+        # lets go of it just after; the confirm can reach us, and our next
+        # publish the broker, before that thread runs again (the GIL). Wait
+        # for it here, or the publish finds a round in flight and joins it.
+        with store._round_lock:
+            pass
         assert await c.publish("Q", "E", "y") == 1  # alone again: on the loop
         assert counts == {"inline": 1, "committer": 1}
