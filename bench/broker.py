@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ class BrokerProcess:
         self.port = 0
         self.log: list[str] = []
         self._drain: threading.Thread | None = None
+        self._listening = threading.Event()
 
     @property
     def url(self) -> str:
@@ -94,6 +94,16 @@ class BrokerProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> BrokerProcess:
+        """Start it; return once it listens.
+
+        Raises:
+            RuntimeError: it did not log ``listening on`` within ``timeout`` seconds.
+            ValueError: ``--log-level`` above info would hide that line.
+        """
+        if any(
+            a == "--log-level" and b in ("warning", "error") for a, b in zip(self.args, self.args[1:], strict=False)
+        ):
+            raise ValueError("BrokerProcess waits for the broker's 'listening on' line: --log-level info or debug")
         head = self.prefix or [sys.executable]
         cmd = [*head, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
                *self.args]  # fmt: skip
@@ -101,30 +111,25 @@ class BrokerProcess:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stderr:  # blocks until the broker speaks; bounded by its own start-up
-            self.log.append(line)
-            m = re.search(r"listening on [^ ]+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                break
-            if time.monotonic() > deadline:
-                break
-        if not self.port:
-            self.kill()
-            raise RuntimeError("broker did not start:\n" + "".join(self.log[-30:]))
-        # Keep draining stderr so that the broker never blocks on a full pipe.
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        # A thread reads the log from the start (so the broker never blocks on
+        # a full pipe) and spots the line; start() waits for it with a timeout.
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
         self._drain.start()
+        if not self._listening.wait(timeout) or not self.port:
+            self.kill()
+            raise RuntimeError(f"broker did not start within {timeout} s:\n" + "".join(self.log[-30:]))
         return self
 
-    def _read_rest(self) -> None:
+    def _read_log(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line)
+            if not self.port and (m := re.search(r"listening on [^ ]+:(\d+)", line)):
+                self.port = int(m.group(1))
+                self._listening.set()
             if len(self.log) > self.MAX_LOG_LINES:
                 del self.log[: self.MAX_LOG_LINES // 2]
+        self._listening.set()  # it exited: start() need not wait any longer
 
     def cpu_seconds(self) -> float | None:
         return proc_cpu_seconds(self.pid)
