@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
     )
     p.add_argument(
+        "--auth-failure-delay",
+        type=float,
+        default=BrokerConfig().auth_failure_delay,
+        metavar="SECONDS",
+        help="with TIDINGS_TOKEN: after 3 wrong tokens from one address within a minute, answer each further one "
+        "after this delay, doubling up to 2 s; 0 = at once (default: %(default)s)",
+    )
+    p.add_argument(
         "--tls-cert",
         type=Path,
         metavar="FILE",
@@ -201,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_check=args.retention_check,
         queues=load_queue_config(args.config) if args.config else {},
         token=os.environ.get("TIDINGS_TOKEN") or None,
+        auth_failure_delay=args.auth_failure_delay,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -42,6 +42,15 @@ DEFAULT_HEARTBEAT: Final = 30.0
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 #: How often acked cursors are persisted; bounds redeliveries after a crash.
 DEFAULT_CURSOR_FLUSH: Final = 0.2
+#: Wrong tokens from one address: the first AUTH_FREE_FAILURES within
+#: AUTH_FAILURE_WINDOW seconds are answered at once, each later one after a
+#: delay that starts at ``auth_failure_delay`` and doubles up to
+#: AUTH_FAILURE_MAX_DELAY. At most AUTH_FAILURE_HOSTS addresses are remembered.
+DEFAULT_AUTH_FAILURE_DELAY: Final = 0.1
+AUTH_FREE_FAILURES: Final = 3
+AUTH_FAILURE_WINDOW: Final = 60.0
+AUTH_FAILURE_MAX_DELAY: Final = 2.0
+AUTH_FAILURE_HOSTS: Final = 10_000
 #: Seconds to finish a TLS handshake (NATS TLS_TIMEOUT: 2 s).
 DEFAULT_TLS_HANDSHAKE_TIMEOUT: Final = 2.0
 #: A second PUBLISH with the same message_id within this window is not stored
@@ -145,6 +154,9 @@ class BrokerConfig:
         shutdown_grace: seconds to drain writes at shutdown.
         repair: truncate corrupt logs at the damage instead of refusing them.
         token: when set, HELLO must carry ``{"token": token}``.
+        auth_failure_delay: the first delay before answering a wrong token
+            from an address that already sent AUTH_FREE_FAILURES within a
+            minute (doubling up to 2 s); 0 answers every failure at once.
         retention_bytes: per queue, drop the oldest whole segments while the
             log is larger than this (0 = keep everything).
         retention_age: per queue, drop whole segments whose newest record is
@@ -177,6 +189,7 @@ class BrokerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     repair: bool = False
     token: str | None = None
+    auth_failure_delay: float = DEFAULT_AUTH_FAILURE_DELAY
     retention_bytes: int = 0
     retention_age: float = 0.0
     retention_keep_unacked: bool = False
@@ -208,8 +221,8 @@ class BrokerConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")
         if self.retention_bytes < 0 or self.retention_age < 0:
             raise ConfigError("retention limits must be 0 (off) or positive")
-        if self.heartbeat < 0:
-            raise ConfigError("heartbeat must be 0 (off) or positive")
+        if self.heartbeat < 0 or self.auth_failure_delay < 0:
+            raise ConfigError("heartbeat and auth failure delay must be 0 (off) or positive")
         if self.max_connections < 1 or self.max_inflight_publishes < 1:
             raise ConfigError("connection and in-flight limits must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -29,7 +29,7 @@ from typing import Any
 
 from protocol import ConfigError, ErrorCode
 
-from .config import BrokerConfig
+from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WINDOW, AUTH_FREE_FAILURES, BrokerConfig
 from .session import Session
 from .status import status_page
 from .store import Store
@@ -90,6 +90,8 @@ class Broker:
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()  # set when the last session is gone
         self._closing = False
+        #: Remote address -> (failed authentications in a row, monotonic time of the last).
+        self._auth_failures: dict[str, tuple[int, float]] = {}
 
     def __repr__(self) -> str:
         return f"<Broker {self.config.host}:{self.config.port} connections={len(self.sessions)}>"
@@ -148,6 +150,29 @@ class Broker:
             return False
         self.sessions.add(session)
         return True
+
+    def auth_failed(self, host: str) -> float:
+        """Count a wrong token from ``host``; the seconds to wait before saying so.
+
+        The first AUTH_FREE_FAILURES within AUTH_FAILURE_WINDOW seconds of
+        each other are answered at once (a typo); each later one waits
+        ``auth_failure_delay``, doubling up to AUTH_FAILURE_MAX_DELAY, so a
+        peer guessing tokens gets a few a second per connection instead of
+        thousands. The memory is bounded: past AUTH_FAILURE_HOSTS addresses
+        the least recent are forgotten.
+        """
+        base = self.config.auth_failure_delay
+        if base <= 0:
+            return 0.0
+        now = time.monotonic()
+        count, last = self._auth_failures.pop(host, (0, now))
+        count = 1 if now - last > AUTH_FAILURE_WINDOW else count + 1
+        self._auth_failures[host] = (count, now)  # (re-inserted: the dict is in order of recency)
+        while len(self._auth_failures) > AUTH_FAILURE_HOSTS:
+            del self._auth_failures[next(iter(self._auth_failures))]
+        if count <= AUTH_FREE_FAILURES:
+            return 0.0
+        return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
 
     def unregister(self, session: Session) -> None:
         """Forget a closed session."""

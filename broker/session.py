@@ -128,6 +128,7 @@ class Session(Publishing, asyncio.Protocol):
         #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
         self.producer: str | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.since = time.time()
         self.transport: asyncio.Transport | None = None
         self.subs: dict[int, _Sub] = {}
@@ -173,6 +174,7 @@ class Session(Publishing, asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else self.peer
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -306,6 +308,21 @@ class Session(Publishing, asyncio.Protocol):
 
     # --- handshake and lifecycle ----------------------------------------------
 
+    def _auth_failed(self) -> None:
+        """AUTH_FAILED and close: at once, or after the delay repeated failures
+        from this address earn (reading stops meanwhile; see Broker.auth_failed)."""
+        delay = self.broker.auth_failed(self.peer_host)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if delay <= 0 or self.transport is None:
+            self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
+            return
+        self.transport.pause_reading()
+        self._timer = asyncio.get_running_loop().call_later(
+            delay, self.fatal, ErrorCode.AUTH_FAILED, "invalid or missing token"
+        )
+
     def _on_hello(self, ev: Hello) -> None:
         if ev.version != PROTOCOL_VERSION:
             self.fatal(
@@ -317,7 +334,7 @@ class Session(Publishing, asyncio.Protocol):
         if token is not None:
             given = (ev.credentials or {}).get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
-                self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
+                self._auth_failed()
                 return
         self.name = ev.name
         self.producer = ev.producer

@@ -339,6 +339,30 @@ async def test_handshake_errors(tmp_path: Path) -> None:
             assert await c.publish("Q", "E") == 0
 
 
+async def test_repeated_wrong_tokens_from_one_address_are_answered_ever_more_slowly(tmp_path: Path) -> None:
+    """RELIABILITY.md A1: three wrong tokens are answered at once (a typo);
+    from the fourth on, AUTH_FAILED comes after a delay that doubles (0.2,
+    0.4, 0.8 s here), never turned into HANDSHAKE_TIMEOUT by the delay, and
+    the right token is served at once meanwhile."""
+    async with running_broker(tmp_path, token="s3cret", auth_failure_delay=0.2, handshake_timeout=0.3) as broker:
+        loop = asyncio.get_running_loop()
+        took = []
+        for _ in range(6):
+            started = loop.time()
+            with pytest.raises(AuthFailed):
+                await Client.open(url_of(broker), token="wrong", reconnect=False)
+            took.append(loop.time() - started)
+        assert all(t < 0.2 for t in took[:3]), took
+        assert [t >= d for t, d in zip(took[3:], (0.2, 0.4, 0.8), strict=True)] == [True] * 3, took
+        guessing = asyncio.ensure_future(Client.open(url_of(broker), token="wrong", reconnect=False))  # 1.6 s
+        async with Client(url_of(broker), token="s3cret", reconnect=False) as c:
+            assert await c.publish("Q", "E") == 0
+        assert not guessing.done()
+        with pytest.raises(AuthFailed):
+            await guessing
+        await assert_broker_healthy(broker, token="s3cret")
+
+
 async def test_silent_peers_are_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
     async with running_broker(tmp_path, handshake_timeout=0.2) as broker:
         peer = await RawPeer.connect(broker, hello=False)

@@ -31,6 +31,8 @@ import uvloop
 from bench.broker import proc_cpu_seconds, proc_status_kb
 from bench.figures import publish_rate, stuck_subscriber
 from client import Client
+from protocol import PROTOCOL_VERSION, ErrorCode, FrameDecoder, FrameType, Hello, Ping, encode_frame
+from protocol.framing import unpack_body
 from tests.conftest import TEST_TIMEOUT
 from tests.helpers import BrokerProcess, assert_broker_healthy, broker_process
 
@@ -332,3 +334,47 @@ def test_a_subscriber_that_never_reads_costs_bounded_memory_and_no_throughput(tm
             assert ratio >= 0.8, rate
 
         run(main())
+
+
+@pytest.mark.one_loop  # (the loop under test is the broker's, in its own process)
+async def test_thousands_of_wrong_tokens_leave_nothing_behind(tmp_path: Path) -> None:
+    """RELIABILITY.md A1: 2,000 handshakes with a wrong token (T2: 10,000),
+    with the slow-down off so that they come at full speed: each answered
+    AUTH_FAILED and closed, the PING sent behind it never answered, and
+    afterwards the connection count is at its baseline and the broker's RSS
+    within 5 MiB of where it was."""
+    n = 10_000 if SOAK else 2000
+    hello_wrong = encode_frame(Hello(1, PROTOCOL_VERSION, "guess", {"token": "wrong"}).to_wire())
+    ping = encode_frame(Ping(2).to_wire())
+    env = {"TIDINGS_TOKEN": "s3cret"}
+    with broker_process(tmp_path, "--auth-failure-delay", "0", env=env) as bp:
+        pid = broker_pid(bp)
+        host, port = "127.0.0.1", bp.port
+
+        async def guess() -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(hello_wrong + ping)  # the PING must not be answered
+            try:
+                return await reader.read()  # everything until the broker closes
+            finally:
+                writer.close()
+
+        async def guesses(count: int) -> None:
+            async def worker(share: int) -> None:  # 32 at a time, one after another
+                for _ in range(share):
+                    frames = [unpack_body(body, 1 << 20) for body in FrameDecoder(1 << 20).feed(await guess())]
+                    assert len(frames) == 1 and frames[0][:3] == [int(FrameType.ERR), 0, int(ErrorCode.AUTH_FAILED)], (
+                        frames
+                    )
+
+            await asyncio.gather(*(worker(count // 32 + (i < count % 32)) for i in range(32)))
+
+        await guesses(200)  # warm up: the first connections grow the broker's pools
+        rss0 = kib(pid, "VmRSS")
+        started = time.monotonic()
+        await guesses(n)
+        took = time.monotonic() - started
+        await assert_broker_healthy(bp.url, token="s3cret")
+        rss = kib(pid, "VmRSS")
+        assert rss - rss0 < 5 * KIB, (rss0, rss)
+    print(f"{n} wrong tokens in {took:.1f} s; broker RSS {rss0 / KIB:.1f} -> {rss / KIB:.1f} MiB")
