@@ -172,6 +172,8 @@ class Broker:
             del self._auth_failures[next(iter(self._auth_failures))]
         if count <= AUTH_FREE_FAILURES:
             return 0.0
+        if count == AUTH_FREE_FAILURES + 1:
+            logger.warning("%s: %d wrong tokens within a minute: answering each further one more slowly", host, count)
         return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
 
     def unregister(self, session: Session) -> None:

@@ -339,11 +339,13 @@ async def test_handshake_errors(tmp_path: Path) -> None:
             assert await c.publish("Q", "E") == 0
 
 
-async def test_repeated_wrong_tokens_from_one_address_are_answered_ever_more_slowly(tmp_path: Path) -> None:
+async def test_repeated_wrong_tokens_from_one_address_are_answered_ever_more_slowly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """RELIABILITY.md A1: three wrong tokens are answered at once (a typo);
     from the fourth on, AUTH_FAILED comes after a delay that doubles (0.2,
     0.4, 0.8 s here), never turned into HANDSHAKE_TIMEOUT by the delay, and
-    the right token is served at once meanwhile."""
+    the right token is served at once meanwhile. One warning says so."""
     async with running_broker(tmp_path, token="s3cret", auth_failure_delay=0.2, handshake_timeout=0.3) as broker:
         loop = asyncio.get_running_loop()
         took = []
@@ -361,6 +363,8 @@ async def test_repeated_wrong_tokens_from_one_address_are_answered_ever_more_slo
         with pytest.raises(AuthFailed):
             await guessing
         await assert_broker_healthy(broker, token="s3cret")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "wrong tokens" in r.getMessage()]
+    assert warned == ["127.0.0.1: 4 wrong tokens within a minute: answering each further one more slowly"]
 
 
 async def test_silent_peers_are_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
