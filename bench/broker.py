@@ -1,4 +1,4 @@
-"""The broker under test as a subprocess, and what /proc says about it."""
+"""The broker under test as a subprocess, what /proc says about it, and throwaway TLS files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,41 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files made by :func:`make_tls_files` (all certificates for 127.0.0.1 and localhost)."""
+
+    ca: Path  #: the test CA's certificate
+    cert: Path  #: the server's, signed by the CA
+    key: Path
+    client_cert: Path  #: a client's, signed by the CA
+    client_key: Path
+    expired: Path  #: the server key's certificate, signed by the CA, expired yesterday
+    self_signed: Path  #: the server key's certificate, signed by itself
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """A throwaway CA and certificates, made with the ``openssl`` command."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tidings test CA")
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=tidings test {name}")
+    sign = ["x509", "-req", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]
+    openssl(*sign, "-in", "server.csr", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    openssl(*sign, "-in", "server.csr", "-out", "expired.pem", "-days", "-1", "-extfile", "san.ext")
+    openssl(*sign, "-in", "client.csr", "-out", "client.pem", "-days", "2", "-extfile", "client.ext")
+    openssl("x509", "-req", "-in", "server.csr", "-signkey", "server.key", "-out", "self.pem", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
+    return TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
+                    folder / "client.key", folder / "expired.pem", folder / "self.pem")  # fmt: skip
 
 
 class BrokerProcess:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the JSON lines on stdout instead of the table")
     p.add_argument("--profile", type=Path, metavar="DIR", help="run the broker under cProfile, .prof files in DIR")
+    p.add_argument("--tls", action="store_true",
+                   help="tidings serves TLS (certificates from a throwaway CA made with openssl); peers as usual")  # fmt: skip
     p.add_argument("--peers", action="store_true", help="also run the installed peers (see bench/peers)")
     p.add_argument(
         "--peer",
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         count=args.count, payload=args.payload, publishers=args.publishers, subscribers=args.subscribers,
         fetchers=args.fetchers, window=args.window, prefetch=args.prefetch, batch=args.batch, fsync=args.fsync,
         rate=args.rate, tick_ms=args.tick, duration=args.duration or (1.0 if args.quick else 10.0), quick=args.quick,
-        profile_dir=args.profile,
+        profile_dir=args.profile, tls=args.tls,
     )  # fmt: skip
     env = report.environment()
     load = env["load_1m"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .adapters import QUEUE
-from .broker import BrokerProcess, machine_cpu_seconds, proc_cpu_seconds
+from .broker import BrokerProcess, machine_cpu_seconds, make_tls_files, proc_cpu_seconds
 from .check import merge, percentiles
 from .runner import Group, Progress, run_group
 
@@ -42,6 +42,7 @@ class Options:
     duration: float
     quick: bool
     profile_dir: Path | None = None
+    tls: bool = False
 
 
 def default_count(opts: Options, scenario: str) -> int:
@@ -78,7 +79,7 @@ class Target:
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.durability = f"fsync {opts.fsync}"
+        self.durability = f"fsync {opts.fsync}" + (", TLS" if opts.tls else "")
         # Whether a publish is confirmed only once it is on disk: the like-for-like
         # bar in the versus lines (bench.report.versus). Peers set their own.
         self.fsync_before_confirm = opts.fsync == "always"
@@ -91,11 +92,25 @@ class Target:
             if opts.profile_dir is not None:
                 opts.profile_dir.mkdir(parents=True, exist_ok=True)
                 prefix = [sys.executable, "-m", "cProfile", "-o", str(opts.profile_dir / f"broker-{tag}.prof")]
-            bp = BrokerProcess(Path(tmp) / "data", "--fsync", opts.fsync, prefix=prefix).start()
+            args = ["--fsync", opts.fsync]
+            trusted = os.environ.get("SSL_CERT_FILE")
+            if opts.tls:
+                # Workers are spawned while this server runs and inherit the
+                # environment: with SSL_CERT_FILE their default TLS context
+                # (and this process's, for STATUS) trusts the throwaway CA.
+                tls = make_tls_files(Path(tmp))
+                args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+                os.environ["SSL_CERT_FILE"] = str(tls.ca)
+            bp = BrokerProcess(Path(tmp) / "data", *args, prefix=prefix).start()
             try:
                 yield bp
             finally:
                 bp.stop()
+                if opts.tls:
+                    if trusted is None:
+                        os.environ.pop("SSL_CERT_FILE", None)
+                    else:
+                        os.environ["SSL_CERT_FILE"] = trusted
 
     def durable_lag(self, server: Server, name: str) -> int | None:
         assert isinstance(server, BrokerProcess)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench.broker import BrokerProcess as BrokerProcess  # (re-exported for the tests)
+from bench.broker import TlsFiles as TlsFiles
 from bench.broker import broker_process as broker_process
+from bench.broker import make_tls_files as make_tls_files
 from broker import Broker, BrokerConfig
 from client import Client
 from protocol import PROTOCOL_VERSION, Frame, FrameDecoder, Hello, Ping, Welcome, encode_frame
@@ -50,41 +51,6 @@ def url_of(broker: Broker) -> str:
     """The tidings:// (or, serving TLS, tidingss://) URL of a running in-process broker."""
     host, port = broker.address
     return f"tidings{'s' if broker.config.tls else ''}://{host}:{port}"
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files made by :func:`make_tls_files` (all certificates for 127.0.0.1 and localhost)."""
-
-    ca: Path  #: the test CA's certificate
-    cert: Path  #: the server's, signed by the CA
-    key: Path
-    client_cert: Path  #: a client's, signed by the CA
-    client_key: Path
-    expired: Path  #: the server key's certificate, signed by the CA, expired yesterday
-    self_signed: Path  #: the server key's certificate, signed by itself
-
-
-def make_tls_files(folder: Path) -> TlsFiles:
-    """A throwaway CA and certificates, made with the ``openssl`` command."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tidings test CA")
-    for name in ("server", "client"):
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=tidings test {name}")
-    sign = ["x509", "-req", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]
-    openssl(*sign, "-in", "server.csr", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
-    openssl(*sign, "-in", "server.csr", "-out", "expired.pem", "-days", "-1", "-extfile", "san.ext")
-    openssl(*sign, "-in", "client.csr", "-out", "client.pem", "-days", "2", "-extfile", "client.ext")
-    openssl("x509", "-req", "-in", "server.csr", "-signkey", "server.key", "-out", "self.pem", "-days", "2",
-            "-extfile", "san.ext")  # fmt: skip
-    return TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
-                    folder / "client.key", folder / "expired.pem", folder / "self.pem")  # fmt: skip
 
 
 @contextlib.asynccontextmanager

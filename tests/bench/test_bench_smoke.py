@@ -38,6 +38,21 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
     assert "| scenario |" in proc.stdout
 
 
+def test_quick_run_over_tls(tmp_path: Path) -> None:
+    """--tls: tidings serves TLS to the workers (and to the harness's STATUS calls)."""
+    env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "publish", "fanout", "--quick", "--tls", "--out", str(tmp_path), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    records = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted({r["scenario"] for r in records}) == ["fanout", "publish"]
+    for r in records:
+        assert r["status"] == "ok" and r["durability"] == "fsync always, TLS", r
+        assert r["fsyncs"], r  # STATUS over TLS worked
+
+
 def test_checker_counts_loss_duplicates_and_reordering() -> None:
     maker = PayloadMaker(3, 100)
     payload = maker.make(7, 123)
