@@ -101,11 +101,13 @@ class Target:
                 tls = make_tls_files(Path(tmp))
                 args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
                 os.environ["SSL_CERT_FILE"] = str(tls.ca)
-            bp = BrokerProcess(Path(tmp) / "data", *args, prefix=prefix).start()
             try:
-                yield bp
+                bp = BrokerProcess(Path(tmp) / "data", *args, prefix=prefix).start()
+                try:
+                    yield bp
+                finally:
+                    bp.stop()
             finally:
-                bp.stop()
                 if opts.tls:
                     if trusted is None:
                         os.environ.pop("SSL_CERT_FILE", None)
