@@ -65,7 +65,7 @@ from .subscription import Message, Subscription
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "parse_url", "tls_hint"]
+__all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "connect_failed", "parse_url", "tls_hint"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +266,7 @@ class Transport(Reconnecting):
         except TimeoutError:
             raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
         except OSError as exc:
-            why = exc.strerror or str(exc) or type(exc).__name__
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {why}{tls_hint(exc, self._ssl)}") from exc
+            raise connect_failed(self.host, self.port, exc, self._ssl) from exc
         assert sock.transport is not None
         sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._sock = sock
@@ -636,6 +635,12 @@ class Transport(Reconnecting):
 _CLIENT_CERT_HINT = (
     "if the broker requires a client certificate: ssl_context.load_cert_chain(CERT, KEY), tidings --tls-cert --tls-key"
 )
+
+
+def connect_failed(host: str, port: int, exc: OSError, tls: ssl.SSLContext | None) -> ConnectionLost:
+    """The error for a connection that could not be opened, with what to try."""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    return ConnectionLost(f"cannot connect to {host}:{port}: {why}{tls_hint(exc, tls)}")
 
 
 def tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> str:

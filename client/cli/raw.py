@@ -36,7 +36,7 @@ from protocol import (
 from protocol.framing import unpack_body
 from protocol.messages import FRAME_CLASSES
 
-from .._transport import tls_hint
+from .._transport import connect_failed
 from ..client import parse_url
 from .commands import Context
 from .common import EXIT_OK, Stopped, UsageError, tls_context
@@ -335,8 +335,7 @@ async def run_raw(ctx: Context) -> int:
     except TimeoutError:
         raise RequestTimeout(f"connecting to {host}:{port}", args.timeout) from None
     except OSError as exc:
-        why = exc.strerror or str(exc) or type(exc).__name__
-        raise ConnectionLost(f"cannot connect to {host}:{port}: {why}{tls_hint(exc, context)}") from exc
+        raise connect_failed(host, port, exc, context) from exc
     return await _Session(ctx, reader, writer).run()
 
 
