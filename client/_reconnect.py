@@ -80,7 +80,12 @@ HEALTHY_AFTER: Final = 1.0
 MAX_DROPS: Final = 3
 #: Connection-ending errors after which reconnecting makes sense.
 RECONNECT_CODES: Final = frozenset(
-    {ErrorCode.SHUTTING_DOWN, ErrorCode.HEARTBEAT_TIMEOUT, ErrorCode.TOO_MANY_CONNECTIONS}
+    {
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.HEARTBEAT_TIMEOUT,
+        ErrorCode.TOO_MANY_CONNECTIONS,
+        ErrorCode.PERMISSIONS_CHANGED,  # resubscribing ends what is no longer allowed
+    }
 )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "LocalProtocolError",
     "NotFound",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ProtocolError",
     "RemoteProtocolError",
     "RequestTimeout",
@@ -61,6 +62,7 @@ class ErrorCode(enum.IntEnum):
     SLOW_CONSUMER = 8  # output buffer over its cap for too long
     SHUTTING_DOWN = 9  # broker is stopping; reconnect later
     HEARTBEAT_TIMEOUT = 10
+    PERMISSIONS_CHANGED = 11  # the user's rights were narrowed by a reload; reconnect
     # 20-39: request-level; the connection stays open.
     BAD_REQUEST = 20  # a field has a value the broker cannot accept
     INVALID_NAME = 21  # queue, event or durable name outside the allowed set
@@ -241,6 +243,12 @@ class NotFound(ServerError):
     """The queue, durable or subscription named in the request does not exist."""
 
     codes = (ErrorCode.NOT_FOUND, ErrorCode.UNKNOWN_SUBSCRIPTION)
+
+
+class PermissionDenied(ServerError):
+    """The broker's users file does not allow this user that request on that queue."""
+
+    codes = (ErrorCode.PERMISSION_DENIED,)
 
 
 class StorageFull(ServerError):
