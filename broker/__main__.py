@@ -47,8 +47,20 @@ durability (--fsync):
             crash of the broker process alone loses nothing.
   never     confirm after the write; the OS flushes when it likes.
 
+users (--users FILE, TOML; instead of TIDINGS_TOKEN): each client's token
+names one user, and each request is checked against what that user may do:
+  [users.orders]
+  token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...")
+  publish = ["orders", "orders.*"]  # queue names; * matches any run of characters
+  subscribe = ["billing"]           # SUBSCRIBE FETCH ACK NACK PROGRESS SEEK
+  delete = []                       # DELETE of queues and durables
+  status = false                    # STATUS
+A refused request gets PERMISSION_DENIED and changes nothing. SIGHUP re-reads
+the file: connections of removed users are closed, those whose rights shrank
+must reconnect, the rest carry on.
+
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
-cursors, close clients); a second one exits at once.
+cursors, close clients); a second one exits at once. SIGHUP reloads --users.
 exit codes: 0 clean stop, 1 usage or start-up error, 3 storage failure.
 """
 
@@ -159,11 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
     )
     p.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of users: their tokens and the queues each may publish to, subscribe to and delete "
+        "(see below; instead of TIDINGS_TOKEN; SIGHUP re-reads it)",
+    )
+    p.add_argument(
         "--auth-failure-delay",
         type=float,
         default=BrokerConfig().auth_failure_delay,
         metavar="SECONDS",
-        help="with TIDINGS_TOKEN: after 3 wrong tokens from one address within a minute, answer each further one "
+        help="with TIDINGS_TOKEN or --users: after 3 wrong tokens from one address within a minute, answer each further one "
         "after this delay, doubling up to 2 s; 0 = at once (default: %(default)s)",
     )
     p.add_argument(
@@ -209,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_check=args.retention_check,
         queues=load_queue_config(args.config) if args.config else {},
         token=os.environ.get("TIDINGS_TOKEN") or None,
+        users_file=args.users,
         auth_failure_delay=args.auth_failure_delay,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -272,6 +292,7 @@ async def _run(config: BrokerConfig) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload_users)
     await broker.start()
     # Everything loaded so far (modules, queues' indexes, cursors) lives as
     # long as the process: frozen, the collector never walks it again. A full
@@ -296,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"tidings-broker: {exc}", file=sys.stderr)
         return 1
-    if config.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+    if config.token is None and config.users_file is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("broker").warning(
-            "no TIDINGS_TOKEN set: any client that can reach %s may connect", config.host
+            "no TIDINGS_TOKEN or --users: any client that can reach %s may connect", config.host
         )
     raise_fd_limit(config.max_connections)
     try:

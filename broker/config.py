@@ -154,6 +154,9 @@ class BrokerConfig:
         shutdown_grace: seconds to drain writes at shutdown.
         repair: truncate corrupt logs at the damage instead of refusing them.
         token: when set, HELLO must carry ``{"token": token}``.
+        users_file: a users file (see :mod:`broker.users`): each client
+            authenticates as one of its users and may do what that user may;
+            re-read on SIGHUP. Not with ``token``.
         auth_failure_delay: the first delay before answering a wrong token
             from an address that already sent AUTH_FREE_FAILURES within a
             minute (doubling up to 2 s); 0 answers every failure at once.
@@ -189,6 +192,7 @@ class BrokerConfig:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     repair: bool = False
     token: str | None = None
+    users_file: Path | None = None
     auth_failure_delay: float = DEFAULT_AUTH_FAILURE_DELAY
     retention_bytes: int = 0
     retention_age: float = 0.0
@@ -227,6 +231,8 @@ class BrokerConfig:
             raise ConfigError("connection and in-flight limits must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("a TLS certificate needs its key, and a key its certificate (--tls-cert, --tls-key)")
+        if self.token is not None and self.users_file is not None:
+            raise ConfigError("give TIDINGS_TOKEN or --users, not both (a users file can hold an all-rights user)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("client certificates (--tls-client-ca) need TLS: give --tls-cert and --tls-key too")
 

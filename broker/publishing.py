@@ -49,6 +49,7 @@ from .store import QueueUnavailable
 if TYPE_CHECKING:
     from .config import BrokerConfig
     from .server import Broker
+    from .users import User
 
 __all__ = ["SEQUENCE_HEADER_ROOM", "Publishing"]
 
@@ -73,6 +74,8 @@ class Publishing:
     write_paused: bool
     #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
     producer: str | None
+    #: The user of the users file this connection authenticated as (None without one).
+    user: User | None
     unconfirmed: int
     _reading_paused: bool
     _batch: dict[Queue, Pending]
@@ -136,7 +139,21 @@ class Publishing:
         assert queue is not None
         return queue
 
+    def denied(self, req: int, right: str, queue: str) -> bool:
+        """Whether this connection's user lacks ``right`` (publish, subscribe,
+        delete) on ``queue``; if so, answer PERMISSION_DENIED. Checked before
+        anything is looked up or created, so a refusal changes nothing."""
+        user = self.user
+        if user is None or getattr(user, right)(queue):
+            return False
+        self.reply_error(
+            req, ErrorCode.PERMISSION_DENIED, f"user {user.name!r} has no {right} right on queue {queue!r}"
+        )
+        return True
+
     def _on_publish(self, ev: Publish) -> None:
+        if self.user is not None and self.denied(ev.req, "publish", ev.queue):
+            return
         queue = self._queues.get(ev.queue) or self._queue(ev.req, ev.queue)
         if queue is None:
             return
@@ -190,6 +207,7 @@ class Publishing:
         handlers = self._handlers
         queues = self._queues
         producer = self.producer
+        user = self.user
         stamp = self._stamp
         max_record = self._max_record
         run: str | None = None  # the queue name of the current run of spliced publishes
@@ -197,6 +215,9 @@ class Publishing:
             if type(event) is tuple:
                 req, name, head, payload = event
                 if name is not run:  # the names cache hands out one str per queue + event
+                    if user is not None and self.denied(req, "publish", name):
+                        run = None
+                        continue
                     found = queues.get(name) or self._queue(req, name)
                     if found is None:
                         run = None

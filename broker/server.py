@@ -20,6 +20,7 @@ because uvloop and Python < 3.13 lack it, so sessions are tracked here):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import ssl
 import time
@@ -33,6 +34,7 @@ from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WIN
 from .session import Session
 from .status import status_page
 from .store import Store
+from .users import Users, load_users
 
 __all__ = ["Broker"]
 
@@ -90,6 +92,8 @@ class Broker:
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()  # set when the last session is gone
         self._closing = False
+        #: The users file's users (None without ``--users``); replaced by :meth:`reload_users`.
+        self.users: Users | None = None
         #: Remote address -> (failed authentications in a row, monotonic time of the last).
         self._auth_failures: dict[str, tuple[int, float]] = {}
 
@@ -108,9 +112,12 @@ class Broker:
 
         Raises:
             OSError: the address cannot be bound or the data directory not created.
-            ConfigError: the TLS files cannot be used.
+            ConfigError: the TLS files or the users file cannot be used.
         """
         tls = tls_context(self.config)  # (its errors first: before any file is touched)
+        if self.config.users_file is not None:
+            self.users = load_users(self.config.users_file)
+            logger.info("%d users from %s", len(self.users), self.config.users_file)
         self.store.open()
         self.store.start()
         loop = asyncio.get_running_loop()
@@ -175,6 +182,51 @@ class Broker:
         if count == AUTH_FREE_FAILURES + 1:
             logger.warning("%s: %d wrong tokens within a minute: answering each further one more slowly", host, count)
         return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
+
+    def reload_users(self) -> bool:
+        """Read the users file again (the daemon does on SIGHUP).
+
+        New connections authenticate against the new users at once. Of the
+        connections already open, those of a user that is gone or whose token
+        changed are closed with AUTH_FAILED (so the client stops: its token
+        is no longer good); those of a user whose rights no longer cover the
+        old ones are closed with PERMISSIONS_CHANGED, so the client
+        reconnects and resubscribes, and what is no longer allowed is refused
+        then; the others carry on under the new rights. A file that cannot be
+        used changes nothing.
+
+        Returns:
+            Whether the file was loaded.
+        """
+        path = self.config.users_file
+        if path is None:
+            logger.warning("no --users file to reload")
+            return False
+        try:
+            users = load_users(path)
+        except ConfigError as exc:
+            logger.error("users not reloaded, the old ones stay in force: %s", exc)
+            return False
+        self.users = users
+        revoked = narrowed = 0
+        for session in list(self.sessions):
+            old = session.user
+            if old is None:
+                continue
+            new = users.by_name.get(old.name)
+            if new is None or not hmac.compare_digest(new.token_hash, old.token_hash):
+                session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} was removed or its token changed")
+                revoked += 1
+            elif new.keeps_rights_of(old):
+                session.user = new
+            else:
+                session.fatal(ErrorCode.PERMISSIONS_CHANGED, f"the rights of user {old.name!r} changed; reconnect")
+                narrowed += 1
+        logger.info(
+            "%d users reloaded from %s; connections closed: %d of removed users or changed tokens, %d with narrowed rights",
+            len(users), path, revoked, narrowed,
+        )  # fmt: skip
+        return True
 
     def unregister(self, session: Session) -> None:
         """Forget a closed session."""

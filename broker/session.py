@@ -71,6 +71,7 @@ from .publishing import SEQUENCE_HEADER_ROOM, Pending, Publishing
 from .queue import FetchWaiter, Queue
 from .router import AckError, Consumer, Group
 from .status import StatusPageError
+from .users import User
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -127,6 +128,7 @@ class Session(Publishing, asyncio.Protocol):
         self.name = ""
         #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
         self.producer: str | None = None
+        self.user: User | None = None
         self.peer = "?"
         self.peer_host = "?"
         self.since = time.time()
@@ -330,12 +332,18 @@ class Session(Publishing, asyncio.Protocol):
                 f"protocol version {ev.version} is not supported (this broker speaks {PROTOCOL_VERSION})",
             )
             return
-        token = self.config.token
-        if token is not None:
-            given = (ev.credentials or {}).get("token")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+        given = (ev.credentials or {}).get("token")
+        users, token = self.broker.users, self.config.token
+        if users is not None:
+            self.user = users.authenticate(given)
+            if self.user is None:
                 self._auth_failed()
                 return
+        elif token is not None and (
+            not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode())
+        ):
+            self._auth_failed()
+            return
         self.name = ev.name
         self.producer = ev.producer
         if ev.producer is not None:  # room for the x-producer-seq header
@@ -367,6 +375,9 @@ class Session(Publishing, asyncio.Protocol):
 
     def _on_status(self, ev: Status) -> None:
         faults.hit("status")
+        if self.user is not None and not self.user.status:
+            self.reply_error(ev.req, ErrorCode.PERMISSION_DENIED, f"user {self.user.name!r} may not ask for STATUS")
+            return
         try:
             reply = self.conn.send(StatusReply(ev.req, self.broker.status(ev.page)))
         except StatusPageError as exc:
@@ -429,6 +440,12 @@ class Session(Publishing, asyncio.Protocol):
         if ev.sub_id in self.subs:
             self.reply_error(ev.req, ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {ev.sub_id} exists")
             return
+        if self.denied(ev.req, "subscribe", ev.queue) or (
+            ev.durable is not None
+            and (ev.max_deliveries or ev.dead_letter is not None)
+            and self.denied(ev.req, "publish", self._dead_letter_queue(ev))
+        ):
+            return
         queue = self._queue(ev.req, ev.queue)
         if queue is None:
             return
@@ -448,6 +465,14 @@ class Session(Publishing, asyncio.Protocol):
         self.subs[ev.sub_id] = _Sub(ev.sub_id, queue, group, consumer)
         self.write(self.conn.send(Ok(ev.req)))
         queue.pump(group, time.monotonic())
+
+    def _dead_letter_queue(self, ev: Subscribe) -> str:
+        """The queue a durable subscription's dead letters would go to."""
+        if ev.dead_letter is not None:
+            return ev.dead_letter
+        queue = self._queues.get(ev.queue)
+        group = queue.groups.get(ev.durable) if queue is not None and ev.durable is not None else None
+        return (group.dead_letter if group is not None else None) or f"{ev.queue}.dead"
 
     def _on_unsubscribe(self, ev: Unsubscribe) -> None:
         sub = self.subs.pop(ev.sub_id, None)
@@ -469,6 +494,8 @@ class Session(Publishing, asyncio.Protocol):
     # --- acks -------------------------------------------------------------------
 
     def _group(self, req: int, queue_name: str, durable: str) -> tuple[Queue, Group] | None:
+        if self.denied(req, "subscribe", queue_name):  # (before NOT_FOUND: no probing)
+            return None
         queue = self.broker.store.queues.get(queue_name)
         group = queue.groups.get(durable) if queue is not None else None
         if queue is None or group is None:
@@ -534,6 +561,8 @@ class Session(Publishing, asyncio.Protocol):
         self.write(self.conn.send(Ok(ev.req)))
 
     def _on_delete(self, ev: Delete) -> None:
+        if self.denied(ev.req, "delete", ev.queue):
+            return
         store = self.broker.store
         queue = store.queues.get(ev.queue)
         if queue is None:
@@ -576,6 +605,8 @@ class Session(Publishing, asyncio.Protocol):
     # --- fetch ------------------------------------------------------------------
 
     def _on_fetch(self, ev: Fetch) -> None:
+        if self.denied(ev.req, "subscribe", ev.queue):
+            return
         queue = self._queue(ev.req, ev.queue)
         if queue is None:
             return
@@ -623,6 +654,7 @@ class Session(Publishing, asyncio.Protocol):
             "address": self.peer,
             "since": self.since,
             "producer": self.producer,
+            "user": self.user.name if self.user is not None else None,
             "subscriptions": [
                 {
                     "sub_id": s.sub_id,

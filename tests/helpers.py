@@ -74,11 +74,13 @@ class RawPeer:
         self.frames: list[Frame] = []
 
     @classmethod
-    async def connect(cls, broker: Broker, *, hello: bool = True, producer: str | None = None) -> RawPeer:
+    async def connect(
+        cls, broker: Broker, *, hello: bool = True, producer: str | None = None, token: str | None = None
+    ) -> RawPeer:
         host, port = broker.address
         peer = cls(*await asyncio.open_connection(host, port))
         if hello:
-            peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw", None, producer))
+            peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw", None if token is None else {"token": token}, producer))
             assert isinstance(await peer.recv(), Welcome)
         return peer
 

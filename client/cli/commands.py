@@ -306,7 +306,7 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
         pulls = c.get("pulls", [])
         omitted = c.get("omitted") or {}  # lists too long for a STATUS page: only counted
         conns.append(
-            [c.get("id"), c.get("name"), c.get("producer") or "-", c.get("address"), age,
+            [c.get("id"), c.get("name"), c.get("user") or "-", c.get("producer") or "-", c.get("address"), age,
              len(mine) + omitted.get("subscriptions", 0), len(pulls) + omitted.get("pulls", 0)]
         )  # fmt: skip
         for x in mine:
@@ -314,7 +314,11 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
                          x.get("prefetch", "-"), x.get("in_flight", "-")])  # fmt: skip
         for x in pulls:
             subs.append([c.get("id"), x.get("queue"), "(fetch)", x.get("durable") or "-", "-", "-"])
-    out += ["CONNECTIONS", _table(conns, ["ID", "NAME", "PRODUCER", "ADDRESS", "AGE", "SUBS", "PULLS"]), ""]
+    headers = ["ID", "NAME", "USER", "PRODUCER", "ADDRESS", "AGE", "SUBS", "PULLS"]
+    if not any(row[2] != "-" for row in conns):  # a broker without --users
+        headers.pop(2)
+        conns = [row[:2] + row[3:] for row in conns]
+    out += ["CONNECTIONS", _table(conns, headers), ""]
     if subs:
         out += ["SUBSCRIPTIONS",
                 _table(subs, ["CONN", "QUEUE", "EVENTS", "DURABLE", "PREFETCH", "IN FLIGHT"]), ""]  # fmt: skip

@@ -1,0 +1,197 @@
+"""Users, their tokens and what each may do to which queues.
+
+With ``--users FILE`` every client authenticates with a token that names one
+user of the file, and each request is checked against that user's rights
+(RabbitMQ's configure/write/read split, NATS's per-user publish/subscribe
+lists)::
+
+    [users.orders]
+    token_sha256 = "5e88...8d"          # SHA-256 of the token, in hex
+    publish = ["orders", "orders.*"]    # PUBLISH
+    subscribe = ["billing"]             # SUBSCRIBE, FETCH, ACK, NACK, PROGRESS, SEEK
+    delete = []                         # DELETE of a queue or of its durables
+    status = false                      # STATUS (every connection, queue and durable)
+
+    [users.ops]
+    token = "a-long-random-secret"      # the token itself (keep the file private)
+    publish = ["*"]
+    subscribe = ["*"]
+    delete = ["*"]
+    status = true
+
+A list holds queue names and ``*`` patterns (``*`` matches any run of
+characters, dots included: ``orders.*`` matches ``orders.eu.dead``, not
+``orders``). Queue names are compared exactly: case matters and no name is
+normalised (the alphabet has no ``/`` and no leading ``.``, so two spellings
+never mean one queue). A missing list allows nothing; there are no deny rules.
+
+A subscription that names a dead-letter queue (``max_deliveries``) writes to
+it, so it also needs ``publish`` on that queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from protocol import ConfigError, EventFilter, check_queue
+
+__all__ = ["Rights", "User", "Users", "load_users"]
+
+_QUEUE_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9_*-][A-Za-z0-9._*-]{0,127}")
+_USER_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_SHA256_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
+_LISTS: Final = ("publish", "subscribe", "delete")
+_KEYS: Final = frozenset({"token", "token_sha256", "status", *_LISTS})
+
+
+class Rights:
+    """The queues one list (``publish``, ``subscribe`` or ``delete``) allows.
+
+    Exact names are a set lookup and patterns linear-time globs (the same
+    matcher as event filters), so no queue name makes a check slow.
+    """
+
+    __slots__ = ("_filter", "patterns")
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.patterns = patterns
+        self._filter = EventFilter(patterns) if patterns else None
+
+    def __call__(self, queue: str) -> bool:
+        """Whether ``queue`` is allowed."""
+        return self._filter is not None and self._filter(queue)
+
+    def covers(self, other: Rights) -> bool:
+        """Whether this list keeps every pattern of ``other`` (so it allows at
+        least as much: a cheap, conservative test used on reload)."""
+        return set(other.patterns) <= set(self.patterns)
+
+    def __repr__(self) -> str:
+        return f"Rights({list(self.patterns)!r})"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class User:
+    """One user of the users file.
+
+    Attributes:
+        name: the user's name (STATUS shows it beside each connection).
+        token_hash: SHA-256 of the user's token.
+        publish: queues it may PUBLISH to.
+        subscribe: queues it may consume from (SUBSCRIBE, FETCH, ACK, NACK,
+            PROGRESS, SEEK).
+        delete: queues it may DELETE, or delete durables of.
+        status: whether it may ask for STATUS.
+    """
+
+    name: str
+    token_hash: bytes
+    publish: Rights
+    subscribe: Rights
+    delete: Rights
+    status: bool
+
+    def keeps_rights_of(self, old: User) -> bool:
+        """Whether this user (reloaded) may still do everything ``old`` could:
+        then its connections carry on under the new rights."""
+        return (self.status or not old.status) and all(
+            getattr(self, kind).covers(getattr(old, kind)) for kind in _LISTS
+        )
+
+
+class Users:
+    """The users of one users file, found by token.
+
+    Args:
+        users: the users, each with a different token.
+        path: the file they came from (for messages and reloads).
+    """
+
+    def __init__(self, users: list[User], path: Path | None = None) -> None:
+        self.path = path
+        self.by_name = {user.name: user for user in users}
+
+    def authenticate(self, token: object) -> User | None:
+        """The user whose token ``token`` is, or None. Every user's hash is
+        compared in constant time, so the answer's timing tells nothing about
+        which user or how close."""
+        if not isinstance(token, str):
+            return None
+        given = hashlib.sha256(token.encode()).digest()
+        found = None
+        for user in self.by_name.values():
+            if hmac.compare_digest(given, user.token_hash):
+                found = user
+        return found
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
+def _rights(where: str, key: str, value: object) -> Rights:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{where}: {key} must be a list of queue names or patterns")
+    for pattern in value:
+        if _QUEUE_PATTERN_RE.fullmatch(pattern) is None:
+            problem = check_queue(pattern.replace("*", "x")) or "not a queue name or pattern"
+            raise ConfigError(f"{where}: {key}: {pattern!r}: {problem}")
+    return Rights(tuple(value))
+
+
+def _user(path: Path, name: str, table: Any) -> User:
+    where = f"users file {path}, [users.{name}]"
+    if _USER_RE.fullmatch(name) is None:
+        raise ConfigError(f"{where}: a user name has 1-64 characters from A-Z a-z 0-9 _ - . @")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(_KEYS))}")
+    token, digest = table.get("token"), table.get("token_sha256")
+    if (token is None) == (digest is None):
+        raise ConfigError(f"{where}: give exactly one of token and token_sha256")
+    if token is not None:
+        if not isinstance(token, str) or len(token) < 8:
+            raise ConfigError(f"{where}: token must be a string of at least 8 characters")
+        token_hash = hashlib.sha256(token.encode()).digest()
+    else:
+        if not isinstance(digest, str) or _SHA256_RE.fullmatch(digest) is None:
+            raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)")
+        token_hash = bytes.fromhex(digest)
+    status = table.get("status", False)
+    if not isinstance(status, bool):
+        raise ConfigError(f"{where}: status must be true or false")
+    publish, subscribe, delete = (_rights(where, key, table.get(key, [])) for key in _LISTS)
+    return User(name, token_hash, publish, subscribe, delete, status)
+
+
+def load_users(path: Path) -> Users:
+    """Read a users file (see the module's docstring for its format).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, names an unknown key
+            or a bad value, has no users, or gives two users one token.
+    """
+    try:
+        doc: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"users file {path}: {exc}") from None
+    unknown = set(doc) - {"users"}
+    if unknown:
+        raise ConfigError(f"users file {path}: unknown section(s) {sorted(unknown)}; only [users.NAME] is known")
+    tables = doc.get("users")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"users file {path}: no users; add a [users.NAME] table with a token")
+    users = [_user(path, name, table) for name, table in tables.items()]
+    seen: dict[bytes, str] = {}
+    for user in users:
+        other = seen.setdefault(user.token_hash, user.name)
+        if other != user.name:
+            raise ConfigError(f"users file {path}: users {other!r} and {user.name!r} have the same token")
+    return Users(users, path)
