@@ -118,6 +118,8 @@ class Broker:
         if self.config.users_file is not None:
             self.users = load_users(self.config.users_file)
             logger.info("%d users from %s", len(self.users), self.config.users_file)
+            if (exposed := self.users.exposed()) is not None:
+                logger.warning("%s", exposed)
         self.store.open()
         self.store.start()
         loop = asyncio.get_running_loop()
@@ -208,6 +210,8 @@ class Broker:
             logger.error("users not reloaded, the old ones stay in force: %s", exc)
             return False
         self.users = users
+        if (exposed := users.exposed()) is not None:
+            logger.warning("%s", exposed)
         revoked = narrowed = 0
         for session in list(self.sessions):
             old = session.user

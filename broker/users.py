@@ -113,9 +113,27 @@ class Users:
         path: the file they came from (for messages and reloads).
     """
 
-    def __init__(self, users: list[User], path: Path | None = None) -> None:
+    def __init__(self, users: list[User], path: Path | None = None, *, clear_tokens: int = 0) -> None:
         self.path = path
         self.by_name = {user.name: user for user in users}
+        #: How many users' tokens the file holds in the clear (``token``, not ``token_sha256``).
+        self.clear_tokens = clear_tokens
+
+    def exposed(self) -> str | None:
+        """Why the file's clear tokens are at risk, or None: a file that others
+        may read (as ssh refuses a private key that others may read)."""
+        if not self.clear_tokens or self.path is None:
+            return None
+        try:
+            mode = self.path.stat().st_mode
+        except OSError:
+            return None
+        if mode & 0o044:
+            return (
+                f"users file {self.path} holds {self.clear_tokens} token(s) in the clear and others may read it: "
+                f"chmod 600 it, or use token_sha256"
+            )
+        return None
 
     def authenticate(self, token: object) -> User | None:
         """The user whose token ``token`` is, or None. Every user's hash is
@@ -194,4 +212,4 @@ def load_users(path: Path) -> Users:
         other = seen.setdefault(user.token_hash, user.name)
         if other != user.name:
             raise ConfigError(f"users file {path}: users {other!r} and {user.name!r} have the same token")
-    return Users(users, path)
+    return Users(users, path, clear_tokens=sum("token" in table for table in tables.values()))

@@ -452,3 +452,28 @@ def test_sighup_revokes_a_token_for_the_running_connection_and_the_next(tmp_path
 
         asyncio.run(revoke())
         assert bp.stop() == 0
+
+
+async def test_clear_tokens_in_a_file_others_may_read_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hashed = f'[users.a]\ntoken_sha256 = "{hashlib.sha256(ORDERS.encode()).hexdigest()}"\n'
+    for text, mode, warned in [
+        (USERS, 0o644, True),
+        (USERS, 0o600, False),
+        (USERS, 0o640, True),
+        (hashed, 0o644, False),
+    ]:
+        path = _users_file(tmp_path, text)
+        path.chmod(mode)
+        caplog.clear()
+        async with running_broker(tmp_path / "data", users_file=path) as broker:
+            assert broker.reload_users()
+        found = [
+            r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "in the clear" in r.getMessage()
+        ]
+        assert len(found) == (2 if warned else 0), (oct(mode), found)  # at start and at the reload
+        if warned:
+            assert found[0] == (
+                f"users file {path} holds 1 token(s) in the clear and others may read it: chmod 600 it, or use token_sha256"
+            )
