@@ -8,7 +8,7 @@ PORT   ?= 6464
 DATA   ?= ./tidings-data
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-slow soak lint typecheck fmt check bench bench-quick bench-peers clean
+.PHONY: help install run test test-slow soak fuzz lint typecheck fmt check bench bench-quick bench-peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,11 @@ test-slow: $(STAMP) ## the suite with the Hypothesis "ci" profile (more examples
 
 soak: $(STAMP) ## the soak tier (T2): long crash, churn and hostile-client runs
 	TIDINGS_SOAK=1 TIDINGS_TEST_TIMEOUT=1800 $(BIN)/python -m pytest --hypothesis-profile=ci $(PYTEST_ARGS)
+
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP) ## coverage-guided fuzzing (T2, atheris): each target FUZZ_SECONDS (600); finds go to tests/fuzz/corpus
+	$(BIN)/python -m pip install -q -e '.[dev,fuzz]'
+	for target in decoder session recovery; do $(BIN)/python -m tests.fuzz $$target --seconds $(FUZZ_SECONDS) || exit 1; done
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check protocol broker client bench tests
