@@ -68,7 +68,8 @@ class Client(Transport):
     Args:
         url: ``tidings://host:port`` or ``tidingss://host:port`` (TLS).
         name: shown in the broker's STATUS (defaults to "python").
-        token: credentials, when the broker requires a token.
+        token: credentials, when the broker requires a token (its
+            ``TIDINGS_TOKEN``, or the token of one of the users of its users file).
         timeout: seconds to wait for connecting and for each reply.
         ssl_context: TLS settings for ``tidingss://`` (default: verify).
         max_pending: buffered messages per ephemeral subscription before
