@@ -64,6 +64,19 @@ def test_full_lifecycle() -> None:
     assert client.events() == [Ok(3)]
 
 
+def test_a_ping_sent_before_bye_still_gets_its_pong() -> None:
+    """PING and BYE in one read: the broker decodes both (BYE moves it to
+    CLOSING) before it answers the PING; the PONG is a reply it owes. Found
+    by the session fuzz target: the broker's PONG raised in CLOSING, which
+    logged an internal error and lost the PONG."""
+    client, broker = handshaken()
+    broker.receive_data(client.send(Ping(4)) + client.send(Bye()))
+    assert broker.events() == [Ping(4), Bye()]
+    client.receive_data(broker.send(Pong(4)))
+    assert client.events() == [Pong(4)]
+    assert client.state is broker.state is State.CLOSING
+
+
 def test_client_may_not_send_before_hello() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError) as info:
