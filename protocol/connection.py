@@ -157,6 +157,7 @@ def _build_table() -> dict[tuple[Role, State, str, FrameType], State]:
     client[(cl, _RECV, _T.BYE)] = State.CLOSED
     client[(cl, _RECV, _T.PING)] = cl
     client[(cl, _RECV, _T.PONG)] = cl  # the answer to a PING sent before our BYE is a reply too
+    client[(cl, _RECV, _T.WELCOME)] = cl  # and so is the answer to a HELLO sent right before it
     for (st, direction, ft), nxt in client.items():
         t[(Role.CLIENT, st, direction, ft)] = nxt
         # Mirror for the broker; it *sends* ERR where the client receives one.

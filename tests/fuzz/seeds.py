@@ -87,6 +87,8 @@ def session_seeds() -> list[bytes]:
         _session(Publish(1, "Q", "e", b"before hello"), first=RAW | 63),
         _session(_hello(token="wrong"), first=RAW | 63),
         _session(_hello("p1"), first=RAW | 63),
+        _session(_hello(), Bye(), first=RAW | 63),  # a health check: HELLO and BYE in one write
+        _session(Ping(2), Bye()),
         bytes([63]) + b"\xff\xff\xff\xff" + b"\x00" * 16,  # a length prefix past every limit
     ]
 

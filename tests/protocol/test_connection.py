@@ -77,6 +77,17 @@ def test_a_ping_sent_before_bye_still_gets_its_pong() -> None:
     assert client.state is broker.state is State.CLOSING
 
 
+def test_a_hello_sent_right_before_bye_still_gets_its_welcome() -> None:
+    """A client that says HELLO and BYE in one write (a health check) gets
+    its WELCOME; the broker's WELCOME used to raise in CLOSING."""
+    client, broker = Connection(Role.CLIENT), Connection(Role.BROKER)
+    broker.receive_data(client.send(Hello(1, PROTOCOL_VERSION, "t")) + client.send(Bye()))
+    assert broker.events() == [Hello(1, PROTOCOL_VERSION, "t"), Bye()]
+    client.receive_data(broker.send(Welcome(1, PROTOCOL_VERSION, "tidings", 1, 1 << 20, 0)))
+    assert [type(e) for e in client.events()] == [Welcome]
+    assert client.state is broker.state is State.CLOSING
+
+
 def test_client_may_not_send_before_hello() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError) as info:
