@@ -33,8 +33,11 @@ def _write_seeds(target: str, folder: Path) -> None:
 
 def _fuzz(target: str, argv: list[str]) -> None:
     """In the child process: instrument our code, then hand over to libFuzzer."""
+    import logging
+
     import atheris
 
+    logging.disable(logging.WARNING)  # (recovery warns of every torn tail; the session target watches ERROR)
     with atheris.instrument_imports(include=["protocol", "broker", "tests.fuzz"]):
         from tests.fuzz.targets import TARGETS
     # libFuzzer's merge runs argv[0] again: the script main() wrote, which runs this.

@@ -100,12 +100,14 @@ def decoder(data: bytes) -> None:
 
 class _Transport:
     """What a Session writes to: keeps the bytes; close and abort end the
-    connection on the next loop turn, as asyncio's transports do."""
+    connection on the next loop turn, as asyncio's transports do, and the
+    harness feeds no more while reading is paused, as they would not."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.out = bytearray()
         self.closing = False
+        self.paused = False
 
     def write(self, data: bytes) -> None:
         self.out += data
@@ -120,10 +122,10 @@ class _Transport:
         return 0
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
     def is_closing(self) -> bool:
         return self.closing
@@ -168,7 +170,11 @@ async def _session(data: bytes, root: Path) -> None:
         hello = Hello(1, PROTOCOL_VERSION, "fuzz", None, "fuzz-producer" if data[0] & PRODUCER else None)
         session.data_received(encode_frame(hello.to_wire()))
     for chunk in _chunks(data):
-        if transport.closing:
+        for _ in range(3):
+            if not transport.paused:
+                break
+            await asyncio.sleep(0)  # confirms that catch up resume reading
+        if transport.closing or transport.paused:
             break
         session.data_received(chunk)
         await asyncio.sleep(0)  # commits and confirms run on the next turns
