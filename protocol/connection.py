@@ -20,7 +20,9 @@ Rule 2: in READY each side sends only its own frame types: requests from the
         both ways.
 Rule 3: BYE from either side moves to CLOSING: the sender sends nothing more
         but still reads (pending replies may still arrive); EOF or the peer's
-        BYE ends it.
+        BYE ends it. The receiver of a BYE decodes nothing after it (the
+        peer promised there is nothing), so whatever the peer sent before its
+        BYE is answered in CLOSING and the state goes no further.
 Rule 4: an ERR is allowed in any live state. Whether it ends the connection
         depends on its code (``protocol.errors.FATAL_CODES``); the I/O layer
         closes the socket, this object only records what was said.
@@ -49,7 +51,7 @@ from typing import Any, Final, NoReturn
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
-from .messages import FRAME_CLASSES, Frame, FrameType, InvalidRequest, Publish
+from .messages import FRAME_CLASSES, Bye, Frame, FrameType, InvalidRequest, Publish
 from .wire import PUBACK_FRAME_SIZE, PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
 
 __all__ = ["Connection", "Event", "Limits", "Role", "SplicedPublish", "State", "encode_error"]
@@ -195,8 +197,8 @@ class Connection:
     """
 
     __slots__ = (
-        "_chunks", "_decoder", "_plain_names", "_runs", "_table", "eof", "failed", "limits", "max_frame_size",
-        "role", "state",
+        "_chunks", "_decoder", "_peer_bye", "_plain_names", "_runs", "_table", "eof", "failed", "limits",
+        "max_frame_size", "role", "state",
     )  # fmt: skip
 
     def __init__(self, role: Role, *, limits: Limits | None = None, puback_runs: bool = False) -> None:
@@ -216,6 +218,8 @@ class Connection:
         self.failed: RemoteProtocolError | None = None
         #: events_spliced's names: queue + event as sent -> (queue, packed event).
         self._plain_names: dict[bytes, tuple[str, bytes]] = {}
+        #: The peer sent BYE: what it sends after that is not read (Rule 3).
+        self._peer_bye = False
 
     def __repr__(self) -> str:
         return (
@@ -363,7 +367,12 @@ class Connection:
         decode = self._decode
         try:
             for body in bodies:
-                out.append(decode(body))
+                event = decode(body)
+                out.append(event)
+                if type(event) is Bye:
+                    self._after_bye()
+                    error = None  # (a framing error after the BYE is not the peer's to answer for)
+                    break
         except RemoteProtocolError as exc:
             error = exc
         if error is not None:
@@ -401,7 +410,12 @@ class Connection:
             for body in bodies:
                 at = locate_plain_publish(body) if self._table is _BROKER_READY else None
                 if at is None:
-                    out.append(decode(body))
+                    event = decode(body)
+                    out.append(event)
+                    if type(event) is Bye:
+                        self._after_bye()
+                        error = None
+                        break
                     continue
                 req, start, payload, whole = at
                 names = body[start:payload]
@@ -435,6 +449,11 @@ class Connection:
             self._fail(error, out)
         return out
 
+    def _after_bye(self) -> None:
+        """The peer's BYE was decoded: drop what it sent after it, and all it sends later."""
+        self._peer_bye = True
+        self._chunks.clear()
+
     def _bodies(self) -> tuple[list[Event], list[bytes], RemoteProtocolError | None]:
         """The start of :meth:`events`: a client's PUBACK run, the complete frame
         bodies buffered so far, and the framing's error after them, if any."""
@@ -442,6 +461,9 @@ class Connection:
             raise RemoteProtocolError("connection already failed", code=ErrorCode.UNEXPECTED_FRAME)
         out: list[Event] = []
         chunks = self._chunks
+        if self._peer_bye:
+            chunks.clear()
+            return out, [], None
         if not chunks:
             return out, [], None
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -88,6 +88,24 @@ def test_a_hello_sent_right_before_bye_still_gets_its_welcome() -> None:
     assert client.state is broker.state is State.CLOSING
 
 
+@pytest.mark.parametrize("spliced", [False, True])
+def test_nothing_after_the_peers_bye_is_read(spliced: bool) -> None:
+    """Rule 3: the sender of BYE sends nothing more, so its receiver decodes
+    nothing after it: not a second BYE (which moved the broker to CLOSED,
+    where the WELCOME it still owed could not be sent: found by the session
+    fuzz target), not garbage, not a later read."""
+    client, broker = Connection(Role.CLIENT), Connection(Role.BROKER)
+    hello = client.send(Hello(1, PROTOCOL_VERSION, "t"))
+    bye = encode_frame(Bye().to_wire())
+    broker.receive_data(hello + bye + bye + b"\x00\x00\x00\x01\xc1" + encode_frame(Ping(5).to_wire()))
+    events = broker.events_spliced() if spliced else broker.events()
+    assert events == [Hello(1, PROTOCOL_VERSION, "t"), Bye()]
+    assert broker.state is State.CLOSING and broker.failed is None
+    broker.send(Welcome(1, PROTOCOL_VERSION, "tidings", 1, 1 << 20, 0))  # the reply it owes
+    broker.receive_data(encode_frame(Ping(6).to_wire()))
+    assert (broker.events_spliced() if spliced else broker.events()) == []
+
+
 def test_client_may_not_send_before_hello() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError) as info:
