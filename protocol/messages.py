@@ -189,7 +189,9 @@ class Publish(Frame):
                 and 0 <= req <= _MAX_U64
                 and headers is None
                 and message_id is None
+                and type(queue) is str  # (a list or a map is unhashable: the set lookup would raise)
                 and queue in _KNOWN_QUEUES
+                and type(event) is str
                 and event in _KNOWN_EVENTS
             ):
                 self: Any = _new_frame(cls)  # Any: fields are read-only to type checkers

@@ -106,6 +106,25 @@ def test_nothing_after_the_peers_bye_is_read(spliced: bool) -> None:
     assert (broker.events_spliced() if spliced else broker.events()) == []
 
 
+@pytest.mark.parametrize("spliced", [False, True])
+@pytest.mark.parametrize("name", [[81], {"a": 1}])
+def test_an_unhashable_name_in_a_publish_is_a_malformed_frame(spliced: bool, name: object) -> None:
+    """PUBLISH's fast path looked the queue and event up in its name caches
+    before checking they were strings: a list or a map raised TypeError out
+    of the decoder (the broker answered INTERNAL). Found by the decoder fuzz
+    target."""
+    from protocol import FrameType, RemoteProtocolError
+
+    for queue, event in ((name, "e"), ("Q", name)):
+        client, broker = handshaken()
+        data = client.send(Publish(2, "Q", "e", b"x"))  # the names are known from here on
+        broker.receive_data(data + encode_frame([int(FrameType.PUBLISH), 3, queue, event, b"", None, None]))
+        with pytest.raises(RemoteProtocolError) as info:
+            broker.events_spliced() if spliced else broker.events()
+        assert info.value.code is ErrorCode.MALFORMED_FRAME
+        assert "name must be a string" in str(info.value)
+
+
 def test_client_may_not_send_before_hello() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError) as info:
