@@ -36,7 +36,7 @@ soak: $(STAMP) ## the soak tier (T2): long crash, churn and hostile-client runs
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP) ## coverage-guided fuzzing (T2, atheris): each target FUZZ_SECONDS (600); finds go to tests/fuzz/corpus
 	$(BIN)/python -m pip install -q -e '.[dev,fuzz]'
-	for target in decoder session recovery; do $(BIN)/python -m tests.fuzz $$target --seconds $(FUZZ_SECONDS) || exit 1; done
+	for target in decoder session session-users recovery; do $(BIN)/python -m tests.fuzz $$target --seconds $(FUZZ_SECONDS) || exit 1; done
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check protocol broker client bench tests

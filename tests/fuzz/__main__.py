@@ -48,7 +48,7 @@ def _fuzz(target: str, argv: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("target", choices=["decoder", "session", "recovery"])
+    parser.add_argument("target", choices=["decoder", "session", "session-users", "recovery"])
     parser.add_argument("--seconds", type=int, default=60, help="how long to fuzz (default: %(default)s)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from broker.log import QueueLog
@@ -117,4 +118,16 @@ def recovery_seeds() -> list[bytes]:
     return out
 
 
-SEEDS = {"decoder": decoder_seeds, "session": session_seeds, "recovery": recovery_seeds}
+def session_users_seeds() -> list[bytes]:
+    """The session seeds, and the same requests on queues the user may not use (see ``targets.USERS``)."""
+    elsewhere = [_session(*(replace(f, queue=q) if hasattr(f, "queue") else f for f in _requests()))
+                 for q in ("R", "S", "Q.dead")]  # fmt: skip
+    return [*session_seeds(), *elsewhere]
+
+
+SEEDS = {
+    "decoder": decoder_seeds,
+    "session": session_seeds,
+    "session-users": session_users_seeds,
+    "recovery": recovery_seeds,
+}

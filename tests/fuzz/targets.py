@@ -15,7 +15,9 @@ exception) for a bug; returning means the input was handled as promised.
   handlers, a real store on a RAM disk with ``--fsync never``), in process,
   after a HELLO of the harness's unless the input's first byte says not
   (a client may send nothing before WELCOME, so requests pipelined behind
-  a HELLO of the input's own would all be UNEXPECTED_FRAME). Nothing may be logged at ERROR (a handler that raised logs
+  a HELLO of the input's own would all be UNEXPECTED_FRAME).
+* ``session-users``: the same with a users file, as a user with some rights
+  on some queues (the permission checks at every entry point). Nothing may be logged at ERROR (a handler that raised logs
   "internal error"), no callback may fail, every byte the broker writes must
   be well-formed frames, and closing must leave no connection behind.
 * ``recovery``: bytes as a queue's segment file (and, when the input says
@@ -39,6 +41,7 @@ from broker.config import FsyncPolicy
 from broker.log import QueueLog
 from broker.segment import CorruptLogError
 from broker.session import Session
+from broker.users import load_users
 from protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -159,15 +162,32 @@ def _frames(out: bytes) -> int:
     return count
 
 
-async def _session(data: bytes, root: Path) -> None:
-    config = BrokerConfig(host="127.0.0.1", port=0, data_dir=root, fsync=FsyncPolicy.NEVER, limits=LIMITS)
+#: The ``session-users`` target's users file: the harness's HELLO is user ``u``'s.
+USERS = """
+[users.u]
+token = "fuzz-user-token"
+publish = ["Q", "Q.*"]
+subscribe = ["Q", "R*"]
+delete = ["R"]
+"""
+
+
+async def _session(data: bytes, root: Path, users: bool) -> None:
+    users_file = root / "users.toml" if users else None
+    if users_file is not None:
+        users_file.write_text(USERS)
+    config = BrokerConfig(host="127.0.0.1", port=0, data_dir=root / "data", fsync=FsyncPolicy.NEVER, limits=LIMITS,
+                          users_file=users_file)  # fmt: skip
     broker = Broker(config)
+    if users_file is not None:
+        broker.users = load_users(users_file)  # (what Broker.start() does; this harness opens the store itself)
     broker.store.open()
     session = Session(broker)
     transport = _Transport(session)
     session.connection_made(transport)  # type: ignore[arg-type]
     if data and not data[0] & RAW:
-        hello = Hello(1, PROTOCOL_VERSION, "fuzz", None, "fuzz-producer" if data[0] & PRODUCER else None)
+        hello = Hello(1, PROTOCOL_VERSION, "fuzz", {"token": "fuzz-user-token"} if users else None,
+                      "fuzz-producer" if data[0] & PRODUCER else None)  # fmt: skip
         session.data_received(encode_frame(hello.to_wire()))
     for chunk in _chunks(data):
         for _ in range(3):
@@ -189,7 +209,7 @@ async def _session(data: bytes, root: Path) -> None:
     _frames(bytes(transport.out))
 
 
-def session(data: bytes) -> None:
+def session(data: bytes, *, users: bool = False) -> None:
     errors = _Errors()
     failures: list[str] = []
     root = Path(tempfile.mkdtemp(prefix="tidings-fuzz-", dir=SCRATCH))
@@ -197,7 +217,7 @@ def session(data: bytes) -> None:
     try:
         with asyncio.Runner() as runner:
             runner.get_loop().set_exception_handler(lambda _loop, ctx: failures.append(str(ctx.get("message"))))
-            runner.run(_session(data, root))
+            runner.run(_session(data, root, users))
     finally:
         logging.getLogger().removeHandler(errors)
         shutil.rmtree(root, ignore_errors=True)
@@ -253,4 +273,13 @@ def recovery(data: bytes) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"decoder": decoder, "session": session, "recovery": recovery}
+def session_users(data: bytes) -> None:
+    session(data, users=True)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "decoder": decoder,
+    "session": session,
+    "session-users": session_users,
+    "recovery": recovery,
+}
