@@ -43,6 +43,7 @@ from protocol import (
     ErrorCode,
     EventFilter,
     Fetch,
+    Frame,
     Hello,
     InvalidRequest,
     LocalProtocolError,
@@ -255,6 +256,14 @@ class Session(Publishing, asyncio.Protocol):
         self.transport.write(self.conn.send_error(0, code, message))
         self.close()
 
+    def send_later(self, frame: Frame) -> None:
+        """Send ``frame`` outside the handling of a request (a DELETE that
+        finished on a worker thread, a heartbeat): nothing once the connection
+        has broken the protocol (a fatal ERR went out; the close may wait for a
+        full buffer to drain) or is gone."""
+        if not self.closed and self.conn.state in (State.READY, State.CLOSING):
+            self.write(self.conn.send(frame))
+
     def internal_error(self, req: int) -> None:
         """A bug of ours met this connection's request ``req`` (0: none in
         particular): log it with its traceback, answer ERR INTERNAL, close.
@@ -293,7 +302,7 @@ class Session(Publishing, asyncio.Protocol):
                 self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "no reply to two heartbeats")
                 return
             self._ping_out = True
-            self.write(self.conn.send(Ping(0)))
+            self.send_later(Ping(0))
         self._heard = False
         self._timer = asyncio.get_running_loop().call_later(self.config.heartbeat, self._heartbeat)
 
@@ -599,8 +608,7 @@ class Session(Publishing, asyncio.Protocol):
             self.reply_error(ev.req, ErrorCode.STORAGE_FAILED, f"cannot delete: {exc}")
             return
         logger.info("conn %d: deleted %s%s", self.conn_id, ev.queue, f"/{ev.durable}" if ev.durable else "")
-        if not self.closed:
-            self.write(self.conn.send(Ok(ev.req)))
+        self.send_later(Ok(ev.req))
 
     # --- fetch ------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import struct
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from protocol import (
     PROTOCOL_VERSION,
     Ack,
     AuthFailed,
+    Delete,
     Err,
     ErrorCode,
     FrameType,
@@ -425,3 +428,32 @@ async def test_fsync_interval_and_never_confirm_at_write(tmp_path: Path, policy:
             assert (await c.status())["server"]["fsyncs"] == 0
     async with running_broker(tmp_path) as broker, connected(broker) as c:  # a clean stop syncs all
         assert [m.payload for m in await c.fetch("Q", start="earliest", max_messages=200)] == list(range(100))
+
+
+async def test_a_delete_that_finishes_after_the_connection_failed_answers_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DELETE finishes on a worker thread. If the connection broke the
+    protocol meanwhile, and its close waits for a full write buffer to
+    drain, the OK can no longer be sent: it raised in the task instead
+    ("Task exception was never retrieved", with a traceback, at ERROR).
+    Found by the session fuzz target."""
+    async with running_broker(tmp_path) as broker:
+        async with connected(broker) as c:
+            await c.publish_many("big", [("e", b"x" * 60_000)] * 200)  # 12 MB: more than the socket buffers
+            await c.publish("B", "e")
+        peer = await RawPeer.connect(broker)  # and it never reads again
+        subscribe = Subscribe(2, 1, "big", (), None, "earliest", None, 1000)
+        peer.send(encode_frame(subscribe.to_wire()) + encode_frame(Delete(3, "B").to_wire()) + b"\x00\x00\x00\x01\xc1")
+        async with connected(broker) as c:
+            for _ in range(500):  # the delete finishes on the worker thread
+                if "B" not in [q["name"] for q in (await c.status())["queues"]]:
+                    break
+                await asyncio.sleep(0.01)  # polling a condition, with a bound
+            else:
+                raise AssertionError("queue B was not deleted")
+            await c.ping()  # (the task ran its last step before this answer)
+            gc.collect()  # an unretrieved task exception is reported when its task is freed
+            await c.ping()
+        peer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
