@@ -32,6 +32,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,15 @@ async def _session(data: bytes, root: Path, users: bool) -> None:
         users_file.write_text(USERS)
     config = BrokerConfig(host="127.0.0.1", port=0, data_dir=root / "data", fsync=FsyncPolicy.NEVER, limits=LIMITS,
                           users_file=users_file)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[Any]] = []  # every task the broker starts, to check how each ended
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        tasks.append(task)
+        return task
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
     broker = Broker(config)
     if users_file is not None:
         broker.users = load_users(users_file)  # (what Broker.start() does; this harness opens the store itself)
@@ -202,8 +212,11 @@ async def _session(data: bytes, root: Path, users: bool) -> None:
         await asyncio.sleep(0)
     transport.close()
     await asyncio.sleep(0)
-    if session._tasks:
-        await asyncio.gather(*session._tasks, return_exceptions=True)
+    if pending := [t for t in tasks if not t.done()]:
+        await asyncio.wait(pending)
+    for task in tasks:  # (an exception no one retrieves is reported only when the task is freed)
+        exc = None if task.cancelled() else task.exception()
+        assert exc is None, "".join(traceback.format_exception(exc))
     assert not broker.sessions, "the closed connection is still registered"
     await broker.store.aclose()
     _frames(bytes(transport.out))
