@@ -29,7 +29,7 @@ import errno
 import time
 from collections.abc import Iterable
 from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from protocol import (
     PRODUCER_HEADER,
@@ -139,7 +139,7 @@ class Publishing:
         assert queue is not None
         return queue
 
-    def denied(self, req: int, right: str, queue: str) -> bool:
+    def denied(self, req: int, right: Literal["publish", "subscribe", "delete"], queue: str) -> bool:
         """Whether this connection's user lacks ``right`` (publish, subscribe,
         delete) on ``queue``; if so, answer PERMISSION_DENIED. Checked before
         anything is looked up or created, so a refusal changes nothing."""

@@ -475,5 +475,5 @@ async def test_clear_tokens_in_a_file_others_may_read_are_warned_about(
         assert len(found) == (2 if warned else 0), (oct(mode), found)  # at start and at the reload
         if warned:
             assert found[0] == (
-                f"users file {path} holds 1 token(s) in the clear and others may read it: chmod 600 it, or use token_sha256"
+                f"users file {path} holds 1 token(s) in the clear and its group or others may read it: chmod 600 it, or use token_sha256"
             )

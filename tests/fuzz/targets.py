@@ -17,7 +17,9 @@ exception) for a bug; returning means the input was handled as promised.
   (a client may send nothing before WELCOME, so requests pipelined behind
   a HELLO of the input's own would all be UNEXPECTED_FRAME).
 * ``session-users``: the same with a users file, as a user with some rights
-  on some queues (the permission checks at every entry point). Nothing may be logged at ERROR (a handler that raised logs
+  on some queues (the permission checks at every entry point).
+
+  In both, nothing may be logged at ERROR (a handler that raised logs
   "internal error"), no callback may fail, every byte the broker writes must
   be well-formed frames, and closing must leave no connection behind.
 * ``recovery``: bytes as a queue's segment file (and, when the input says
@@ -64,7 +66,8 @@ LIMITS = Limits(max_frame_size=4096, handshake_frame_size=1024)
 SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-#: The session target's first byte: bits 0-5 the chunk size - 1, then these.
+#: The first byte of an input: bits 0-5 the chunk size - 1, then these flags
+#: (bit 6 means one thing to the session targets, another to the decoder's).
 PRODUCER = 0x40  # the harness's HELLO names a producer (PUBLISH reqs are sequence numbers)
 SPLICED = 0x40  # (decoder target) decode with events_spliced(), the broker's way
 RAW = 0x80  # no HELLO from the harness: the input starts the connection itself
