@@ -265,10 +265,17 @@ class Publishing:
     def _resent(self, queue: Queue, req: int) -> bool:
         """Whether a producer's publish whose req is not above its last one stored
         in ``queue`` is a resend (it has that req); if so it is confirmed with the
-        original offset."""
+        original offset. True too when the log cannot be read to tell (it is
+        answered STORAGE_FAILED)."""
         assert self.producer is not None
         oldest_ms = self._now_ms - int(self.config.dedup_window * 1000)
-        dup = queue.find_sequence(self.producer, req, oldest_ms)
+        try:
+            dup = queue.find_sequence(self.producer, req, oldest_ms)
+        except OSError as exc:  # (EIO) cannot tell whether it is stored: refuse it rather than store it twice
+            self.reply_error(
+                req, ErrorCode.STORAGE_FAILED, f"cannot look for a resent publish in {queue.name!r}: {exc}"
+            )
+            return True
         if dup is None:
             return False
         self._owe(1)

@@ -154,6 +154,9 @@ class Queue:
         self._dedup: dict[str, tuple[int, float]] = {}
         #: The first record found damaged at run time, and why (None: none found).
         self.damage: tuple[int, str] | None = None
+        #: Where the last read that failed with an I/O error started, and why (None once a
+        #: read from there worked): its readers stop there and try again on their next turn.
+        self.read_error: tuple[int, str] | None = None
         #: Per producer: the last sequence stored here and when to forget it.
         self.producers: dict[str, tuple[int, float]] = {}
         self._sequences: dict[str, tuple[list[tuple[int, int, int]], int, int]] = {}  # find_sequence's cache
@@ -370,7 +373,21 @@ class Queue:
             records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
         except CorruptLogError:
             records = self._read_to_damage(offset, end)
+        except OSError as exc:
+            self._read_failed(offset, exc)
+            return []
+        if self.read_error is not None and self.read_error[0] == offset:
+            self.read_error = None
         return [(o, body) for o, _ts, body in records]
+
+    def _read_failed(self, offset: int, exc: OSError) -> None:
+        """A read from ``offset`` failed (EIO): unlike damage, this may pass, so
+        nothing is marked; the reader stops there and tries again on its next
+        turn (a FETCH is answered STORAGE_FAILED). Logged once per offset."""
+        if self.read_error is None or self.read_error[0] != offset:
+            logger.error("queue %s: cannot read from record %d (%s); its readers stop there and try again",
+                         self.name, offset, exc)  # fmt: skip
+        self.read_error = (offset, exc.strerror or str(exc))
 
     def _read_to_damage(self, offset: int, end: int) -> list[tuple[int, int, bytes]]:
         """Read one record at a time up to the damaged one; note the damage."""
@@ -378,6 +395,9 @@ class Queue:
         for o in range(offset, end):
             try:
                 records += self.log.read(o, max_count=1, max_bytes=FETCH_MAX_BYTES)
+            except OSError as exc:
+                self._read_failed(o, exc)
+                break
             except CorruptLogError as exc:
                 if self.damage is None or self.damage[0] != o:
                     self.damage = (o, str(exc))
@@ -387,8 +407,12 @@ class Queue:
                 break
         return records
 
-    def _damage_error(self, req: int, offset: int) -> bytes | None:
-        """The ERR frame for request ``req`` of a reader stuck at ``offset``, if that record is damaged."""
+    def _stuck_error(self, req: int, offset: int) -> bytes | None:
+        """The ERR frame for request ``req`` of a reader stuck at ``offset``, if
+        the record there is damaged or could not be read."""
+        if self.read_error is not None and self.read_error[0] == offset:
+            why = f"cannot read queue {self.name!r} from record {offset} ({self.read_error[1]}); try again"
+            return encode_error(req, ErrorCode.STORAGE_FAILED, why)
         if self.damage is None or self.damage[0] != offset:
             return None
         why = f"record {offset} of queue {self.name!r} is damaged ({self.damage[1]}); seek past it"
@@ -535,7 +559,7 @@ class Queue:
         if group is not None and group.dead and self.on_dead is not None:
             self.on_dead(self, group)
         if not out:
-            return self._damage_error(waiter.req, next_offset)
+            return self._stuck_error(waiter.req, next_offset)
         return encode_batch(waiter.req, next_offset, out)
 
     def serve_waiters(self) -> None:
