@@ -151,6 +151,13 @@ class Group:
                 heapq.heappush(self.ready, offset)
         consumer.held.clear()
 
+    def in_use(self) -> int:
+        """How many consumers hold this group: push subscriptions, and pullers
+        with messages in flight. A connection that fetched from a durable stays
+        attached to it, but once it has acked what it took it holds nothing,
+        so it does not stop a SEEK, a DELETE or a change of filter."""
+        return sum(1 for c in self.consumers if c.push or c.held)
+
     def push_consumers(self) -> list[Consumer]:
         """Consumers that can take a pushed message now, rotated for fairness."""
         n = len(self.consumers)

@@ -141,6 +141,11 @@ class Session(Publishing, asyncio.Protocol):
         self.unconfirmed = 0
         self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
+        #: The deadline close() gives the write buffer to drain, and the one a
+        #: full buffer gives the reader (pause_writing): both cancelled once
+        #: the connection is gone, so a closed transport is freed at once.
+        self._abort: asyncio.TimerHandle | None = None
+        self._slow: asyncio.TimerHandle | None = None
         self._heard = True  # bytes arrived since the last heartbeat check
         self._tasks: set[asyncio.Task[None]] = set()
         self._ping_out = False
@@ -213,8 +218,9 @@ class Session(Publishing, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._abort, self._slow):
+            if timer is not None:
+                timer.cancel()
         # Detaching one subscription pumps its group: neither this connection's
         # other subscriptions nor its FETCHes may take what it gives back.
         self._set_paused(True)
@@ -235,10 +241,14 @@ class Session(Publishing, asyncio.Protocol):
         self._set_paused(True)
         assert self.transport is not None
         self.transport.pause_reading()
-        asyncio.get_running_loop().call_later(self.config.slow_consumer_timeout, self._check_slow, self.transport)
+        if self._slow is None:
+            self._slow = asyncio.get_running_loop().call_later(self.config.slow_consumer_timeout, self._check_slow)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._slow is not None:
+            self._slow.cancel()
+            self._slow = None
         self._set_paused(False)
         if not self._reading_paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
@@ -286,7 +296,7 @@ class Session(Publishing, asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.close()
-        asyncio.get_running_loop().call_later(abort_after, transport.abort)
+        self._abort = asyncio.get_running_loop().call_later(abort_after, transport.abort)
 
     # --- timers -------------------------------------------------------------
 
@@ -306,8 +316,11 @@ class Session(Publishing, asyncio.Protocol):
         self._heard = False
         self._timer = asyncio.get_running_loop().call_later(self.config.heartbeat, self._heartbeat)
 
-    def _check_slow(self, transport: asyncio.Transport) -> None:
-        if self.write_paused and self.transport is transport and not self.closed:
+    def _check_slow(self) -> None:
+        """The write buffer has been full for slow_consumer_timeout without a break: drop the reader."""
+        self._slow = None
+        transport = self.transport
+        if self.write_paused and transport is not None and not self.closed:
             size = transport.get_write_buffer_size()
             logger.warning("conn %d %s: slow consumer, %d bytes pending", self.conn_id, self.peer, size)
             transport.write(self.conn.send_error(0, ErrorCode.SLOW_CONSUMER, f"{size} bytes unread for too long"))
@@ -431,7 +444,7 @@ class Session(Publishing, asyncio.Protocol):
         # An existing durable keeps its filter when none is given (a FETCH need
         # not repeat it); to widen it to every event, pass ["*"].
         if events and set(group.filter.patterns) != set(events):
-            if any(c.push or c.held for c in group.consumers):
+            if group.in_use():
                 self.reply_error(
                     req,
                     ErrorCode.CONFLICT,
@@ -560,9 +573,8 @@ class Session(Publishing, asyncio.Protocol):
         if found is None:
             return
         queue, group = found
-        if group.consumers:
-            self.reply_error(ev.req, ErrorCode.CONFLICT,
-                             f"durable {ev.durable!r} is in use by {len(group.consumers)} consumers")  # fmt: skip
+        if busy := group.in_use():
+            self.reply_error(ev.req, ErrorCode.CONFLICT, f"durable {ev.durable!r} is in use by {busy} consumers")
             return
         offset = self._start_offset(queue, ev.start, ev.start_value)
         group.seek(offset)
@@ -582,13 +594,12 @@ class Session(Publishing, asyncio.Protocol):
             if group is None:
                 self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no durable {ev.durable!r} on queue {ev.queue!r}")
                 return
-            if group.consumers:
-                self.reply_error(ev.req, ErrorCode.CONFLICT,
-                                 f"durable {ev.durable!r} is in use by {len(group.consumers)} consumers")  # fmt: skip
+            if busy := group.in_use():
+                self.reply_error(ev.req, ErrorCode.CONFLICT, f"durable {ev.durable!r} is in use by {busy} consumers")
                 return
             done = store.delete_durable(queue, ev.durable)
         else:
-            busy = sum(len(g.consumers) for g in queue.groups.values()) + len(queue.ephemeral) + len(queue.waiters)
+            busy = sum(g.in_use() for g in queue.groups.values()) + len(queue.ephemeral) + len(queue.waiters)
             if busy:
                 self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} is in use by {busy} readers")
                 return

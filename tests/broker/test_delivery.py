@@ -337,6 +337,35 @@ async def test_deleting_a_queue_with_publishes_in_flight(tmp_path: Path) -> None
         await assert_broker_healthy(broker, baseline=2)
 
 
+async def test_a_puller_blocks_seek_and_delete_only_while_it_holds_messages(tmp_path: Path) -> None:
+    """A connection that FETCHed from a durable stays attached to it, but
+    once it has acked what it took it holds nothing: SEEK and DELETE of the
+    durable (and of its queue) go ahead, from that connection or another.
+    With a fetched message unacked they are CONFLICT (it used to be CONFLICT
+    for the rest of the connection's life)."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c, connected(broker) as other:
+        await c.publish_many("Q", [("E", i) for i in range(4)])
+        (held,) = await c.fetch("Q", durable="d", start="earliest", max_messages=1)
+        for request in (other.seek("Q", "d", "earliest"), c.seek("Q", "d", 3), other.delete_durable("Q", "d")):
+            with pytest.raises(ServerError) as info:
+                await request
+            assert info.value.code == 28  # CONFLICT: in use
+        await held.ack()
+        await c.seek("Q", "d", 2)  # the same connection
+        assert [m.offset for m in await c.fetch("Q", durable="d", max_messages=5)] == [2, 3]
+        await c.ack_upto("Q", "d", 3)
+        await other.seek("Q", "d", "earliest")  # another one
+        for m in await c.fetch("Q", durable="d", max_messages=5):
+            await m.ack()
+        await c.ping()  # (the acks, never answered, are handled before the PONG)
+        await other.delete_durable("Q", "d")
+        assert "d" not in broker.store.queues["Q"].groups
+        assert len(await c.fetch("Q", durable="d2", max_messages=5)) == 4
+        await c.ack_upto("Q", "d2", 3)
+        await other.delete_queue("Q")
+        assert "Q" not in broker.store.queues
+
+
 async def test_seek_rewinds_and_skips_a_durable(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         await c.publish_many("Q", [("E", i) for i in range(10)])

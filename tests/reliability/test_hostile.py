@@ -6,12 +6,14 @@ returns to its baseline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import Broker, faults
-from client import ServerError
+from broker.session import Session
+from client import Client, ServerError
 from protocol import (
     PROTOCOL_VERSION,
     Err,
@@ -249,3 +252,52 @@ async def test_a_bug_in_a_handler_answers_internal_and_ends_only_that_connection
     failed = [r for r in caplog.records if "internal error handling request" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info is not None
     assert "injected bug at status" in str(failed[0].exc_info[1])
+
+
+async def _feed(pub: Client, session: Session) -> None:
+    """Publish 10 kB messages for as long as ``session`` is connected."""
+    payload = b"x" * 10_000
+    while not session.closed:
+        await pub.publish_many("Q", [("E", payload)] * 20)
+
+
+async def _until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
+    async with asyncio.timeout(deadline):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.one_loop
+async def test_a_subscriber_is_dropped_as_slow_only_after_one_whole_timeout_unread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """L3: a subscriber whose buffer stays full for ``slow_consumer_timeout``
+    is sent SLOW_CONSUMER and dropped. The deadline is per stretch: one that
+    caught up in time starts a new one when it falls behind again (the first
+    stretch's timer used to fire during the second and drop it early, and to
+    hold the transport of a closed connection until it fired)."""
+    timeout = 1.5
+    async with running_broker(tmp_path, slow_consumer_timeout=timeout) as broker, connected(broker, "pub") as pub:
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
+        assert await peer.recv() == Ok(2)
+        (session,) = [s for s in broker.sessions if s.name == "raw"]
+        feeder = asyncio.create_task(_feed(pub, session))
+        await _until(lambda: session.write_paused)
+        first = time.monotonic()
+        await asyncio.sleep(timeout / 3)  # (the timer under test: behind for a third of it)
+        while session.write_paused:  # catch up, then read no more
+            assert await peer.reader.read(1 << 20)
+        caught_up = time.monotonic()
+        await asyncio.sleep(first + timeout + 0.3 - time.monotonic())  # past the first stretch's deadline
+        assert not session.closed, "dropped before a whole timeout went by unread"
+        await _until(lambda: session.closed, timeout + 10)  # the second stretch's deadline comes
+        assert time.monotonic() - caught_up >= timeout
+        await feeder
+        with contextlib.suppress(ConnectionError):  # (reset: the unread output was dropped)
+            while await peer.reader.read(1 << 20):
+                pass
+        peer.close()
+        await assert_broker_healthy(broker, baseline=1)
+    slow = [r.getMessage() for r in caplog.records if "slow consumer" in r.getMessage()]
+    assert len(slow) == 1, slow
