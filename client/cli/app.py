@@ -171,7 +171,9 @@ examples:
 DELETE_EPILOG = """\
 Deletes a durable (its cursor) or, without --durable, a whole queue with
 its messages and durables. Refused (exit 3, CONFLICT) while someone is
-subscribed to it; NOT_FOUND if it does not exist.
+subscribed to it or holds messages of it fetched and not yet acked (for a
+queue also: while a FETCH waits on it or publishes to it are not yet
+confirmed); NOT_FOUND if it does not exist.
 
 examples:
   tidings delete DB --durable audit
@@ -181,7 +183,8 @@ examples:
 SEEK_EPILOG = """\
 Moves a durable: it next delivers from --to (earliest, new, an offset, or an
 ISO 8601 time); what it had in flight is forgotten. Refused (exit 3,
-CONFLICT) while someone is subscribed with it.
+CONFLICT) while someone is subscribed with it or holds messages of it
+fetched and not yet acked.
 
 examples:
   tidings seek DB --durable audit --to earliest        # replay everything
