@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="PING idle clients this often, 0 = off; 2 missed = disconnect (default: %(default)s)",
     )
     p.add_argument(
+        "--dedup-window",
+        type=_positive(float),
+        default=BrokerConfig().dedup_window,
+        metavar="SECONDS",
+        help="how long a message_id, and a producer's sequence, is remembered: a publish resent within it is "
+        "stored once; keep it above the clients' reconnect deadline (60 s by default); a start-up reads "
+        "this much of each log back (default: %(default)s)",
+    )
+    p.add_argument(
         "--retention-bytes",
         type=int,
         default=0,
@@ -221,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         segment_bytes=args.segment_bytes,
         max_connections=args.max_connections,
         heartbeat=args.heartbeat,
+        dedup_window=args.dedup_window,
         repair=args.repair,
         retention_bytes=args.retention_bytes,
         retention_age=args.retention_age,

@@ -220,6 +220,7 @@ class BrokerConfig:
             "shutdown_grace",
             "retention_check",
             "tls_handshake_timeout",
+            "dedup_window",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from client import Client
 from protocol import PubAck, Publish, ServerError
-from tests.helpers import RawPeer, assert_broker_healthy, connected, running_broker, url_of
+from tests.helpers import RawPeer, assert_broker_healthy, broker_process, connected, running_broker, url_of
 
 FAST = {"cursor_flush": 0.05}  # the ticker that expires ack waits runs this often
 
@@ -117,6 +119,24 @@ async def test_idempotent_publish(tmp_path: Path) -> None:
         other = await c.publish("orders", "CREATE", {"n": 18}, message_id="order-18")
         assert (first, again, other) == (0, 0, 1)
         assert [m.payload for m in await c.fetch("orders")] == [{"n": 17}, {"n": 18}]
+
+
+@pytest.mark.one_loop
+async def test_the_dedup_window_is_set_on_the_command_line(tmp_path: Path) -> None:
+    """``--dedup-window``: a message id is known that long, then stored again
+    (the broker's clock is the subject here, hence the sleep); 0 is refused."""
+    with broker_process(tmp_path, "--dedup-window", "0.5") as bp:
+        async with Client(bp.url) as c:
+            assert await c.publish("orders", "E", 1, message_id="order-1") == 0
+            assert await c.publish("orders", "E", 1, message_id="order-1") == 0
+            await asyncio.sleep(0.6)
+            assert await c.publish("orders", "E", 1, message_id="order-1") == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--dedup-window", "0", "--data-dir", str(tmp_path / "no")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--dedup-window" in result.stderr, result
+    assert not (tmp_path / "no").exists()
 
 
 async def test_three_competing_consumers_one_killed_midway(tmp_path: Path) -> None:
