@@ -126,7 +126,6 @@ class Reconnecting:
     _subs: dict[int, Subscription]
     _marks: collections.deque[tuple[float, int]]
     _marked: int
-    _mark_until: float
 
     if TYPE_CHECKING:  # Transport's
 
@@ -335,7 +334,6 @@ class Reconnecting:
         # reconnecting does not count against it).
         self._marks.clear()
         self._marked = 0
-        self._mark_until = 0.0
         self._flush()
 
     def _proven_healthy(self) -> None:

@@ -217,7 +217,9 @@ class Transport(Reconnecting):
         self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._marked = 0  # the last req a mark covers
         self._mark_step = timeout / 16  # how much later than its first write's a mark's deadline is
-        self._mark_until = 0.0  # the last mark's deadline
+        #: The newest mark's deadline (``_marks[-1][0]`` while there is a mark; a
+        #: cleared deque is caught by its emptiness, so clearing needs no reset).
+        self._mark_until = 0.0
         #: Pending requests other than fast-path PUBLISHes: their type (for the
         #: timeout's message), or None when the caller applies its own timeout.
         self._kinds: dict[int, FrameType | None] = {}
@@ -404,11 +406,12 @@ class Transport(Reconnecting):
             if last > self._marked:
                 self._marked = last
                 deadline = self._loop.time() + self.timeout
-                if deadline <= self._mark_until:  # within the last mark's step: it covers this write too
-                    self._marks[-1] = (self._mark_until, last)
+                marks = self._marks
+                if deadline <= self._mark_until and marks:  # within the last mark's step: it covers this write too
+                    marks[-1] = (self._mark_until, last)
                 else:
                     self._mark_until = until = deadline + self._mark_step
-                    self._marks.append((until, last))
+                    marks.append((until, last))
 
     def _sweep(self) -> None:
         """Fail requests older than ``timeout`` (one timer for all of them).
@@ -627,7 +630,6 @@ class Transport(Reconnecting):
             self._healthy_timer = None
         self._drops.clear()
         self._marks.clear()
-        self._mark_until = 0.0
         self._kinds.clear()
         if self._error is None and not clean:
             self._error = error
