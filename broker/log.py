@@ -102,11 +102,12 @@ import struct
 import threading
 import zlib
 from bisect import bisect_right
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from . import faults
-from .segment import SUFFIX, CorruptLogError, Segment, encode_records
+from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records
 
 __all__ = ["CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir"]
 
@@ -124,8 +125,20 @@ EXTEND_BYTES: Final = 1 << 20
 _ZEROS: Final = bytes(EXTEND_BYTES)
 
 
-class LogFailedError(OSError):
-    """An fsync failed: nothing written since the last good sync can be trusted."""
+@contextlib.contextmanager
+def _durably(what: str) -> Iterator[None]:
+    """Recovery's writes and syncs: an OSError in them is a LogFailedError.
+
+    What such a failure leaves on disk is unknown (a failed fsync may drop
+    the dirty pages while the page cache still shows them), so the log is
+    refused until a restart rather than loaded again, unlike a failed read.
+    """
+    try:
+        yield
+    except LogFailedError:
+        raise
+    except OSError as exc:
+        raise LogFailedError(f"{what}: {exc}") from exc
 
 
 def _open_fd(path: Path) -> int:
@@ -182,6 +195,8 @@ class QueueLog:
 
         Raises:
             CorruptLogError: mid-log damage and not ``repair``.
+            LogFailedError: a write or fsync of the recovery failed (a cut, the
+                unsynced tail's fsync): what is on disk is unknown.
             OSError: the directory or a file cannot be created or read.
         """
         directory.mkdir(parents=True, exist_ok=True)
@@ -198,9 +213,10 @@ class QueueLog:
                     if not repair:
                         raise CorruptLogError(path, 0, gap)
                     logger.warning("%s: repair: dropping it and %d later segments: %s", path, len(names) - i - 1, gap)
-                    for later in names[i:]:
-                        later.unlink()
-                    fsync_dir(directory)
+                    with _durably(f"{directory}: repair"):
+                        for later in names[i:]:
+                            later.unlink()
+                        fsync_dir(directory)
                     break
                 segments.append(segment)
                 segment.scan(last=i == len(names) - 1, repair=repair, point=point)
@@ -211,30 +227,33 @@ class QueueLog:
                 if not repair:
                     raise CorruptLogError(last.path, last.size, why)
                 logger.warning("%s: repair: %s", last.path, why)
+            created = not segments
+            if created:
+                path = directory / f"{0:020d}{SUFFIX}"
+                segments.append(Segment(path, _open_fd(path), 0))
+                with _durably(f"{directory}: a new segment's entry"):
+                    fsync_dir(directory)
+            last = segments[-1]
+            last.synced = max(last.synced, min(point, last.next_offset))
+            if last.synced < last.next_offset or (last.next_offset == last.base and not created):
+                # An unclean stop: the tail no record vouches for may still be only in
+                # the page cache (kill -9). It is served from now on, so make it durable
+                # (entry included), and let the next appends claim it. An empty last
+                # segment (a roll whose first write failed, ENOSPC, or was killed) may
+                # hold no record but still have an entry no fsync covered: the records
+                # confirmed in it next are synced with fdatasync alone (R6).
+                with _durably(f"{last.path}: the unsynced tail"):
+                    os.fsync(last.fd)
+                    fsync_dir(directory)
+                last.synced = last.next_offset
+            if point > last.next_offset:  # repaired below it: the old point would be a false claim now
+                with _durably(f"{directory}: the recovery point"):
+                    _write_point(directory, last.next_offset)
         except BaseException:
             for s in segments:
                 os.close(s.fd)
             raise
-        created = not segments
-        if created:
-            path = directory / f"{0:020d}{SUFFIX}"
-            segments.append(Segment(path, _open_fd(path), 0))
-            fsync_dir(directory)
-        last = segments[-1]
-        last.synced = max(last.synced, min(point, last.next_offset))
-        if last.synced < last.next_offset or (last.next_offset == last.base and not created):
-            # An unclean stop: the tail no record vouches for may still be only in
-            # the page cache (kill -9). It is served from now on, so make it durable
-            # (entry included), and let the next appends claim it. An empty last
-            # segment (a roll whose first write failed, ENOSPC, or was killed) may
-            # hold no record but still have an entry no fsync covered: the records
-            # confirmed in it next are synced with fdatasync alone (R6).
-            os.fsync(last.fd)
-            fsync_dir(directory)
-            last.synced = last.next_offset
         log = cls(directory, segments, segment_bytes, extend_bytes)
-        if point > last.next_offset:  # repaired below it: the old point would be a false claim now
-            _write_point(directory, last.next_offset)
         log._point = min(point, last.next_offset)
         return log
 

@@ -102,6 +102,11 @@ _unpack_claim = struct.Struct(">6xQ8xI").unpack_from  # offset and unsynced of a
 _crc32 = zlib.crc32
 
 
+class LogFailedError(OSError):
+    """An fsync (or a write that recovery must make durable) failed: nothing
+    written since the last good sync can be trusted, so the log is not used again."""
+
+
 class CorruptLogError(Exception):
     """A record in the middle of a log failed its checks: the queue is not served."""
 
@@ -322,9 +327,16 @@ class Segment:
         return bool(_crc32(body, _crc32(head[: _HEAD_V1.size])) == crc)
 
     def _truncate(self, pos: int) -> None:
-        """Cut the file at ``pos`` for good (the preallocation too): everything left is then on disk."""
-        os.ftruncate(self.fd, pos)
-        os.fsync(self.fd)
+        """Cut the file at ``pos`` for good (the preallocation too): everything left is then on disk.
+
+        Raises:
+            LogFailedError: the cut or its fsync failed (what is on disk is unknown).
+        """
+        try:
+            os.ftruncate(self.fd, pos)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise LogFailedError(f"{self.path}: cannot cut at byte {pos}: {exc}") from exc
         self.synced = self.next_offset
         self.allocated = pos
 

@@ -44,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import msgpack
 
@@ -67,6 +67,10 @@ SYNC_THREADS: Final = 4
 #: the lone publisher's case. Larger rounds keep the loop free during the
 #: fsync (about 0.2 ms here), which matters once there is traffic to read.
 INLINE_MAX_RECORDS: Final = 32
+#: A queue whose files could not be read at start-up (an I/O error such as
+#: EIO or EACCES, not damage) is loaded again when next used, at most this
+#: often (seconds): recovery reads the whole log.
+RELOAD_INTERVAL: Final = 1.0
 
 
 class Store:
@@ -84,6 +88,10 @@ class Store:
         self.queues: dict[str, Queue] = {}
         self.cursor_stores: dict[str, CursorStore] = {}
         self.failed: dict[str, str] = {}  # queue -> why it cannot be served
+        #: Failed queues that may load later (an I/O error, not damage): when they failed.
+        self._failed_at: dict[str, float] = {}
+        self._failed_code: dict[str, ErrorCode] = {}  # queue -> the error its requests get
+        self.reload_interval = RELOAD_INTERVAL
         self._on_fatal = on_fatal
         self._dirty: set[Queue] = set()  # guarded by _commit_cond
         self._commit_cond = threading.Condition()
@@ -120,9 +128,54 @@ class Store:
                 try:
                     self._load(path.name)
                 except Exception as exc:  # a damaged queue must not stop the others
-                    self.failed[path.name] = str(exc)
-                    logger.error("queue %s cannot be served: %s", path.name, exc)
+                    self._load_failed(path.name, exc)
         logger.info("data in %s: %d queues", self.root, len(self.queues))
+
+    def _load_failed(self, name: str, exc: Exception, *, again: bool = False) -> None:
+        """Recovery of ``name`` failed: refuse it, for good if damaged, else until a reload works.
+
+        An I/O error may pass (EIO from a flaky disk, EACCES until an admin
+        fixes the permissions), so the queue is loaded again when next used.
+        Damage (QUEUE_CORRUPT) and a failed write or fsync of the recovery
+        (``LogFailedError``: what is on disk is unknown; STORAGE_FAILED) stay
+        until a restart.
+        """
+        self._failed_at.pop(name, None)
+        if isinstance(exc, LogFailedError):
+            self.failed[name] = f"{exc} (not served until a restart)"
+            self._failed_code[name] = ErrorCode.STORAGE_FAILED
+        elif isinstance(exc, OSError):
+            self.failed[name] = f"{exc} (an I/O error: loaded again when next used)"
+            self._failed_code[name] = ErrorCode.STORAGE_FAILED
+            self._failed_at[name] = time.monotonic()
+        else:
+            self.failed[name] = str(exc)
+            self._failed_code[name] = ErrorCode.QUEUE_CORRUPT
+        logger.log(
+            logging.WARNING if again else logging.ERROR, "queue %s cannot be served: %s", name, self.failed[name]
+        )
+
+    def _reload(self, name: str) -> Queue:
+        """Load a queue that failed with an I/O error (see :meth:`_load_failed`), if due.
+
+        Raises:
+            QueueUnavailable: not due yet, or it failed again.
+        """
+        if time.monotonic() >= self._failed_at[name] + self.reload_interval:
+            try:
+                queue = self._load(name)
+            except Exception as exc:
+                self._load_failed(name, exc, again=True)
+            else:
+                del self.failed[name], self._failed_at[name], self._failed_code[name]
+                logger.info("queue %s loaded: its files can be read again", name)
+                return queue
+        return self._unavailable(name)
+
+    def _unavailable(self, name: str) -> NoReturn:
+        """Raise QueueUnavailable for a queue in ``failed``, with its error code."""
+        why = self.failed[name] + ("; try again" if name in self._failed_at else "")
+        raise QueueUnavailable(name, why, code=self._failed_code[name])
 
     def _path(self, queue: str) -> Path:
         path = (self.queues_dir / queue).resolve()
@@ -135,11 +188,15 @@ class Store:
         log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
         queue = Queue(name, log)
         queue.on_dead = self._dead_letter
-        if log.next_offset > log.first_offset:
-            queue.rebuild_dedup(self.config.dedup_window)
         cursors = CursorStore(path / "durables")
-        for durable, state in cursors.load_all().items():
-            queue.groups[durable] = group_from_state(queue, durable, state)
+        try:
+            if log.next_offset > log.first_offset:
+                queue.rebuild_dedup(self.config.dedup_window)
+            for durable, state in cursors.load_all().items():
+                queue.groups[durable] = group_from_state(queue, durable, state)
+        except BaseException:
+            log.close()  # (a queue loaded again later opens its files anew)
+            raise
         self.queues[name] = queue
         self.cursor_stores[name] = cursors
         return queue
@@ -148,13 +205,15 @@ class Store:
         """The queue called ``name``; created on first use when ``create``.
 
         Raises:
-            QueueUnavailable: the queue failed its checks at start-up.
+            QueueUnavailable: the queue failed its checks at start-up
+                (QUEUE_CORRUPT), or its files could not be read or synced then
+                (STORAGE_FAILED; one that could not be read is loaded again).
         """
         queue = self.queues.get(name)
         if queue is not None:
             return queue
         if name in self.failed:
-            raise QueueUnavailable(name, self.failed[name])
+            return self._reload(name) if name in self._failed_at else self._unavailable(name)
         if name in self._deleting:
             raise QueueUnavailable(name, "it is being deleted; retry", code=ErrorCode.CONFLICT)
         if not create:
@@ -574,7 +633,8 @@ class _DeadLetterDone:
 
 
 class QueueUnavailable(Exception):
-    """A queue that failed its start-up checks (corrupt log), or is being deleted."""
+    """A queue that failed its start-up checks (corrupt log, or its files could
+    not be read), or is being deleted."""
 
     def __init__(self, queue: str, reason: str, *, code: ErrorCode = ErrorCode.QUEUE_CORRUPT) -> None:
         super().__init__(f"queue {queue!r} is unavailable: {reason}")

@@ -45,6 +45,7 @@ from unittest import mock
 import pytest
 
 from broker import Broker, BrokerConfig
+from broker.log import POINT_FILE
 from client import Client
 from protocol import ConnectionLost, Err, ErrorCode, PubAck, Publish, ServerError
 from tests.checker import History, check, read_all
@@ -52,7 +53,7 @@ from tests.helpers import RawPeer, running_broker, url_of
 
 #: The ERROR and CRITICAL lines a run may log: the fail-stop itself (R7); what
 #: a graceful stop says when its final fsync fails after it; a queue whose
-#: recovery could not read its files (not served until a restart); a read
+#: recovery could not read or sync its files (refused, or loaded again); a read
 #: that failed (its readers stop there and try again).
 ALLOWED_ERRORS = re.compile(
     r"storage failure, no more publishes will be confirmed: |final fsync failed: "
@@ -330,3 +331,66 @@ async def test_a_resend_that_cannot_be_looked_up_is_refused_not_stored_twice(tmp
             assert await peer.recv() == PubAck(1, 0, duplicate=True)
             assert broker.store.queues["Q"].log.next_offset == 1
             peer.close()
+
+
+@pytest.mark.one_loop
+async def test_a_queue_unreadable_at_start_up_is_loaded_again_once_it_reads(tmp_path: Path) -> None:
+    """An I/O error recovering a queue at start-up (EIO from pread) is not
+    damage: the queue is refused with STORAGE_FAILED ("try again"), not
+    QUEUE_CORRUPT until a restart, and its first use after the files read
+    again (at most once per reload interval) loads it, with the records and
+    the durable's cursor the first life left. Its log was closed after the
+    failure (no descriptor kept per try)."""
+    history, acked = History(), set[tuple[int, int]]()
+    async with running_broker(tmp_path, segment_bytes=4096) as first:
+        await _workload(first, history, acked, range(1), {0: 3})
+    disk = FailingDisk(tmp_path, 1, persistent=True, only=frozenset({"pread"}))
+    with disk.installed():
+        async with (
+            running_broker(tmp_path, segment_bytes=4096) as broker,
+            Client(url_of(broker), name="c", reconnect=False) as c,
+        ):
+            assert sorted(broker.store.failed) == ["Q1", "Q2"]
+            failed = {q["name"]: q["error"] for q in (await c.status())["failed_queues"]}
+            assert "loaded again when next used" in failed["Q1"], failed
+            broker.store.reload_interval = 0
+            for attempt in (c.publish("Q2", "E", [1, 0]), c.fetch("Q1", durable="d", max_messages=100)):
+                with pytest.raises(ServerError, match=r"queue 'Q\d' is unavailable: .*try again") as info:
+                    await attempt
+                assert info.value.code == ErrorCode.STORAGE_FAILED
+            assert not disk._fds, "a failed load left files open"
+            disk.heal()
+            broker.store.reload_interval = 3600  # not due: still refused
+            with pytest.raises(ServerError, match="try again"):
+                await c.publish("Q2", "E", [1, 0])
+            broker.store.reload_interval = 0
+            assert await c.publish("Q2", "E", [1, 0]) == PER_BURST  # after the first life's records
+            got = await c.fetch("Q1", durable="d", max_messages=100)
+            assert [m.offset for m in got] == list(range(3, PER_BURST))  # the durable acked 0-2
+            assert not broker.store.failed and not (await c.status())["failed_queues"]
+
+
+@pytest.mark.one_loop
+async def test_a_failed_fsync_in_recovery_refuses_the_queue_until_a_restart(tmp_path: Path) -> None:
+    """Recovery fsyncs a tail no record vouches for (here: no recovery point,
+    as after a kill -9); if that fsync fails, what is on disk is unknown, so
+    the queue is refused (STORAGE_FAILED, not "try again") and never loaded
+    again in this life, even once the disk works; the next start serves it."""
+    async with running_broker(tmp_path) as first, Client(url_of(first), name="c", reconnect=False) as c:
+        for n in range(5):
+            await c.publish("Q", "E", n)
+    (tmp_path / "queues" / "Q" / POINT_FILE).unlink()
+    disk = FailingDisk(tmp_path, 1, persistent=True, only=frozenset({"fsync"}))
+    with disk.installed():
+        async with (
+            running_broker(tmp_path) as broker,
+            Client(url_of(broker), name="c", reconnect=False) as c,
+        ):
+            assert "not served until a restart" in broker.store.failed["Q"]
+            disk.heal()
+            broker.store.reload_interval = 0
+            with pytest.raises(ServerError, match="not served until a restart") as info:
+                await c.publish("Q", "E", 5)
+            assert info.value.code == ErrorCode.STORAGE_FAILED and "try again" not in str(info.value)
+    async with running_broker(tmp_path) as again, Client(url_of(again), name="c", reconnect=False) as c:
+        assert await c.publish("Q", "E", 5) == 5
