@@ -454,7 +454,7 @@ class Store:
             if now >= retention_due:
                 retention_due = now + self.config.retention_check
                 self.enforce_retention(int(time.time() * 1000))
-            for queue in self.queues.values():
+            for queue in list(self.queues.values()):  # (a dead letter may create a queue)
                 ready = False
                 for group in (*queue.groups.values(), *queue.ephemeral):
                     if (group.in_flight or group.delayed) and group.expire(now):

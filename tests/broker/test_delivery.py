@@ -87,6 +87,23 @@ async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path:
         assert durable["ack_floor"] == 2 and durable["lag"] == 0
 
 
+async def test_an_expired_ack_wait_can_dead_letter_into_a_new_queue(tmp_path: Path) -> None:
+    """The ticker that expires ack waits walks the queues; the dead letter it
+    causes creates ``jobs.dead`` (a queue added under that walk was a
+    RuntimeError, taken for a storage failure: the broker stopped)."""
+    async with running_broker(tmp_path, **FAST) as broker, connected(broker) as c:
+        sub = await c.subscribe("jobs", durable="w", max_deliveries=1, ack_wait=0.1, prefetch=1)
+        await c.publish("jobs", "E", "never acked")
+        assert (await sub.next(timeout=5)).deliveries == 1
+        deadline = time.monotonic() + 5
+        while (await c.status())["queues"][-1]["name"] != "jobs.dead":  # (a FETCH would create it first)
+            assert time.monotonic() < deadline and not broker.store.fatal, "no dead letter"
+        dead = await c.fetch("jobs.dead", max_messages=10, wait=5)
+        assert [(m.payload, m.headers["x-deliveries"]) for m in dead] == [("never acked", "1")]
+        assert not broker.store.fatal
+        assert await c.publish("jobs", "E", "next") == 1  # still confirming
+
+
 async def test_dead_letter_queue_can_be_named(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         sub = await c.subscribe("jobs", durable="w", max_deliveries=1, dead_letter="poison", prefetch=1)
