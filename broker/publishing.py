@@ -159,6 +159,9 @@ class Publishing:
             return
         mid = ev.message_id
         headers = ev.headers
+        if headers and (PRODUCER_HEADER in headers or MESSAGE_ID_HEADER in headers):
+            # The broker's own (SPEC section 4): a forged x-message-id would be taken for an id at start-up.
+            headers = {k: v for k, v in headers.items() if k != PRODUCER_HEADER and k != MESSAGE_ID_HEADER}
         if mid is not None:
             pending = self._batch.get(queue)
             if pending is not None and mid in pending[2].values():
@@ -174,8 +177,6 @@ class Publishing:
             seen = queue.producers.get(self.producer)
             if seen is not None and ev.req <= seen[0] and self._resent(queue, ev.req):
                 return
-        if headers and PRODUCER_HEADER in headers:  # only the broker writes it (_flush_publishes)
-            headers = {k: v for k, v in headers.items() if k != PRODUCER_HEADER}
         try:
             body = encode_record(ev.event, self._now_ms, headers, ev.payload)
         except Exception as exc:  # only reachable with exotic decoded values

@@ -202,6 +202,19 @@ async def test_idempotent_publish_survives_a_restart_and_a_repeat_in_one_write(t
         assert await c.publish("orders", "E", 1, message_id="other") == 1
 
 
+async def test_a_forged_message_id_header_is_dropped(tmp_path: Path) -> None:
+    """x-message-id is the broker's: one sent in headers is not stored, so a
+    restart does not take it for an id and swallow a later real message_id
+    publish as a duplicate. A real message_id replaces a forged one."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish("Q", "E", "forged", headers={"x-message-id": "S", "k": "v"}) == 0
+        assert await c.publish("Q", "E", "both", headers={"x-message-id": "T"}, message_id="U") == 1
+        assert [m.headers for m in await c.fetch("Q")] == [{"k": "v"}, {"x-message-id": "U"}]
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish("Q", "E", "real", message_id="S") == 2  # stored, not a duplicate of 0
+        assert await c.publish("Q", "E", "again", message_id="U") == 1  # the real id survived
+
+
 async def test_a_producer_resend_is_stored_once(tmp_path: Path) -> None:
     """HELLO names a producer; its PUBLISH reqs are its sequence: a resend on a
     new connection (same producer, same req) is confirmed with the first
