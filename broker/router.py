@@ -240,11 +240,15 @@ class Group:
             self._acked(offset)
             return n
         self.deliveries[offset] = n
-        # Back off: each redelivery doubles the time to ack it (up to 8x), so a
-        # message nobody manages to ack comes back ever more rarely.
-        self.in_flight[offset] = (consumer, now + self.ack_wait * (1 << min(n - 1, MAX_BACKOFF_SHIFT)))
+        self.in_flight[offset] = (consumer, now + self._wait(n))
         consumer.held.add(offset)
         return n
+
+    def _wait(self, deliveries: int) -> float:
+        """The ack wait of a message's ``deliveries``-th delivery. Backing off:
+        each redelivery doubles it (up to 8x), so a message nobody manages to
+        ack comes back ever more rarely."""
+        return self.ack_wait * (1 << min(deliveries - 1, MAX_BACKOFF_SHIFT))
 
     def skip_dropped(self, first: int) -> tuple[int, int] | None:
         """Retention dropped everything below ``first``: count it done.
@@ -349,7 +353,8 @@ class Group:
                 heapq.heappush(self.ready, offset)
 
     def extend(self, offsets: Iterable[int], now: float) -> None:
-        """Restart the ack wait of in-flight offsets (work in progress).
+        """Restart the ack wait of in-flight offsets (work in progress), with
+        each one's backoff (a redelivery has longer).
 
         Raises:
             AckError: an offset is not in flight; nothing is changed.
@@ -359,8 +364,7 @@ class Group:
             if offset not in self.in_flight:
                 raise AckError(f"offset {offset} is not in flight for {self.name!r}")
         for offset in offsets:
-            entry = self.in_flight[offset]
-            self.in_flight[offset] = (entry[0], now + self.ack_wait)
+            self.in_flight[offset] = (self.in_flight[offset][0], now + self._wait(self.deliveries.get(offset, 1)))
 
     def expire(self, now: float) -> int:
         """Move overdue in-flight offsets and due delayed ones to ``ready``.

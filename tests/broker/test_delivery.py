@@ -63,6 +63,21 @@ async def test_in_progress_extends_the_ack_wait(tmp_path: Path) -> None:
         assert info.value.code == 26  # BAD_ACK: no longer in flight
 
 
+async def test_in_progress_keeps_a_redelivery_s_longer_ack_wait(tmp_path: Path) -> None:
+    """A redelivery's ack wait is doubled (backoff); PROGRESS restarts that
+    longer wait, not the base one (it made the message come back sooner)."""
+    async with running_broker(tmp_path, **FAST) as broker, connected(broker) as c:
+        sub = await c.subscribe("Q", durable="d", ack_wait=0.2)
+        await c.publish("Q", "E", "slow job")
+        await sub.next(timeout=5)
+        msg = await sub.next(timeout=5)  # redelivered: this delivery's wait is 0.4 s
+        assert msg.deliveries == 2
+        started = time.monotonic()
+        await msg.in_progress()
+        again = await sub.next(timeout=5)
+        assert again.deliveries == 3 and time.monotonic() - started >= 0.35
+
+
 async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         sub = await c.subscribe("jobs", durable="workers", max_deliveries=3, prefetch=1)
