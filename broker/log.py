@@ -265,6 +265,11 @@ class QueueLog:
     # --- properties -------------------------------------------------------
 
     @property
+    def last_ts(self) -> int:
+        """The timestamp of the last record (ms), 0 if none: the next is not lower."""
+        return self._last_ts
+
+    @property
     def first_offset(self) -> int:
         """The oldest retained offset."""
         return self.segments[0].base

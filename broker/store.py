@@ -111,6 +111,7 @@ class Store:
         self._deleting: set[str] = set()  # log fsyncs by the committer, for STATUS (fsyncs per confirm)
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._fresh: set[Queue] = set()  # appended to during this loop turn (--fsync always)
+        self._stamp_floor = 0  # the latest record timestamp handed out or found (see now_ms)
         self._kick_scheduled = False
 
     @property
@@ -188,6 +189,7 @@ class Store:
         log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
         queue = Queue(name, log)
         queue.on_dead = self._dead_letter
+        self._stamp_floor = max(self._stamp_floor, log.last_ts)
         cursors = CursorStore(path / "durables")
         try:
             if log.next_offset > log.first_offset:
@@ -200,6 +202,19 @@ class Store:
         self.queues[name] = queue
         self.cursor_stores[name] = cursors
         return queue
+
+    def now_ms(self) -> int:
+        """The time to stamp records with (ms since the epoch): the wall clock,
+        but never below a timestamp already handed out or stored, so a clock
+        set back (now or while the broker was down) cannot make a queue's
+        timestamps decrease (SPEC section 4). The log clamps its record
+        headers the same way; this keeps the stamp in each body, the one
+        subscribers get, in step."""
+        now = int(time.time() * 1000)
+        if now < self._stamp_floor:
+            return self._stamp_floor
+        self._stamp_floor = now
+        return now
 
     def get(self, name: str, *, create: bool) -> Queue | None:
         """The queue called ``name``; created on first use when ``create``.
@@ -275,7 +290,7 @@ class Store:
             logger.warning("cannot dead-letter messages of %s/%s: %s", queue.name, group.name, exc)
             group.dead_letter_failed(o for o, _ in dead)
             return
-        bodies = []
+        bodies, now_ms = [], self.now_ms()
         for offset, deliveries in dead:
             body = queue.body(offset)
             if body is None:  # dropped by retention meanwhile: nothing to keep
@@ -289,12 +304,12 @@ class Store:
                 "x-dead-queue": queue.name, "x-dead-offset": str(offset), "x-dead-durable": group.name or "",
                 "x-dead-reason": "max_deliveries", "x-deliveries": str(deliveries),
             })  # fmt: skip
-            bodies.append((offset, encode_record(event, int(time.time() * 1000), headers, payload)))
+            bodies.append((offset, encode_record(event, now_ms, headers, payload)))
         if not bodies:
             return
         offsets = [o for o, _ in bodies]
         try:
-            first = target.append([b for _, b in bodies], int(time.time() * 1000), dedup_until=0)
+            first = target.append([b for _, b in bodies], now_ms, dedup_until=0)
         except LogFailedError as exc:  # a roll's fsync, or the cut of a failed write: fail-stop (R7)
             self.fail(f"fsync failed: {exc}")
             group.dead_letter_failed(offsets)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import msgpack
 import pytest
@@ -228,6 +229,24 @@ async def test_a_forged_message_id_header_is_dropped(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert await c.publish("Q", "E", "real", message_id="S") == 2  # stored, not a duplicate of 0
         assert await c.publish("Q", "E", "again", message_id="U") == 1  # the real id survived
+
+
+async def test_timestamps_never_decrease_when_the_clock_goes_back(tmp_path: Path) -> None:
+    """A wall clock set back an hour, while the broker runs and while it is
+    down, does not make a queue's delivered timestamps decrease (SPEC
+    section 4): the stamp in the record body is clamped like the log's."""
+    real = time.time
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("Q", "E", 0)
+        with mock.patch("time.time", lambda: real() - 3600):
+            await c.publish("Q", "E", 1)
+            await c.publish("Q", "E", 2)  # a later read: its own clock reading
+    with mock.patch("time.time", lambda: real() - 7200):
+        async with running_broker(tmp_path) as broker, connected(broker) as c:
+            await c.publish("Q", "E", 3)
+            stamps = [m.timestamp for m in await c.fetch("Q", max_messages=10)]
+    assert len(stamps) == 4 and stamps == sorted(stamps), stamps
+    assert stamps[0] > (real() - 60) * 1000  # the first is the real time
 
 
 async def test_a_producer_resend_is_stored_once(tmp_path: Path) -> None:
