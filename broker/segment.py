@@ -26,10 +26,12 @@ Reading and recovery
 --------------------
 Each segment keeps a sparse in-memory index (the file position and timestamp
 of every ``INDEX_EVERY``-th record), built by a scan when the log is opened.
-Reads ``pread`` from the nearest index entry and verify every record's CRC;
-a record that fails is never returned (R4). Opening scans every segment: the
-first record that is short, has a bad magic, CRC or offset ends the valid
-data. Whether that is a torn write or damage depends on what was synced:
+Reads ``pread`` from the nearest index entry, ``READ_CHUNK`` bytes at a time
+(a record longer than that, up to the frame limit, is read whole), and
+verify every record's CRC; a record that fails is never returned (R4).
+Opening scans every segment the same way: the first record that is short,
+has a bad magic, CRC or offset ends the valid data. Whether that is a torn
+write or damage depends on what was synced:
 
 * in a sealed segment it is damage (sealed segments were fsynced whole);
 * in the last segment, if the recovery point or the sync claim of any valid
@@ -92,13 +94,14 @@ _HEAD_V1: Final = struct.Struct(">HIQq")
 NO_CLAIM: Final = 0xFFFF_FFFF
 #: One index entry per this many records: 0.5 bytes of memory per record.
 INDEX_EVERY: Final = 32
-#: Bytes read per ``pread`` when scanning or reading.
+#: Bytes read per ``pread`` when scanning or reading (a longer record is read whole: see ``_read_from``).
 READ_CHUNK: Final = 256 * 1024
 SUFFIX: Final = ".log"
 _pack_head = _HEAD.pack
 _unpack_head = _HEAD.unpack_from
 _unpack_crc = _CRC.unpack_from
 _unpack_claim = struct.Struct(">6xQ8xI").unpack_from  # offset and unsynced of a header
+_unpack_start = struct.Struct(">HI").unpack_from  # magic and length of a header
 _crc32 = zlib.crc32
 
 
@@ -269,8 +272,7 @@ class Segment:
                 if last_valid >= 0:  # keep its sync claim before buf is replaced
                     self.synced = max(self.synced, _claim(buf, last_valid))
                     last_valid = -1
-                need = max(READ_CHUNK, HEADER_SIZE + (_unpack_head(buf, rel)[1] if len(buf) - rel >= _HEAD.size else 0))
-                buf = os.pread(self.fd, min(need, size - pos), pos)
+                buf = _read_from(self.fd, pos, size)
                 buf_start = pos
                 continue
             if why is not None:
@@ -383,10 +385,7 @@ class Segment:
         rel = 0
         while current < end_offset:
             if len(buf) - rel < HEADER_SIZE or len(buf) - rel < HEADER_SIZE + _unpack_head(buf, rel)[1]:
-                need = READ_CHUNK
-                if len(buf) - rel >= _HEAD.size:
-                    need = max(need, HEADER_SIZE + _unpack_head(buf, rel)[1])
-                buf = os.pread(self.fd, min(need, self.size - pos), pos)
+                buf = _read_from(self.fd, pos, self.size)
                 rel = 0
             length, ts, why = _check(buf, rel, current, current >= offset)  # stepped over: header only
             if why is not None:
@@ -414,6 +413,27 @@ class Segment:
                     return offset
                 start = offset + 1
         return None
+
+
+def _read_from(fd: int, pos: int, end: int) -> bytes:
+    """The bytes of ``fd`` from ``pos`` on, never past ``end``: ``READ_CHUNK``
+    of them, or more when the record that starts at ``pos`` is longer.
+
+    A legal record can be longer than a chunk (as large as the frame limit,
+    1 MiB by default), and a read that stopped inside it would take it for
+    a short, damaged one. So when the header says the record goes on past
+    the chunk, a second ``pread`` reads the rest of it; small records still
+    cost one ``pread`` per chunk. A header with a bad magic is not followed
+    (its length means nothing); a good magic with a wrong length reads up to
+    ``end`` at most, and the record's check then fails.
+    """
+    buf = os.pread(fd, min(READ_CHUNK, end - pos), pos)
+    if len(buf) >= _HEAD.size:
+        magic, length = _unpack_start(buf)
+        want = min(HEADER_SIZE + length, end - pos)
+        if magic == MAGIC and want > len(buf):
+            buf += os.pread(fd, want - len(buf), pos + len(buf))
+    return buf
 
 
 def _all_zero(fd: int, start: int, end: int) -> bool:

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from broker import faults
 from broker.log import POINT_FILE, CorruptLogError, LogFailedError, QueueLog
-from broker.segment import HEADER_SIZE, MAGIC
+from broker.segment import HEADER_SIZE, MAGIC, READ_CHUNK
 from tests.helpers import records_end
 
 SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
@@ -80,6 +80,31 @@ def test_batches_and_max_bytes(tmp_path: Path) -> None:
     big = b"B" * 300_000  # bigger than one read chunk
     off = log.append([big], 8)
     assert log.read(off, max_count=1, max_bytes=1)[0][2] == big
+    log.close()
+
+
+@pytest.mark.parametrize("size", [300_000, 900_000, READ_CHUNK - HEADER_SIZE, READ_CHUNK - HEADER_SIZE + 1])
+@pytest.mark.parametrize("at", [0, 1000, READ_CHUNK - 30, READ_CHUNK - 20, READ_CHUNK - 1])
+def test_a_record_longer_than_a_read_chunk_reads_back(tmp_path: Path, size: int, at: int) -> None:
+    """A record of any legal size (up to the 1 MiB frame limit) reads back
+    whole wherever it starts in a read chunk: at the start of a read, in the
+    middle, or with only part of its header (``READ_CHUNK - at`` bytes) in the
+    chunk. So do the records after it, and all of them again after a restart,
+    whose scan reads the file in the same chunks. (Such records used to read
+    as damaged, "short", whenever their header did not show their length.)"""
+    big, other = b"B" * size, b"b" * (size + 7)
+    bodies = ([_body(0, at - HEADER_SIZE)] if at else []) + [big, _body(1), other, _body(2)]
+    log = QueueLog.open(tmp_path, segment_bytes=4 << 20)
+    log.append(bodies, 2)
+    log.sync()
+    first = bodies.index(big)
+    for _ in range(2):
+        assert _all(log) == bodies
+        assert log.read(first, max_count=1, max_bytes=1) == [(first, 2, big)]
+        assert [b for _, _, b in log.read(first, max_count=10, max_bytes=1 << 30)] == bodies[first:]
+        log.close()
+        log = QueueLog.open(tmp_path, segment_bytes=4 << 20)
+        assert log.next_offset == len(bodies)
     log.close()
 
 
@@ -182,6 +207,31 @@ def test_a_torn_record_followed_by_zeros_is_cut(tmp_path: Path, caplog: pytest.L
     again = QueueLog.open(tmp_path, segment_bytes=1 << 20)
     assert _all(again) == [_body(i) for i in range(10)] + [b"after"]
     again.close()
+
+
+def test_a_long_record_torn_or_damaged_is_judged_as_any_other(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The scan reads a record longer than a read chunk whole too: cut short in
+    the unsynced tail it is a torn tail (cut, R3); a byte flipped past its first
+    chunk once it was synced is damage (R4)."""
+    big = b"B" * 900_000
+    log = _fill(tmp_path, 10, segment_bytes=4 << 20)
+    log.append([big], 1)  # written, never synced
+    _crash(log)
+    seg = _segments(tmp_path)[0]
+    start = 10 * (HEADER_SIZE + 20)
+    os.truncate(seg, start + 600_000)
+    with caplog.at_level(logging.WARNING):
+        log = QueueLog.open(tmp_path, segment_bytes=4 << 20)
+    assert f"torn tail (never fsynced): cutting 600000 bytes from byte {start} on: short" in caplog.text
+    assert log.next_offset == 10
+    assert log.append([big], 1) == 10
+    log.sync()
+    log.close()  # the recovery point says 11
+    raw = bytearray(seg.read_bytes())
+    raw[start + 800_000] ^= 1
+    seg.write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError, match=f"corrupt record at byte {start}: bad CRC"):
+        QueueLog.open(tmp_path, segment_bytes=4 << 20)
 
 
 def test_zeros_where_synced_records_were_are_damage(tmp_path: Path) -> None:
