@@ -477,7 +477,9 @@ class QueueLog:
         """Records ``(offset, timestamp, body)`` from ``offset`` on, within one segment.
 
         Returns at least one record when ``offset`` is inside the log, even if
-        it is bigger than ``max_bytes``; an empty list past the end.
+        it is bigger than ``max_bytes``, and stops after the record whose body
+        takes the total to ``max_bytes`` or past it (see ``Segment.read``); an
+        empty list past the end.
 
         Raises:
             CorruptLogError: a record failed its checks.

@@ -49,7 +49,7 @@ from protocol import (
     record_event,
 )
 from protocol.framing import pack_body
-from protocol.wire import record_headers_at
+from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD, record_headers_at
 
 from .log import CorruptLogError, QueueLog
 from .router import Consumer, Group
@@ -77,8 +77,10 @@ _PRODUCER_BYTES: Final = PRODUCER_HEADER.encode()
 GAP_HEADER: Final = "x-retention-gap"
 #: Most bytes of records written to one subscriber per write (see pump()).
 PUMP_MAX_BYTES: Final = 256 * 1024
-#: Largest BATCH reply; leaves room under the 1 MiB default frame limit.
-FETCH_MAX_BYTES: Final = 768 * 1024
+#: Most bytes of record bodies one read from the log returns (but one record
+#: at least): bounds the memory of a catch-up read; a reader that wants more
+#: (a FETCH filling its BATCH) reads again.
+READ_MAX_BYTES: Final = 768 * 1024
 
 
 class PushTarget(Protocol):
@@ -105,11 +107,13 @@ class FetchWaiter:
 
     Attributes:
         reply: called once with the BATCH frame bytes.
+        max_frame: the largest frame body the fetcher takes (the frame limit
+            its connection announced in WELCOME): no BATCH is bigger.
         consumer: the session's pull consumer (durable fetch) or None (plain read).
         position: next offset to read (plain read only).
     """
 
-    __slots__ = ("consumer", "filter", "group", "max_messages", "position", "reply", "req", "timer")
+    __slots__ = ("consumer", "filter", "group", "max_frame", "max_messages", "position", "reply", "req", "timer")
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class FetchWaiter:
         reply: Callable[[bytes], None],
         max_messages: int,
         *,
+        max_frame: int,
         group: Group | None = None,
         consumer: Consumer | None = None,
         position: int = 0,
@@ -125,6 +130,7 @@ class FetchWaiter:
         self.req = req
         self.reply = reply
         self.max_messages = max_messages
+        self.max_frame = max_frame
         self.group = group
         self.consumer = consumer
         self.position = position
@@ -215,7 +221,7 @@ class Queue:
             offset = start
             while offset < end:
                 try:
-                    records = log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+                    records = log.read(offset, max_count=end - offset, max_bytes=READ_MAX_BYTES)
                 except CorruptLogError as exc:  # cannot tell: the resend is stored again
                     logger.warning("%s: looking for %s's sequence %d: %s", self.name, producer, seq, exc)
                     return runs, -1, high
@@ -305,7 +311,7 @@ class Queue:
         offset = self.log.offset_for_time(now_ms - int(window * 1000))
         found = 0
         while offset < self.log.next_offset:
-            records = self.log.read(offset, max_count=1024, max_bytes=FETCH_MAX_BYTES)
+            records = self.log.read(offset, max_count=1024, max_bytes=READ_MAX_BYTES)
             if not records:
                 break
             offset = records[-1][0] + 1
@@ -370,7 +376,7 @@ class Queue:
             base = self._tail_base
             return list(zip(range(offset, end), self._tail[offset - base : end - base], strict=True))
         try:
-            records = self.log.read(offset, max_count=end - offset, max_bytes=FETCH_MAX_BYTES)
+            records = self.log.read(offset, max_count=end - offset, max_bytes=READ_MAX_BYTES)
         except CorruptLogError:
             records = self._read_to_damage(offset, end)
         except OSError as exc:
@@ -394,7 +400,7 @@ class Queue:
         records: list[tuple[int, int, bytes]] = []
         for o in range(offset, end):
             try:
-                records += self.log.read(o, max_count=1, max_bytes=FETCH_MAX_BYTES)
+                records += self.log.read(o, max_count=1, max_bytes=READ_MAX_BYTES)
             except OSError as exc:
                 self._read_failed(o, exc)
                 break
@@ -505,27 +511,43 @@ class Queue:
     def take_for_fetch(self, waiter: FetchWaiter, now: float) -> bytes | None:
         """Try to fill a FETCH now.
 
+        The BATCH takes the next records, up to ``waiter.max_messages``, for
+        as long as its frame stays within ``waiter.max_frame``: each record
+        counts its body and ``BATCH_RECORD_OVERHEAD``, the frame its own
+        ``BATCH_OVERHEAD`` (the most their encodings can take). The first
+        record always goes in: one published under this frame limit fits
+        alone (``BrokerConfig.max_message_bytes`` leaves room for its entry).
+        The first one that does not fit is left where it is, first in the next
+        BATCH: a redelivery stays ready, a new record unread (later
+        redeliveries and records wait behind it, so the order holds).
+
         Returns:
             The BATCH frame, or None if nothing is available yet.
         """
         group, consumer = waiter.group, waiter.consumer
         out: list[tuple[int, int, bytes]] = []
-        size = 0
+        room = waiter.max_frame - BATCH_OVERHEAD  # for the records' entries
         limit = waiter.max_messages
+        full = False
         if group is not None and consumer is not None:
-            while len(out) < limit and size < FETCH_MAX_BYTES:
-                got = group.take_redelivery(consumer, now)
-                if got is None:
+            while len(out) < limit:
+                offset = group.next_redelivery()
+                if offset is None:
                     break
-                body = self.body(got[0])
+                body = self.body(offset)
+                if body is not None and out and len(body) + BATCH_RECORD_OVERHEAD > room:
+                    full = True
+                    break
+                got = group.take_redelivery(consumer, now)  # hands out ``offset``
+                assert got is not None and got[0] == offset
                 if body is not None:
-                    out.append((got[0], got[1], body))
-                    size += len(body)
-                elif got[0] >= self.log.first_offset:
+                    out.append((offset, got[1], body))
+                    room -= len(body) + BATCH_RECORD_OVERHEAD
+                elif offset >= self.log.first_offset:
                     break  # damaged: stays in flight, never delivered
             if group.cursor.ack_floor < self.log.first_offset:
                 self._dropped(group)
-            while len(out) < limit and size < FETCH_MAX_BYTES and group.read_pos < self.committed:
+            while not full and len(out) < limit and group.read_pos < self.committed:
                 records = self.read(group.read_pos, min(READ_BATCH, limit - len(out)))
                 if not records:
                     break  # a damaged record
@@ -533,28 +555,33 @@ class Queue:
                     if group.passed(offset):
                         continue
                     if group.filter(record_event(body)):
-                        n = group.deliver_new(consumer, offset, now)
-                        out.append((offset, n, _mark_gap(body, group) if group.gap is not None else body))
-                        size += len(body)
-                        if size >= FETCH_MAX_BYTES:
+                        if group.gap is not None:
+                            body = _with_gap(body, group.gap)
+                        if out and len(body) + BATCH_RECORD_OVERHEAD > room:
+                            full = True  # read_pos stays at it
                             break
+                        n = group.deliver_new(consumer, offset, now)
+                        group.gap = None  # said once, by this record
+                        out.append((offset, n, body))
+                        room -= len(body) + BATCH_RECORD_OVERHEAD
                     else:
                         group.skip(offset)
             next_offset = group.read_pos
         else:
             assert waiter.filter is not None
             position = max(waiter.position, self.log.first_offset)
-            while len(out) < limit and size < FETCH_MAX_BYTES and position < self.committed:
+            while not full and len(out) < limit and position < self.committed:
                 records = self.read(position, min(READ_BATCH, limit - len(out)))
                 if not records:
                     break  # a damaged record
                 for offset, body in records:
-                    position = offset + 1
                     if waiter.filter(record_event(body)):
-                        out.append((offset, 1, body))
-                        size += len(body)
-                        if size >= FETCH_MAX_BYTES:
+                        if out and len(body) + BATCH_RECORD_OVERHEAD > room:
+                            full = True  # the next plain read starts at it
                             break
+                        out.append((offset, 1, body))
+                        room -= len(body) + BATCH_RECORD_OVERHEAD
+                    position = offset + 1
             waiter.position = next_offset = position
         if group is not None and group.dead and self.on_dead is not None:
             self.on_dead(self, group)
@@ -635,8 +662,13 @@ def parse_sequences(value: object, prefix: str) -> tuple[int, int] | None:
 
 
 def _mark_gap(body: bytes, group: Group) -> bytes:
-    """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO" (once per gap)."""
+    """``body`` with the group's retention gap (:func:`_with_gap`), which is then said."""
     assert group.gap is not None
-    body = with_header(body, GAP_HEADER, f"{group.gap[0]}-{group.gap[1]}")
+    body = _with_gap(body, group.gap)
     group.gap = None
     return body
+
+
+def _with_gap(body: bytes, gap: tuple[int, int]) -> bytes:
+    """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO"."""
+    return with_header(body, GAP_HEADER, f"{gap[0]}-{gap[1]}")

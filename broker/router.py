@@ -23,8 +23,9 @@ A group's state, with its invariants:
 
 Redeliveries go out before new offsets, lowest offset first, so a consumer
 that comes back sees what it missed in log order. The shell
-(``broker/queue.py``) reads records and calls :meth:`Group.take_redelivery`,
-:meth:`Group.deliver_new` and :meth:`Group.skip`; it never touches the fields.
+(``broker/queue.py``) reads records and calls :meth:`Group.next_redelivery`,
+:meth:`Group.take_redelivery`, :meth:`Group.deliver_new` and
+:meth:`Group.skip`; it never touches the fields.
 """
 
 from __future__ import annotations
@@ -174,22 +175,37 @@ class Group:
         """Whether a redelivery is ready now."""
         return bool(self.ready)
 
+    def next_redelivery(self) -> int | None:
+        """The offset :meth:`take_redelivery` would hand out now, still ready
+        (a FETCH looks at its size before it takes it).
+
+        On the way it drops offsets acked while they waited and moves those
+        that used up ``max_deliveries`` to ``dead``, as a take does.
+        """
+        ready = self.ready
+        while ready:
+            offset = ready[0]
+            if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
+                heapq.heappop(ready)  # acked while it waited
+            elif self.max_deliveries and self.deliveries.get(offset, 0) >= self.max_deliveries:
+                heapq.heappop(ready)
+                self.dead.append((offset, self.deliveries[offset]))
+                self.parked.add(offset)
+            else:
+                return offset
+        return None
+
     def take_redelivery(self, consumer: Consumer, now: float) -> tuple[int, int] | None:
-        """Hand the lowest ready redelivery to ``consumer``.
+        """Hand the lowest ready redelivery (:meth:`next_redelivery`) to ``consumer``.
 
         Returns:
             ``(offset, deliveries)`` or None when nothing is ready.
         """
-        while self.ready:
-            offset = heapq.heappop(self.ready)
-            if offset < self.cursor.ack_floor or self.cursor.is_acked(offset):
-                continue  # acked while it waited
-            if self.max_deliveries and self.deliveries.get(offset, 0) >= self.max_deliveries:
-                self.dead.append((offset, self.deliveries[offset]))
-                self.parked.add(offset)
-                continue
-            return offset, self._hand_out(consumer, offset, now)
-        return None
+        offset = self.next_redelivery()
+        if offset is None:
+            return None
+        heapq.heappop(self.ready)
+        return offset, self._hand_out(consumer, offset, now)
 
     def take_dead(self) -> list[tuple[int, int]]:
         """The offsets to move to the dead-letter queue now (they stay parked)."""

@@ -368,7 +368,9 @@ class Segment:
         return intact, None
 
     def read(self, offset: int, max_count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
-        """Up to ``max_count`` records from ``offset`` (at least one, at most ~``max_bytes``).
+        """Up to ``max_count`` records from ``offset``: at least one, and none
+        after the one whose body takes the total past ``max_bytes`` (so at most
+        ``max_bytes`` plus one record's body; a bound on memory, not on frames).
 
         Raises:
             CorruptLogError: a record failed its CRC or offset check.

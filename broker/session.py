@@ -648,12 +648,15 @@ class Session(Publishing, asyncio.Protocol):
                 consumer = Consumer(None, PULL_MAX_UNACKED, push=False)
                 group.attach(consumer)
                 puller = self.pullers[key] = (queue, group, consumer)
-            waiter = FetchWaiter(ev.req, self.write, ev.max_messages, group=group, consumer=puller[2])
+            waiter = FetchWaiter(
+                ev.req, self.write, ev.max_messages, max_frame=self.conn.max_frame_size, group=group, consumer=puller[2]
+            )
         else:
             waiter = FetchWaiter(
                 ev.req,
                 self.write,
                 ev.max_messages,
+                max_frame=self.conn.max_frame_size,
                 position=self._start_offset(queue, ev.start, ev.start_value),
                 filter=EventFilter(ev.events),
             )

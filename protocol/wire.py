@@ -27,6 +27,8 @@ from .framing import HEADER, pack_body
 from .messages import FrameType, PubAck
 
 __all__ = [
+    "BATCH_OVERHEAD",
+    "BATCH_RECORD_OVERHEAD",
     "PubAckRun",
     "decode_fixed_puback",
     "encode_batch",
@@ -197,8 +199,22 @@ def encode_deliver(sub_id: int, offset: int, deliveries: int, body: bytes) -> by
     return _pack_len(size) + b"\x98" + head[1:] + body
 
 
+#: The most bytes a BATCH frame body spends on its own fields: its fixarray,
+#: type, ``req`` and ``next_offset`` (a uint 64 each at most: 9 bytes), and
+#: the records' array header (an array 32 at most: 5 bytes). 1+1+9+9+5.
+BATCH_OVERHEAD: Final = 25
+#: The most bytes a BATCH frame body spends on one record besides its stored
+#: body: the entry's fixarray of 6, ``offset`` and ``deliveries`` (9 each). A
+#: batch of records whose bodies and entries fit in ``max_frame_size -
+#: BATCH_OVERHEAD`` fits in the frame limit, whatever the numbers in it.
+BATCH_RECORD_OVERHEAD: Final = 19
+
+
 def encode_batch(req: int, next_offset: int, records: list[tuple[int, int, bytes]]) -> bytes:
     """Encode a BATCH frame from ``(offset, deliveries, body)`` stored records.
+
+    The frame's body is at most ``BATCH_OVERHEAD`` bytes plus, per record,
+    its body and ``BATCH_RECORD_OVERHEAD``.
 
     Returns:
         The complete frame (length prefix included).

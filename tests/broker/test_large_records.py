@@ -8,9 +8,16 @@ read goes to the log.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
-from tests.helpers import connected, running_broker
+import pytest
+
+from broker import BrokerConfig
+from broker.publishing import SEQUENCE_HEADER_ROOM
+from protocol import Batch, Fetch, FrameDecoder, Limits, Nack, Ok, Record, encode_record
+from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD
+from tests.helpers import RawPeer, connected, running_broker
 
 #: Payload sizes: around and above a read chunk (256 KiB), small ones
 #: between them, and close to the largest a PUBLISH may carry under the 1 MiB
@@ -20,6 +27,12 @@ SIZES = [300_000, 20, 900_000, 1_048_000, 20, 300_000]
 
 def _payload(i: int, size: int) -> bytes:
     return b"<%04d>" % i + b"." * size
+
+
+def _cost(record: Record) -> int:
+    """What a record takes in a BATCH at most: its stored body and its entry."""
+    body = encode_record(record.event, record.timestamp, record.headers, record.payload)
+    return len(body) + BATCH_RECORD_OVERHEAD
 
 
 async def test_large_records_read_back_from_disk_after_a_restart(tmp_path: Path) -> None:
@@ -58,3 +71,61 @@ async def test_large_records_read_back_from_disk_after_a_restart(tmp_path: Path)
         assert await client.publish("Q", "E", b"again", message_id="m3") == 3  # a duplicate, found
         got = [m for i in range(len(payloads)) for m in await client.fetch("Q", max_messages=1, start=i)]
         assert [m.payload for m in got] == payloads
+
+
+#: Record sizes as fractions of the largest a PUBLISH may carry: 0.58 (no
+#: two share a BATCH), the largest itself, 0.3 (three share one), and small
+#: ones (just their tag) that fill what is left.
+FRACTIONS = [0.58, 0.58, 0.58, 1.0, 0.0, 0.3, 0.3, 0.3, 0.3, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.58, 0.0]
+MAX_MESSAGES = 10
+
+
+@pytest.mark.parametrize("max_frame", [Limits().max_frame_size, 20_000])
+@pytest.mark.parametrize("durable", [None, "d"])
+async def test_a_batch_never_exceeds_the_frame_limit(tmp_path: Path, max_frame: int, durable: str | None) -> None:
+    """FETCH answers records near the size limit in BATCHes that each fit the
+    frame limit WELCOME announced (the default and a small
+    --max-frame-bytes): each holds as many of the next records as fit (up to
+    max_messages), at least one, and all come in order; for a durable, its
+    redeliveries too. A push subscriber gets them all as well (one DELIVER
+    each). The broker used to add a record to a BATCH while the bodies so
+    far were under 768 KiB, whatever the limit: three records of 600 KB made
+    a 1.2 MB frame, which the client refuses (it then dropped the
+    connection, and a durable fetch got the same records again)."""
+    limits = Limits(max_frame_size=max_frame, handshake_frame_size=min(8192, max_frame))
+    largest = BrokerConfig(limits=limits).max_message_bytes - SEQUENCE_HEADER_ROOM  # the client is a producer
+    fill = largest - (len(encode_record("E", 2**62, None, b"." * largest)) - largest)  # a record of `largest`
+    payloads = [_payload(i, max(0, int(f * fill) - 6)) for i, f in enumerate(FRACTIONS)]  # 6: the tag
+    async with running_broker(tmp_path, limits=limits) as broker:
+        async with connected(broker) as client:
+            assert await client.publish_many("Q", [("E", p) for p in payloads]) == list(range(len(payloads)))
+        peer = await RawPeer.connect(broker)
+        peer.decoder = FrameDecoder(max_frame)  # a frame over the limit raises FRAME_TOO_LARGE
+        try:
+            for deliveries in (1, 2) if durable else (1,):
+                batches: list[tuple[Record, ...]] = []
+                records: list[Record] = []
+                while len(records) < len(payloads):  # a plain read from where the last one ended
+                    peer.send_frame(Fetch(1, "Q", durable, (), MAX_MESSAGES, 0, "offset", len(records)))
+                    batch = await peer.recv()
+                    assert isinstance(batch, Batch) and batch.records
+                    assert BATCH_OVERHEAD + sum(map(_cost, batch.records)) <= max_frame
+                    batches.append(batch.records)
+                    records += batch.records
+                    assert durable or batch.next_offset == len(records)
+                assert [(r.offset, r.payload, r.deliveries) for r in records] == [
+                    (i, p, deliveries) for i, p in enumerate(payloads)
+                ]
+                for batch_records, after in pairwise(batches):  # none could take one more
+                    full = BATCH_OVERHEAD + sum(map(_cost, batch_records)) + _cost(after[0]) > max_frame
+                    assert full or len(batch_records) == MAX_MESSAGES
+                assert len(batches) < len(payloads)  # not one record each
+                if durable:  # all of them again, as redeliveries
+                    peer.send_frame(Nack(2, "Q", durable, tuple(range(len(payloads))), 0))
+                    assert await peer.recv() == Ok(2)
+        finally:
+            peer.close()
+        async with connected(broker) as client, await client.subscribe("Q", durable="push", start="earliest") as sub:
+            for i, payload in enumerate(payloads):
+                m = await sub.next(10)
+                assert (m.offset, m.payload) == (i, payload)

@@ -30,7 +30,7 @@ from protocol import (
 )
 from protocol.framing import unpack_body
 from protocol.messages import FRAME_CLASSES
-from protocol.wire import decode_fixed_puback
+from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD, decode_fixed_puback
 
 from .strategies import EVENTS, FRAMES, HEADERS, PAYLOADS, U64
 
@@ -83,6 +83,19 @@ def test_encode_batch_equals_the_generic_encoder(req: int, next_offset: int, rec
     fast = encode_batch(req, next_offset, stored)
     (body,) = FrameDecoder(1 << 24).feed(fast)
     assert decode_frame(body) == Batch(req, next_offset, tuple(Record(*r) for r in recs))
+    assert len(body) <= BATCH_OVERHEAD + sum(len(b) + BATCH_RECORD_OVERHEAD for _, _, b in stored)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 65535, 65536])
+def test_batch_overheads_bound_the_frame_and_are_reached(n: int) -> None:
+    """What the broker counts to keep a BATCH within the frame limit: with
+    every number at its widest and 65,536 records or more, the frame is
+    exactly that big; never bigger."""
+    big = 2**64 - 1
+    body = encode_record("e", 1, None, None)
+    frame = encode_batch(big, big, [(big, big, body)] * n)
+    worst = BATCH_OVERHEAD + n * (len(body) + BATCH_RECORD_OVERHEAD)
+    assert len(frame) - 4 == worst - (0 if n >= 65536 else 2 if n >= 16 else 4)
 
 
 def test_encode_batch_with_many_records_uses_wide_array_headers() -> None:
