@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=BrokerConfig().heartbeat,
         metavar="SECONDS",
-        help="PING idle clients this often, 0 = off; 2 missed = disconnect (default: %(default)s)",
+        help="check each client for silence this often, 0 = off: PING after one silent interval, disconnect "
+        "after two in a row (default: %(default)s)",
     )
     p.add_argument(
         "--dedup-window",

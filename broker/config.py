@@ -36,7 +36,8 @@ DEFAULT_MAX_INFLIGHT_PUBLISHES: Final = 20_000
 #: NATS AUTH_TIMEOUT is 2 s: long enough for a slow TLS client, short enough
 #: that idle sockets cannot pile up.
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 2.0
-#: Seconds between PINGs on an idle connection; 2 missed = dead (NATS: 2 min x 2).
+#: Seconds between heartbeat checks: PING after one silent interval, drop the
+#: connection after two in a row (NATS: a PING every 2 min, 2 unanswered = dead).
 DEFAULT_HEARTBEAT: Final = 30.0
 #: Redis maxclients default.
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
@@ -147,7 +148,8 @@ class BrokerConfig:
         max_inflight_publishes: unconfirmed publishes per connection before
             the broker stops reading from it.
         handshake_timeout: seconds to wait for HELLO.
-        heartbeat: seconds between PINGs to an idle peer (0 disables).
+        heartbeat: seconds between checks for a silent peer: PING after one
+            silent interval, HEARTBEAT_TIMEOUT after two in a row (0 disables).
         max_connections: further connections get TOO_MANY_CONNECTIONS.
         cursor_flush: seconds between cursor persists.
         dedup_window: seconds a message_id is remembered.

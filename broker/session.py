@@ -150,9 +150,12 @@ class Session(Publishing, asyncio.Protocol):
         #: the connection is gone, so a closed transport is freed at once.
         self._abort: asyncio.TimerHandle | None = None
         self._slow: asyncio.TimerHandle | None = None
-        self._heard = True  # bytes arrived since the last heartbeat check
+        #: Bytes arrived since the last heartbeat check: the one thing the read
+        #: path does for the heartbeat (any frame, or part of one, is a sign of life).
+        self._heard = True
+        #: Heartbeat checks in a row that found nothing arrived (see _heartbeat).
+        self._silent = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ping_out = False
         self._batch: dict[Queue, Pending] = {}
         self._now_ms = 0
         self._stamp = b""
@@ -309,15 +312,24 @@ class Session(Publishing, asyncio.Protocol):
             self.fatal(ErrorCode.HANDSHAKE_TIMEOUT, "no HELLO within the handshake timeout")
 
     def _heartbeat(self) -> None:
+        """Every ``heartbeat`` seconds after WELCOME: PING after one silent
+        interval, HEARTBEAT_TIMEOUT after two in a row (SPEC 3.3).
+
+        Anything received ends a silence, not only a PONG: a peer busy
+        sending PUBLISHes or its own PINGs is alive. The read path only sets
+        ``_heard``; the counting is here, once an interval.
+        """
         if self.closed:
             return
-        if not self._heard:
-            if self._ping_out:
-                self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "no reply to two heartbeats")
+        if self._heard:
+            self._heard = False
+            self._silent = 0
+        else:
+            self._silent += 1
+            if self._silent >= 2:
+                self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received for two heartbeat intervals")
                 return
-            self._ping_out = True
             self.send_later(Ping(0))
-        self._heard = False
         self._timer = asyncio.get_running_loop().call_later(self.config.heartbeat, self._heartbeat)
 
     def _check_slow(self) -> None:
@@ -394,7 +406,7 @@ class Session(Publishing, asyncio.Protocol):
         self.write(self.conn.send(Pong(ev.req)))
 
     def _on_pong(self, ev: Pong) -> None:
-        self._ping_out = False
+        pass  # its arrival was the sign of life (_heard); nothing else to do
 
     def _on_invalid(self, ev: InvalidRequest) -> None:
         self.reply_error(ev.req, ev.code, ev.message)

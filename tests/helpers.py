@@ -94,8 +94,8 @@ class RawPeer:
         """Send a frame given as its raw wire list (unchecked)."""
         self.send(encode_frame(items))
 
-    async def recv(self) -> Frame:
-        """The next frame from the broker (skipping heartbeat PINGs)."""
+    async def recv(self, *, pings: bool = False) -> Frame:
+        """The next frame from the broker (skipping heartbeat PINGs unless ``pings``)."""
         while True:
             while not self.frames:
                 data = await self.reader.read(65536)
@@ -105,7 +105,7 @@ class RawPeer:
                     items = unpack_body(body, 1 << 24)
                     self.frames.append(FRAME_CLASSES[items[0]].from_wire(items))
             frame = self.frames.pop(0)
-            if not isinstance(frame, Ping):
+            if pings or not isinstance(frame, Ping):
                 return frame
 
     async def expect_closed(self) -> None:
