@@ -196,6 +196,9 @@ class Session(Publishing, asyncio.Protocol):
         high = self.config.write_high_water
         transport.set_write_buffer_limits(high=high, low=high // 4)
         if not self.broker.register(self):
+            # At once, not as the answer to HELLO (SPEC 3, item 2): waiting would
+            # let every connection over the limit hold a socket for the
+            # handshake timeout. The close stops reading: nothing of it is read.
             self.fatal(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has reached its connection limit")
             return
         loop = asyncio.get_running_loop()

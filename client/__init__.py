@@ -22,6 +22,7 @@ from protocol import (
     ShuttingDown,
     StorageFull,
     TidingsError,
+    TooManyConnections,
 )
 
 from .client import DEFAULT_URL, Client, parse_url
@@ -48,5 +49,6 @@ __all__ = [
     "StorageFull",
     "Subscription",
     "TidingsError",
+    "TooManyConnections",
     "parse_url",
 ]

@@ -289,7 +289,11 @@ class Reconnecting:
             except (ConnectionLost, RequestTimeout, OSError) as exc:
                 failed = exc
                 continue
-            except ServerError as exc:  # AuthFailed and friends: trying again will not help
+            except ServerError as exc:
+                if exc.code in RECONNECT_CODES:  # TOO_MANY_CONNECTIONS: the broker is full for now
+                    failed = exc
+                    continue
+                # AuthFailed and friends: trying again will not help
                 self._reconnecting = False
                 self._held.clear()
                 self._fail_all(exc, clean=False)

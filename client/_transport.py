@@ -262,25 +262,38 @@ class Transport(Reconnecting):
         self._event_names: set[str] = set()
 
     async def _open(self) -> None:
-        """Open a fresh socket and shake hands (also used to reconnect)."""
+        """Open a fresh socket and shake hands (also used to reconnect).
+
+        The HELLO's future is pending before the socket opens: a broker at its
+        connection limit answers ERR TOO_MANY_CONNECTIONS as soon as it accepts
+        (SPEC 3, item 2), and the event loop may hand us that ERR before
+        ``create_connection`` returns (uvloop does). The ERR then fails the
+        future, and the HELLO is not sent on the dead socket.
+        """
         self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
-        try:
-            async with asyncio.timeout(self.timeout):
-                _, sock = await self._loop.create_connection(lambda: _Socket(self), self.host, self.port, ssl=self._ssl)
-        except TimeoutError:
-            raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
-        except OSError as exc:
-            raise connect_failed(self.host, self.port, exc, self._ssl) from exc
-        assert sock.transport is not None
-        sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self._sock = sock
-        self._reading_paused = False
         credentials = {"token": self._token} if self._token is not None else None
         hello = Hello(next(self._reqs), PROTOCOL_VERSION, self.name, credentials, self.producer_id)
         fut: asyncio.Future[Frame] = self._loop.create_future()
         self._pending[hello.req] = fut
         self._kinds[hello.req] = None  # timed by _wait below
-        sock.write(self._conn.send(hello))
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, sock = await self._loop.create_connection(lambda: _Socket(self), self.host, self.port, ssl=self._ssl)
+        except TimeoutError:
+            self._forget(hello.req)
+            raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
+        except OSError as exc:
+            self._forget(hello.req)
+            raise connect_failed(self.host, self.port, exc, self._ssl) from exc
+        except BaseException:
+            self._forget(hello.req)
+            raise
+        assert sock.transport is not None
+        sock.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._sock = sock
+        self._reading_paused = False
+        if not sock.finished:  # (finished: the broker's ERR came first and failed ``fut``)
+            sock.write(self._conn.send(hello))
         try:
             welcome = await self._wait(fut, "hello", self.timeout)
         except BaseException:

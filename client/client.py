@@ -115,7 +115,8 @@ class Client(Transport):
 
         Raises:
             ConnectionLost: the broker cannot be reached.
-            ServerError: the broker refused the handshake (e.g. AuthFailed).
+            ServerError: the broker refused the handshake (e.g. AuthFailed),
+                or the connection (TooManyConnections: at its limit; retriable).
         """
         client = cls(url, **options)
         await client.connect()
@@ -126,7 +127,8 @@ class Client(Transport):
 
         Raises:
             ConnectionLost: the broker cannot be reached.
-            ServerError: the broker refused the handshake (e.g. AuthFailed).
+            ServerError: the broker refused the handshake (e.g. AuthFailed),
+                or the connection (TooManyConnections: at its limit; retriable).
             RequestTimeout: no WELCOME in time.
         """
         self._loop = asyncio.get_running_loop()

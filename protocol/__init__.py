@@ -24,6 +24,7 @@ from .errors import (
     SlowConsumer,
     StorageFull,
     TidingsError,
+    TooManyConnections,
 )
 from .framing import FrameDecoder, encode_frame
 from .messages import (
@@ -114,6 +115,7 @@ __all__ = [
     "StorageFull",
     "Subscribe",
     "TidingsError",
+    "TooManyConnections",
     "Unsubscribe",
     "Welcome",
     "check_durable",

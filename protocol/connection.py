@@ -23,9 +23,10 @@ Rule 3: BYE from either side moves to CLOSING: the sender sends nothing more
         BYE ends it. The receiver of a BYE decodes nothing after it (the
         peer promised there is nothing), so whatever the peer sent before its
         BYE is answered in CLOSING and the state goes no further.
-Rule 4: an ERR is allowed in any live state. Whether it ends the connection
-        depends on its code (``protocol.errors.FATAL_CODES``); the I/O layer
-        closes the socket, this object only records what was said.
+Rule 4: an ERR is allowed in any live state (a broker at its connection
+        limit sends one before the client's HELLO). Whether it ends the
+        connection depends on its code (``protocol.errors.FATAL_CODES``); the
+        I/O layer closes the socket, this object only records what was said.
 
 The broker reads with :meth:`Connection.events_spliced`, the same
 decoding except that a plain PUBLISH (no headers or message_id) to names

@@ -45,6 +45,7 @@ __all__ = [
     "SlowConsumer",
     "StorageFull",
     "TidingsError",
+    "TooManyConnections",
 ]
 
 
@@ -261,3 +262,11 @@ class ShuttingDown(ServerError):
     """The broker is stopping."""
 
     codes = (ErrorCode.SHUTTING_DOWN,)
+
+
+class TooManyConnections(ServerError):
+    """The broker is at its connection limit (``--max-connections``): it said so
+    as soon as it accepted the connection, before or after our HELLO. Retriable:
+    connect again later."""
+
+    codes = (ErrorCode.TOO_MANY_CONNECTIONS,)

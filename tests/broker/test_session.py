@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from client import Client, TooManyConnections
 from protocol import Err, ErrorCode, Ping, Pong
-from tests.helpers import RawPeer, assert_broker_healthy, running_broker
+from tests.helpers import RawPeer, assert_broker_healthy, broker_process, connected, running_broker, url_of
 
 
 async def test_any_frame_is_a_sign_of_life_and_two_silent_intervals_end_the_connection(tmp_path: Path) -> None:
@@ -39,3 +42,40 @@ async def test_any_frame_is_a_sign_of_life_and_two_silent_intervals_end_the_conn
         assert took >= 2 * heartbeat, took
         peer.close()
         await assert_broker_healthy(broker)
+
+
+async def test_a_broker_at_its_connection_limit_says_so_at_once(tmp_path: Path) -> None:
+    """SPEC 3, item 2: ERR req=0 TOO_MANY_CONNECTIONS as soon as the broker
+    accepts, before any HELLO, then the close. The client reports it as
+    TooManyConnections, whichever came first, its HELLO or the ERR (on
+    uvloop the ERR reached the client before create_connection returned: it
+    then sent HELLO on the closed socket and reported RequestTimeout once
+    its timeout ran out)."""
+    async with running_broker(tmp_path, max_connections=1) as broker, connected(broker, "first") as first:
+        peer = await RawPeer.connect(broker, hello=False)
+        reply = await asyncio.wait_for(peer.recv(), 5)  # having sent nothing
+        assert isinstance(reply, Err) and (reply.req, reply.code) == (0, ErrorCode.TOO_MANY_CONNECTIONS), reply
+        await peer.expect_closed()
+        for reconnect in (False, True):
+            with pytest.raises(TooManyConnections) as info:
+                await Client.open(url_of(broker), timeout=3, reconnect=reconnect)
+            assert info.value.code is ErrorCode.TOO_MANY_CONNECTIONS and info.value.retriable
+        await first.ping()  # the connection within the limit is untouched
+    assert broker.sessions == set()
+
+
+def test_the_daemon_with_max_connections_1_refuses_the_second_client(tmp_path: Path) -> None:
+    """``tidings-broker --max-connections 1``: a second Python client gets
+    TooManyConnections, on either event loop; the first carries on."""
+
+    async def second(url: str) -> None:
+        async with Client(url, name="first") as first:
+            with pytest.raises(TooManyConnections):
+                await Client.open(url, name="second", timeout=3)
+            await first.ping()
+
+    import uvloop
+
+    with broker_process(tmp_path, "--max-connections", "1") as bp:
+        asyncio.run(second(bp.url))
+        uvloop.run(second(bp.url))

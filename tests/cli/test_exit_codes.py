@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol import PROTOCOL_VERSION, Hello, encode_frame
 from tests.helpers import broker_process
 
 from .conftest import Lines, finish, free_port, run, run_all, start
@@ -112,3 +113,20 @@ def test_broker_going_away_mid_subscription_exits_2(tmp_path: Path) -> None:
             assert err == "tidings: the broker ended the connection: SHUTTING_DOWN: broker is shutting down\n"
         else:
             assert "closed the connection" in err
+
+
+def test_a_broker_at_its_connection_limit_exits_2(tmp_path: Path) -> None:
+    """TOO_MANY_CONNECTIONS comes before any HELLO is answered: exit 2, like
+    any other connection the broker ends, with its code on stderr."""
+    with (
+        broker_process(tmp_path, "--max-connections", "1") as bp,
+        socket.create_connection(("127.0.0.1", bp.port)) as held,
+    ):
+        held.settimeout(10)
+        held.sendall(encode_frame(Hello(1, PROTOCOL_VERSION, "holder").to_wire()))
+        assert held.recv(4096)  # its WELCOME: the one connection allowed is taken
+        got = run("ping", url=bp.url)
+        assert got.returncode == 2, got.stderr
+        assert got.stderr == (
+            "tidings: the broker ended the connection: TOO_MANY_CONNECTIONS: the broker has reached its connection limit\n"
+        )

@@ -13,7 +13,7 @@ import pytest
 from client import Client, ServerError
 from protocol import ConnectionLost, ErrorCode, LocalProtocolError
 from tests.checker import History, check, read_all
-from tests.helpers import BrokerProcess, running_broker, url_of
+from tests.helpers import BrokerProcess, CuttingProxy, RawPeer, running_broker, url_of
 
 pytestmark = pytest.mark.one_loop
 
@@ -221,3 +221,30 @@ async def test_the_client_gives_up_after_the_deadline(tmp_path: Path) -> None:
     finally:
         c.abort()
         bp.kill()
+
+
+async def test_a_broker_at_its_connection_limit_is_tried_again(tmp_path: Path) -> None:
+    """TOO_MANY_CONNECTIONS is retriable: a reconnect attempt the broker
+    refuses for its connection limit is tried again with backoff, like an
+    unreachable broker. (It ended the reconnect at once, as AUTH_FAILED
+    does: every pending request failed, every subscription ended.)"""
+    async with (
+        running_broker(tmp_path / "a") as a,
+        running_broker(tmp_path / "b", max_connections=1) as b,
+        CuttingProxy(a) as proxy,
+    ):
+        c = await Client.open(proxy.url, name="mover")
+        try:
+            assert await c.publish("Q", "E", "to a") == 0
+            holder = await RawPeer.connect(b)  # b is full from now on
+            proxy.target = b.address  # the next connections through the proxy go to b
+            accepted = len(proxy.accepted)
+            proxy.cut_all()
+            pending = asyncio.ensure_future(c.publish("Q", "E", "to b"))  # held while reconnecting
+            await asyncio.wait_for(proxy.wait_for(lambda: len(proxy.accepted) >= accepted + 2), 10)
+            assert not pending.done()  # two attempts refused, and still trying
+            holder.close()
+            assert await asyncio.wait_for(pending, 10) == 0
+            assert c.reconnects == 1
+        finally:
+            await c.aclose()
