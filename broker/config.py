@@ -57,7 +57,8 @@ DEFAULT_TLS_HANDSHAKE_TIMEOUT: Final = 2.0
 #: A second PUBLISH with the same message_id within this window is not stored
 #: again (NATS JetStream duplicate window: 2 minutes).
 DEFAULT_DEDUP_WINDOW: Final = 120.0
-#: Graceful shutdown waits this long for write buffers to drain.
+#: Graceful shutdown waits this long for write buffers to drain; a connection
+#: that said BYE is kept this long at most for the replies it is owed.
 DEFAULT_SHUTDOWN_GRACE: Final = 5.0
 
 
@@ -153,7 +154,8 @@ class BrokerConfig:
         max_connections: further connections get TOO_MANY_CONNECTIONS.
         cursor_flush: seconds between cursor persists.
         dedup_window: seconds a message_id is remembered.
-        shutdown_grace: seconds to drain writes at shutdown.
+        shutdown_grace: seconds to drain writes at shutdown, and the longest
+            a connection that said BYE is kept for the replies it is owed.
         repair: truncate corrupt logs at the damage instead of refusing them.
         token: when set, HELLO must carry ``{"token": token}``.
         users_file: a users file (see :mod:`broker.users`): each client

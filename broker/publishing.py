@@ -77,6 +77,8 @@ class Publishing:
     #: The user of the users file this connection authenticated as (None without one).
     user: User | None
     unconfirmed: int
+    #: The peer said BYE: the connection closes once every reply is sent (Session._on_bye).
+    _bye: bool
     _reading_paused: bool
     _batch: dict[Queue, Pending]
     _now_ms: int
@@ -89,6 +91,7 @@ class Publishing:
     if TYPE_CHECKING:  # Session's
 
         def internal_error(self, req: int) -> None: ...
+        def close_if_answered(self) -> None: ...
 
     def write(self, data: bytes) -> None:
         """Write bytes to the peer now (no-op once closed)."""
@@ -102,26 +105,27 @@ class Publishing:
         self.unconfirmed += n
 
     def _paid(self, n: int) -> None:
+        """``n`` publishes were answered (called after their answers are written)."""
         self.unconfirmed -= n
         if not self.unconfirmed:
             self.broker.store.publishers -= 1
+            if self._bye:
+                self.close_if_answered()
 
     def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
         """Send PUBACKs (the queue calls this once the records are committed)."""
+        self.write(encode_pubacks(acks))  # (a no-op once closed)
         self._paid(len(acks))
-        if self.closed:
-            return
-        self.write(encode_pubacks(acks))
-        if self._reading_paused and self.unconfirmed <= self.config.max_inflight_publishes // 2:
+        if self._reading_paused and self.unconfirmed <= self.config.max_inflight_publishes // 2 and not self._bye:
             self._reading_paused = False
-            if not self.write_paused and self.transport is not None:
+            if not self.write_paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
     def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
         """Answer unconfirmed publishes with ERR (the store failed before syncing them)."""
-        self._paid(len(acks))
         for req, _offset, _dup in acks:
             self.reply_error(req, code, message)
+        self._paid(len(acks))
 
     def reply_error(self, req: int, code: ErrorCode, message: str) -> None:
         """Answer request ``req`` with ERR; the connection stays open."""

@@ -610,13 +610,17 @@ class Queue:
             position = waiter.group.read_pos if waiter.group is not None else waiter.position
             waiter.reply(encode_batch(waiter.req, position, []))
 
-    def drop_waiters(self, reply: Callable[[bytes], None] | None = None) -> None:
-        """Forget the waiters of one session (``reply``), or all of them."""
+    def drop_waiters(self, reply: Callable[[bytes], None] | None = None, *, answer: bool = False) -> None:
+        """Forget the waiters of one session (``reply``), or all of them; with
+        ``answer``, each first gets the empty BATCH it would get at its time."""
         keep = []
         for w in self.waiters:
             if reply is None or w.reply == reply:
                 if w.timer is not None:
                     w.timer.cancel()
+                if answer:
+                    position = w.group.read_pos if w.group is not None else w.position
+                    w.reply(encode_batch(w.req, position, []))
             else:
                 keep.append(w)
         self.waiters = keep

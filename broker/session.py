@@ -143,11 +143,15 @@ class Session(Publishing, asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.unconfirmed = 0
+        self._bye = False
+        #: A wrong token's AUTH_FAILED waits on ``_timer`` (see _auth_failed).
+        self._refusing = False
         self._reading_paused = False
         self._timer: asyncio.TimerHandle | None = None
-        #: The deadline close() gives the write buffer to drain, and the one a
-        #: full buffer gives the reader (pause_writing): both cancelled once
-        #: the connection is gone, so a closed transport is freed at once.
+        #: The deadline close() gives the write buffer to drain (or a BYE gives
+        #: the replies, see _on_bye), and the one a full buffer gives the
+        #: reader (pause_writing): both cancelled once the connection is gone,
+        #: so a closed transport is freed at once.
         self._abort: asyncio.TimerHandle | None = None
         self._slow: asyncio.TimerHandle | None = None
         #: Bytes arrived since the last heartbeat check: the one thing the read
@@ -224,27 +228,36 @@ class Session(Publishing, asyncio.Protocol):
             self.internal_error(0)
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        # After its BYE a peer may shut its side (a half-close): what it is
+        # owed still goes out, and _on_bye closes ours. Otherwise close ours too.
+        return True if self._bye else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         for timer in (self._timer, self._abort, self._slow):
             if timer is not None:
                 timer.cancel()
+        self._stop_consuming(answer_fetches=False)
+        self.broker.unregister(self)
+        logger.debug("conn %d %s closed: %s", self.conn_id, self.peer, exc or "clean")
+
+    def _stop_consuming(self, *, answer_fetches: bool) -> None:
+        """End this connection's subscriptions and pulls (it closed, or said
+        BYE): what they held unacknowledged goes back to their durables, for
+        their other consumers. A FETCH still waiting is answered now with an
+        empty BATCH (``answer_fetches``) or forgotten."""
         # Detaching one subscription pumps its group: neither this connection's
         # other subscriptions nor its FETCHes may take what it gives back.
         self._set_paused(True)
-        for queue in self.broker.store.queues.values():
+        for queue in self._queues.values():
             if queue.waiters:
-                queue.drop_waiters(self.write)
+                queue.drop_waiters(self.write, answer=answer_fetches)
         for sub in self.subs.values():
             self._detach(sub.queue, sub.group, sub.consumer)
         self.subs.clear()
         for queue, group, consumer in self.pullers.values():
             self._detach(queue, group, consumer)
         self.pullers.clear()
-        self.broker.unregister(self)
-        logger.debug("conn %d %s closed: %s", self.conn_id, self.peer, exc or "clean")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -260,7 +273,7 @@ class Session(Publishing, asyncio.Protocol):
             self._slow.cancel()
             self._slow = None
         self._set_paused(False)
-        if not self._reading_paused and self.transport is not None and not self.closed:
+        if not self._reading_paused and not self._bye and self.transport is not None and not self.closed:
             self.transport.resume_reading()
         now = time.monotonic()
         for sub in list(self.subs.values()):
@@ -301,12 +314,19 @@ class Session(Publishing, asyncio.Protocol):
         self.close()
 
     def close(self, *, abort_after: float = 1.0) -> None:
-        """Close after the write buffer drains; abort if it has not within ``abort_after``."""
+        """Close after the write buffer drains; abort if it has not within
+        ``abort_after`` (or by the deadline a BYE set, if that came first)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         transport.close()
-        self._abort = asyncio.get_running_loop().call_later(abort_after, transport.abort)
+        if self._abort is None:
+            self._abort = asyncio.get_running_loop().call_later(abort_after, transport.abort)
+
+    def close_if_answered(self) -> None:
+        """After a BYE: close once every request before it has its answer (see _on_bye)."""
+        if self._bye and not self.unconfirmed and not self._tasks:
+            self.close()
 
     # --- timers -------------------------------------------------------------
 
@@ -362,6 +382,7 @@ class Session(Publishing, asyncio.Protocol):
             self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
             return
         self.transport.pause_reading()
+        self._refusing = True
         self._timer = asyncio.get_running_loop().call_later(
             delay, self.fatal, ErrorCode.AUTH_FAILED, "invalid or missing token"
         )
@@ -403,7 +424,42 @@ class Session(Publishing, asyncio.Protocol):
         logger.debug("conn %d %s: hello from %r", self.conn_id, self.peer, ev.name)
 
     def _on_bye(self, ev: Bye) -> None:
-        self.close(abort_after=self.config.shutdown_grace)
+        """The peer is done (SPEC 3, item 4): answer what it sent before, then close.
+
+        Nothing more is read (the Connection drops what follows the BYE; the
+        socket stops being read). The subscriptions end now, so no DELIVER
+        follows, and what they held goes back to the durables as on a
+        disconnect; a FETCH still waiting gets its empty BATCH now. The
+        connection stays until the other replies it owes are written: the
+        PUBACKs waiting for their fsync and a DELETE's OK (``unconfirmed``
+        and ``_tasks``; close_if_answered is called as each kind runs out).
+        ``shutdown_grace`` after the BYE the connection is aborted whatever
+        is still owed or unwritten, so a stuck fsync cannot hold it.
+        """
+        self._bye = True
+        if self._refusing:
+            return  # the AUTH_FAILED it is owed is on its way (_auth_failed), and then the close
+        assert self.transport is not None
+        self.transport.pause_reading()
+        if self._timer is not None:  # the handshake's or the heartbeat's: neither applies now
+            self._timer.cancel()
+            self._timer = None
+        self._stop_consuming(answer_fetches=True)
+        if self._abort is None:
+            self._abort = asyncio.get_running_loop().call_later(self.config.shutdown_grace, self._bye_expired)
+        self.close_if_answered()
+
+    def _bye_expired(self) -> None:
+        """``shutdown_grace`` after a BYE the connection is not gone yet: abort it."""
+        if self.transport is None or self.closed:
+            return
+        owed = self.unconfirmed + len(self._tasks)
+        if owed:
+            logger.warning(
+                "conn %d %s: closing with %d replies still owed %.1f s after its BYE",
+                self.conn_id, self.peer, owed, self.config.shutdown_grace,
+            )  # fmt: skip
+        self.transport.abort()
 
     def _on_ping(self, ev: Ping) -> None:
         self.write(self.conn.send(Pong(ev.req)))
@@ -628,7 +684,12 @@ class Session(Publishing, asyncio.Protocol):
             done = store.delete_queue(ev.queue)
         task = asyncio.get_running_loop().create_task(self._deleted(ev, done))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._bye:
+            self.close_if_answered()
 
     async def _deleted(self, ev: Delete, done: Awaitable[None]) -> None:
         try:

@@ -421,27 +421,48 @@ class Client(Transport):
     # --- closing ------------------------------------------------------------
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Close gracefully: flush acks, say BYE, wait for the broker to close.
+        """Close gracefully: say BYE and wait for the answers to what was sent.
 
-        Falls back to :meth:`abort` after ``timeout`` seconds. Harmless twice.
+        Queued acks are written, then BYE. The broker answers every request
+        sent before the BYE, then closes (SPEC section 3): requests made
+        before this call complete as usual, so the ``publish()`` calls still
+        waiting get their offsets once their records are on disk, and a
+        ``fetch()`` still waiting gets its messages, or none, at once.
+        Subscriptions get no more messages; those delivered but not acked
+        go back to their durables, as on a disconnect.
+
+        Requests made after this call raise ConnectionClosed. It falls back
+        to :meth:`abort` when ``timeout`` seconds pass first, or the
+        connection is down (reconnecting) when it is called, or the call is
+        cancelled (the cancellation then goes on): what is still pending
+        then fails with ConnectionClosed and may or may not have been
+        carried out. Harmless twice.
+
+        Args:
+            timeout: seconds to wait for the broker's answers and its close.
+
+        Raises:
+            asyncio.CancelledError: cancelled while waiting (after the abort).
         """
         if self._closed or self._closing:
             return
         self._closing = True
         sock = self._sock
-        if sock is not None and self._error is None and not self._reconnecting:
-            try:
-                self._write_acks()
-                self._wbuf.append(self._conn.send(Bye(0)))
-                self._flush()
-                async with asyncio.timeout(timeout):
-                    await sock.drain()
-                    await asyncio.shield(sock.closed)  # the broker closes after BYE; what came first is handled
-            except (TimeoutError, OSError, ConnectionError, asyncio.CancelledError):
-                pass
-            except Exception as exc:  # a protocol state that forbids BYE: just drop it
-                logger.debug("close: %r", exc)
-        self.abort()
+        try:
+            if sock is not None and self._error is None and not self._reconnecting:
+                try:
+                    self._write_acks()
+                    self._wbuf.append(self._conn.send(Bye(0)))
+                    self._flush()
+                    async with asyncio.timeout(timeout):
+                        await sock.drain()
+                        await asyncio.shield(sock.closed)  # the broker closes once it has answered all
+                except (TimeoutError, OSError, ConnectionError):
+                    pass
+                except Exception as exc:  # a protocol state that forbids BYE: just drop it
+                    logger.debug("close: %r", exc)
+        finally:  # (cancelled too: abort, then let the cancellation go on)
+            self.abort()
         if sock is not None:
             await asyncio.shield(sock.closed)
 
