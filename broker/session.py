@@ -122,10 +122,10 @@ class Session(Publishing, asyncio.Protocol):
     """
 
     def __init__(self, broker: Broker) -> None:
-        # Mind the count: CPython 3.11 keeps at most 30 instance attributes of
-        # a class in its fast layout. One more (30 here) cost every attribute
-        # access of the publish path: +3,900 instructions per window-1 publish
-        # in bench.instructions, from one new attribute that was never read.
+        # Mind the count (tests/broker/test_session.py checks it): CPython 3.11
+        # keeps fewer than 30 instance attributes of a class in its fast
+        # layout. The 30th cost every attribute access of the publish path:
+        # +3,900 instructions per window-1 publish in bench.instructions.
         self.broker = broker
         self.config = broker.config
         self.conn = Connection(Role.BROKER, limits=broker.config.limits)
@@ -135,7 +135,6 @@ class Session(Publishing, asyncio.Protocol):
         self.producer: str | None = None
         self.user: User | None = None
         self.peer = "?"
-        self.peer_host = "?"
         self.since = time.time()
         self.transport: asyncio.Transport | None = None
         self.subs: dict[int, _Sub] = {}
@@ -154,10 +153,9 @@ class Session(Publishing, asyncio.Protocol):
         #: so a closed transport is freed at once.
         self._abort: asyncio.TimerHandle | None = None
         self._slow: asyncio.TimerHandle | None = None
-        #: Bytes arrived since the last heartbeat check: the one thing the read
-        #: path does for the heartbeat (any frame, or part of one, is a sign of life).
-        self._heard = True
-        #: Heartbeat checks in a row that found nothing arrived (see _heartbeat).
+        #: Heartbeat checks since bytes last arrived (see _heartbeat): the read
+        #: path's one job for the heartbeat is to zero it (any frame, or part
+        #: of one, is a sign of life).
         self._silent = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: dict[Queue, Pending] = {}
@@ -193,7 +191,6 @@ class Session(Publishing, asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else self.peer
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -211,7 +208,7 @@ class Session(Publishing, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self._heard = True
+        self._silent = 0
         # One clock read per chunk, for every record in it.
         self._now_ms = now_ms = self.broker.store.now_ms()
         self._stamp = pack_body(now_ms) + b"\xc0"
@@ -339,19 +336,17 @@ class Session(Publishing, asyncio.Protocol):
         interval, HEARTBEAT_TIMEOUT after two in a row (SPEC 3.3).
 
         Anything received ends a silence, not only a PONG: a peer busy
-        sending PUBLISHes or its own PINGs is alive. The read path only sets
-        ``_heard``; the counting is here, once an interval.
+        sending PUBLISHes or its own PINGs is alive. The read path only zeroes
+        ``_silent``; the counting is here, once an interval: 1 means something
+        arrived during the interval, 2 one silent interval, 3 two in a row.
         """
         if self.closed:
             return
-        if self._heard:
-            self._heard = False
-            self._silent = 0
-        else:
-            self._silent += 1
-            if self._silent >= 2:
-                self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received for two heartbeat intervals")
-                return
+        self._silent += 1
+        if self._silent >= 3:
+            self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received for two heartbeat intervals")
+            return
+        if self._silent == 2:
             self.send_later(Ping(0))
         self._timer = asyncio.get_running_loop().call_later(self.config.heartbeat, self._heartbeat)
 
@@ -374,7 +369,8 @@ class Session(Publishing, asyncio.Protocol):
     def _auth_failed(self) -> None:
         """AUTH_FAILED and close: at once, or after the delay repeated failures
         from this address earn (reading stops meanwhile; see Broker.auth_failed)."""
-        delay = self.broker.auth_failed(self.peer_host)
+        host, colon, _ = self.peer.rpartition(":")  # (failures are counted per host)
+        delay = self.broker.auth_failed(host if colon else self.peer)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -465,7 +461,7 @@ class Session(Publishing, asyncio.Protocol):
         self.write(self.conn.send(Pong(ev.req)))
 
     def _on_pong(self, ev: Pong) -> None:
-        pass  # its arrival was the sign of life (_heard); nothing else to do
+        pass  # its arrival was the sign of life (_silent zeroed); nothing else to do
 
     def _on_invalid(self, ev: InvalidRequest) -> None:
         self.reply_error(ev.req, ev.code, ev.message)
