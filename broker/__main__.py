@@ -61,7 +61,8 @@ must reconnect, the rest carry on.
 
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
 cursors, close clients); a second one exits at once. SIGHUP reloads --users.
-exit codes: 0 clean stop, 1 usage or start-up error, 3 storage failure.
+exit codes: 0 clean stop, 1 start-up error (a bad setting, the port taken, the
+data directory used by another broker), 2 usage error, 3 storage failure.
 """
 
 

@@ -111,7 +111,8 @@ class Broker:
         """Recover the data directory and start listening.
 
         Raises:
-            OSError: the address cannot be bound or the data directory not created.
+            OSError: the address cannot be bound, or the data directory not
+                created, or another broker uses it (``DataDirInUse``).
             ConfigError: the TLS files or the users file cannot be used.
         """
         tls = tls_context(self.config)  # (its errors first: before any file is touched)
@@ -121,17 +122,21 @@ class Broker:
             if (exposed := self.users.exposed()) is not None:
                 logger.warning("%s", exposed)
         self.store.open()
-        self.store.start()
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Session(self),
-            self.config.host,
-            self.config.port,
-            backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
-            reuse_address=True,
-            ssl=tls,
-            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
-        )
+        try:
+            self.store.start()
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(
+                lambda: Session(self),
+                self.config.host,
+                self.config.port,
+                backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
+                reuse_address=True,
+                ssl=tls,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
+            )
+        except BaseException:
+            await self.store.aclose()  # (its files and the data directory's lock)
+            raise
         host, port = self.address
         mtls = ", client certificates required" if self.config.tls_client_ca is not None else ""
         logger.info("listening on %s:%d%s", host, port, f" (TLS{mtls})" if tls is not None else "")

@@ -4,6 +4,7 @@ Layout::
 
     <data_dir>/queues/<queue>/00000000000000000000.log ...   the queue's segments
     <data_dir>/queues/<queue>/durables/<durable>.cursor       one cursor per durable
+    <data_dir>/LOCK                                           held (flock) by the broker using it
 
 Names are checked against the closed alphabet of ``protocol.names`` before
 they reach this module, and paths are checked again here, so no name can
@@ -37,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -56,7 +59,7 @@ from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue
 from .router import Group
 
-__all__ = ["Store", "group_from_state"]
+__all__ = ["DataDirInUse", "Store", "group_from_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ SYNC_THREADS: Final = 4
 #: the lone publisher's case. Larger rounds keep the loop free during the
 #: fsync (about 0.2 ms here), which matters once there is traffic to read.
 INLINE_MAX_RECORDS: Final = 32
+#: The data directory's lock file: one broker per directory (see Store.open).
+LOCK_FILE: Final = "LOCK"
 #: A queue whose files could not be read at start-up (an I/O error such as
 #: EIO or EACCES, not damage) is loaded again when next used, at most this
 #: often (seconds): recovery reads the whole log.
@@ -112,6 +117,7 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._fresh: set[Queue] = set()  # appended to during this loop turn (--fsync always)
         self._stamp_floor = 0  # the latest record timestamp handed out or found (see now_ms)
+        self._lock_fd: int | None = None  # the LOCK file, locked while the store is open
         self._kick_scheduled = False
 
     @property
@@ -122,15 +128,54 @@ class Store:
     # --- opening ------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the data directory and recover every queue found in it."""
-        self.queues_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.queues_dir.iterdir()):
-            if path.is_dir():
-                try:
-                    self._load(path.name)
-                except Exception as exc:  # a damaged queue must not stop the others
-                    self._load_failed(path.name, exc)
+        """Lock the data directory, creating it, and recover every queue found in it.
+
+        Raises:
+            DataDirInUse: another broker (process, or Broker in this process) has it.
+            OSError: the directory cannot be created or locked.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self.queues_dir.mkdir(exist_ok=True)
+            for path in sorted(self.queues_dir.iterdir()):
+                if path.is_dir():
+                    try:
+                        self._load(path.name)
+                    except Exception as exc:  # a damaged queue must not stop the others
+                        self._load_failed(path.name, exc)
+        except BaseException:
+            self._unlock()
+            raise
         logger.info("data in %s: %d queues", self.root, len(self.queues))
+
+    def _lock(self) -> None:
+        """Take ``LOCK`` (an exclusive ``flock``, dropped by the kernel when the
+        process dies, so a killed broker leaves nothing stale behind) and write
+        our pid in it for the next one's error message. Two brokers on one
+        directory would each append at the offsets they think are next: the
+        same offsets, confirmed twice, one copy lost."""
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise DataDirInUse(f"data directory {self.root} is in use by another broker{by}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(OSError):  # (only the message above reads it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (releases the flock)
+            self._lock_fd = None
 
     def _load_failed(self, name: str, exc: Exception, *, again: bool = False) -> None:
         """Recovery of ``name`` failed: refuse it, for good if damaged, else until a reload works.
@@ -588,6 +633,7 @@ class Store:
             queue.log.close()
         self._sync_pool.shutdown(wait=True)
         self._cursor_pool.shutdown(wait=True)
+        self._unlock()
 
 
 def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
@@ -645,6 +691,10 @@ class _DeadLetterDone:
 
     def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
         self.group.dead_letter_failed(self.offsets)
+
+
+class DataDirInUse(OSError):
+    """Another broker holds the data directory's lock."""
 
 
 class QueueUnavailable(Exception):
