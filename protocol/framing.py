@@ -94,7 +94,7 @@ def unpack_body(body: bytes, max_size: int) -> Any:
         # unpackb's own limits default to len(body), tighter than any bound
         # below; a call with one keyword costs half of the bound partial.
         try:
-            return _unpackb(body, max_ext_len=0)
+            return _unpackb(body, ext_hook=_no_ext)
         except Exception as exc:
             raise _malformed(exc) from exc
     unpack = _unpackers.get(max_size)
@@ -109,11 +109,17 @@ def unpack_body(body: bytes, max_size: int) -> Any:
             max_array_len=min(max_size, _MAX_ITEMS),
             max_map_len=min(max_size, _MAX_ITEMS),
             max_ext_len=0,
+            ext_hook=_no_ext,  # (max_ext_len=0 still lets an empty ext through)
         )
     try:
         return unpack(body)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, RecursionError, ...
         raise _malformed(exc) from exc
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    """msgpack's hook for ext values: the protocol has none (SPEC section 1)."""
+    raise ValueError(f"ext type {code} is not allowed")
 
 
 def _malformed(exc: Exception) -> RemoteProtocolError:

@@ -171,12 +171,22 @@ def test_a_frame_of_exactly_the_limit_passes() -> None:
         b"\xdb\xff\xff\xff\xff",  # str of 4 GiB
         b"\x91" * 5000 + b"\x00",  # very deep nesting
         b"\xd4\x01\x00",  # ext type
+        b"\xc7\x00\x05",  # an empty ext (max_ext_len=0 let it through)
+        b"\x92\x01\xc7\x00\x05",  # one inside an array
         b"\x81\x01\x02",  # non-string map key
     ],
 )
 def test_unpack_body_turns_every_msgpack_failure_into_malformed_frame(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         unpack_body(body, LIMIT)
+    assert info.value.code is ErrorCode.MALFORMED_FRAME
+
+
+def test_a_large_body_refuses_an_empty_ext_too() -> None:
+    # Past the small-body path (2^20 bytes): the bound unpacker has the ext hook as well.
+    body = b"\x92\xc7\x00\x05\xc6" + struct.pack(">I", 1 << 20) + bytes(1 << 20)
+    with pytest.raises(RemoteProtocolError, match="ext type 5 is not allowed") as info:
+        unpack_body(body, 4 << 20)
     assert info.value.code is ErrorCode.MALFORMED_FRAME
 
 
