@@ -658,6 +658,9 @@ class Session(Publishing, asyncio.Protocol):
         store = self.broker.store
         queue = store.queues.get(ev.queue)
         if queue is None:
+            if ev.durable is None and ev.queue in store.failed:  # refused at start-up: its files can go
+                self._delete_then_answer(ev, store.delete_failed(ev.queue))
+                return
             self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no queue {ev.queue!r}")
             return
         if ev.durable is not None:
@@ -678,6 +681,9 @@ class Session(Publishing, asyncio.Protocol):
                 self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} has publishes in flight; retry")
                 return
             done = store.delete_queue(ev.queue)
+        self._delete_then_answer(ev, done)
+
+    def _delete_then_answer(self, ev: Delete, done: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(self._deleted(ev, done))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)

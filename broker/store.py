@@ -293,6 +293,24 @@ class Store:
         self._deleting.add(name)
         return self._remove_queue_files(queue)
 
+    def delete_failed(self, name: str) -> Awaitable[None]:
+        """Remove the files of a queue that could not be served (damage found
+        at start-up, say): the way to give up on it without stopping the
+        broker. Its name is reserved until the files are gone, as for
+        :meth:`delete_queue`."""
+        del self.failed[name]
+        self._failed_at.pop(name, None)
+        self._failed_code.pop(name, None)
+        self._deleting.add(name)
+        return self._remove_failed_files(name)
+
+    async def _remove_failed_files(self, name: str) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._cursor_pool, shutil.rmtree, self._path(name))
+            fsync_dir(self.queues_dir)
+        finally:
+            self._deleting.discard(name)
+
     async def _remove_queue_files(self, queue: Queue) -> None:
         try:
             loop = asyncio.get_running_loop()

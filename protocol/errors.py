@@ -73,7 +73,7 @@ class ErrorCode(enum.IntEnum):
     NOT_FOUND = 25  # unknown queue or durable
     BAD_ACK = 26  # ack/nack of an offset that is not in flight
     PERMISSION_DENIED = 27
-    CONFLICT = 28  # e.g. a durable re-subscribed with different settings
+    CONFLICT = 28  # in use (a durable re-subscribed with other settings...), or being deleted
     # 40-59: storage.
     STORAGE_FULL = 40  # disk full: retriable once space returns
     STORAGE_FAILED = 41  # I/O error; the broker stops confirming

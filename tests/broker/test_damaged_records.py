@@ -106,3 +106,23 @@ async def test_a_push_subscriber_gets_nothing_past_a_damaged_record(tmp_path: Pa
             m = await sub.next(10)
             assert m.offset == DAMAGED + 1
         await assert_broker_healthy(broker)
+
+
+async def test_a_queue_refused_at_start_up_can_be_deleted_and_used_anew(tmp_path: Path) -> None:
+    """A queue whose damage refuses it at start-up (QUEUE_CORRUPT) is given
+    up on with DELETE, without stopping the broker: its files go, and the
+    name is a new, empty queue from then on (it answered NOT_FOUND)."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await _fill(c, "Q")
+        await c.publish("keep", "E", 1)
+    _rot(tmp_path, "Q", DAMAGED)
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert "Q" in broker.store.failed
+        with pytest.raises(ServerError) as info:
+            await c.publish("Q", "E", 1)
+        assert info.value.code == ErrorCode.QUEUE_CORRUPT
+        await c.delete_queue("Q")
+        assert not (tmp_path / "queues" / "Q").exists() and not broker.store.failed
+        assert await c.publish("Q", "E", "new") == 0
+        assert [m.offset for m in await c.fetch("keep")] == [0]
+        await assert_broker_healthy(broker, baseline=1)
