@@ -708,11 +708,11 @@ class Session(Publishing, asyncio.Protocol):
     def _on_fetch(self, ev: Fetch) -> None:
         if self.denied(ev.req, "subscribe", ev.queue):
             return
+        if ev.max_messages == 0:  # (before the queue is created)
+            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, "max_messages must be at least 1")
+            return
         queue = self._queue(ev.req, ev.queue)
         if queue is None:
-            return
-        if ev.max_messages == 0:
-            self.reply_error(ev.req, ErrorCode.BAD_REQUEST, "max_messages must be at least 1")
             return
         if ev.durable is not None:
             group = self._durable(

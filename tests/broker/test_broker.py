@@ -207,6 +207,7 @@ async def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
             (Unsubscribe(4, 99).to_wire(), ErrorCode.UNKNOWN_SUBSCRIPTION),
             (Ack(5, "Q", "nobody", (0,)).to_wire(), ErrorCode.NOT_FOUND),
             ([*Subscribe(6, 1, "Q", prefetch=1).to_wire()[:8], 0, 0, 0, None], ErrorCode.BAD_REQUEST),
+            ([int(FrameType.FETCH), 7, "NEW", None, [], 0, 0, "earliest", None, 0], ErrorCode.BAD_REQUEST),
         ]
         for wire, code in cases:
             peer.send_wire(wire)
@@ -215,6 +216,7 @@ async def test_request_errors_keep_the_connection(tmp_path: Path) -> None:
         peer.send_frame(Ping(10))
         assert await peer.recv() == Pong(10)
         peer.close()
+        assert not broker.store.queues  # (no refused request created one: the FETCH did)
 
 
 async def test_a_record_over_the_limit_is_refused_on_either_publish_path(tmp_path: Path) -> None:
