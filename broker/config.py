@@ -43,6 +43,8 @@ DEFAULT_HEARTBEAT: Final = 30.0
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 #: How often acked cursors are persisted; bounds redeliveries after a crash.
 DEFAULT_CURSOR_FLUSH: Final = 0.2
+#: A stored record may take the frame limit less this (see max_message_bytes).
+RECORD_ROOM: Final = 512
 #: Wrong tokens from one address: the first AUTH_FREE_FAILURES within
 #: AUTH_FAILURE_WINDOW seconds are answered at once, each later one after a
 #: delay that starts at ``auth_failure_delay`` and doubles up to
@@ -255,7 +257,9 @@ class BrokerConfig:
 
     @property
     def max_message_bytes(self) -> int:
-        """Largest stored record body, leaving room in a frame for what goes around
-        and into it at delivery: DELIVER or one-record BATCH framing (at most
-        45 bytes) and an ``x-retention-gap`` header (at most 62)."""
-        return self.limits.max_frame_size - 128
+        """Largest stored record body, leaving room in a frame (``RECORD_ROOM``)
+        for what goes around and into it at delivery: DELIVER or one-record
+        BATCH framing (at most 44 bytes), an ``x-retention-gap`` header (at
+        most 62), and, in a dead letter's copy, the ``x-dead-*`` headers (at
+        most 378, with 128-character names)."""
+        return self.limits.max_frame_size - RECORD_ROOM

@@ -15,14 +15,14 @@ import pytest
 
 from broker import BrokerConfig
 from broker.publishing import SEQUENCE_HEADER_ROOM
-from protocol import Batch, Fetch, FrameDecoder, Limits, Nack, Ok, Record, encode_record
+from protocol import Batch, Fetch, FrameDecoder, Limits, Nack, Ok, PubAck, Publish, Record, encode_record
 from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD
 from tests.helpers import RawPeer, connected, running_broker
 
 #: Payload sizes: around and above a read chunk (256 KiB), small ones
 #: between them, and close to the largest a PUBLISH may carry under the 1 MiB
 #: frame limit (the record body is the payload plus ~40 bytes).
-SIZES = [300_000, 20, 900_000, 1_048_000, 20, 300_000]
+SIZES = [300_000, 20, 900_000, 1_047_800, 20, 300_000]
 
 
 def _payload(i: int, size: int) -> bytes:
@@ -129,3 +129,25 @@ async def test_a_batch_never_exceeds_the_frame_limit(tmp_path: Path, max_frame: 
             for i, payload in enumerate(payloads):
                 m = await sub.next(10)
                 assert (m.offset, m.payload) == (i, payload)
+
+
+async def test_the_dead_letter_of_the_largest_record_fits_a_frame(tmp_path: Path) -> None:
+    """A dead letter's copy adds the x-dead-* headers (up to 378 bytes with
+    names of 128 characters) to a record that may already be the largest
+    allowed: the record limit leaves room for them, so the copy is stored
+    and delivered in one frame (it came out up to 253 bytes over the limit,
+    and the client dropped the connection)."""
+    queue, durable = "Q" * 128, "d" * 128
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        largest = broker.config.max_message_bytes  # (a plain session's: no x-producer-seq)
+        sub = await c.subscribe(queue, durable=durable, max_deliveries=1, dead_letter="DLQ", prefetch=1)
+        payload = b"." * (largest - len(encode_record("E", 2**63, None, b"")) - 3)  # (bin 32: 3 more header bytes)
+        assert len(encode_record("E", 2**63, None, payload)) == largest
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Publish(1, queue, "E", payload))
+        assert await peer.recv() == PubAck(1, 0)
+        peer.close()
+        await (await sub.next(timeout=5)).nack()
+        (dead,) = await c.fetch("DLQ", max_messages=10, wait=5)
+        assert dead.payload == payload and dead.headers["x-dead-queue"] == queue
+        assert dead.headers["x-dead-durable"] == durable
