@@ -224,6 +224,11 @@ class Transport(Reconnecting):
         #: timeout's message), or None when the caller applies its own timeout.
         self._kinds: dict[int, FrameType | None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        #: The broker's heartbeat (WELCOME), and when the sweeper last saw the
+        #: socket's read count move: a broker silent for 3 intervals is dead
+        #: (a live one PINGs an idle client every 2), see _sweep.
+        self._heartbeat = 0.0
+        self._heard: tuple[int, float] = (0, 0.0)
         self._subs: dict[int, Subscription] = {}
         self._wbuf: list[bytes] = []
         self._wbytes = 0  # PUBLISH bytes in _wbuf
@@ -302,6 +307,8 @@ class Transport(Reconnecting):
             raise
         assert isinstance(welcome, Welcome)
         self._conn.adopt_max_frame_size(welcome.max_frame_size)
+        self._heartbeat = welcome.heartbeat
+        self._heard = (sock.reads, self._loop.time())
         self.server_version = welcome.server
         self.conn_id = welcome.conn_id
 
@@ -432,8 +439,25 @@ class Transport(Reconnecting):
         A per-request ``asyncio.timeout`` costs a timer handle per publish;
         each expired mark (see :meth:`_mark`) fails the pending requests up
         to its req instead, but those whose caller times them itself.
+
+        It also watches the broker's side: a live broker sends something at
+        least every two heartbeat intervals (it PINGs a client it has not
+        heard from for one), so nothing read for three means a dead broker
+        or a half-open connection (a host gone without a FIN), which no
+        write would reveal to an idle subscriber: the connection is dropped
+        as lost (then reconnected, if the client does).
         """
         now = self._loop.time()
+        sock = self._sock
+        if self._heartbeat > 0 and sock is not None and not sock.finished and self._conn.state is State.READY:
+            reads, since = self._heard
+            if sock.reads != reads:
+                self._heard = (sock.reads, now)
+            elif now - since > 3 * self._heartbeat:
+                self._finish(sock, ConnectionLost(
+                    f"nothing from the broker at {self.host}:{self.port} for {now - since:.1f} s"
+                    f" (3 heartbeat intervals of {self._heartbeat:g} s): the connection is dead"
+                ))  # fmt: skip
         marks, pending, kinds = self._marks, self._pending, self._kinds
         while marks and marks[0][0] <= now and not self._reconnecting:
             _, last = marks.popleft()

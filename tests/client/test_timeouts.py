@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client import Client
-from protocol import RequestTimeout
+from protocol import ConnectionLost, RequestTimeout
 from tests.helpers import broker_process, connected, running_broker
 
 pytestmark = pytest.mark.one_loop
@@ -63,3 +63,26 @@ async def test_timeout_bookkeeping_is_per_write_not_per_publish(tmp_path: Path) 
         assert sorted(offsets) == list(range(5000))
         assert len(c._marks) <= 50
         assert not c._pending and not c._kinds
+
+
+async def test_an_idle_subscriber_finds_a_dead_broker_by_its_silence(tmp_path: Path) -> None:
+    """A live broker sends an idle client something every two heartbeat
+    intervals (a PING); a stopped broker (or a host gone without a FIN)
+    sends nothing, and no request of the idle subscriber would time out. So
+    three intervals of silence drop the connection as lost: the subscription
+    ends with ConnectionLost (it waited for ever)."""
+    with broker_process(tmp_path, "--heartbeat", "0.2") as bp:
+        assert bp.proc is not None
+        async with Client(bp.url, timeout=TIMEOUT, reconnect=False) as c:
+            sub = await c.subscribe("Q", durable="d")
+            with pytest.raises(asyncio.TimeoutError):
+                await sub.next(timeout=1.0)  # idle but alive: PINGed and answering, not dropped
+            bp.proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(ConnectionLost, match=r"nothing from the broker .* \(3 heartbeat intervals"):
+                    await sub.next(timeout=10)
+                waited = time.monotonic() - t0
+            finally:
+                bp.proc.send_signal(signal.SIGCONT)
+            assert waited < 5, waited  # (the silence may have begun before the stop)
