@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import DEFAULT_CURSOR_FLUSH
-from client import Client, Subscription
+from client import Client, ConnectionLost, Subscription
 from tests.checker import History, check, read_all
 from tests.helpers import BrokerProcess
 
@@ -70,7 +70,11 @@ class Consumer:
 async def _consume(url: str, consumer: Consumer, *, kill_every: int | None) -> None:
     """Ack everything ``consumer`` gets; with ``kill_every``, abort the client that often and start another."""
     while not consumer.done.is_set():
-        c = await Client.open(url, name=consumer.name, reconnect_deadline=60)
+        try:
+            c = await Client.open(url, name=consumer.name, reconnect_deadline=60)
+        except (ConnectionLost, OSError):  # the broker was killed under the first HELLO: start again
+            await asyncio.sleep(0.05)  # (a retry's backoff: Client.open itself fails fast, as connect() does)
+            continue
         try:
             sub: Subscription = await c.subscribe("Q", durable=consumer.name, start="earliest", prefetch=PREFETCH)
             budget = kill_every
@@ -90,6 +94,15 @@ async def _consume(url: str, consumer: Consumer, *, kill_every: int | None) -> N
             else:
                 c.abort()
                 consumer.kills.append(time.monotonic())
+
+
+async def _status(url: str) -> object:
+    """The durables as STATUS has them (for a failure's message)."""
+    try:
+        async with Client(url, name="status", reconnect=False, timeout=5) as c:
+            return (await c.status())["durables"]
+    except Exception as exc:
+        return repr(exc)
 
 
 def _restart(bp: BrokerProcess) -> BrokerProcess:
@@ -127,8 +140,16 @@ async def test_broker_kills_while_durables_consume_and_ack(tmp_path: Path) -> No
                     bp = _restart(bp)  # publishes in flight, deliveries and acks in flight
             await asyncio.gather(*publishes)  # none raised: each confirmed, resent if need be
             assert pub.reconnects == KILLS
-        for c in consumers:
-            await asyncio.wait_for(c.done.wait(), 60)
+        done = asyncio.gather(*(c.done.wait() for c in consumers))
+        finished, _ = await asyncio.wait([done, *tasks], timeout=60, return_when=asyncio.FIRST_EXCEPTION)
+        if done not in finished:
+            done.cancel()
+            info = {
+                c.name: (len(c.seen), "running" if not t.done() else repr(t.exception()))
+                for c, t in zip(consumers, tasks, strict=True)
+            }
+            status = await _status(bp.url)
+            pytest.fail(f"consumers not done after 60 s: (messages seen, task) {info}; durables {status}")
         await asyncio.gather(*tasks)
         async with Client(bp.url, name="checker", reconnect=False) as checker:
             report = check(history, {"Q": await read_all(checker, "Q")})
