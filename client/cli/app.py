@@ -96,7 +96,9 @@ SUB_EPILOG = """\
 Prints one message per line and acks each once it is written (durable
 subscriptions; ephemeral ones have nothing to ack). Exits after -n COUNT
 messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
-always with status 0.
+always with status 0. With -n the prefetch is at most COUNT: of a durable's
+messages after the COUNT printed, at most COUNT were taken (sent for the
+acks) and are given back, each with one more delivery counted.
 
 formats:
   json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}
@@ -112,7 +114,7 @@ examples:
   tidings sub DB                               # live, until Ctrl-C
   tidings sub DB -e CREATE -e 'user.*' --from earliest -n 10
   tidings sub DB --durable audit -n 100 | jq -c .payload
-  tidings sub DB --durable audit --no-ack -n 1  # peek: it will be redelivered
+  tidings sub DB --durable audit --no-ack -n 1  # peek at one: redelivered later, one delivery more
   tidings sub DB --from 2024-05-01T00:00:00Z --format text
 """
 
@@ -350,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(1),
         default=100,
         metavar="N",
-        help="unacked messages in flight at most (default: %(default)s)",
+        help="unacked messages in flight at most (default: %(default)s; with -n, at most COUNT)",
     )
     formats(sb)
 

@@ -175,8 +175,12 @@ WRITE_BATCH = 256
 
 async def run_sub(ctx: Context, client: Client) -> int:
     args = ctx.args
+    # With -n COUNT, no more than COUNT in flight: a durable's messages taken
+    # beyond COUNT would be given back unseen, each counting a delivery (and
+    # moving towards max_deliveries and the dead-letter queue).
+    prefetch = args.prefetch if args.count is None else min(args.prefetch, args.count)
     sub = await client.subscribe(args.queue, events=parse_events(args.event), durable=args.durable,
-                                 start=args.start, prefetch=args.prefetch)  # fmt: skip
+                                 start=args.start, prefetch=prefetch)  # fmt: skip
     received = 0
     try:
         while (args.count is None or received < args.count) and not ctx.stopper.stopped:

@@ -138,6 +138,26 @@ def test_sub_durable_resumes_after_what_it_acked(url: str, queue: str) -> None:
     assert [json.loads(x)["offset"] for x in lines_of(b.stdout)] == [2, 3, 4]
 
 
+def test_sub_count_takes_at_most_count_of_a_durable(url: str, queue: str) -> None:
+    """-n COUNT caps the prefetch at COUNT: the durable's later messages are
+    not taken and given back unseen. With the default prefetch of 100 each
+    run took every message, and each one it did not print counted a
+    delivery (towards max_deliveries and the dead-letter queue)."""
+    run("pub", queue, "E", input="\n".join(map(str, range(30))), url=url)
+    first = run("sub", queue, "--durable", "d", "--from", "earliest", "-n", 3, url=url)
+    assert [json.loads(x)["offset"] for x in lines_of(first.stdout)] == [0, 1, 2]
+    rest = [json.loads(x) for x in lines_of(run("fetch", queue, "--durable", "d", "--max", 100, url=url).stdout)]
+    assert [m["offset"] for m in rest] == list(range(3, 30))
+    # At most COUNT were in flight when it unsubscribed (those the broker sent for its acks).
+    assert sum(m["deliveries"] > 1 for m in rest) <= 3, rest
+
+    # The peek of `tidings sub --help`: exactly one message taken, and redelivered.
+    peek = run("sub", queue, "--durable", "p", "--from", "earliest", "--no-ack", "-n", 1, url=url)
+    assert json.loads(peek.stdout)["offset"] == 0
+    again = [json.loads(x) for x in lines_of(run("fetch", queue, "--durable", "p", "--max", 3, url=url).stdout)]
+    assert [(m["offset"], m["deliveries"]) for m in again] == [(0, 2), (1, 1), (2, 1)]
+
+
 def test_fetch_with_a_durable_acks_what_it_printed(url: str, queue: str) -> None:
     run("pub", queue, "E", input="\n".join(map(str, range(5))), url=url)
     a = run("fetch", queue, "--durable", "poller", "--max", 3, url=url)
