@@ -264,7 +264,7 @@ class Publishing:
 
     def _too_large(self, req: int, size: int) -> None:
         self.reply_error(
-            req, ErrorCode.PAYLOAD_TOO_LARGE, f"message of {size} bytes exceeds the limit of {self._max_record}"
+            req, ErrorCode.PAYLOAD_TOO_LARGE, f"message of {size} bytes exceeds the limit of {self._max_record} bytes"
         )
 
     def _resent(self, queue: Queue, req: int) -> bool:

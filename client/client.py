@@ -173,7 +173,12 @@ class Client(Transport):
             The message's offset in the queue.
 
         Raises:
-            LocalProtocolError: a name or payload the protocol cannot carry.
+            InvalidName: a queue or event name outside the rules.
+            PayloadTooLarge: larger than the broker accepts.
+            LocalProtocolError: found before sending, and nothing was sent:
+                a bad name or a message over the frame limit (these are
+                also InvalidName and PayloadTooLarge), or a payload msgpack
+                cannot encode.
             ServerError: refused by the broker (StorageFull, PayloadTooLarge...).
             ConnectionLost: the connection broke before the confirm arrived.
         """

@@ -50,7 +50,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, local_error
 from .framing import HEADER, FrameDecoder, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Bye, Frame, FrameType, InvalidRequest, Publish
 from .wire import PUBACK_FRAME_SIZE, PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
@@ -241,8 +241,8 @@ class Connection:
 
         Raises:
             LocalProtocolError: the frame is not allowed in this state, is
-                larger than the frame limit, or holds a value msgpack cannot
-                encode.
+                larger than the frame limit (a PUBLISH: LocalPayloadTooLarge),
+                or holds a value msgpack cannot encode.
         """
         data = self.encode(frame)
         self._move(_SEND, frame.TYPE)
@@ -313,6 +313,11 @@ class Connection:
         return _pack_len(len(body)) + body
 
     def _too_large(self, frame_type: FrameType, size: int) -> LocalProtocolError:
+        if frame_type is FrameType.PUBLISH:  # the message is too large: what the broker calls it too
+            return local_error(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"message of {size} bytes (its PUBLISH frame) exceeds the frame limit of {self.max_frame_size} bytes",
+            )
         return LocalProtocolError(
             f"{frame_type.name} frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes",
             code=ErrorCode.FRAME_TOO_LARGE,

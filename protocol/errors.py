@@ -14,6 +14,15 @@ The tree (see STYLE.md):
     ├── RequestTimeout                no reply in time (also a ``TimeoutError``)
     └── ConfigError                   a bad option (also a ``ValueError``)
 
+Our own checks find some refusals before anything is sent: a bad name, a
+bad field value, a message over the frame limit. Those raise a
+LocalProtocolError that is *also* the ServerError subclass of the code the
+broker would answer (``LocalInvalidName`` is a LocalProtocolError and an
+InvalidName; likewise ``LocalBadRequest``, ``LocalPayloadTooLarge``), so
+``except InvalidName`` handles the refusal wherever it was found, and
+``except LocalProtocolError`` still tells that nothing was sent.
+:func:`local_error` picks the class.
+
 Wire codes are stable numbers (never renumber one; add new ones at the end of
 their block). A code is *fatal* when the sender closes the connection right
 after the ERR frame, and *retriable* when the same request may succeed later
@@ -33,6 +42,9 @@ __all__ = [
     "ConnectionLost",
     "ErrorCode",
     "InvalidName",
+    "LocalBadRequest",
+    "LocalInvalidName",
+    "LocalPayloadTooLarge",
     "LocalProtocolError",
     "NotFound",
     "PayloadTooLarge",
@@ -109,7 +121,12 @@ class ProtocolError(TidingsError):
 
 
 class LocalProtocolError(ProtocolError):
-    """We tried to send something the protocol forbids: a bug in the caller."""
+    """We tried to send something the protocol forbids: a bug in the caller.
+
+    Nothing was sent. For a refusal the broker would answer with a
+    request-level code, the error is also that code's ServerError subclass
+    (see the module docstring and :func:`local_error`).
+    """
 
 
 class RemoteProtocolError(ProtocolError):
@@ -199,7 +216,7 @@ class ServerError(TidingsError):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        for code in cls.codes:
+        for code in cls.__dict__.get("codes", ()):  # its own codes: the Local* classes inherit theirs
             ServerError._registry[int(code)] = cls
 
     @staticmethod
@@ -270,3 +287,56 @@ class TooManyConnections(ServerError):
     connect again later."""
 
     codes = (ErrorCode.TOO_MANY_CONNECTIONS,)
+
+
+# --- refusals found by our own checks ----------------------------------------
+
+
+class _LocalRefusal(LocalProtocolError, ServerError):
+    """A refusal found before sending: a LocalProtocolError (nothing was sent)
+    and the ServerError of the code the broker would have answered. Registers
+    no code: ``ServerError.for_code`` builds the broker's."""
+
+    code: ErrorCode
+
+    def __init__(self, message: str, *, code: ErrorCode) -> None:
+        # Neither parent's __init__: they take other arguments. What both set, set here.
+        TidingsError.__init__(self, message)
+        self.code = code
+        self.message = message
+        self.retriable = False
+        self.fatal = False
+
+
+class LocalInvalidName(_LocalRefusal, InvalidName):
+    """A queue, event or durable name our own check refused (INVALID_NAME)."""
+
+
+class LocalBadRequest(_LocalRefusal, BadRequest):
+    """A field value our own check refused (BAD_REQUEST)."""
+
+
+class LocalPayloadTooLarge(_LocalRefusal, PayloadTooLarge):
+    """A PUBLISH larger than the broker's frame limit (PAYLOAD_TOO_LARGE), refused before sending."""
+
+
+_LOCAL_REFUSALS: Final[dict[ErrorCode, type[LocalProtocolError]]] = {
+    ErrorCode.INVALID_NAME: LocalInvalidName,
+    ErrorCode.BAD_REQUEST: LocalBadRequest,
+    ErrorCode.PAYLOAD_TOO_LARGE: LocalPayloadTooLarge,
+}
+
+
+def local_error(code: ErrorCode, message: str) -> LocalProtocolError:
+    """The error for a check of ours that failed with ``code``.
+
+    Args:
+        code: what the broker would answer (INVALID_NAME, BAD_REQUEST,
+            PAYLOAD_TOO_LARGE), or another code (MALFORMED_FRAME, ...).
+        message: why.
+
+    Returns:
+        A LocalInvalidName, LocalBadRequest or LocalPayloadTooLarge for those
+        three codes, else a plain LocalProtocolError.
+    """
+    return _LOCAL_REFUSALS.get(code, LocalProtocolError)(message, code=code)

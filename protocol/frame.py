@@ -2,10 +2,12 @@
 makes a frame class, and the field checks every frame's ``__post_init__`` runs.
 
 The frames themselves are in :mod:`protocol.messages`. The checks raise
-``LocalProtocolError`` (``_FieldError``) with MALFORMED_FRAME for a field of
-the wrong type or shape and a request error code (INVALID_NAME, BAD_REQUEST)
-for a well-typed field with a bad value; the receiving Connection turns the
-latter into an ``InvalidRequest`` event.
+``LocalProtocolError`` with MALFORMED_FRAME for a field of the wrong type or
+shape, and with a request error code for a well-typed field with a bad value:
+``LocalInvalidName`` (INVALID_NAME) or ``LocalBadRequest`` (BAD_REQUEST),
+which are also the broker's ``InvalidName`` and ``BadRequest``, so a caller
+catches one class whichever side refused. The receiving Connection turns
+the latter into an ``InvalidRequest`` event.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, NoReturn, TypeVar, dataclass_transform
 
-from .errors import ErrorCode, LocalProtocolError
+from .errors import ErrorCode, local_error
 
 __all__ = ["START_KINDS", "Frame", "FrameType"]
 
@@ -55,12 +57,9 @@ class FrameType(enum.IntEnum):
 # Each raises LocalProtocolError; the receiving side converts it (see module doc).
 
 
-class _FieldError(LocalProtocolError):
-    """A field failed validation; ``code`` says whether it was shape or value."""
-
-
 def _fail(frame: str, message: str, code: ErrorCode = ErrorCode.MALFORMED_FRAME) -> NoReturn:
-    raise _FieldError(f"{frame}: {message}", code=code)
+    """A field failed validation; ``code`` says whether it was its shape or its value."""
+    raise local_error(code, f"{frame}: {message}")
 
 
 def _uint(frame: str, name: str, value: object, maximum: int = _MAX_U64) -> None:
@@ -145,10 +144,7 @@ class Frame:
             LocalProtocolError: a field is invalid (the Connection maps this).
         """
         if len(items) != len(cls._FIELDS) + 1:
-            raise _FieldError(
-                f"{cls.TYPE.name}: expected {len(cls._FIELDS)} fields, got {len(items) - 1}",
-                code=ErrorCode.MALFORMED_FRAME,
-            )
+            _fail(cls.TYPE.name, f"expected {len(cls._FIELDS)} fields, got {len(items) - 1}")
         return cls(*items[1:])
 
 

@@ -552,14 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tidings: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except ServerError as exc:
+    except LocalProtocolError as exc:  # the protocol's checks, the same as the broker's (names, sizes)
+        print(f"tidings: refused: {exc.code.name}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ServerError as exc:  # (after LocalProtocolError: a local InvalidName is a ServerError too)
         if exc.fatal and exc.code not in REFUSALS:  # SHUTTING_DOWN, SLOW_CONSUMER, ...: the connection ended
             print(f"tidings: the broker ended the connection: {_one_line(exc)}", file=sys.stderr)
             return EXIT_CONNECT
         print(f"tidings: refused by the broker: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_REFUSED
-    except LocalProtocolError as exc:  # the protocol's checks, the same as the broker's (names, sizes)
-        print(f"tidings: refused: {exc.code.name}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except BrokenPipeError:  # the reader of stdout went away: not an error
         silence_stdout()

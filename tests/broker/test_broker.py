@@ -20,11 +20,13 @@ from protocol import (
     PROTOCOL_VERSION,
     Ack,
     AuthFailed,
+    BadRequest,
     Delete,
     Err,
     ErrorCode,
     FrameType,
     Hello,
+    InvalidName,
     Limits,
     Ok,
     PayloadTooLarge,
@@ -231,7 +233,7 @@ async def test_a_record_over_the_limit_is_refused_on_either_publish_path(tmp_pat
         for headers in (None, {"h": "1"}):  # spliced, then general
             with pytest.raises(PayloadTooLarge) as info:
                 await c.publish("Q", "E", b"x" * 4000, headers=headers)
-            assert "exceeds the limit of 3456" in str(info.value)  # 4096 - 512 (delivery, dead letter) - 128 (sequence)
+            assert "exceeds the limit of 3456 bytes" in str(info.value)  # 4096 - 512 (delivery, dead letter) - 128 (sequence)
         assert await c.publish("Q", "E", b"small") == 1
 
 
@@ -272,13 +274,19 @@ async def test_one_bad_offset_does_not_spoil_a_batched_ack(tmp_path: Path) -> No
 
 
 async def test_payload_over_the_frame_limit(tmp_path: Path) -> None:
+    """The client refuses to send it at all, and says so with the class the
+    broker's refusal has: one ``except PayloadTooLarge`` handles both."""
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         from protocol import LocalProtocolError
 
-        with pytest.raises(LocalProtocolError) as info:  # the client refuses to send it at all
-            await c.publish("Q", "E", b"x" * (2 << 20))
-        assert info.value.code is ErrorCode.FRAME_TOO_LARGE
-        assert await c.publish("Q", "E", b"x" * 1000) == 0
+        for publish in (c.publish, lambda q, e, p: c.publish_many(q, [(e, p)])):
+            for _ in range(2):  # the second time the names are known: the fast path
+                with pytest.raises(PayloadTooLarge) as info:
+                    await publish("Q", "E", b"x" * (2 << 20))
+                assert isinstance(info.value, LocalProtocolError)  # nothing was sent
+                assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE and not info.value.retriable
+                assert "exceeds the frame limit of 1048576 bytes" in str(info.value)
+                await c.publish("Q", "E", b"names known")
 
 
 CONNECTION_ERRORS = [
@@ -387,12 +395,22 @@ async def test_silent_peers_are_closed_after_the_handshake_timeout(tmp_path: Pat
 
 
 async def test_invalid_names_raise_before_sending(tmp_path: Path) -> None:
+    """Our own checks refuse a bad name with the broker's class, InvalidName
+    (a bad value: BadRequest), and are LocalProtocolErrors: nothing was sent."""
     from protocol import LocalProtocolError
 
     async with running_broker(tmp_path) as broker, connected(broker) as c:
-        with pytest.raises(LocalProtocolError) as info:
-            await c.publish("../x", "E")
-        assert info.value.code is ErrorCode.INVALID_NAME
+        for call in (
+            lambda: c.publish("../x", "E"), lambda: c.publish("Q", "bad event"),
+            lambda: c.subscribe("Q", durable="a/b"), lambda: c.fetch("Q", events=["no spaces"]),
+            lambda: c.seek("Q", ".hidden", "earliest"),
+        ):  # fmt: skip
+            with pytest.raises(InvalidName) as info:
+                await call()
+            assert isinstance(info.value, LocalProtocolError) and info.value.code is ErrorCode.INVALID_NAME
+        with pytest.raises(BadRequest) as bad:
+            await c.subscribe("Q", prefetch=0)
+        assert isinstance(bad.value, LocalProtocolError) and bad.value.code is ErrorCode.BAD_REQUEST
         assert await c.publish("Q", "E") == 0
 
 

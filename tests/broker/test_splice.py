@@ -162,7 +162,7 @@ async def test_spliced_publishes_are_stored_and_answered_as_the_general_path_doe
                     continue
                 body = encode_record(ev.event, now_ms, ev.headers, ev.payload)
                 if len(body) > limit:
-                    message = f"message of {len(body)} bytes exceeds the limit of {limit}"
+                    message = f"message of {len(body)} bytes exceeds the limit of {limit} bytes"
                     expect_replies.append(Err(ev.req, 22, message))
                     continue
                 records = expect_records.setdefault(ev.queue, [])

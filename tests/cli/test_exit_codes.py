@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from pathlib import Path
@@ -62,6 +63,25 @@ def test_refused_exits_3_with_the_code_name(url: str) -> None:
     assert "INVALID_NAME" in got.stderr and "'../x'" in got.stderr
     sub = run("sub", "Q", "-e", "bad event!", url=url)
     assert sub.returncode == 3 and "INVALID_NAME" in sub.stderr
+
+
+def test_a_message_too_large_is_payload_too_large_whoever_refuses_it(url: str, queue: str) -> None:
+    """Over the frame limit the client refuses it before sending; under it,
+    but with a record over the broker's limit, the broker does. Both say
+    PAYLOAD_TOO_LARGE and count in bytes (the client said FRAME_TOO_LARGE,
+    the broker left out the unit)."""
+    local = run("pub", queue, "E", input=f'"{"x" * 2_000_000}"\n', url=url)
+    remote = run("pub", queue, "E", input=f'"{"x" * 1_048_400}"\n', url=url)  # the frame fits, the record not
+    assert (local.returncode, remote.returncode) == (3, 3), (local.stderr, remote.stderr)
+    assert re.fullmatch(
+        r"tidings: refused: PAYLOAD_TOO_LARGE: message of \d+ bytes \(its PUBLISH frame\) "
+        r"exceeds the frame limit of 1048576 bytes\n", local.stderr
+    ), local.stderr  # fmt: skip
+    assert re.fullmatch(
+        r"tidings: refused by the broker: PAYLOAD_TOO_LARGE: message of \d+ bytes exceeds the limit of \d+ bytes\n",
+        remote.stderr,
+    ), remote.stderr
+    assert local.stdout == remote.stdout == f"published 0 messages to {queue}\n"
 
 
 def test_broker_refusing_the_token_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

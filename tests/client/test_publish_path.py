@@ -19,7 +19,12 @@ BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("unencodable", ("q", "e", object()), {}, "PUBLISH frame cannot be encoded as msgpack"),
     ("bad headers", ("q", "e", 1), {"headers": {"a": 1}}, "PUBLISH: headers must map strings to strings"),
     ("bad id", ("q", "e", 1), {"message_id": 5}, "PUBLISH: message_id must be a string or nil, not int"),
-    ("too large", ("q", "e", b"x" * (2 << 20)), {}, "PUBLISH frame of 2097166 bytes exceeds the limit"),
+    (
+        "too large",
+        ("q", "e", b"x" * (2 << 20)),
+        {},
+        "message of 2097166 bytes (its PUBLISH frame) exceeds the frame limit",
+    ),
 ]
 
 

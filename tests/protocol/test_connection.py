@@ -25,6 +25,7 @@ from protocol import (
     Limits,
     LocalProtocolError,
     Ok,
+    PayloadTooLarge,
     Ping,
     Pong,
     Publish,
@@ -189,9 +190,12 @@ def test_handshake_frames_are_capped_small_then_the_limit_lifts() -> None:
 def test_send_refuses_a_frame_over_the_limit() -> None:
     client, _ = handshaken()
     client.adopt_max_frame_size(100)
-    with pytest.raises(LocalProtocolError) as info:
+    with pytest.raises(PayloadTooLarge) as info:  # a PUBLISH: the message is too large
         client.send(Publish(2, "DB", "CREATE", "x" * 200))
-    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert isinstance(info.value, LocalProtocolError) and info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    with pytest.raises(LocalProtocolError) as other:
+        client.send(Subscribe(3, 1, "DB", tuple(f"event-{i}" for i in range(20))))
+    assert other.value.code is ErrorCode.FRAME_TOO_LARGE and not isinstance(other.value, PayloadTooLarge)
     assert client.state is State.READY
 
 

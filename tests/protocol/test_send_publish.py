@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import Connection, ErrorCode, LocalProtocolError, Publish, Role, State
+from protocol import Connection, ErrorCode, LocalProtocolError, PayloadTooLarge, Publish, Role, State
 
 from .strategies import PAYLOADS
 from .test_connection import handshaken
@@ -46,9 +46,11 @@ def test_unencodable_payload_is_a_local_protocol_error_on_both_paths() -> None:
 def test_send_publish_checks_the_frame_limit() -> None:
     client, _ = handshaken()
     client.adopt_max_frame_size(64)
-    with pytest.raises(LocalProtocolError, match=r"PUBLISH frame of \d+ bytes exceeds the limit of 64 bytes") as info:
+    with pytest.raises(
+        PayloadTooLarge, match=r"message of \d+ bytes \(its PUBLISH frame\) exceeds the frame limit of 64 bytes"
+    ) as info:
         client.send_publish(1, "DB", "CREATE", b"x" * 100)
-    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert isinstance(info.value, LocalProtocolError) and info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
 
 
 def test_send_again_checks_state_and_the_current_limit() -> None:
@@ -59,8 +61,8 @@ def test_send_again_checks_state_and_the_current_limit() -> None:
     broker.receive_data(data)
     assert broker.events() == [Publish(5, "DB", "CREATE", b"x" * 200)]
     fresh.adopt_max_frame_size(64)
-    with pytest.raises(LocalProtocolError) as info:
+    with pytest.raises(PayloadTooLarge) as info:
         fresh.send_again(data, Publish.TYPE)
-    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
     with pytest.raises(LocalProtocolError, match="cannot send PUBLISH in state HANDSHAKE"):
         Connection(Role.CLIENT).send_again(data, Publish.TYPE)
