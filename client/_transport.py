@@ -94,6 +94,8 @@ DEFAULT_MAX_PENDING: Final = 10_000
 #: over past this, so a client publishing to ever new names keeps it bounded.
 NAME_CACHE_SIZE: Final = 4096
 _PUBLISH_TYPE: Final = FrameType.PUBLISH
+#: A PubAckRun yields each PUBACK's duplicate flag as its msgpack byte: this is true.
+_MSGPACK_TRUE: Final = 0xC3
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -213,6 +215,9 @@ class Transport(Reconnecting):
         self._reqs = itertools.count(1)
         self._subs_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}  # PUBLISH: the offset, else the reply
+        #: The PUBLISH futures of publish_ack() callers: whether the PUBACK said duplicate.
+        #: (A PUBLISH future resolves to the bare offset; only these few also learn the flag.)
+        self._duplicates: dict[asyncio.Future[Any], bool] = {}
         #: (deadline, req): every request up to req was written by deadline - timeout (see _mark).
         self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._marked = 0  # the last req a mark covers
@@ -361,7 +366,11 @@ class Transport(Reconnecting):
             fast = headers is None and queue in self._queue_names and event in self._event_names
         except TypeError:  # an unhashable name: Publish() below words the error
             fast = False
-        if not fast or self._reconnecting or (message_id is not None and type(message_id) is not str):
+        if (
+            not fast
+            or self._reconnecting
+            or (message_id is not None and (type(message_id) is not str or not message_id))
+        ):
             general = self._send_request(Publish(0, queue, event, payload, headers, message_id))
             self._remember_names(queue, event)  # valid: Publish() raised otherwise
             return cast("asyncio.Future[int]", general)
@@ -604,7 +613,7 @@ class Transport(Reconnecting):
         t = type(event)
         if t is PubAckRun:  # a publisher's usual read: resolve each PUBLISH with its offset
             pending, frames, kinds = self._pending, self._frames, self._kinds
-            for acked, offset, _duplicate in event:  # type: ignore[attr-defined]
+            for acked, offset, duplicate in event:  # type: ignore[attr-defined]
                 fut = pending.pop(acked, None)
                 if fut is not None:
                     if frames:
@@ -612,6 +621,8 @@ class Transport(Reconnecting):
                     if kinds:  # a PUBLISH that took the general path
                         kinds.pop(acked, None)
                     if not fut.done():
+                        if duplicate == _MSGPACK_TRUE and fut in self._duplicates:  # (rare: see publish_ack)
+                            self._duplicates[fut] = True
                         fut.set_result(offset)
             return None
         if t is Deliver:
@@ -656,6 +667,8 @@ class Transport(Reconnecting):
         if fut is None:
             self._ack_reqs.pop(req, None)
         if fut is not None and not fut.done():
+            if t is PubAck and event.duplicate and fut in self._duplicates:  # type: ignore[attr-defined]
+                self._duplicates[fut] = True
             fut.set_result(event.offset if t is PubAck else event)  # type: ignore[attr-defined]
         return None
 

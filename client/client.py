@@ -188,6 +188,47 @@ class Client(Transport):
             await self._maybe_drain()
         return await fut  # the offset: _dispatch resolves a PUBLISH with it
 
+    async def publish_ack(
+        self,
+        queue: str,
+        event: str,
+        payload: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+    ) -> tuple[int, bool]:
+        """Publish one message, as :meth:`publish`, and say whether it was a duplicate.
+
+        A duplicate stored nothing: the broker had the message already (its
+        ``message_id`` was seen within the dedup window), and the offset is
+        the one stored first. After a reconnect, a publish resent because
+        its confirm was lost can also be the duplicate of its own first
+        try (stored once either way). :meth:`publish` is the same without
+        the flag, and a little cheaper.
+
+        Args:
+            queue: the queue (created on first use).
+            event: the event name.
+            payload: any msgpack-serialisable value.
+            headers: optional string headers.
+            message_id: optional id for deduplication.
+
+        Returns:
+            ``(offset, duplicate)``.
+
+        Raises:
+            The same as :meth:`publish`.
+        """
+        fut = self._send_publish(queue, event, payload, headers, message_id)
+        self._duplicates[fut] = False  # before any reply can come: replies are read in later loop turns
+        try:
+            if self._congested:
+                await self._maybe_drain()
+            offset: int = await fut
+            return offset, self._duplicates[fut]
+        finally:
+            self._duplicates.pop(fut, None)
+
     async def publish_many(
         self, queue: str, messages: Iterable[tuple[str, Any] | tuple[str, Any, dict[str, str] | None]]
     ) -> list[int]:

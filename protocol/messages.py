@@ -172,7 +172,12 @@ class Publish(Frame):
         _name("PUBLISH", self.queue, check_queue)
         _name("PUBLISH", self.event, check_event)
         _headers("PUBLISH", self.headers)
-        _opt_str("PUBLISH", "message_id", self.message_id)
+        if self.message_id is not None:  # (nothing more to check on the usual path: no id)
+            _opt_str("PUBLISH", "message_id", self.message_id)
+            # An empty id is most likely an unset variable (--id "$ID"): every publish
+            # with it after the first would be taken for a duplicate and dropped.
+            if not self.message_id:
+                _fail("PUBLISH", "message_id must not be empty (nil for none)", ErrorCode.BAD_REQUEST)
 
     @classmethod
     def from_wire(cls, items: list[Any]) -> Frame:

@@ -79,15 +79,17 @@ PAYLOAD is JSON; a bare word (no spaces, quotes or brackets) is a string.
 Bytes are written {"$base64": "..."} or {"$hex": "..."}. Without PAYLOAD,
 and with stdin not a terminal, every stdin line is one message (JSON lines,
 blank lines skipped), published pipelined (--inflight at once), in order;
-the count and the first and last offsets are printed at the end. Otherwise
-prints the offset the broker confirmed (no PAYLOAD at a terminal: null).
+the count and the first and last offsets are printed at the end, and how
+many were duplicates (--id: stored before, not stored again). Otherwise
+prints the offset the broker confirmed (no PAYLOAD at a terminal: null);
+for a duplicate, the first one's, and a note on stderr.
 
 examples:
   tidings pub DB CREATE '{"id": 7, "name": "ann"}'
   tidings pub DB DELETE 7 --header source=cli --header trace=abc
   tidings pub DB NOTE hello                  # the string "hello"
   tidings pub DB NOTE --string 'two words'   # any text, as a string
-  tidings pub DB CREATE '{"id": 7}' --id order-7   # a repeat returns the first offset
+  tidings pub DB CREATE '{"id": 7}' --id order-7   # a repeat prints the first offset
   seq 1000 | tidings pub DB TICK            # 1000 messages, payloads 1..1000
   jq -c '.[]' rows.json | tidings pub DB CREATE --id import-1   # ids import-1-1, import-1-2, ...
 """

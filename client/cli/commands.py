@@ -90,9 +90,11 @@ def check_pub(args: argparse.Namespace) -> None:
 async def run_pub(ctx: Context, client: Client) -> int:
     args = ctx.args
     if not pub_reads_stdin(args):
-        offset = await client.publish(args.queue, args.event, args.payload_value, headers=args.headers,
-                                      message_id=args.id)  # fmt: skip
+        offset, duplicate = await client.publish_ack(args.queue, args.event, args.payload_value,
+                                                     headers=args.headers, message_id=args.id)  # fmt: skip
         await ctx.out.line(str(offset))
+        if duplicate:
+            ctx.warn(f"duplicate: message id {args.id!r} was stored before, at offset {offset}; not stored again")
         return EXIT_OK
     return await _pub_lines(ctx, client)
 
@@ -102,13 +104,16 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
     args = ctx.args
     slots = asyncio.Semaphore(args.inflight)
     offsets: dict[int, int] = {}
+    duplicates = 0  # confirmed with the offset of a message stored before (--id): not stored again
     failure: list[BaseException] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(index: int, payload: Any, message_id: str | None) -> None:
+        nonlocal duplicates
         try:
-            offsets[index] = await client.publish(args.queue, args.event, payload, headers=args.headers,
-                                                  message_id=message_id)  # fmt: skip
+            offsets[index], duplicate = await client.publish_ack(args.queue, args.event, payload,
+                                                                 headers=args.headers, message_id=message_id)  # fmt: skip
+            duplicates += duplicate
         except (TidingsError, OSError) as exc:
             if not failure:
                 failure.append(exc)
@@ -157,6 +162,8 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
     summary = f"published {len(done)} message{'' if len(done) == 1 else 's'} to {args.queue}"
     if done:
         summary += f" (offset {done[0]})" if len(done) == 1 else f" (offsets {done[0]}..{done[-1]})"
+    if duplicates:
+        summary += f": {duplicates} duplicate{'' if duplicates == 1 else 's'}, not stored again"
     await ctx.out.line(summary)
     if failure:
         raise failure[0]

@@ -75,14 +75,21 @@ def test_pub_stdin_stops_at_a_bad_line(url: str, queue: str) -> None:
     assert got.stdout == f"published 2 messages to {queue} (offsets 0..1)\n"
 
 
-def test_pub_message_id_deduplicates(url: str, queue: str) -> None:
+def test_pub_message_id_deduplicates_and_says_so(url: str, queue: str) -> None:
     assert run("pub", queue, "E", "1", url=url).stdout == "0\n"
-    assert run("pub", queue, "E", "2", "--id", "order-7", url=url).stdout == "1\n"
-    assert run("pub", queue, "E", "2", "--id", "order-7", url=url).stdout == "1\n"
+    first = run("pub", queue, "E", "2", "--id", "order-7", url=url)
+    assert (first.returncode, first.stdout, first.stderr) == (0, "1\n", "")
+    repeat = run("pub", queue, "E", "2", "--id", "order-7", url=url)
+    assert (repeat.returncode, repeat.stdout) == (0, "1\n")
+    assert (
+        repeat.stderr == "tidings: duplicate: message id 'order-7' was stored before, at offset 1; not stored again\n"
+    )
     lines = run("pub", queue, "E", "--id", "imp", input="1\n2\n", url=url)
-    assert lines.stdout.endswith("(offsets 2..3)\n")
-    again = run("pub", queue, "E", "--id", "imp", input="1\n2\n", url=url)  # ids imp-1, imp-2 again
-    assert again.stdout.endswith("(offsets 2..3)\n")
+    assert lines.stdout == f"published 2 messages to {queue} (offsets 2..3)\n"
+    again = run("pub", queue, "E", "--id", "imp", input="1\n2\n3\n", url=url)  # ids imp-1, imp-2 again; imp-3 new
+    assert again.stdout == f"published 3 messages to {queue} (offsets 2..4): 2 duplicates, not stored again\n"
+    empty = run("pub", queue, "E", "3", "--id", "", url=url)  # say, --id "$UNSET": refused, not taken for an id
+    assert empty.returncode == 3 and "BAD_REQUEST" in empty.stderr and "message_id must not be empty" in empty.stderr
 
 
 def test_sub_exits_cleanly_when_the_reader_closes_the_pipe(url: str, queue: str) -> None:

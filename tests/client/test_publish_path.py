@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from protocol import LocalProtocolError, Publish
-from tests.helpers import connected, running_broker
+from protocol import BadRequest, Err, ErrorCode, FrameType, LocalProtocolError, PubAck, Publish
+from tests.helpers import RawPeer, connected, running_broker
 
 BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("bad queue", ("bad/q", "e", 1), {}, "PUBLISH: invalid queue name 'bad/q'"),
@@ -83,3 +84,40 @@ async def test_many_publishes_in_one_turn_are_written_in_pieces(tmp_path: Path) 
         assert len(sizes) >= 2000 * 100 // (64 * 1024)
         assert max(sizes) < client_module.FLUSH_BYTES + 200
         assert [await f for f in futures] == list(range(1, 2001))
+
+
+async def test_publish_ack_says_whether_the_broker_had_the_message_already(tmp_path: Path) -> None:
+    """publish() resolves to the bare offset (its hot path is unchanged);
+    publish_ack() also gives the PUBACK's duplicate flag, on the fast path
+    (names known, no headers) and the general one."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish_ack("q", "e", 0, message_id="a") == (0, False)  # names new: general path
+        assert await c.publish_ack("q", "e", 0, message_id="a") == (0, True)  # names known: fast path
+        assert await c.publish_ack("q", "e", 0, headers={"h": "v"}, message_id="a") == (0, True)
+        assert await c.publish_ack("q", "e", 1) == (1, False)
+        both = await asyncio.gather(c.publish_ack("q", "e", 2, message_id="b"), c.publish("q", "e", 3, message_id="b"))
+        assert list(both) == [(2, False), 2]  # one write: stored once; publish() still gives the offset alone
+        assert type(await c.publish("q", "e", 4, message_id="a")) is int
+        assert not c._duplicates and not c._pending
+
+
+async def test_an_empty_message_id_is_refused_by_the_client_and_the_broker(tmp_path: Path) -> None:
+    """An empty id (an unset variable, most likely) would make every later
+    publish with it a duplicate, dropped: it is BAD_REQUEST, found before
+    sending on either publish path, and by the broker for any client."""
+    async with running_broker(tmp_path) as broker:
+        async with connected(broker) as c:
+            for _ in range(2):  # names new (general path), then known (fast path)
+                with pytest.raises(BadRequest, match="message_id must not be empty") as info:
+                    await c.publish("q", "e", 1, message_id="")
+                assert isinstance(info.value, LocalProtocolError)
+                await c.publish("q", "e", 0)
+            assert not c._pending
+        peer = await RawPeer.connect(broker)
+        peer.send_wire([int(FrameType.PUBLISH), 2, "q", "e", 1, None, ""])
+        reply = await peer.recv()
+        assert isinstance(reply, Err) and (reply.req, reply.code) == (2, ErrorCode.BAD_REQUEST), reply
+        assert "message_id must not be empty" in reply.message
+        peer.send_wire([int(FrameType.PUBLISH), 3, "q", "e", 1, None, "x"])
+        assert await peer.recv() == PubAck(3, 2, False)  # the connection carries on
+        peer.close()

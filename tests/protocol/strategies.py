@@ -98,7 +98,7 @@ FRAMES: st.SearchStrategy[Frame] = st.one_of(
         st.none() | st.text(min_size=1, max_size=64),
     ),
     st.builds(Welcome, REQ, U64, st.text(max_size=20), U64, U64, st.floats(0, 1e6)),
-    st.builds(Publish, REQ, NAMES, EVENTS, PAYLOADS, HEADERS, st.none() | st.text(max_size=20)),
+    st.builds(Publish, REQ, NAMES, EVENTS, PAYLOADS, HEADERS, st.none() | st.text(min_size=1, max_size=20)),
     st.builds(PubAck, REQ, U64, st.booleans()),
     subscribes(),
     st.builds(Unsubscribe, REQ, REQ),

@@ -14,7 +14,7 @@ from .strategies import PAYLOADS
 from .test_connection import handshaken
 
 
-@given(req=st.integers(0, (1 << 64) - 1), payload=PAYLOADS, message_id=st.none() | st.text(max_size=20))
+@given(req=st.integers(0, (1 << 64) - 1), payload=PAYLOADS, message_id=st.none() | st.text(min_size=1, max_size=20))
 def test_send_publish_encodes_exactly_what_send_does(req: int, payload: Any, message_id: str | None) -> None:
     client, broker = handshaken()
     fast = client.send_publish(req, "DB", "CREATE", payload, message_id)
