@@ -17,7 +17,14 @@ from pathlib import Path
 
 from protocol import ConfigError, Limits
 
-from .config import DEFAULT_DATA_DIR, DEFAULT_PORT, BrokerConfig, FsyncPolicy, load_queue_config
+from .config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_PORT,
+    MIN_MAX_FRAME_BYTES,
+    BrokerConfig,
+    FsyncPolicy,
+    load_queue_config,
+)
 from .server import Broker
 
 #: Descriptors the broker needs besides one per connection: the listening
@@ -79,6 +86,18 @@ def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _frame_bytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < MIN_MAX_FRAME_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{value} is below the minimum of {MIN_MAX_FRAME_BYTES} (room for a STATUS page and a message)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tidings-broker``."""
     p = argparse.ArgumentParser(
@@ -110,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-frame-bytes",
-        type=_positive(int),
+        type=_frame_bytes,
         default=Limits().max_frame_size,
         metavar="BYTES",
-        help="largest frame accepted; bounds message size (default: %(default)s)",
+        help=f"largest frame accepted, at least {MIN_MAX_FRAME_BYTES}; bounds a message to this less 256 bytes "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--segment-bytes",

@@ -1,0 +1,55 @@
+"""``tidings-broker``'s command line (broker/__main__.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.__main__ import build_parser, config_from_args
+from broker.config import MIN_MAX_FRAME_BYTES
+from client import Client
+from tests.helpers import running_broker, url_of
+
+
+@pytest.mark.parametrize("value", ["100", "0", "-1", str(MIN_MAX_FRAME_BYTES - 1)])
+def test_a_frame_limit_below_the_minimum_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-frame-bytes 100 used to start a broker that refused every publish
+    ('exceeds the limit of -156') and could not answer STATUS."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--max-frame-bytes", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--max-frame-bytes: {value} is below the minimum of {MIN_MAX_FRAME_BYTES}" in err, err
+
+
+def test_the_daemon_refuses_it_before_touching_the_data_directory(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--max-frame-bytes", "100", "--data-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and f"below the minimum of {MIN_MAX_FRAME_BYTES}" in result.stderr, result
+    assert "Traceback" not in result.stderr and not (tmp_path / "d").exists()
+
+
+async def test_at_the_minimum_status_pages_and_a_message_work(tmp_path: Path) -> None:
+    """The minimum is enough for what it is there for: STATUS, in pages, with
+    the longest names, and a message of a few KB from a producer."""
+    args = build_parser().parse_args(["--max-frame-bytes", str(MIN_MAX_FRAME_BYTES)])
+    limits = config_from_args(args).limits
+    async with running_broker(tmp_path, limits=limits) as broker:
+        clients = [await Client.open(url_of(broker), name=f"{i:02}" + "n" * 254) for i in range(20)]
+        try:
+            c = clients[0]
+            queue = "q" * 128
+            assert await c.publish(queue, "e" * 128, b"x" * 3000) == 0
+            for i, other in enumerate(clients):
+                await other.subscribe(queue, durable=f"{i:02}" + "d" * 126, events=["e" * 128])
+            info = await c.status()  # paged: 20 connections of ~500 bytes
+            assert len(info["connections"]) == 20 and len(info["durables"]) == 20
+            assert info["queues"][0]["next_offset"] == 1
+        finally:
+            for other in clients:
+                await other.aclose()
