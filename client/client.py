@@ -419,7 +419,9 @@ class Client(Transport):
     async def seek(self, queue: str, durable: str, start: str | int | datetime) -> None:
         """Move a durable (rewind or skip ahead): it next delivers from ``start``
         ("earliest", "new", an offset or a datetime); what it had in flight is
-        forgotten. Only while nobody is subscribed to it.
+        forgotten. Only while nobody is subscribed to it. An offset outside
+        the log is taken to its nearest end; ``status()`` shows where the
+        durable went (its ``ack_floor``).
 
         Raises:
             NotFound: no such durable. ServerError (CONFLICT): it has consumers.

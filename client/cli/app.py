@@ -186,9 +186,11 @@ examples:
 
 SEEK_EPILOG = """\
 Moves a durable: it next delivers from --to (earliest, new, an offset, or an
-ISO 8601 time); what it had in flight is forgotten. Refused (exit 3,
-CONFLICT) while someone is subscribed with it or holds messages of it
-fetched and not yet acked.
+ISO 8601 time); what it had in flight is forgotten. An offset past the end
+of the log moves it to the end, one before the first message kept to that
+message; the offset it was moved to is printed (read from STATUS after the
+move). Refused (exit 3, CONFLICT) while someone is subscribed with it or
+holds messages of it fetched and not yet acked.
 
 examples:
   tidings seek DB --durable audit --to earliest        # replay everything

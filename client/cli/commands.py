@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from protocol import TidingsError
+from protocol import ServerError, TidingsError
 
 from ..client import Client
 from ..subscription import Message
@@ -457,5 +457,28 @@ async def run_delete(ctx: Context, client: Client) -> int:
 async def run_seek(ctx: Context, client: Client) -> int:
     args = ctx.args
     await client.seek(args.queue, args.durable, args.to)
-    await ctx.out.line(f"durable {args.durable} of {args.queue} moved to {args.to}")
+    # SEEK's OK does not say where the durable went (an offset past the end of
+    # the log goes to the end, one before the first message kept to that one):
+    # its cursor in STATUS does.
+    try:
+        info = await client.status()
+    except ServerError as exc:  # a user without the status right, say: the seek is done all the same
+        await ctx.out.line(f"durable {args.durable} of {args.queue} moved to {args.to} "
+                           f"(or to the nearest end of the log; STATUS, which would say, was refused: {exc})")  # fmt: skip
+        return EXIT_OK
+    cursor = next((d.get("ack_floor") for d in info.get("durables", [])
+                   if (d.get("queue"), d.get("name")) == (args.queue, args.durable)), None)  # fmt: skip
+    log: dict[str, Any] = next((q for q in info.get("queues", []) if q.get("name") == args.queue), {})
+    if not isinstance(cursor, int):  # deleted since, by someone else
+        await ctx.out.line(f"durable {args.durable} of {args.queue} moved to {args.to}, and is gone now")
+        return EXIT_OK
+    notes = []
+    if cursor == log.get("next_offset"):
+        notes.append("the end of the log")
+    elif cursor == log.get("first_offset"):
+        notes.append("the first message kept")
+    if isinstance(args.to, int) and args.to != cursor:
+        notes.append(f"asked for {args.to}")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    await ctx.out.line(f"durable {args.durable} of {args.queue} moved to offset {cursor}{note}")
     return EXIT_OK

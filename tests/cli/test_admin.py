@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
+
+from tests.helpers import broker_process
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
 
@@ -99,7 +102,36 @@ def test_seek_rewinds_a_durable(url: str, queue: str) -> None:
     first = run("fetch", queue, "--durable", "audit", "--max", 3, url=url)
     assert len(first.stdout.splitlines()) == 3
     moved = run("seek", queue, "--durable", "audit", "--to", "1", url=url)
-    assert moved.returncode == 0, moved.stderr
+    assert (moved.returncode, moved.stdout) == (0, f"durable audit of {queue} moved to offset 1\n"), moved.stderr
     again = run("fetch", queue, "--durable", "audit", "--max", 3, url=url)
     assert [json.loads(line)["offset"] for line in again.stdout.splitlines()] == [1, 2]
     assert run("seek", queue, "--durable", "audit", "--to", "yesterday", url=url).returncode == 1
+
+
+def test_seek_prints_where_the_broker_put_the_durable(url: str, queue: str) -> None:
+    """The broker clamps the position to the log; tidings said "moved to 99999"
+    for a durable that went to the end of the log (3)."""
+    run("pub", queue, "E", input="1\n2\n3\n", url=url)
+    run("fetch", queue, "--durable", "held", "--max", 1, url=url)
+    cases = {
+        "99999": "moved to offset 3 (the end of the log; asked for 99999)",
+        "earliest": "moved to offset 0 (the first message kept)",
+        "2": "moved to offset 2",
+        "new": "moved to offset 3 (the end of the log)",
+        "2000-01-01T00:00:00Z": "moved to offset 0 (the first message kept)",
+    }
+    for to, said in cases.items():
+        got = run("seek", queue, "--durable", "held", "--to", to, url=url)
+        assert (got.returncode, got.stdout) == (0, f"durable held of {queue} {said}\n"), (to, got.stderr)
+
+
+def test_seek_by_a_user_without_the_status_right_says_what_it_asked_for(tmp_path: Path) -> None:
+    users = tmp_path / "users.toml"
+    users.write_text('[users.app]\ntoken = "app-t0ken"\npublish = ["*"]\nsubscribe = ["*"]\nstatus = false\n')
+    with broker_process(tmp_path / "data", "--users", str(users)) as bp:
+        assert run("pub", "Q", "E", "1", "--token", "app-t0ken", url=bp.url).returncode == 0
+        assert run("fetch", "Q", "--durable", "d", "--token", "app-t0ken", url=bp.url).returncode == 0
+        got = run("seek", "Q", "--durable", "d", "--to", "99", "--token", "app-t0ken", url=bp.url)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith("durable d of Q moved to 99 (or to the nearest end of the log; STATUS, which would")
+    assert "PERMISSION_DENIED" in got.stdout
