@@ -101,15 +101,30 @@ _MSGPACK_TRUE: Final = 0xC3
 def parse_url(url: str) -> tuple[str, int, bool]:
     """Split ``tidings://host:port`` (or ``tidingss://`` for TLS).
 
+    Nothing else may be in it: a user or token (``tidings://s3cret@host``),
+    a path, a query or a fragment would otherwise be ignored without a word,
+    and the connection made without the credentials the caller meant to give
+    (they go in ``token=``).
+
     Returns:
         ``(host, port, tls)``.
 
     Raises:
-        ConfigError: not a tidings URL.
+        ConfigError: not a tidings URL, or one with more in it (the error
+            never repeats what came before an ``@``).
     """
     parts = urlsplit(url)
+    _userinfo, at, hostport = parts.netloc.rpartition("@")
+    shown = url.replace(parts.netloc, f"***@{hostport}", 1) if at else url  # never print a token back
     if parts.scheme not in ("tidings", "tidingss"):
-        raise ConfigError(f"unsupported URL {url!r}: use tidings://host:port or tidingss://host:port")
+        raise ConfigError(f"unsupported URL {shown!r}: use tidings://host:port or tidingss://host:port")
+    if at:
+        raise ConfigError(
+            f"URL {shown!r} has a user or token before '@': give the token with token= "
+            "(tidings: --token or $TIDINGS_TOKEN); the URL is tidings://host:port"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"URL {url!r} has more than tidings://host:port (a path, a query or a fragment)")
     try:
         port = parts.port or 6464
     except ValueError as exc:

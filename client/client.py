@@ -66,7 +66,9 @@ class Client(Transport):
     """A connection to a tidings broker.
 
     Args:
-        url: ``tidings://host:port`` or ``tidingss://host:port`` (TLS).
+        url: ``tidings://host:port`` or ``tidingss://host:port`` (TLS), with
+            nothing more: a token goes in ``token``, and a URL with a user,
+            a token, a path or a query raises ConfigError.
         name: shown in the broker's STATUS (defaults to "python").
         token: credentials, when the broker requires a token (its
             ``TIDINGS_TOKEN``, or the token of one of the users of its users file).

@@ -47,6 +47,18 @@ def test_usage_errors_exit_1() -> None:
         assert got.stdout == "", args
 
 
+def test_a_url_with_a_token_or_a_path_is_a_usage_error() -> None:
+    """tidings://s3cret@host:port/path was accepted, the token and the path
+    ignored: the command then ran without the credentials meant for it."""
+    port = free_port()
+    got = run("ping", "--url", f"tidings://s3cret@127.0.0.1:{port}/path")
+    assert (got.returncode, got.stdout) == (1, "")
+    assert got.stderr.startswith(f"tidings: URL 'tidings://***@127.0.0.1:{port}/path' has a user or token before '@'")
+    assert "--token" in got.stderr and "s3cret" not in got.stderr
+    path = run("ping", "--url", f"tidings://127.0.0.1:{port}/DB")
+    assert path.returncode == 1 and "has more than tidings://host:port" in path.stderr
+
+
 def test_no_broker_exits_2() -> None:
     port = free_port()
     url = f"tidings://127.0.0.1:{port}"

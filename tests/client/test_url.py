@@ -1,0 +1,44 @@
+"""``parse_url``: tidings://host:port and nothing more."""
+
+from __future__ import annotations
+
+import pytest
+
+from client import Client, ConfigError
+from client._transport import parse_url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("tidings://127.0.0.1:6464", ("127.0.0.1", 6464, False)),
+        ("tidingss://broker.example:7000/", ("broker.example", 7000, True)),
+        ("tidings://[::1]:7", ("::1", 7, False)),
+        ("tidings://host", ("host", 6464, False)),
+    ],
+)
+def test_a_plain_url_is_host_port_and_tls(url: str, expected: tuple[str, int, bool]) -> None:
+    assert parse_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("tidings://s3cret@host:6464/path", "has a user or token before '@'"),
+        ("tidings://user:s3cret@host", "has a user or token before '@'"),
+        ("http://s3cret@host", "unsupported URL"),
+        ("tidings://host:6464/queue", "has more than tidings://host:port"),
+        ("tidings://host:6464?token=x", "has more than tidings://host:port"),
+        ("tidings://host:6464#x", "has more than tidings://host:port"),
+        ("tidings:host:6464", "has more than tidings://host:port"),  # no //: the host was taken for a path
+        ("tidings://host:port", "bad port"),
+    ],
+)
+def test_anything_more_is_refused_not_ignored(url: str, why: str) -> None:
+    """A token in the URL used to be dropped without a word (the client then
+    connected without it); a path or query, likewise."""
+    with pytest.raises(ConfigError, match=why) as info:
+        parse_url(url)
+    assert "s3cret" not in str(info.value)  # a token is never printed back
+    with pytest.raises(ConfigError):
+        Client(url)
