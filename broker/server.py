@@ -56,6 +56,15 @@ def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
     """
     if config.tls_cert is None or config.tls_key is None:
         return None
+    # ssl's errors for a missing file name no file ("[Errno 2] No such file or
+    # directory"): open each one first, to say which.
+    for what, path in (("certificate", config.tls_cert), ("key", config.tls_key), ("client CA", config.tls_client_ca)):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot read the TLS {what} file {path}: {exc.strerror or exc}") from exc
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -44,12 +44,24 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    # ssl's errors for a missing file name no file ("[Errno 2] No such file or
+    # directory"): open each one first, to say which.
+    for option, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"cannot read {option} {path}: {exc.strerror or exc}") from exc
     try:
         ctx = ssl.create_default_context(cafile=args.tls_ca)
-        if args.tls_cert:
-            ctx.load_cert_chain(args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use the TLS files: {exc}") from exc
+        raise UsageError(f"cannot use --tls-ca {args.tls_ca}: {exc}") from exc
+    if args.tls_cert:
+        try:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot use --tls-cert {args.tls_cert} with --tls-key {args.tls_key}: {exc}") from exc
     return ctx
 
 

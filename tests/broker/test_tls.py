@@ -131,8 +131,15 @@ async def test_the_cli_options(tmp_path: Path, tls_files: TlsFiles) -> None:
         code, out, err = await _run(*tidings, "ping", "-c", "1", "--url", url)
         assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "not permitted" not in err
         assert len(err.strip().splitlines()) == 1, err
-        code, out, err = await _run(*tidings, "ping", "--url", url, "--tls-ca", str(tmp_path / "missing.pem"))
-        assert code == 1 and "cannot use the TLS files" in err
+        missing = tmp_path / "missing.pem"
+        code, out, err = await _run(*tidings, "ping", "--url", url, "--tls-ca", str(missing))
+        assert (code, err) == (1, f"tidings: cannot read --tls-ca {missing}: No such file or directory\n")
+        for cert, key in ((missing, tls_files.client_key), (tls_files.client_cert, missing)):  # the one missing named
+            code, out, err = await _run(*tidings, "ping", "--url", url, "--tls-cert", str(cert), "--tls-key", str(key))
+            option = "--tls-cert" if cert == missing else "--tls-key"
+            assert (code, err) == (1, f"tidings: cannot read {option} {missing}: No such file or directory\n")
+        code, out, err = await _run(*tidings, "ping", "--url", url, "--tls-ca", str(tls_files.client_key))
+        assert code == 1 and err.startswith(f"tidings: cannot use --tls-ca {tls_files.client_key}: "), err
         raw = [*tidings, "raw", "--url", url, "--tls-ca", str(tls_files.ca)]
         proc = await asyncio.create_subprocess_exec(*raw, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         out_b, _ = await asyncio.wait_for(proc.communicate(b'["PING", 5]\n'), 30)
@@ -154,10 +161,14 @@ async def test_the_cli_options(tmp_path: Path, tls_files: TlsFiles) -> None:
     [
         (["--tls-cert", "{cert}"], "needs its key"),
         (["--tls-client-ca", "{ca}"], "need TLS"),
-        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "cannot use TLS certificate"),
+        # Which file is missing is named (ssl's own error names none).
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "cannot read the TLS certificate file {missing}: No such"),
+        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "cannot read the TLS key file {missing}: No such"),
+        (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{missing}"],
+         "cannot read the TLS client CA file {missing}: No such"),
         (["--tls-cert", "{cert}", "--tls-key", "{ca}"], "cannot use TLS certificate"),
     ],
-)
+)  # fmt: skip
 async def test_the_broker_refuses_to_start_with_bad_tls_options(
     tmp_path: Path, tls_files: TlsFiles, args: list[str], message: str
 ) -> None:
@@ -165,5 +176,5 @@ async def test_the_broker_refuses_to_start_with_bad_tls_options(
     argv = [a.format(**files) for a in args]
     cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(tmp_path / "data"), *argv]
     code, _, err = await _run(*cmd)
-    assert code == 1 and message in err and "Traceback" not in err, err
+    assert code == 1 and message.format(**files) in err and "Traceback" not in err, err
     assert not (tmp_path / "data").exists()  # refused before touching the data directory
