@@ -25,7 +25,7 @@ from .config import (
     FsyncPolicy,
     load_queue_config,
 )
-from .server import Broker
+from .server import Broker, package_version
 
 #: Descriptors the broker needs besides one per connection: the listening
 #: socket, the event loop's own (epoll, self-pipe), stdio, and per queue an open
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port, 0 = any free port (default: %(default)s)")
     p.add_argument(

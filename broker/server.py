@@ -41,7 +41,8 @@ __all__ = ["Broker"]
 logger = logging.getLogger(__name__)
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed tidings distribution's version: STATUS, WELCOME and ``--version`` say it."""
     try:
         return version("tidings")
     except PackageNotFoundError:  # running from a source tree
@@ -91,7 +92,7 @@ class Broker:
 
     def __init__(self, config: BrokerConfig, *, on_fatal: Callable[[str], None] | None = None) -> None:
         self.config = config
-        self.version = _version()
+        self.version = package_version()
         self.store = Store(config, self._storage_failed)
         self.sessions: set[Session] = set()
         self.started = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import re
@@ -266,6 +267,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    """The installed tidings distribution's version (the broker's STATUS says its own the same way)."""
+    try:
+        return importlib.metadata.version("tidings")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tidings``."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         description="Talk to a tidings broker: publish, subscribe, fetch, inspect, and speak raw frames.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, epilog: str) -> argparse.ArgumentParser:

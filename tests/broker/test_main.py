@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,10 @@ async def test_at_the_minimum_status_pages_and_a_message_work(tmp_path: Path) ->
         finally:
             for other in clients:
                 await other.aclose()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"tidings-broker {importlib.metadata.version('tidings')}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import signal
 from pathlib import Path
@@ -135,3 +136,10 @@ def test_seek_by_a_user_without_the_status_right_says_what_it_asked_for(tmp_path
     assert got.returncode == 0, got.stderr
     assert got.stdout.startswith("durable d of Q moved to 99 (or to the nearest end of the log; STATUS, which would")
     assert "PERMISSION_DENIED" in got.stdout
+
+
+def test_version_is_the_package_version_which_the_broker_reports_too(url: str) -> None:
+    want = importlib.metadata.version("tidings")
+    got = run("--version")
+    assert (got.returncode, got.stdout, got.stderr) == (0, f"tidings {want}\n", "")
+    assert f"(tidings {want})" in run("ping", url=url).stdout  # WELCOME's, the same as STATUS's
