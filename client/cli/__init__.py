@@ -1,8 +1,9 @@
 """``tidings``: the command-line companion of the broker (the netcat-style tool).
 
-``tidings pub``, ``sub``, ``fetch``, ``status``, ``ping`` and ``raw``; see
-``tidings --help`` and ``docs/cli.md``. Uses the client library and the
-sans-I/O ``protocol`` package only (never ``broker``).
+``tidings pub``, ``sub``, ``fetch``, ``status``, ``ping``, ``raw`` and the
+admin commands; see ``tidings --help`` and the README ("The ``tidings``
+command"). Uses the client library and the sans-I/O ``protocol`` package
+only (never ``broker``).
 """
 
 from .app import build_parser, main

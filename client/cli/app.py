@@ -57,7 +57,9 @@ exit codes:
   3  refused: the broker answered a request (or the credentials) with an
      error, its code and message on stderr; or a name the protocol does not
      allow (INVALID_NAME)
-  130 interrupted (Ctrl-C) while fetch, or pub's connecting, was still waiting"""
+  130 interrupted (Ctrl-C): any command but sub, status, ping and raw while
+      it connected, fetch while it waited, pub while it read stdin (after
+      the summary of what it published); a second Ctrl-C exits at once"""
 
 MAIN_EPILOG = f"""\
 examples:
@@ -67,9 +69,12 @@ examples:
   tidings status --watch 2
 
 environment:
-  TIDINGS_URL    default for --url ({DEFAULT_URL})
-  TIDINGS_TOKEN  default for --token
-  TIDINGS_DEBUG  set to 1 to print tracebacks of unexpected errors
+  TIDINGS_URL       default for --url ({DEFAULT_URL})
+  TIDINGS_TOKEN     default for --token
+  TIDINGS_TLS_CA    default for --tls-ca
+  TIDINGS_TLS_CERT  default for --tls-cert
+  TIDINGS_TLS_KEY   default for --tls-key
+  TIDINGS_DEBUG     set to 1 to print tracebacks of unexpected errors
 
 {EXIT_CODES}
 
@@ -81,9 +86,13 @@ Bytes are written {"$base64": "..."} or {"$hex": "..."}. Without PAYLOAD,
 and with stdin not a terminal, every stdin line is one message (JSON lines,
 blank lines skipped), published pipelined (--inflight at once), in order;
 the count and the first and last offsets are printed at the end, and how
-many were duplicates (--id: stored before, not stored again). Otherwise
-prints the offset the broker confirmed (no PAYLOAD at a terminal: null);
-for a duplicate, the first one's, and a note on stderr.
+many were duplicates (--id: stored before, not stored again). A line that
+is not JSON (nor a bare word) stops the import there, exit 1: the lines
+before it are published and counted, the rest are not read (with --id, fix
+the line and run the same import again: nothing is stored twice). Ctrl-C
+stops it the same way, exit 130. Otherwise prints the offset the broker
+confirmed (no PAYLOAD at a terminal: null); for a duplicate, the first
+one's, and a note on stderr.
 
 examples:
   tidings pub DB CREATE '{"id": 7, "name": "ann"}'
@@ -99,9 +108,10 @@ SUB_EPILOG = """\
 Prints one message per line and acks each once it is written (durable
 subscriptions; ephemeral ones have nothing to ack). Exits after -n COUNT
 messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
-always with status 0. With -n the prefetch is at most COUNT: of a durable's
-messages after the COUNT printed, at most COUNT were taken (sent for the
-acks) and are given back, each with one more delivery counted.
+with status 0 (3 if the broker refused some acks). With -n the prefetch is
+at most COUNT: of a durable's messages after the COUNT printed, at most
+COUNT were taken (sent for the acks) and are given back, each with one
+more delivery counted.
 
 formats:
   json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}
@@ -464,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 REFUSALS = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION})
 #: Commands that run until Ctrl-C (or a count): interrupting them is the normal end, status 0.
 STREAMING = frozenset({"sub", "status", "ping", "raw"})
-#: Ctrl-C while a one-shot command (fetch, connecting for pub) was still waiting.
+#: Ctrl-C before another command was done (connecting, fetch waiting, pub reading stdin).
 EXIT_INTERRUPTED = 130
 
 _CLIENT_COMMANDS: dict[str, Any] = {

@@ -100,7 +100,12 @@ async def run_pub(ctx: Context, client: Client) -> int:
 
 
 async def _pub_lines(ctx: Context, client: Client) -> int:
-    """Publish every stdin line, up to ``--inflight`` at once, in order."""
+    """Publish every stdin line, up to ``--inflight`` at once, in order.
+
+    A bad line ends the import there (exit 1), and Ctrl-C ends it where it
+    is (exit 130); either way what was sent before is confirmed first and
+    counted in the summary line.
+    """
     args = ctx.args
     slots = asyncio.Semaphore(args.inflight)
     offsets: dict[int, int] = {}
@@ -121,6 +126,7 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
             slots.release()
 
     bad_input: UsageError | None = None
+    interrupted = False
     count = lineno = 0
     lines = LineReader(0)
     try:
@@ -153,7 +159,7 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
             task.add_done_callback(tasks.discard)
             count += 1
     except Stopped:
-        pass
+        interrupted = True
     except OSError as exc:
         bad_input = UsageError(f"cannot read stdin: {exc}")
     if tasks:
@@ -168,7 +174,11 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
     if failure:
         raise failure[0]
     if bad_input is not None:
-        raise bad_input
+        before = ("nothing was published" if not done else "the message before it was published" if len(done) == 1
+                  else f"the {len(done)} messages before it were published")  # fmt: skip
+        raise UsageError(f"{bad_input} (the import stopped there: {before}, the lines after it were not read)")
+    if interrupted:
+        raise Stopped  # Ctrl-C: 130, as for any one-shot command (after the summary of what was published)
     return EXIT_OK
 
 

@@ -84,6 +84,10 @@ def test_help_has_examples() -> None:
         assert got.returncode == 0, args
         assert "examples:" in got.stdout, args
         assert "exit codes:" in got.stdout, args
+        if not args:  # every variable a default comes from is listed
+            env = got.stdout.split("environment:")[1].split("exit codes:")[0]
+            for name in ("URL", "TOKEN", "TLS_CA", "TLS_CERT", "TLS_KEY", "DEBUG"):
+                assert f"  TIDINGS_{name} " in env, name
 
 
 def test_delete_a_durable_and_a_queue(url: str, queue: str) -> None:

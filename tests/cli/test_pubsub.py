@@ -72,7 +72,31 @@ def test_pub_stdin_stops_at_a_bad_line(url: str, queue: str) -> None:
     got = run("pub", queue, "ROW", input='1\n2\n{"broken": \n4\n', url=url)
     assert got.returncode == 1
     assert "stdin line 3" in got.stderr and "not JSON" in got.stderr
+    assert got.stderr.endswith(
+        "(the import stopped there: the 2 messages before it were published, the lines after it were not read)\n"
+    )
     assert got.stdout == f"published 2 messages to {queue} (offsets 0..1)\n"
+    first = run("pub", queue, "ROW", input="{oops\n1\n", url=url)
+    assert first.returncode == 1 and "(the import stopped there: nothing was published," in first.stderr
+
+
+def test_pub_stdin_ctrl_c_exits_130_after_the_summary(url: str, queue: str) -> None:
+    """Ctrl-C ends an import where it is: what was sent is confirmed and
+    counted, and the exit status says it did not finish (it was 0)."""
+    proc = start("pub", queue, "ROW", url=url, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(b"1\n")
+    proc.stdin.flush()
+    # A long poll returns once the line is stored: then the import is under way.
+    stored = run("fetch", queue, "--wait", 20, "--max", 1, url=url)
+    assert json.loads(stored.stdout)["payload"] == 1
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130  # stdin still open: it stopped at the signal, not at EOF
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read() == f"published 1 message to {queue} (offset 0)\n".encode()
+    assert proc.stderr.read() == b""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        pipe.close()
 
 
 def test_pub_message_id_deduplicates_and_says_so(url: str, queue: str) -> None:
