@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_frame_bytes,
         default=Limits().max_frame_size,
         metavar="BYTES",
-        help=f"largest frame accepted, at least {MIN_MAX_FRAME_BYTES}; bounds a message to this less 256 bytes "
+        help=f"largest frame accepted, at least {MIN_MAX_FRAME_BYTES}; bounds a message to this less 640 bytes "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -66,9 +66,9 @@ DEFAULT_SHUTDOWN_GRACE: Final = 5.0
 #: STATUS page holds a 512-byte reserve (``broker.status.RESERVE``), the
 #: server map (~200 bytes and the data directory's path) and at least one
 #: whole entry (a connection's with a 256-character name: ~500 bytes); a
-#: stored message gets the limit less 256 bytes (``max_message_bytes`` and a
-#: producer's sequence header). 4 KiB does both with room to spare: a
-#: message of 3,840 bytes. With 100, every publish was refused (a message's
+#: stored message gets the limit less 640 bytes (``RECORD_ROOM``, and 128
+#: for a producer's sequence header). 4 KiB does both with room to spare: a
+#: message of 3,456 bytes. With 100, every publish was refused (a message's
 #: limit went negative) and STATUS could not be read (a page needs ~1 KiB).
 #: (``BrokerConfig`` itself takes smaller limits: the tests use them.)
 MIN_MAX_FRAME_BYTES: Final = 4096
