@@ -12,7 +12,7 @@ because uvloop and Python < 3.13 lack it, so sessions are tracked here):
 1. stop accepting;
 2. stop reading from every session (no new requests);
 3. sync every queue and confirm what was stored; persist cursors;
-4. send BYE to every session and close it once its buffer drains, bounded
+4. send ERR SHUTTING_DOWN (req 0) to every session and close it once its buffer drains, bounded
    by ``shutdown_grace``; abort the stragglers;
 5. close the files.
 """
