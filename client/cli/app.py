@@ -108,7 +108,10 @@ SUB_EPILOG = """\
 Prints one message per line and acks each once it is written (durable
 subscriptions; ephemeral ones have nothing to ack). Exits after -n COUNT
 messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
-with status 0 (3 if the broker refused some acks). With -n the prefetch is
+with status 0 (3 if the broker refused some acks). A lost connection or a
+broker restart ends it with status 2, unless --follow: then it reconnects
+and carries on (a durable from its cursor, an ephemeral subscription after
+the last message it printed). With -n the prefetch is
 at most COUNT: of a durable's messages after the COUNT printed, at most
 COUNT were taken (sent for the acks) and are given back, each with one
 more delivery counted.
@@ -128,6 +131,7 @@ examples:
   tidings sub DB -e CREATE -e 'user.*' --from earliest -n 10
   tidings sub DB --durable audit -n 100 | jq -c .payload
   tidings sub DB --durable audit --no-ack -n 1  # peek at one: redelivered later, one delivery more
+  tidings sub DB --durable audit --follow      # like tail -F: carries on across broker restarts
   tidings sub DB --from 2024-05-01T00:00:00Z --format text
 """
 
@@ -372,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("-n", "--count", type=_int_at_least(1), metavar="COUNT", help="exit after COUNT messages")
     sb.add_argument("--no-ack", action="store_true", help="do not ack (a durable's messages are redelivered)")
     sb.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep going across broker restarts and lost connections (each retried for up to 60 s)",
+    )
+    sb.add_argument(
         "--prefetch",
         type=_int_at_least(1),
         default=100,
@@ -500,8 +509,9 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "raw":
             return await (run_decode(ctx) if args.decode is not None else run_raw(ctx))
-        # A debugging tool reports a lost connection (exit 2) instead of hiding it.
-        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=False,
+        # A debugging tool reports a lost connection (exit 2) instead of hiding it, but sub --follow.
+        follow = args.command == "sub" and args.follow
+        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=follow,
                         ssl_context=tls_context(args))  # fmt: skip
         try:
             await stopper.race(client.connect())

@@ -147,6 +147,26 @@ def test_broker_going_away_mid_subscription_exits_2(tmp_path: Path) -> None:
             assert "closed the connection" in err
 
 
+def test_sub_follow_carries_on_across_a_broker_restart(tmp_path: Path) -> None:
+    """``sub --follow`` reconnects instead of exiting 2: the subscription
+    resumes after the last message it printed, on the restarted broker, and
+    -n ends it as usual."""
+    with broker_process(tmp_path) as bp:
+        run("pub", "Q", "E", "1", url=bp.url)
+        proc = start("sub", "Q", "--from", "earliest", "--follow", "-n", "2", "--format", "raw",
+                     url=bp.url)  # fmt: skip
+        assert proc.stdout is not None
+        lines = Lines(proc.stdout.fileno())
+        assert lines.readline() == b"1"
+        port = bp.port
+        bp.stop()
+    with broker_process(tmp_path, "--port", str(port)) as again:
+        run("pub", "Q", "E", "2", url=again.url)
+        assert lines.readline() == b"2"
+        code, err = finish(proc)
+    assert code == 0, err
+
+
 def test_a_broker_at_its_connection_limit_exits_2(tmp_path: Path) -> None:
     """TOO_MANY_CONNECTIONS comes before any HELLO is answered: exit 2, like
     any other connection the broker ends, with its code on stderr."""
