@@ -1,4 +1,4 @@
-"""A session's publish path, the base class of :class:`broker.session.Session`.
+"""A session's publish path, a base class of :class:`broker.session.Session`.
 
 Publishes from one read are appended to each queue in one ``write()``; their
 PUBACKs leave together when the committer has synced them (``confirm``). A
@@ -43,8 +43,7 @@ from protocol import (
 )
 
 from .log import LogFailedError
-from .queue import MESSAGE_ID_HEADER, Queue, with_header
-from .store import QueueUnavailable
+from .queue import MESSAGE_ID_HEADER, Queue, QueueUnavailable, with_header
 
 if TYPE_CHECKING:
     from .config import BrokerConfig

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Confirmer", "FetchWaiter", "PushTarget", "Queue"]
+__all__ = ["Confirmer", "FetchWaiter", "PushTarget", "Queue", "QueueUnavailable"]
 
 #: Records kept in memory after append, so that live subscribers are fed
 #: without a disk read. 8 MiB / 8192 records bound it (whichever comes first);
@@ -676,3 +676,14 @@ def _mark_gap(body: bytes, group: Group) -> bytes:
 def _with_gap(body: bytes, gap: tuple[int, int]) -> bytes:
     """Re-encode ``body`` with the ``x-retention-gap`` header "FROM-TO"."""
     return with_header(body, GAP_HEADER, f"{gap[0]}-{gap[1]}")
+
+
+class QueueUnavailable(Exception):
+    """A queue that failed its start-up checks (corrupt log, or its files could
+    not be read), or is being deleted."""
+
+    def __init__(self, queue: str, reason: str, *, code: ErrorCode = ErrorCode.QUEUE_CORRUPT) -> None:
+        super().__init__(f"queue {queue!r} is unavailable: {reason}")
+        self.queue = queue
+        self.reason = reason
+        self.code = code

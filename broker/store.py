@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -49,14 +50,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-import msgpack
-
-from protocol import PRODUCER_HEADER, ErrorCode, check_pattern, check_queue, encode_record
+from protocol import ErrorCode, check_pattern, check_queue
 
 from .config import BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
+from .deadletter import dead_letter
 from .log import LogFailedError, QueueLog, fsync_dir
-from .queue import Queue
+from .queue import Queue, QueueUnavailable
 from .router import Group
 
 __all__ = ["DataDirInUse", "Store", "group_from_state"]
@@ -233,7 +233,7 @@ class Store:
         path = self._path(name)
         log = QueueLog.open(path, segment_bytes=self.config.segment_bytes, repair=self.config.repair)
         queue = Queue(name, log)
-        queue.on_dead = self._dead_letter
+        queue.on_dead = functools.partial(dead_letter, self)
         self._stamp_floor = max(self._stamp_floor, log.last_ts)
         cursors = CursorStore(path / "durables")
         try:
@@ -330,59 +330,6 @@ class Store:
         del queue.groups[name]
         store = self.cursor_stores[queue.name]
         return asyncio.get_running_loop().run_in_executor(self._cursor_pool, store.delete, name)
-
-    # --- dead letters -------------------------------------------------------
-
-    def _dead_letter(self, queue: Queue, group: Group) -> None:
-        """Copy the group's dead offsets to its dead-letter queue; ack them once stored.
-
-        The copy keeps event and payload and adds the headers ``x-dead-queue``,
-        ``x-dead-offset``, ``x-dead-durable``, ``x-dead-reason`` and
-        ``x-deliveries``. The original is acked only after the copy is
-        committed, so a crash in between can duplicate a dead letter but
-        never lose the message.
-        """
-        dead = group.take_dead()
-        name = group.dead_letter or f"{queue.name}.dead"
-        try:
-            if name == queue.name or check_queue(name) is not None:
-                raise ValueError(f"{name!r} cannot be a dead-letter queue for {queue.name!r}")
-            target = self.get(name, create=True)
-            assert target is not None
-        except (ValueError, OSError, QueueUnavailable) as exc:
-            logger.warning("cannot dead-letter messages of %s/%s: %s", queue.name, group.name, exc)
-            group.dead_letter_failed(o for o, _ in dead)
-            return
-        bodies, now_ms = [], self.now_ms()
-        for offset, deliveries in dead:
-            body = queue.body(offset)
-            if body is None:  # dropped by retention meanwhile: nothing to keep
-                group.dead_letter_failed((offset,))
-                continue
-            # The record's four values, read as one array (no Unpacker: making one clears ~40 KB).
-            event, _ts, headers, payload = msgpack.unpackb(b"\x94" + body, raw=False)
-            headers = dict(headers or {})
-            headers.pop(PRODUCER_HEADER, None)  # the original queue's bookkeeping
-            headers.update({
-                "x-dead-queue": queue.name, "x-dead-offset": str(offset), "x-dead-durable": group.name or "",
-                "x-dead-reason": "max_deliveries", "x-deliveries": str(deliveries),
-            })  # fmt: skip
-            bodies.append((offset, encode_record(event, now_ms, headers, payload)))
-        if not bodies:
-            return
-        offsets = [o for o, _ in bodies]
-        try:
-            first = target.append([b for _, b in bodies], now_ms, dedup_until=0)
-        except LogFailedError as exc:  # a roll's fsync, or the cut of a failed write: fail-stop (R7)
-            self.fail(f"fsync failed: {exc}")
-            group.dead_letter_failed(offsets)
-            return
-        except OSError as exc:
-            logger.warning("cannot dead-letter %d messages of %s/%s: %s", len(bodies), queue.name, group.name, exc)
-            group.dead_letter_failed(offsets)
-            return
-        target.expect_confirm(first + len(bodies), _DeadLetterDone(queue, group, offsets), [])
-        self.appended(target)
 
     # --- group commit -------------------------------------------------------
 
@@ -697,30 +644,5 @@ def _save_all(work: list[tuple[CursorStore, str, str, CursorState]]) -> list[tup
     return failed
 
 
-class _DeadLetterDone:
-    """The Confirmer of a dead-letter append: acks the originals once it is stored."""
-
-    def __init__(self, queue: Queue, group: Group, offsets: list[int]) -> None:
-        self.queue, self.group, self.offsets = queue, group, offsets
-
-    def confirm(self, acks: list[tuple[int, int, bool]]) -> None:
-        self.group.dead_lettered(self.offsets)
-        self.queue.pump(self.group, time.monotonic())
-
-    def fail(self, acks: list[tuple[int, int, bool]], code: ErrorCode, message: str) -> None:
-        self.group.dead_letter_failed(self.offsets)
-
-
 class DataDirInUse(OSError):
     """Another broker holds the data directory's lock."""
-
-
-class QueueUnavailable(Exception):
-    """A queue that failed its start-up checks (corrupt log, or its files could
-    not be read), or is being deleted."""
-
-    def __init__(self, queue: str, reason: str, *, code: ErrorCode = ErrorCode.QUEUE_CORRUPT) -> None:
-        super().__init__(f"queue {queue!r} is unavailable: {reason}")
-        self.queue = queue
-        self.reason = reason
-        self.code = code

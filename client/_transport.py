@@ -27,7 +27,6 @@ import ssl
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
-from urllib.parse import urlsplit
 
 from protocol import (
     PRODUCER_HEADER,
@@ -59,6 +58,7 @@ from protocol import (
 )
 from protocol.errors import FATAL_CODES
 
+from ._address import CLIENT_CERT_HINT, DEFAULT_URL, connect_failed, parse_url, tls_hint
 from ._reconnect import BACKOFF_MAX, Reconnecting
 from .subscription import Message, Subscription
 
@@ -69,7 +69,6 @@ __all__ = ["ACK_FLUSH", "DEFAULT_MAX_PENDING", "DEFAULT_URL", "Transport", "conn
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_URL: Final = "tidings://127.0.0.1:6464"
 #: Write buffer high-water mark: publish() awaits drain above it.
 WRITE_HIGH_WATER: Final = 1024 * 1024
 #: PUBLISH bytes buffered in one loop turn that are written at once, not at
@@ -96,40 +95,6 @@ NAME_CACHE_SIZE: Final = 4096
 _PUBLISH_TYPE: Final = FrameType.PUBLISH
 #: A PubAckRun yields each PUBACK's duplicate flag as its msgpack byte: this is true.
 _MSGPACK_TRUE: Final = 0xC3
-
-
-def parse_url(url: str) -> tuple[str, int, bool]:
-    """Split ``tidings://host:port`` (or ``tidingss://`` for TLS).
-
-    Nothing else may be in it: a user or token (``tidings://s3cret@host``),
-    a path, a query or a fragment would otherwise be ignored without a word,
-    and the connection made without the credentials the caller meant to give
-    (they go in ``token=``).
-
-    Returns:
-        ``(host, port, tls)``.
-
-    Raises:
-        ConfigError: not a tidings URL, or one with more in it (the error
-            never repeats what came before an ``@``).
-    """
-    parts = urlsplit(url)
-    _userinfo, at, hostport = parts.netloc.rpartition("@")
-    shown = url.replace(parts.netloc, f"***@{hostport}", 1) if at else url  # never print a token back
-    if parts.scheme not in ("tidings", "tidingss"):
-        raise ConfigError(f"unsupported URL {shown!r}: use tidings://host:port or tidingss://host:port")
-    if at:
-        raise ConfigError(
-            f"URL {shown!r} has a user or token before '@': give the token with token= "
-            "(tidings: --token or $TIDINGS_TOKEN); the URL is tidings://host:port"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"URL {url!r} has more than tidings://host:port (a path, a query or a fragment)")
-    try:
-        port = parts.port or 6464
-    except ValueError as exc:
-        raise ConfigError(f"bad port in URL {url!r}") from exc
-    return parts.hostname or "127.0.0.1", port, parts.scheme == "tidingss"
 
 
 class _Socket(asyncio.Protocol):
@@ -604,7 +569,7 @@ class Transport(Reconnecting):
         elif not self._closing:
             error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
             if self._conn.state is not State.READY:
-                hint = "if the broker serves TLS there, use tidingss://" if self._ssl is None else _CLIENT_CERT_HINT
+                hint = "if the broker serves TLS there, use tidingss://" if self._ssl is None else CLIENT_CERT_HINT
                 error = ConnectionLost(f"{self.host}:{self.port} closed the connection before answering HELLO ({hint})")
         self._finish(sock, error)
 
@@ -711,29 +676,6 @@ class Transport(Reconnecting):
 
 
 #: Said when a TLS connection ends before the WELCOME.
-_CLIENT_CERT_HINT = (
-    "if the broker requires a client certificate: ssl_context.load_cert_chain(CERT, KEY), tidings --tls-cert --tls-key"
-)
-
-
-def connect_failed(host: str, port: int, exc: OSError, tls: ssl.SSLContext | None) -> ConnectionLost:
-    """The error for a connection that could not be opened, with what to try."""
-    why = exc.strerror or str(exc) or type(exc).__name__
-    return ConnectionLost(f"cannot connect to {host}:{port}: {why}{tls_hint(exc, tls)}")
-
-
-def tls_hint(exc: OSError, tls: ssl.SSLContext | None) -> str:
-    """What to try for the TLS errors a wrong URL, a private CA or a missing
-    client certificate cause."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            " (for a private CA: Client(..., ssl_context=ssl.create_default_context(cafile=CA)), tidings --tls-ca CA)"
-        )
-    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
-        return " (the broker does not speak TLS there: use tidings://)"
-    if tls is not None and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
-        return f" ({_CLIENT_CERT_HINT})"
-    return ""
 
 
 def _app_headers(headers: dict[str, str] | None) -> dict[str, str]:
