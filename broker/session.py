@@ -287,9 +287,15 @@ class Session(Consuming, asyncio.Protocol):
         sending PUBLISHes or its own PINGs is alive. The read path only zeroes
         ``_silent``; the counting is here, once an interval: 1 means something
         arrived during the interval, 2 one silent interval, 3 two in a row.
+
+        While reading is paused (the peer's buffer is full, or its publishes
+        wait for a commit) its frames wait in the socket, unheard: that is no
+        silence. A peer that reads nothing meets ``slow_consumer_timeout``.
         """
         if self.closed:
             return
+        if self.write_paused or self._reading_paused:
+            self._silent = 0
         self._silent += 1
         if self._silent >= 3:
             self.fatal(ErrorCode.HEARTBEAT_TIMEOUT, "nothing received for two heartbeat intervals")

@@ -301,3 +301,37 @@ async def test_a_subscriber_is_dropped_as_slow_only_after_one_whole_timeout_unre
         await assert_broker_healthy(broker, baseline=1)
     slow = [r.getMessage() for r in caplog.records if "slow consumer" in r.getMessage()]
     assert len(slow) == 1, slow
+
+
+@pytest.mark.one_loop
+async def test_a_subscriber_behind_on_reading_is_not_taken_for_silent(tmp_path: Path) -> None:
+    """While the broker has stopped reading from a peer (its buffer is full),
+    the peer's frames wait in the socket unheard: that is not silence. A
+    subscriber four heartbeat intervals behind, within the slow-consumer
+    timeout, keeps its connection and carries on once it reads again. (The
+    broker counted those intervals as silent and dropped it with
+    HEARTBEAT_TIMEOUT after two, whatever slow_consumer_timeout said.)"""
+    heartbeat = 0.25
+    async with (
+        running_broker(tmp_path, heartbeat=heartbeat, slow_consumer_timeout=30.0) as broker,
+        connected(broker, "pub") as pub,
+    ):
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
+        assert await peer.recv() == Ok(2)
+        (session,) = [s for s in broker.sessions if s.name == "raw"]
+        feeder = asyncio.create_task(_feed(pub, session))
+        await _until(lambda: session.write_paused)
+        behind = time.monotonic()
+        await asyncio.sleep(4 * heartbeat)  # (the timer under test: four intervals unread)
+        assert session.write_paused and time.monotonic() - behind >= 4 * heartbeat
+        assert not session.closed, "dropped for silence while the broker was not reading"
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+        peer.send_frame(Ping(9))
+        while (frame := await asyncio.wait_for(peer.recv(pings=True), 10)) != Pong(9):
+            assert not isinstance(frame, Err), frame
+        assert not session.closed
+        peer.close()
+        await assert_broker_healthy(broker, baseline=1)
