@@ -435,12 +435,22 @@ class Transport(Reconnecting):
         or a half-open connection (a host gone without a FIN), which no
         write would reveal to an idle subscriber: the connection is dropped
         as lost (then reconnected, if the client does).
+
+        While the client has paused reading (an ephemeral subscription's
+        messages wait unread past ``max_pending``) the broker's frames wait
+        unheard in the socket, so that is no silence; and the broker, whose
+        PINGs go unanswered meanwhile, is sent one PING per sweep (at least
+        two per heartbeat interval) to know the client is alive.
         """
         now = self._loop.time()
         sock = self._sock
         if self._heartbeat > 0 and sock is not None and not sock.finished and self._conn.state is State.READY:
             reads, since = self._heard
-            if sock.reads != reads:
+            if self._reading_paused:
+                self._heard = (sock.reads, now)
+                self._wbuf.append(self._conn.send(Ping(0)))
+                self._schedule_flush()
+            elif sock.reads != reads:
                 self._heard = (sock.reads, now)
             elif now - since > 3 * self._heartbeat:
                 self._finish(sock, ConnectionLost(
@@ -458,7 +468,8 @@ class Transport(Reconnecting):
                 if fut is not None and not fut.done():
                     fut.set_exception(RequestTimeout(kind.name.lower(), self.timeout))
         if not self._closed and self._error is None:
-            self._sweeper = self._loop.call_later(max(self.timeout / 4, 0.01), self._sweep)
+            period = min(self.timeout / 4, self._heartbeat / 2) if self._heartbeat > 0 else self.timeout / 4
+            self._sweeper = self._loop.call_later(max(period, 0.01), self._sweep)
 
     def _forget(self, req: int) -> asyncio.Future[Any] | None:
         """Drop a request from the books (answered, failed or timed out); its future, if it was pending."""

@@ -86,3 +86,34 @@ async def test_an_idle_subscriber_finds_a_dead_broker_by_its_silence(tmp_path: P
             finally:
                 bp.proc.send_signal(signal.SIGCONT)
             assert waited < 5, waited  # (the silence may have begun before the stop)
+
+
+async def test_a_subscriber_that_paused_reading_is_neither_silent_nor_taken_for_dead(tmp_path: Path) -> None:
+    """An ephemeral subscription with more than ``max_pending`` messages
+    unread pauses the client's reading: the broker's frames wait unheard in
+    the socket, its PINGs unanswered. That is no silence on either side:
+    the client PINGs the broker meanwhile and does not count the unread
+    time against it, so eight heartbeat intervals later the same connection
+    carries on, with every message published before and after. (The broker
+    dropped the connection with HEARTBEAT_TIMEOUT after two intervals, the
+    client its side after three; what was published after the drop never
+    reached the subscription.)"""
+    heartbeat = 0.2
+    async with (
+        running_broker(tmp_path, heartbeat=heartbeat) as broker,
+        connected(broker, "pub") as pub,
+        Client(f"tidings://127.0.0.1:{broker.address[1]}", name="paused", timeout=2.0, max_pending=5) as c,
+    ):
+        sub = await c.subscribe("Q")
+        (session,) = [s for s in broker.sessions if s.name == "paused"]
+        offsets = [await pub.publish("Q", "E", i.to_bytes(4, "big")) for i in range(40)]
+        async with asyncio.timeout(10):
+            while not c._reading_paused:  # (the state under test)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(8 * heartbeat)  # unread for eight intervals
+        assert not session.closed, "the broker took the paused client for silent"
+        offsets += [await pub.publish("Q", "E", i.to_bytes(4, "big")) for i in range(40, 50)]
+        got = [(await sub.next(timeout=5)).offset for _ in offsets]
+        assert got == offsets
+        await c.ping()
+        assert c.reconnects == 0 and not session.closed
