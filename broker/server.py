@@ -25,6 +25,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -97,6 +98,9 @@ class Broker:
         self.sessions: set[Session] = set()
         self.started = time.time()
         self._on_fatal = on_fatal
+        #: The frame limits served: the configured ones, or a larger frame limit
+        #: that stored records need (see Store.frame_limit); set by start().
+        self.limits = config.limits
         self._server: asyncio.Server | None = None
         self._next_id = 0
         self._closed = asyncio.Event()
@@ -133,6 +137,8 @@ class Broker:
                 logger.warning("%s", exposed)
         self.store.open()
         try:
+            frame_limit = self.store.frame_limit(self.config.limits.max_frame_size)
+            self.limits = replace(self.config.limits, max_frame_size=frame_limit)
             self.store.start()
             loop = asyncio.get_running_loop()
             self._server = await loop.create_server(
@@ -273,7 +279,7 @@ class Broker:
         Raises:
             StatusPageError: ``page`` is not a ``more`` this broker handed out.
         """
-        return status_page(self, page, self.config.limits.max_frame_size)
+        return status_page(self, page, self.limits.max_frame_size)
 
     # --- shutdown -----------------------------------------------------------
 

@@ -94,7 +94,7 @@ class Session(Consuming, asyncio.Protocol):
         # +3,900 instructions per window-1 publish in bench.instructions.
         self.broker = broker
         self.config = broker.config
-        self.conn = Connection(Role.BROKER, limits=broker.config.limits)
+        self.conn = Connection(Role.BROKER, limits=broker.limits)
         self.conn_id = broker.next_conn_id()
         self.name = ""
         #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
@@ -366,7 +366,7 @@ class Session(Consuming, asyncio.Protocol):
         self.write(
             self.conn.send(
                 Welcome(ev.req, PROTOCOL_VERSION, self.broker.version, self.conn_id,
-                        cfg.limits.max_frame_size, cfg.heartbeat)
+                        self.broker.limits.max_frame_size, cfg.heartbeat)
             )
         )  # fmt: skip
         if cfg.heartbeat > 0:

@@ -15,7 +15,8 @@ import pytest
 
 from broker import BrokerConfig
 from broker.publishing import SEQUENCE_HEADER_ROOM
-from protocol import Batch, Fetch, FrameDecoder, Limits, Nack, Ok, PubAck, Publish, Record, encode_record
+from client import ServerError
+from protocol import Batch, ErrorCode, Fetch, FrameDecoder, Limits, Nack, Ok, PubAck, Publish, Record, encode_record
 from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD
 from tests.helpers import RawPeer, connected, running_broker
 
@@ -151,3 +152,40 @@ async def test_the_dead_letter_of_the_largest_record_fits_a_frame(tmp_path: Path
         (dead,) = await c.fetch("DLQ", max_messages=10, wait=5)
         assert dead.payload == payload and dead.headers["x-dead-queue"] == queue
         assert dead.headers["x-dead-durable"] == durable
+
+
+async def test_records_stored_under_a_larger_frame_limit_still_go_out_after_it_is_lowered(tmp_path: Path) -> None:
+    """A broker restarted with a lower frame limit (--max-frame-bytes) still
+    announces the one its stored records were written under, so they reach a
+    push subscriber, a durable FETCH and a plain one; new messages are held
+    to the new limit (PAYLOAD_TOO_LARGE). Once no record is left, the new
+    limit alone counts. (The broker sent such a record over the limit it
+    announced: the client refused the frame and dropped the connection, then
+    got the same record again on reconnecting, for ever.)"""
+
+    def limits(size: int) -> Limits:
+        return Limits(max_frame_size=size, handshake_frame_size=min(8192, size))
+
+    big = b"x" * 60_000
+    async with running_broker(tmp_path, limits=limits(65536)) as broker, connected(broker) as client:
+        assert await client.publish_many("Q", [("E", big), ("E", b"small")]) == [0, 1]
+    async with running_broker(tmp_path, limits=limits(16384)) as broker, connected(broker) as client:
+        assert broker.limits.max_frame_size == 65536
+        async with await client.subscribe("Q", durable="push", start="earliest") as sub:
+            for offset, payload in enumerate((big, b"small")):
+                m = await sub.next(10)
+                assert (m.offset, m.payload) == (offset, payload)
+                await m.ack()
+        assert [m.payload for m in await client.fetch("Q", durable="pull", max_messages=5)] == [big, b"small"]
+        assert [m.payload for m in await client.fetch("Q", max_messages=5, start=0)] == [big, b"small"]
+        with pytest.raises(ServerError) as info:
+            await client.publish("Q", "E", b"y" * 20_000)
+        assert info.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+        assert await client.publish("Q", "E", b"y" * 15_000) == 2
+        assert client.reconnects == 0
+    async with running_broker(tmp_path, limits=limits(16384)) as broker, connected(broker) as client:
+        await client.delete_queue("Q")
+    async with running_broker(tmp_path, limits=limits(16384)) as broker:
+        assert broker.limits.max_frame_size == 16384  # no record left: the new limit alone
+    async with running_broker(tmp_path, limits=limits(32768)) as broker:
+        assert broker.limits.max_frame_size == 32768
