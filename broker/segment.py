@@ -257,7 +257,7 @@ class Segment:
         size = os.fstat(self.fd).st_size
         pos = 0
         buf = b""
-        buf_start = 0  # file position of buf[0]
+        buf_start = -1  # file position of buf[0] (nothing read yet)
         expect = self.base
         last_valid = -1  # position of the last valid record in buf
         why: str | None = None
@@ -269,6 +269,9 @@ class Segment:
                     if pos == size:
                         why = None
                     break
+                if buf_start == pos:  # read from here already: the file was cut meanwhile
+                    size = pos + len(buf)  # (it ends where that read did; re-reading would loop)
+                    continue
                 if last_valid >= 0:  # keep its sync claim before buf is replaced
                     self.synced = max(self.synced, _claim(buf, last_valid))
                     last_valid = -1

@@ -157,6 +157,36 @@ def test_zero_filled_tail_reads_as_end(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_file_cut_shorter_during_the_scan_ends_it_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery reads a segment up to the size ``fstat`` gave. Something
+    else cutting the file right after that (inside record 40, here) must not
+    keep the scan re-reading the missing bytes for ever, as it did: the
+    file ends where the reads end, and the cut record is a torn tail."""
+    _crash(_fill(tmp_path, 50, segment_bytes=1 << 20))
+    seg = _segments(tmp_path)[0]
+    inode = seg.stat().st_ino
+    cut_at = records_end(seg) // 50 * 40 + 7  # inside record 40 (records of one size)
+    real_fstat = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if st.st_ino == inode and st.st_size > cut_at:
+            os.truncate(seg, cut_at)  # after the size was taken
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    opened: list[QueueLog] = []
+    scan = threading.Thread(target=lambda: opened.append(QueueLog.open(tmp_path, segment_bytes=1 << 20)), daemon=True)
+    scan.start()
+    scan.join(30)
+    assert not scan.is_alive(), "the recovery scan never ended"
+    monkeypatch.undo()
+    (log,) = opened
+    assert log.next_offset == 40 and _all(log) == [_body(i) for i in range(40)]
+    assert log.append([b"x"], 1) == 40
+    log.close()
+
+
 def test_a_zero_tail_after_a_crash_is_kept_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """S5 with preallocation: after an unclean stop the last segment ends in
     zeros (its preallocated tail). That is the end of the data, not damage: no
