@@ -337,6 +337,9 @@ class Consuming(Publishing):
         if ev.max_messages == 0:  # (before the queue is created)
             self.reply_error(ev.req, ErrorCode.BAD_REQUEST, "max_messages must be at least 1")
             return
+        if ev.durable is None and ev.wait_ms == 0 and not self.broker.store.known(ev.queue):
+            self.write(encode_batch(ev.req, 0, []))  # as if empty, and not created: a typo leaves nothing behind
+            return
         queue = self._queue(ev.req, ev.queue)
         if queue is None:
             return

@@ -305,6 +305,10 @@ class Store:
         self._stamp_floor = now
         return now
 
+    def known(self, name: str) -> bool:
+        """Whether a queue called ``name`` exists (served, refused, or being deleted)."""
+        return name in self.queues or name in self.failed or name in self._deleting
+
     def get(self, name: str, *, create: bool) -> Queue | None:
         """The queue called ``name``; created on first use when ``create``.
 

@@ -139,7 +139,9 @@ FETCH_EPILOG = """\
 Pulls up to --max messages once, waiting up to --wait seconds when none is
 there. With --durable the messages come from that durable's cursor and are
 acked after printing (unless --no-ack); without it this is a plain read of
-the log from --from (default: earliest) and nothing is remembered.
+the log from --from (default: earliest) and nothing is remembered (a
+queue that does not exist reads as empty and is not created, unless
+--wait is given: the fetch then waits on it like a subscriber).
 
 examples:
   tidings fetch DB --max 5                      # the first five messages

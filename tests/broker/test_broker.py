@@ -167,6 +167,26 @@ async def test_fetch_long_poll_and_plain_reads(tmp_path: Path) -> None:
         assert await c.fetch("Q", start="new", wait=0.05) == []
 
 
+async def test_a_plain_fetch_of_an_unknown_queue_reads_it_as_empty_and_creates_nothing(tmp_path: Path) -> None:
+    """``tidings fetch TYPO`` answers an empty batch and leaves no queue
+    behind (it created one, listed by STATUS and kept on disk for ever); a
+    FETCH that waits, or a durable's, creates it like a SUBSCRIBE, so the
+    publishes it waits for land where it reads."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.fetch("TYPO", max_messages=10) == []
+        assert await c.fetch("TYPO", start=5) == []
+        assert not (tmp_path / "queues" / "TYPO").exists()
+        assert [q["name"] for q in (await c.status())["queues"]] == []
+        waiting = asyncio.ensure_future(c.fetch("Q", wait=10))
+        await c.ping()  # the FETCH waits at the broker now
+        assert await c.publish("Q", "E", "hello") == 0
+        assert [m.payload for m in await waiting] == ["hello"]
+        assert await c.fetch("D", durable="d") == []
+        assert sorted(q["name"] for q in (await c.status())["queues"]) == ["D", "Q"]
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert [m.payload for m in await c.fetch("Q", start=0)] == ["hello"]  # an existing one, as before
+
+
 async def test_unacked_fetched_messages_come_back_to_the_next_fetcher(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker:
         async with connected(broker) as c:
