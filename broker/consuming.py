@@ -234,7 +234,14 @@ class Consuming(Publishing):
         else:
             if ev.req:
                 self.write(self.conn.send(Ok(ev.req)))
-        queue.pump(group, time.monotonic())
+        # Refill once the rest of this read is handled: acks written with an
+        # UNSUBSCRIBE (a closing subscriber's last ones) must not bring it
+        # more messages, which would go back unseen with a delivery counted.
+        asyncio.get_running_loop().call_soon(self._pump_acked, queue, group)
+
+    def _pump_acked(self, queue: Queue, group: Group) -> None:
+        if not self.broker.closing and self.broker.store.queues.get(queue.name) is queue:
+            queue.pump(group, time.monotonic())
 
     def _on_nack(self, ev: Nack) -> None:
         found = self._group(ev.req, ev.queue, ev.durable)

@@ -314,11 +314,26 @@ class Client(Transport):
             self._ack_every[(queue, durable)] = max(1, min(ACK_FLUSH, prefetch // 2))
         return sub
 
-    async def _unsubscribe(self, sub: Subscription) -> None:
+    async def _unsubscribe(self, sub: Subscription, offsets: tuple[int, ...] = ()) -> ServerError | None:
+        """UNSUBSCRIBE after the acks queued, with an ACK of ``offsets`` in the
+        same write (the broker refills nobody for acks it reads with the
+        UNSUBSCRIBE); the refusal of that ACK, if any.
+
+        Raises:
+            ServerError, ConnectionLost: the UNSUBSCRIBE failed.
+        """
         if not self._drop_sub(sub) or self._closed or self._error is not None:
-            return
+            return None
         await self._flush_acks_now()
-        await self._request(Unsubscribe(0, sub.sub_id))
+        acked = self._send_request(Ack(0, sub.queue, sub.durable, offsets)) if offsets and sub.durable else None
+        error: BaseException | None = None
+        try:
+            await self._request(Unsubscribe(0, sub.sub_id))
+        finally:
+            if acked is not None:
+                await asyncio.wait([acked])  # (answered before the UNSUBSCRIBE's OK, or failed with it)
+                error = None if acked.cancelled() else acked.exception()
+        return error if isinstance(error, ServerError) else None
 
     def _drop_sub(self, sub: Subscription) -> bool:
         """Forget ``sub`` (and its durable's ack batching, once no other

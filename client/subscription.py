@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -215,15 +215,35 @@ class Subscription:
         except StopAsyncIteration:
             raise ConnectionClosed("subscription is closed") from None
 
-    async def close(self) -> None:
-        """Unsubscribe. A durable's cursor stays on the broker. Harmless twice."""
+    async def close(self, *, ack: Iterable[Message] = ()) -> None:
+        """Unsubscribe. A durable's cursor stays on the broker. Harmless twice.
+
+        Args:
+            ack: messages of this subscription to acknowledge in the same
+                write as the UNSUBSCRIBE, so the broker sends nothing more
+                for them. (Each ack before it may bring one more message,
+                which then goes back unseen with a delivery counted; for a
+                consumer that takes exactly N, say.)
+
+        Raises:
+            ServerError: the broker refused some of those acks (the
+                subscription is closed all the same).
+        """
         if self._ended:
             return
         self._end(None)
+        offsets = []
+        for m in ack:
+            if m.durable is not None and not m._settled:
+                m._settled = True
+                offsets.append(m.offset)
         try:
-            await self._client._unsubscribe(self)
+            refused = await self._client._unsubscribe(self, tuple(offsets))
         except (ConnectionClosed, TidingsError) as exc:
             logger.debug("unsubscribe of %d: %s", self.sub_id, exc)
+            return
+        if refused is not None:
+            raise refused
 
     async def __aenter__(self) -> Subscription:
         return self

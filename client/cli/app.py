@@ -112,9 +112,9 @@ with status 0 (3 if the broker refused some acks). A lost connection or a
 broker restart ends it with status 2, unless --follow: then it reconnects
 and carries on (a durable from its cursor, an ephemeral subscription after
 the last message it printed). With -n the prefetch is
-at most COUNT: of a durable's messages after the COUNT printed, at most
-COUNT were taken (sent for the acks) and are given back, each with one
-more delivery counted.
+at most COUNT and the last acks go with the unsubscribe, so a durable's
+messages after the COUNT printed are not taken (none is given back with
+a delivery counted).
 
 formats:
   json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}

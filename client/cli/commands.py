@@ -196,6 +196,11 @@ async def run_sub(ctx: Context, client: Client) -> int:
     # beyond COUNT would be given back unseen, each counting a delivery (and
     # moving towards max_deliveries and the dead-letter queue).
     prefetch = args.prefetch if args.count is None else min(args.prefetch, args.count)
+    # Nor one more sent for an ack: the broker sends one more per ack, so
+    # only the first COUNT - prefetch printed are acked as they go, and the
+    # rest with the UNSUBSCRIBE (the broker has sent COUNT by then).
+    ack_now = None if args.count is None else args.count - prefetch
+    last: list[Message] = []
     sub = await client.subscribe(args.queue, events=parse_events(args.event), durable=args.durable,
                                  start=args.start, prefetch=prefetch)  # fmt: skip
     received = 0
@@ -214,15 +219,21 @@ async def run_sub(ctx: Context, client: Client) -> int:
                 break
             written = await _write_or_stop(ctx, b"".join(format_message(m, args.format) for m in batch))
             if written and not args.no_ack:
-                for m in batch:
-                    await m.ack()
+                for i, m in enumerate(batch, received):
+                    if ack_now is None or i < ack_now:
+                        await m.ack()
+                    else:
+                        last.append(m)
             if not written:
                 break
             received += len(batch)
     except Stopped:
         pass
     finally:
-        await sub.close()  # sends the queued acks, then UNSUBSCRIBE and waits for its OK
+        try:
+            await sub.close(ack=last)  # the queued acks, then those and UNSUBSCRIBE; waits for its OK
+        except ServerError as exc:
+            sub.ack_errors.append(exc)
     if sub.ack_errors:
         ctx.warn(f"{len(sub.ack_errors)} acks refused by the broker, the first: {sub.ack_errors[0]}")
         return EXIT_REFUSED

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from client import Client
-from protocol import PubAck, Publish, ServerError
+from protocol import Ack, Deliver, Ok, PubAck, Publish, ServerError, Subscribe, Unsubscribe, encode_frame
 from tests.helpers import RawPeer, assert_broker_healthy, broker_process, connected, running_broker, url_of
 
 FAST = {"cursor_flush": 0.05}  # the ticker that expires ack waits runs this often
@@ -484,3 +484,41 @@ async def test_redeliveries_after_the_ack_wait_back_off(tmp_path: Path) -> None:
         gaps = [b - a for a, b in itertools.pairwise(times)]
         # ack wait 0.1 s, then 0.2, then 0.4: each gap at least the doubled wait
         assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "shared"])
+async def test_acks_sent_with_the_unsubscribe_take_no_more_messages(tmp_path: Path, shared: bool) -> None:
+    """A subscriber that acks what it took and unsubscribes in one write
+    (the client's ``sub.close()``, ``tidings sub -n``) is not sent more for
+    those acks: the messages after them stay unseen, their delivery count
+    untouched, for the next consumer; a subscriber sharing the durable gets
+    them. (The broker refilled the window on the ACK before it read the
+    UNSUBSCRIBE, then took those messages back, each with one more delivery
+    counted: closing a subscription on a busy queue moved up to prefetch
+    messages towards max_deliveries and the dead-letter queue unseen.)"""
+    async with running_broker(tmp_path) as broker, connected(broker, "pub") as pub:
+        await pub.publish_many("Q", [("E", i) for i in range(10)])
+        held = []
+        if shared:  # it holds offset 0 unacked (prefetch 1), so the peer starts at 1
+            other = await pub.subscribe("Q", durable="d", start="earliest", prefetch=1)
+            held.append(await other.next(5))
+        peer = await RawPeer.connect(broker)
+        peer.send_frame(Subscribe(1, 7, "Q", durable="d", start="earliest", prefetch=3))
+        assert await peer.recv() == Ok(1)
+        taken = [await peer.recv() for _ in range(3)]
+        assert all(isinstance(f, Deliver) for f in taken), taken
+        offsets = tuple(f.offset for f in taken)
+        peer.send(encode_frame(Ack(2, "Q", "d", offsets).to_wire()) + encode_frame(Unsubscribe(3, 7).to_wire()))
+        assert [await peer.recv(), await peer.recv()] == [Ok(2), Ok(3)]  # no DELIVER between them
+        peer.close()
+        rest = [o for o in range(10) if o not in offsets and o not in (m.offset for m in held)]
+        if shared:
+            await held[0].ack()
+            got = []
+            for _ in rest:
+                got.append(await other.next(5))
+                await got[-1].ack()
+            await other.close()
+        else:
+            got = await pub.fetch("Q", durable="d", max_messages=100)
+        assert [(m.offset, m.deliveries) for m in got] == [(o, 1) for o in rest]

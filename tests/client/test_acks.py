@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from client import ServerError
 from client._transport import ACK_FLUSH
 from tests.helpers import connected, running_broker
 
@@ -31,3 +32,29 @@ async def test_acks_leave_every_ack_flush_or_half_window_within_one_turn(tmp_pat
         await c.ping()  # the rest leave with this turn; the broker has read them all
         [durable] = (await c.status())["durables"]
         assert (durable["ack_floor"], durable["in_flight"]) == (window, 0)
+
+
+async def test_close_acks_the_last_messages_with_the_unsubscribe(tmp_path: Path) -> None:
+    """``sub.close(ack=messages)``: a consumer that takes exactly N acks the
+    last ones with the UNSUBSCRIBE, in one write, so the broker sends it no
+    more for them (acked before, each would bring one more message, given
+    back unseen with a delivery counted). A refused ack is raised, and the
+    subscription is closed all the same."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish_many("Q", [("E", i) for i in range(10)])
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=3)
+        taken = [await sub.next(5) for _ in range(3)]
+        await sub.close(ack=taken)
+        rest = await c.fetch("Q", durable="d", max_messages=100)
+        assert [(m.offset, m.deliveries) for m in rest] == [(o, 1) for o in range(3, 10)]
+        for m in rest:
+            await m.ack()
+
+        sub = await c.subscribe("Q", durable="e", start="earliest", prefetch=3)
+        taken = [await sub.next(5) for _ in range(3)]
+        await c.ack_upto("Q", "e", 0)  # offset 0 acked another way: acking it again is refused
+        with pytest.raises(ServerError, match="already acknowledged"):
+            await sub.close(ack=taken)
+        assert sub not in c._subs.values()
+        [durable] = [d for d in (await c.status())["durables"] if d["name"] == "e"]
+        assert durable["ack_floor"] == 3  # the others were acked all the same
