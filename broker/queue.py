@@ -362,8 +362,11 @@ class Queue:
 
     # --- reading ------------------------------------------------------------
 
-    def read(self, offset: int, max_count: int) -> list[tuple[int, bytes]]:
+    def read(self, offset: int, max_count: int, max_bytes: int = READ_MAX_BYTES) -> list[tuple[int, bytes]]:
         """Committed records from ``offset`` (at least the first retained one).
+
+        ``max_bytes`` is what the reader can use (from the log: bodies up to
+        it, and one more; a read beyond it is read again by the next round).
 
         Returns:
             ``(offset, body)`` pairs, at most ``max_count``, all below ``committed``.
@@ -376,7 +379,7 @@ class Queue:
             base = self._tail_base
             return list(zip(range(offset, end), self._tail[offset - base : end - base], strict=True))
         try:
-            records = self.log.read(offset, max_count=end - offset, max_bytes=READ_MAX_BYTES)
+            records = self.log.read(offset, max_count=end - offset, max_bytes=min(max_bytes, READ_MAX_BYTES))
         except CorruptLogError:
             records = self._read_to_damage(offset, end)
         except OSError as exc:
@@ -475,7 +478,7 @@ class Queue:
                         break  # damaged: stays in flight, never delivered
                 start = group.read_pos
                 while len(frames) < credit and size < PUMP_MAX_BYTES and group.read_pos < self.committed:
-                    records = self.read(group.read_pos, min(READ_BATCH, credit - len(frames)))
+                    records = self.read(group.read_pos, min(READ_BATCH, credit - len(frames)), PUMP_MAX_BYTES - size)
                     if not records:
                         break
                     for offset, body in records:
@@ -548,7 +551,7 @@ class Queue:
             if group.cursor.ack_floor < self.log.first_offset:
                 self._dropped(group)
             while not full and len(out) < limit and group.read_pos < self.committed:
-                records = self.read(group.read_pos, min(READ_BATCH, limit - len(out)))
+                records = self.read(group.read_pos, min(READ_BATCH, limit - len(out)), room)
                 if not records:
                     break  # a damaged record
                 for offset, body in records:
@@ -571,7 +574,7 @@ class Queue:
             assert waiter.filter is not None
             position = max(waiter.position, self.log.first_offset)
             while not full and len(out) < limit and position < self.committed:
-                records = self.read(position, min(READ_BATCH, limit - len(out)))
+                records = self.read(position, min(READ_BATCH, limit - len(out)), room)
                 if not records:
                     break  # a damaged record
                 for offset, body in records:
