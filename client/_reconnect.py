@@ -40,8 +40,6 @@ from protocol import (
 )
 
 if TYPE_CHECKING:
-    import collections
-
     from ._transport import _Socket
     from .subscription import Subscription
 
@@ -93,8 +91,25 @@ class Reconnecting:
     """Base of :class:`client._transport.Transport`: what happens after a drop.
 
     Its state is made in ``Transport.__init__``; the names below are what
-    this half reads and writes.
+    this half reads and writes. Its slots are those of its own state (the
+    reconnect settings and bookkeeping); Transport declares the rest.
     """
+
+    # The client's classes have slots, not an instance dict: CPython 3.11
+    # keeps an object's attributes in its fast inline layout only while its
+    # class has fewer than 30 of them, and a client has 53: they all went to
+    # a dict, which every attribute access paid for. With slots,
+    # bench.instructions counts 29,235 -> 28,472 instructions per publish at
+    # window 1,000 (-2.6%) and 62,949 -> 60,644 at window 1 (-3.7%). Slots
+    # rather than the rarely used state grouped into helper objects: about
+    # 30 attributes are on the hot paths, and a dozen of the cold ones are
+    # public. An attribute missing from the slots fails at its assignment
+    # (and in mypy); a subclass's own attributes go to a dict; a client can
+    # still be weakly referenced (``__weakref__``), as before.
+    __slots__ = (
+        "__weakref__", "_backoff", "_drops", "_established", "_frames", "_healthy_timer", "_held", "_outage_deadline",
+        "_reconnect_task", "_reconnecting", "reconnect", "reconnect_deadline", "reconnect_max_delay", "reconnects",
+    )  # fmt: skip
 
     url: str
     host: str
@@ -120,12 +135,9 @@ class Reconnecting:
     _outage_deadline: float | None
     _healthy_timer: asyncio.TimerHandle | None
     _wbuf: list[bytes]
-    _wbytes: int
     _acks: dict[tuple[str, str], list[int]]
     _ack_reqs: dict[int, tuple[str, str]]
     _subs: dict[int, Subscription]
-    _marks: collections.deque[tuple[float, int]]
-    _marked: int
 
     if TYPE_CHECKING:  # Transport's
 
@@ -135,6 +147,8 @@ class Reconnecting:
         def _write_acks(self) -> None: ...
         def _send_request(self, frame: Frame, *, tracked: bool = True) -> asyncio.Future[Frame]: ...
         def _flush(self) -> None: ...
+        def _discard_unsent(self) -> None: ...
+        def _unmark(self) -> None: ...
 
     def _may_reconnect(self, error: BaseException) -> bool:
         if not self.reconnect or self._closing or self._closed or self._reconnecting or not self._established:
@@ -162,8 +176,7 @@ class Reconnecting:
             self._healthy_timer = None
         if self._outage_deadline is None or answered:
             self._outage_deadline = self._loop.time() + self.reconnect_deadline
-        self._wbuf.clear()  # encoded for the old connection; the requests are resent
-        self._wbytes = 0
+        self._discard_unsent()  # encoded for the old connection; the requests are resent
         self._ack_reqs.clear()  # their answers are lost with the connection
         drops, self._drops = self._drops, {}  # only what is still pending keeps its count
         for req in sorted(self._pending):
@@ -336,8 +349,7 @@ class Reconnecting:
             fut.add_done_callback(functools.partial(_resubscribed, sub))
         # Everything pending gets a whole timeout from now (the time spent
         # reconnecting does not count against it).
-        self._marks.clear()
-        self._marked = 0
+        self._unmark()
         self._flush()
 
     def _proven_healthy(self) -> None:

@@ -164,6 +164,14 @@ class Transport(Reconnecting):
     """The connection machinery of a :class:`client.Client` (see the module
     docstring); its arguments are the client's."""
 
+    # The client's state but the reconnect half's (why slots: see Reconnecting.__slots__).
+    __slots__ = (
+        "_ack_every", "_ack_reqs", "_acks", "_closed", "_closing", "_congested", "_conn", "_duplicates", "_error",
+        "_event_names", "_flush_scheduled", "_heard", "_heartbeat", "_kinds", "_loop", "_mark_step", "_mark_until",
+        "_marked", "_marks", "_pending", "_queue_names", "_reading_paused", "_reqs", "_sock", "_ssl", "_subs",
+        "_subs_ids", "_sweeper", "_token", "_wbuf", "_wbytes", "conn_id", "host", "max_pending", "name", "port",
+        "producer_id", "server_version", "timeout", "url",
+    )  # fmt: skip
     _loop: asyncio.AbstractEventLoop  # set by Client.connect()
 
     def __init__(
@@ -422,6 +430,11 @@ class Transport(Reconnecting):
                     self._mark_until = until = deadline + self._mark_step
                     marks.append((until, last))
 
+    def _unmark(self) -> None:
+        """Forget the marks: the next write gives what is pending a whole timeout from then."""
+        self._marks.clear()
+        self._marked = 0
+
     def _sweep(self) -> None:
         """Fail requests older than ``timeout`` (one timer for all of them).
 
@@ -534,6 +547,11 @@ class Transport(Reconnecting):
             sock.write(data)
             # Only a flush fills the transport's buffer: publish() checks this flag, not the buffer.
             self._congested = sock.transport.get_write_buffer_size() > WRITE_HIGH_WATER
+
+    def _discard_unsent(self) -> None:
+        """Drop what was buffered but not written (after a drop: encoded for a connection that is gone)."""
+        self._wbuf.clear()
+        self._wbytes = 0
 
     def _maybe_resume_reading(self) -> None:
         if self._reading_paused and all(s.pending <= s.max_pending // 2 for s in self._subs.values()):
@@ -684,9 +702,6 @@ class Transport(Reconnecting):
             sub._end(None if clean else error)
         if clean:
             self._closed = True
-
-
-#: Said when a TLS connection ends before the WELCOME.
 
 
 def _app_headers(headers: dict[str, str] | None) -> dict[str, str]:

@@ -102,6 +102,8 @@ class Client(Transport):
         producer_id: random, unique to this client object; sent in HELLO.
     """
 
+    __slots__ = ()  # see Reconnecting.__slots__
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._sock is not None else "new"
         return (
