@@ -38,7 +38,7 @@ from broker import Broker, BrokerConfig
 from broker.config import FsyncPolicy
 from broker.session import Session
 from client import Client
-from client._transport import _Socket
+from client._socket import _Socket
 from protocol import (
     PROTOCOL_VERSION,
     Connection,

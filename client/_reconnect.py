@@ -40,7 +40,7 @@ from protocol import (
 )
 
 if TYPE_CHECKING:
-    from ._transport import _Socket
+    from ._socket import _Socket
     from .subscription import Subscription
 
 __all__ = ["BACKOFF_MAX", "BACKOFF_MIN", "HEALTHY_AFTER", "MAX_DROPS", "RECONNECT_CODES", "Reconnecting"]

@@ -4,7 +4,7 @@
 API (publish, subscribe, fetch, acks, administration) on top of it.
 
 * The socket's bytes go straight from the event loop's read callback
-  (:class:`_Socket`, an ``asyncio.Protocol``) to the sans-I/O
+  (:class:`client._socket._Socket`, an ``asyncio.Protocol``) to the sans-I/O
   :class:`protocol.Connection`; replies are matched to requests by id (a
   dict of futures), so many publishes can be in flight at once. One timer
   (``_sweep``) times every request out; what it needs is kept per write, not
@@ -25,7 +25,6 @@ import itertools
 import logging
 import ssl
 import uuid
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from protocol import (
@@ -60,6 +59,7 @@ from protocol.errors import FATAL_CODES
 
 from ._address import CLIENT_CERT_HINT, DEFAULT_URL, connect_failed, parse_url, tls_hint
 from ._reconnect import BACKOFF_MAX, Reconnecting
+from ._socket import _Socket
 from .subscription import Message, Subscription
 
 if TYPE_CHECKING:
@@ -95,69 +95,6 @@ NAME_CACHE_SIZE: Final = 4096
 _PUBLISH_TYPE: Final = FrameType.PUBLISH
 #: A PubAckRun yields each PUBACK's duplicate flag as its msgpack byte: this is true.
 _MSGPACK_TRUE: Final = 0xC3
-
-
-class _Socket(asyncio.Protocol):
-    """One TCP connection's callbacks, handed to the :class:`Transport` that opened it.
-
-    Why a Protocol and not asyncio streams (the design's default): a
-    StreamReader copies each read into its buffer and out again, and wakes a
-    reader task one loop turn later, which then resolves the futures whose
-    callers run a turn after that. Here the bytes are decoded and the futures
-    resolved in the read callback itself: a lone publisher's round trip
-    went from 78k to 63k instructions in the client, and one loop turn less
-    (bench/RESULTS.md, session 9).
-    """
-
-    def __init__(self, owner: Transport) -> None:
-        self._owner = owner
-        self.transport: asyncio.Transport | None = None
-        self.write: Callable[[bytes], None] = _not_connected
-        self.finished = False  # the owner is done with this connection (see Transport._finish)
-        self.reads = 0  # data_received calls: more than one, the broker sent something after the WELCOME
-        self.closed: asyncio.Future[None] = owner._loop.create_future()
-        self._write_paused = False
-        self._drained: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
-        self.write = self.transport.write
-
-    def data_received(self, data: bytes) -> None:
-        self.reads += 1
-        self._owner._received(self, data)
-
-    def eof_received(self) -> bool:
-        return False  # the broker closed: close our side too (connection_lost follows)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(ConnectionResetError("connection lost"))
-            self._drained.exception()  # retrieved: the drainer may have gone
-        self._owner._lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    async def drain(self) -> None:
-        """Wait until the transport's buffer is below its low-water mark."""
-        if self.closed.done():
-            raise ConnectionResetError("connection lost")
-        if self._write_paused:
-            if self._drained is None or self._drained.done():
-                self._drained = self._owner._loop.create_future()
-            await asyncio.shield(self._drained)
-
-
-def _not_connected(data: bytes) -> None:
-    raise ConnectionResetError("not connected")
 
 
 class Transport(Reconnecting):
