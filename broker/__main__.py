@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=Limits().max_frame_size,
         metavar="BYTES",
         help=f"largest frame accepted, at least {MIN_MAX_FRAME_BYTES}; bounds a message to this less 640 bytes "
-        "(default: %(default)s). Lowered while messages stored under a larger limit remain, that limit is "
-        "still announced so that they go out; new messages are held to this one",
+        "(default: %(default)s). Lowered while messages stored under a larger limit remain, a limit that "
+        "covers them is announced so that they go out; new messages are held to this one",
     )
     p.add_argument(
         "--segment-bytes",

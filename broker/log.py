@@ -280,6 +280,11 @@ class QueueLog:
         return self.segments[-1].next_offset
 
     @property
+    def largest_record(self) -> int:
+        """The longest record body found in the log when it was opened (see Store.frame_limit)."""
+        return max(seg.largest for seg in self.segments)
+
+    @property
     def size_bytes(self) -> int:
         """Bytes of records over every segment (the zero tail not counted)."""
         return sum(s.size for s in self.segments)

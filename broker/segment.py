@@ -187,8 +187,8 @@ class Segment:
     """
 
     __slots__ = (
-        "allocated", "base", "extend_from", "fd", "last_ts", "next_offset", "path", "positions", "size", "synced",
-        "timestamps",
+        "allocated", "base", "extend_from", "fd", "largest", "last_ts", "next_offset", "path", "positions", "size",
+        "synced", "timestamps",
     )  # fmt: skip
 
     def __init__(self, path: Path, fd: int, base: int) -> None:
@@ -208,6 +208,9 @@ class Segment:
         #: them): the sync claim of the next append. Written under the log's lock
         #: by ``sync``, read without it by ``append`` (an int, so never torn).
         self.synced = base
+        #: The longest record body the recovery scan found (records appended
+        #: since fit the frame limit of the broker that appended them).
+        self.largest = 0
         self.positions = array("Q")  # file position of record base + k * INDEX_EVERY
         self.timestamps = array("q")  # its timestamp
 
@@ -260,6 +263,7 @@ class Segment:
         buf_start = -1  # file position of buf[0] (nothing read yet)
         expect = self.base
         last_valid = -1  # position of the last valid record in buf
+        largest = 0
         why: str | None = None
         while True:
             rel = pos - buf_start
@@ -284,8 +288,11 @@ class Segment:
             last_valid = rel
             pos += HEADER_SIZE + length
             expect += 1
+            if length > largest:
+                largest = length
         if last_valid >= 0:
             self.synced = max(self.synced, _claim(buf, last_valid))
+        self.largest = largest
         self.next_offset = expect
         self.size = self.allocated = pos
         if why is None:

@@ -5,7 +5,6 @@ Layout::
     <data_dir>/queues/<queue>/00000000000000000000.log ...   the queue's segments
     <data_dir>/queues/<queue>/durables/<durable>.cursor       one cursor per durable
     <data_dir>/LOCK                                           held (flock) by the broker using it
-    <data_dir>/FRAME_LIMIT                                    the largest frame limit records were stored under
 
 Names are checked against the closed alphabet of ``protocol.names`` before
 they reach this module, and paths are checked again here, so no name can
@@ -53,7 +52,7 @@ from typing import Any, Final, NoReturn
 
 from protocol import ErrorCode, check_pattern, check_queue
 
-from .config import BrokerConfig, FsyncPolicy
+from .config import RECORD_ROOM, BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
 from .deadletter import dead_letter
 from .log import LogFailedError, QueueLog, fsync_dir
@@ -73,8 +72,6 @@ SYNC_THREADS: Final = 4
 INLINE_MAX_RECORDS: Final = 32
 #: The data directory's lock file: one broker per directory (see Store.open).
 LOCK_FILE: Final = "LOCK"
-#: The largest frame limit a broker served the directory with (see Store.frame_limit).
-FRAME_LIMIT_FILE: Final = "FRAME_LIMIT"
 #: A queue whose files could not be read at start-up (an I/O error such as
 #: EIO or EACCES, not damage) is loaded again when next used, at most this
 #: often (seconds): recovery reads the whole log.
@@ -186,38 +183,17 @@ class Store:
         A record stored under a larger limit than today's must still go out
         in a frame its readers take (a client refuses a frame over the limit
         WELCOME announced, then gets the same record again on reconnecting,
-        for ever). So ``FRAME_LIMIT`` keeps the largest limit this directory
-        was served with while it holds records, and that is announced; new
-        messages are held to ``configured`` (``max_message_bytes``). With no
-        record left in any queue, the configured limit alone counts again.
-
-        Raises:
-            OSError: a new limit could not be saved durably.
+        for ever). So the limit announced covers the longest record the
+        recovery scan found, with its ``RECORD_ROOM``; new messages are held
+        to ``configured`` (``max_message_bytes``). Once retention or a DELETE
+        has dropped such records, a restart announces ``configured`` again.
         """
-        path = self.root / FRAME_LIMIT_FILE
-        try:
-            saved = int(path.read_text(encoding="ascii"))
-        except FileNotFoundError:
-            saved = 0
-        except (ValueError, UnicodeError):
-            logger.warning("%s is not a number, ignored", path)
-            saved = 0
-        held = bool(self.failed) or any(q.log.next_offset > q.log.first_offset for q in self.queues.values())
-        limit = max(configured, saved) if held else configured
-        if limit != saved:
-            tmp = path.with_name(FRAME_LIMIT_FILE + ".tmp")
-            tmp.write_text(f"{limit}\n", encoding="ascii")
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            fsync_dir(self.root)
+        longest = max((q.log.largest_record for q in self.queues.values()), default=0)
+        limit = max(configured, longest + RECORD_ROOM) if longest else configured
         if limit > configured:
             logger.warning(
-                "frame limit %d is below %d, the limit messages here were stored under: frames up to %d bytes "
-                "still go out, and new messages are held to the lower limit", configured, limit, limit,
+                "frame limit %d is below %d, which messages stored under an earlier one need: frames up to %d "
+                "bytes still go out, and new messages are held to the lower limit", configured, limit, limit,
             )  # fmt: skip
         return limit
 

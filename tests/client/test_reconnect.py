@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from client import Client, ServerError
-from protocol import ConnectionLost, ErrorCode, PayloadTooLarge
+from protocol import ConnectionLost, ErrorCode, LocalProtocolError, PayloadTooLarge
 from tests.checker import History, check, read_all
 from tests.helpers import BrokerProcess, CuttingProxy, RawPeer, running_broker, url_of
 
@@ -189,9 +189,7 @@ async def test_a_publish_in_flight_at_a_crash_is_resent_and_stored_once(tmp_path
 
 async def test_a_resend_too_large_for_the_restarted_broker_fails_alone(tmp_path: Path) -> None:
     """The broker comes back with a smaller frame limit: the in-flight publish
-    that no longer fits fails with PayloadTooLarge; the client carries on.
-    (The broker still announces the larger limit its stored record was
-    written under, so the refusal is its own, not the client's.)"""
+    that no longer fits fails with PayloadTooLarge; the client carries on."""
     bp = BrokerProcess(tmp_path, env={"TIDINGS_FAULT": "before_write:crash:2"}).start()
     try:
         async with Client(bp.url, reconnect_deadline=30) as c:
@@ -203,7 +201,7 @@ async def test_a_resend_too_large_for_the_restarted_broker_fails_alone(tmp_path:
             bp = BrokerProcess(bp.data_dir, "--port", str(bp.port), "--max-frame-bytes", "65536").start()
             with pytest.raises(PayloadTooLarge) as caught:
                 await asyncio.wait_for(big, 30)
-            assert isinstance(caught.value, ServerError) and caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+            assert isinstance(caught.value, LocalProtocolError) and caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE
             assert await c.publish("Q", "E", "after") == 1
         assert await _read(bp) == [(0, "names known: the next publish takes the fast path"), (1, "after")]
     finally:
