@@ -56,6 +56,7 @@ from protocol import (
     Welcome,
 )
 from protocol.errors import FATAL_CODES
+from protocol.messages import MAX_MESSAGE_ID_LENGTH
 
 from ._address import CLIENT_CERT_HINT, DEFAULT_URL, connect_failed, parse_url, tls_hint
 from ._reconnect import BACKOFF_MAX, Reconnecting
@@ -93,6 +94,7 @@ DEFAULT_MAX_PENDING: Final = 10_000
 #: over past this, so a client publishing to ever new names keeps it bounded.
 NAME_CACHE_SIZE: Final = 4096
 _PUBLISH_TYPE: Final = FrameType.PUBLISH
+_MAX_ID: Final = MAX_MESSAGE_ID_LENGTH
 #: A PubAckRun yields each PUBACK's duplicate flag as its msgpack byte: this is true.
 _MSGPACK_TRUE: Final = 0xC3
 
@@ -294,7 +296,7 @@ class Transport(Reconnecting):
         if (
             not fast
             or self._reconnecting
-            or (message_id is not None and (type(message_id) is not str or not message_id))
+            or (message_id is not None and (type(message_id) is not str or not 0 < len(message_id) <= _MAX_ID))
         ):
             general = self._send_request(Publish(0, queue, event, payload, headers, message_id))
             self._remember_names(queue, event)  # valid: Publish() raised otherwise

@@ -50,6 +50,7 @@ from .names import check_durable, check_event, check_pattern, check_queue
 
 __all__ = [
     "FRAME_CLASSES",
+    "MAX_MESSAGE_ID_LENGTH",
     "MAX_PRODUCER_LENGTH",
     "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
@@ -86,6 +87,10 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 #: Longest producer id a HELLO may carry.
 MAX_PRODUCER_LENGTH: Final = 64
+#: Longest message_id a PUBLISH may carry (AMQP's message-id is a short
+#: string of 255 bytes): the broker keeps each id in memory for its dedup
+#: window, so an id as long as a message would be memory, not disk.
+MAX_MESSAGE_ID_LENGTH: Final = 255
 #: The header in which the broker stores a producer's sequence numbers with
 #: its records, "PRODUCER:FIRST-LAST" on the first record of each run (spec
 #: section 4); the client leaves it out of ``Message.headers``.
@@ -178,6 +183,12 @@ class Publish(Frame):
             # with it after the first would be taken for a duplicate and dropped.
             if not self.message_id:
                 _fail("PUBLISH", "message_id must not be empty (nil for none)", ErrorCode.BAD_REQUEST)
+            if len(self.message_id) > MAX_MESSAGE_ID_LENGTH:
+                _fail(
+                    "PUBLISH",
+                    f"message_id of {len(self.message_id)} characters, more than {MAX_MESSAGE_ID_LENGTH}",
+                    ErrorCode.BAD_REQUEST,
+                )
 
     @classmethod
     def from_wire(cls, items: list[Any]) -> Frame:

@@ -102,25 +102,35 @@ async def test_publish_ack_says_whether_the_broker_had_the_message_already(tmp_p
         assert not c._duplicates and not c._pending
 
 
-async def test_an_empty_message_id_is_refused_by_the_client_and_the_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [("", "message_id must not be empty"), ("m" * 256, "message_id of 256 characters, more than 255")],
+    ids=["empty", "too-long"],
+)
+async def test_an_empty_or_too_long_message_id_is_refused_by_the_client_and_the_broker(
+    tmp_path: Path, bad: str, why: str
+) -> None:
     """An empty id (an unset variable, most likely) would make every later
-    publish with it a duplicate, dropped: it is BAD_REQUEST, found before
-    sending on either publish path, and by the broker for any client."""
+    publish with it a duplicate, dropped; an id longer than 255 characters
+    (AMQP's limit) would be memory, kept for the dedup window, as long as a
+    message. Either is BAD_REQUEST, found before sending on either publish
+    path, and by the broker for any client; 255 characters are fine."""
     async with running_broker(tmp_path) as broker:
         async with connected(broker) as c:
             for _ in range(2):  # names new (general path), then known (fast path)
-                with pytest.raises(BadRequest, match="message_id must not be empty") as info:
-                    await c.publish("q", "e", 1, message_id="")
+                with pytest.raises(BadRequest, match=why) as info:
+                    await c.publish("q", "e", 1, message_id=bad)
                 assert isinstance(info.value, LocalProtocolError)
                 await c.publish("q", "e", 0)
             assert not c._pending
+            assert await c.publish("q", "e", 1, message_id="m" * 255) == 2
         peer = await RawPeer.connect(broker)
-        peer.send_wire([int(FrameType.PUBLISH), 2, "q", "e", 1, None, ""])
+        peer.send_wire([int(FrameType.PUBLISH), 2, "q", "e", 1, None, bad])
         reply = await peer.recv()
         assert isinstance(reply, Err) and (reply.req, reply.code) == (2, ErrorCode.BAD_REQUEST), reply
-        assert "message_id must not be empty" in reply.message
+        assert why in reply.message
         peer.send_wire([int(FrameType.PUBLISH), 3, "q", "e", 1, None, "x"])
-        assert await peer.recv() == PubAck(3, 2, False)  # the connection carries on
+        assert await peer.recv() == PubAck(3, 3, False)  # the connection carries on
         peer.close()
 
 
