@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("event", metavar="EVENT")
     pub.add_argument("payload", metavar="PAYLOAD", nargs="?", help="JSON (a bare word is a string)")
     pub.add_argument("-H", "--header", action="append", metavar="KEY=VALUE", help="a header (repeatable)")
-    pub.add_argument("--id", metavar="ID", help="message id for deduplication (stdin lines: ID-LINENO)")
+    pub.add_argument("--id", metavar="ID", help="message id for deduplication, at most 255 characters (stdin lines: ID-LINENO)")
     pub.add_argument("-s", "--string", action="store_true", help="the payload (or each line) is text, not JSON")
     pub.add_argument(
         "--inflight",
