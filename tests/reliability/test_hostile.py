@@ -261,6 +261,17 @@ async def _feed(pub: Client, session: Session) -> None:
         await pub.publish_many("Q", [("E", payload)] * 20)
 
 
+async def _fall_behind(broker: Broker, pub: Client) -> tuple[RawPeer, Session, asyncio.Task[None]]:
+    """A raw subscriber that reads nothing, fed by ``pub`` until the broker stops writing to it (and reading)."""
+    peer = await RawPeer.connect(broker)
+    peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
+    assert await peer.recv() == Ok(2)
+    (session,) = [s for s in broker.sessions if s.name == "raw"]
+    feeder = asyncio.create_task(_feed(pub, session))
+    await _until(lambda: session.write_paused)
+    return peer, session, feeder
+
+
 async def _until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
     async with asyncio.timeout(deadline):
         while not predicate():
@@ -278,12 +289,7 @@ async def test_a_subscriber_is_dropped_as_slow_only_after_one_whole_timeout_unre
     hold the transport of a closed connection until it fired)."""
     timeout = 1.5
     async with running_broker(tmp_path, slow_consumer_timeout=timeout) as broker, connected(broker, "pub") as pub:
-        peer = await RawPeer.connect(broker)
-        peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
-        assert await peer.recv() == Ok(2)
-        (session,) = [s for s in broker.sessions if s.name == "raw"]
-        feeder = asyncio.create_task(_feed(pub, session))
-        await _until(lambda: session.write_paused)
+        peer, session, feeder = await _fall_behind(broker, pub)
         first = time.monotonic()
         await asyncio.sleep(timeout / 3)  # (the timer under test: behind for a third of it)
         while session.write_paused:  # catch up, then read no more
@@ -316,12 +322,7 @@ async def test_a_subscriber_behind_on_reading_is_not_taken_for_silent(tmp_path: 
         running_broker(tmp_path, heartbeat=heartbeat, slow_consumer_timeout=30.0) as broker,
         connected(broker, "pub") as pub,
     ):
-        peer = await RawPeer.connect(broker)
-        peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
-        assert await peer.recv() == Ok(2)
-        (session,) = [s for s in broker.sessions if s.name == "raw"]
-        feeder = asyncio.create_task(_feed(pub, session))
-        await _until(lambda: session.write_paused)
+        peer, session, feeder = await _fall_behind(broker, pub)
         behind = time.monotonic()
         await asyncio.sleep(4 * heartbeat)  # (the timer under test: four intervals unread)
         assert session.write_paused and time.monotonic() - behind >= 4 * heartbeat
