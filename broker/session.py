@@ -192,8 +192,10 @@ class Session(Consuming, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # After its BYE a peer may shut its side (a half-close): what it is
-        # owed still goes out, and _on_bye closes ours. Otherwise close ours too.
-        return True if self._bye else None
+        # owed still goes out, and _on_bye closes ours. Otherwise close ours
+        # too. TLS has no half-close (asyncio warns, once per connection, that
+        # True has no effect there): the transport closes either way.
+        return True if self._bye and not self.config.tls else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
