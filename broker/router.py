@@ -417,6 +417,10 @@ class Group:
 
     # --- reporting ----------------------------------------------------------
 
-    def lag(self, log_end: int) -> int:
-        """Messages not yet acked (including in flight): ``log_end - floor - acked above``."""
-        return max(0, log_end - self.cursor.ack_floor - len(self.cursor.acked))
+    def lag(self, log_start: int, log_end: int) -> int:
+        """Messages not yet acked (including in flight): ``log_end - floor - acked above``,
+        from the log's first message if retention dropped some below it."""
+        cursor = self.cursor
+        if cursor.ack_floor >= log_start:
+            return max(0, log_end - cursor.ack_floor - len(cursor.acked))
+        return max(0, log_end - log_start - sum(1 for o in cursor.acked if o >= log_start))

@@ -133,7 +133,7 @@ def _entries(broker: Broker, section: str, after: Any, now: float) -> Iterator[t
                         "name": dname,
                         "events": list(group.filter.patterns),
                         "ack_floor": group.cursor.ack_floor,
-                        "lag": group.lag(queue.log.next_offset),
+                        "lag": group.lag(queue.log.first_offset, queue.log.next_offset),
                         "in_flight": len(group.in_flight),
                         "consumers": sum(1 for c in group.consumers if c.push),
                     },

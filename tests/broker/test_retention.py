@@ -37,6 +37,8 @@ async def test_size_limit_drops_the_oldest_segments(tmp_path: Path) -> None:
         assert dropped == info["first_offset"] > 100 and info["bytes"] <= 4 * SEGMENT
         batch = await c.fetch("Q", start="earliest", max_messages=1000)
         assert batch[0].offset == info["first_offset"] and batch[-1].offset == 199
+        # Its lag is what is left of the log (it counted the dropped messages too).
+        assert (await c.status())["durables"][0]["lag"] == 200 - info["first_offset"]
         # The slow durable held offset 0; it continues from the first retained message.
         first = await sub.next(timeout=5)
         assert first.offset == 0  # delivered before the drop
