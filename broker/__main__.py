@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="per queue, drop whole segments older than this, 0 = keep all (default: %(default)s)",
+        help="per queue, drop whole segments whose newest message is older than this, the one being written "
+        "included, 0 = keep all (default: %(default)s)",
     )
     p.add_argument(
         "--retention-check",

@@ -506,6 +506,17 @@ class QueueLog:
 
     # --- retention --------------------------------------------------------
 
+    def seal(self) -> None:
+        """Start a new, empty segment now, durably, so that the last one can be
+        dropped whole (retention by age of a queue nobody writes to any more).
+
+        Raises:
+            LogFailedError: an fsync failed; the log refuses all later work.
+            OSError: the old segment's zero tail could not be cut; nothing changed.
+        """
+        self._roll()
+        self.sync()  # the new segment's name is on disk before the old one goes
+
     def drop_segments_before(self, offset: int) -> int:
         """Delete whole sealed segments that end at or before ``offset``.
 

@@ -514,9 +514,14 @@ class Store:
             await self.flush_cursors()
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Drop whole sealed segments past each queue's retention; return the records dropped."""
+        """Drop whole sealed segments past each queue's retention; return the records dropped.
+
+        By age, the segment being written goes too once its newest message is
+        past the age: it is sealed first (a queue nobody publishes to any more
+        would otherwise keep its last segment's messages for ever).
+        """
         dropped = 0
-        for queue in self.queues.values():
+        for queue in list(self.queues.values()):
             policy = self.config.retention_for(queue.name)
             if not (policy.max_bytes or policy.max_age):
                 continue
@@ -536,6 +541,18 @@ class Store:
                     if seg.last_ts >= oldest:
                         break
                     cut = max(cut, seg.next_offset)
+                last = log.segments[-1]  # every segment before it past the age, and its newest message too?
+                expired = cut >= last.base and last.last_ts < oldest and last.next_offset > last.base
+                if expired and queue.committed == last.next_offset:
+                    try:
+                        log.seal()
+                    except LogFailedError as exc:
+                        self.fail(f"fsync failed: {exc}")
+                        return dropped
+                    except OSError as exc:
+                        logger.warning("queue %s: cannot seal its segment for retention: %s", queue.name, exc)
+                        continue
+                    cut = log.next_offset
             cut = min(cut, queue.committed)
             if policy.keep_unacked and queue.groups:
                 cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
