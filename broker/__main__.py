@@ -202,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="retention never drops a message that some durable has not acked",
     )
     p.add_argument(
-        "--repair", action="store_true", help="truncate a queue log at mid-file damage instead of refusing to serve it"
+        "--repair",
+        action="store_true",
+        help="truncate a queue log at mid-file damage instead of refusing to serve it: loses every record from the "
+        "damage on, later segment files included (copy the queue's folder aside first); new messages reuse the offsets",
     )
     p.add_argument(
         "--users",

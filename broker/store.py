@@ -648,7 +648,16 @@ def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
     events = meta.get("events")
     if not isinstance(events, list) or not all(isinstance(e, str) and check_pattern(e) is None for e in events):
         events = []
-    cursor = Cursor(state.ack_floor, set(state.acked))
+    end = queue.log.next_offset
+    if state.ack_floor > end:
+        # Acked past the log's end: records it had were lost since (cut by
+        # --repair, or never fsynced with --fsync never). Their offsets go to
+        # new messages, which it must not skip as acked.
+        logger.warning("queue %s: durable %s had acknowledged up to offset %d, past the log's end (%d): records were "
+                       "lost; it goes on from %d", queue.name, durable, state.ack_floor - 1, end, end)  # fmt: skip
+        cursor = Cursor(end, set())
+    else:
+        cursor = Cursor(state.ack_floor, {offset for offset in state.acked if offset < end})
     group = Group(
         queue.name,
         durable,
@@ -659,6 +668,7 @@ def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
         max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
         dead_letter=dead if isinstance(dead := meta.get("dead_letter"), str) and check_queue(dead) is None else None,
     )
+    group.dirty = cursor.ack_floor != state.ack_floor or len(cursor.acked) != len(state.acked)
     # Offsets handed out before the restart but never acked: mark them so
     # the next hand-out says "redelivered" (deliveries >= 2).
     delivered = int(_number(meta.get("delivered"), cursor.ack_floor))
