@@ -135,23 +135,32 @@ class Broker:
             logger.info("%d users from %s", len(self.users), self.config.users_file)
             if (exposed := self.users.exposed()) is not None:
                 logger.warning("%s", exposed)
-        self.store.open()
+        # Bound first (not yet serving), so that a port in use is said at once,
+        # not after reading back a large data directory.
+        loop = asyncio.get_running_loop()
+        self._server = server = await loop.create_server(
+            lambda: Session(self),
+            self.config.host,
+            self.config.port,
+            backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
+            reuse_address=True,
+            ssl=tls,
+            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
+            start_serving=False,
+        )
         try:
-            frame_limit = self.store.frame_limit(self.config.limits.max_frame_size)
-            self.limits = replace(self.config.limits, max_frame_size=frame_limit)
-            self.store.start()
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(
-                lambda: Session(self),
-                self.config.host,
-                self.config.port,
-                backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
-                reuse_address=True,
-                ssl=tls,
-                ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
-            )
+            self.store.open()
+            try:
+                frame_limit = self.store.frame_limit(self.config.limits.max_frame_size)
+                self.limits = replace(self.config.limits, max_frame_size=frame_limit)
+                self.store.start()
+                await server.start_serving()
+            except BaseException:
+                await self.store.aclose()  # (its files and the data directory's lock)
+                raise
         except BaseException:
-            await self.store.aclose()  # (its files and the data directory's lock)
+            server.close()
+            self._server = None
             raise
         host, port = self.address
         mtls = ", client certificates required" if self.config.tls_client_ca is not None else ""

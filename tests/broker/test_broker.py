@@ -509,14 +509,16 @@ async def test_one_data_directory_serves_one_broker_at_a_time(tmp_path: Path) ->
     """Two brokers on one directory would both append at the offsets they
     think are next, confirming the same offsets twice (one copy lost): the
     second is refused at start-up, naming the holder, and starts once the
-    first has stopped. A broker whose start fails after locking (its port
-    taken) lets go of the lock too."""
+    first has stopped. A broker whose port is taken says so before it
+    touches its data directory (it read back the whole directory first, slow
+    for a large one), and lets go of everything."""
     async with running_broker(tmp_path) as first, connected(first) as c:
         await c.publish("Q", "E", 0)
         with pytest.raises(DataDirInUse, match=rf"in use by another broker \(pid {os.getpid()}\)"):
             await Broker(BrokerConfig(host="127.0.0.1", port=0, data_dir=tmp_path)).start()
         with pytest.raises(OSError, match=r"(?i)address already in use"):
             await Broker(BrokerConfig(host="127.0.0.1", port=first.address[1], data_dir=tmp_path / "other")).start()
+        assert not (tmp_path / "other").exists()
         async with running_broker(tmp_path / "other"):
             pass
     async with running_broker(tmp_path) as again, connected(again) as c:
