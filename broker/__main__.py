@@ -73,17 +73,23 @@ data directory used by another broker), 2 usage error, 3 storage failure.
 """
 
 
-def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
+def _at_least(kind: type[float] | type[int], low: float, *, strict: bool = False):  # type: ignore[no-untyped-def]
+    """An argparse type: a number of ``kind``, at least ``low`` (above it if ``strict``)."""
+
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}: {text!r}")
         return value
 
     return parse
+
+
+def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
+    return _at_least(kind, 0, strict=True)
 
 
 def _frame_bytes(text: str) -> int:
@@ -139,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--segment-bytes",
-        type=_positive(int),
+        type=_at_least(int, 4096),
         default=BrokerConfig().segment_bytes,
         metavar="BYTES",
-        help="roll a queue's log file at this size (default: %(default)s)",
+        help="roll a queue's log file at this size, at least 4096 (default: %(default)s)",
     )
     p.add_argument(
         "--max-connections",
@@ -153,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--heartbeat",
-        type=float,
+        type=_at_least(float, 0),
         default=BrokerConfig().heartbeat,
         metavar="SECONDS",
         help="check each client for silence this often, 0 = off: PING after one silent interval, disconnect "
@@ -170,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--retention-bytes",
-        type=int,
+        type=_at_least(int, 0),
         default=0,
         metavar="BYTES",
         help="per queue, drop the oldest whole segments beyond this size, 0 = keep all (default: %(default)s)",
     )
     p.add_argument(
         "--retention-age",
-        type=float,
+        type=_at_least(float, 0),
         default=0.0,
         metavar="SECONDS",
         help="per queue, drop whole segments whose newest message is older than this, the one being written "
@@ -185,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--retention-check",
-        type=float,
+        type=_positive(float),
         default=BrokerConfig().retention_check,
         metavar="SECONDS",
         help="how often retention drops segments (default: %(default)s)",
@@ -216,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--auth-failure-delay",
-        type=float,
+        type=_at_least(float, 0),
         default=BrokerConfig().auth_failure_delay,
         metavar="SECONDS",
         help="with TIDINGS_TOKEN or --users: after 3 wrong tokens from one address within a minute, answer each further one "
