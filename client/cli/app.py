@@ -164,7 +164,8 @@ examples:
 QUEUES_EPILOG = """\
 The queues the broker has: offsets of the first retained and the next
 message, messages, size on disk, average publish rate. Delete one with
-`tidings delete QUEUE`.
+`tidings delete QUEUE`. Queues the broker refused at start-up (damage, an
+I/O error) are not listed: stderr names them (`tidings status` says why).
 
 examples:
   tidings queues
@@ -175,7 +176,8 @@ DURABLES_EPILOG = """\
 Durable cursors, of every queue or of QUEUE: their event filter, cursor (ack
 floor), lag (messages not yet acked), messages in flight and consumers
 attached. Delete one with `tidings delete QUEUE --durable NAME`, rewind or
-skip one with `tidings seek QUEUE --durable NAME --to POSITION`.
+skip one with `tidings seek QUEUE --durable NAME --to POSITION`. A QUEUE
+that does not exist, or that the broker refused at start-up, is exit 3.
 
 examples:
   tidings durables
@@ -347,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("event", metavar="EVENT")
     pub.add_argument("payload", metavar="PAYLOAD", nargs="?", help="JSON (a bare word is a string)")
     pub.add_argument("-H", "--header", action="append", metavar="KEY=VALUE", help="a header (repeatable)")
-    pub.add_argument("--id", metavar="ID", help="message id for deduplication, at most 255 characters (stdin lines: ID-LINENO)")
+    pub.add_argument(
+        "--id", metavar="ID", help="message id for deduplication, at most 255 characters (stdin lines: ID-LINENO)"
+    )
     pub.add_argument("-s", "--string", action="store_true", help="the payload (or each line) is text, not JSON")
     pub.add_argument(
         "--inflight",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from protocol import ServerError, TidingsError
+from protocol import ErrorCode, ServerError, TidingsError, check_queue
+from protocol.errors import local_error
 
 from ..client import Client
 from ..subscription import Message
@@ -390,12 +391,21 @@ async def run_queues(ctx: Context, client: Client) -> int:
         await ctx.out.line(json.dumps(info.get("queues", []), indent=2, default=str))
     else:
         await ctx.out.line(render_queues(info))
+    if failed := [str(f.get("name")) for f in info.get("failed_queues", [])]:
+        ctx.warn(f"not listed, cannot be served (see tidings status): {', '.join(failed)}")
     return EXIT_OK
 
 
 async def run_durables(ctx: Context, client: Client) -> int:
+    queue = ctx.args.queue
+    if queue is not None and (why := check_queue(queue)) is not None:
+        raise local_error(ErrorCode.INVALID_NAME, why)
     info = await client.status()
-    durables = [d for d in info.get("durables", []) if ctx.args.queue in (None, d.get("queue"))]
+    if queue is not None and queue not in {q.get("name") for q in info.get("queues", [])}:
+        failed = {f.get("name") for f in info.get("failed_queues", [])}
+        ctx.warn(f"queue {queue!r} {'cannot be served (see tidings status)' if queue in failed else 'does not exist'}")
+        return EXIT_REFUSED
+    durables = [d for d in info.get("durables", []) if queue in (None, d.get("queue"))]
     if ctx.args.json:
         await ctx.out.line(json.dumps(durables, indent=2, default=str))
     else:
