@@ -75,6 +75,8 @@ def dead_letter(store: Store, queue: Queue, group: Group) -> None:
         return
     target.expect_confirm(first + len(bodies), _DeadLetterDone(queue, group, offsets), [])
     store.appended(target)
+    logger.info("queue %s, durable %s: %d messages (offsets %d to %d) moved to %s after %d deliveries without an ack",
+                queue.name, group.name, len(offsets), min(offsets), max(offsets), target.name, group.max_deliveries)  # fmt: skip
 
 
 class _DeadLetterDone:

@@ -302,7 +302,9 @@ class Store:
             raise QueueUnavailable(name, "it is being deleted; retry", code=ErrorCode.CONFLICT)
         if not create:
             return None
-        return self._load(name)
+        queue = self._load(name)
+        logger.info("queue %s created", name)
+        return queue
 
     def delete_queue(self, name: str) -> Awaitable[None]:
         """Remove a queue and all its files (the caller checked it is idle).

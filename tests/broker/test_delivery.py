@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import logging
 import subprocess
 import sys
 import time
@@ -79,7 +80,10 @@ async def test_in_progress_keeps_a_redelivery_s_longer_ack_wait(tmp_path: Path) 
         assert again.deliveries == 3 and time.monotonic() - started >= 0.35
 
 
-async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path: Path) -> None:
+async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker")
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         sub = await c.subscribe("jobs", durable="workers", max_deliveries=3, prefetch=1)
         await c.publish("jobs", "user.created", {"id": 1}, headers={"trace": "t1"})
@@ -101,6 +105,11 @@ async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(tmp_path:
         info = await c.status()
         (durable,) = [d for d in info["durables"] if d["name"] == "workers"]
         assert durable["ack_floor"] == 2 and durable["lag"] == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert "queue jobs created" in said and "queue jobs.dead created" in said  # an operator sees both
+    assert "queue jobs, durable workers: 1 messages (offsets 0 to 0) moved to jobs.dead after 3 deliveries" in (
+        "\n".join(said)
+    )
 
 
 async def test_an_expired_ack_wait_can_dead_letter_into_a_new_queue(tmp_path: Path) -> None:
