@@ -54,7 +54,7 @@ durability (--fsync):
             crash of the broker process alone loses nothing.
   never     confirm after the write; the OS flushes when it likes.
 
-users (--users FILE, TOML; instead of TIDINGS_TOKEN): each client's token
+users (--users FILE, TOML; TIDINGS_TOKEN is then ignored): each client's token
 names one user, and each request is checked against what that user may do:
   [users.orders]
   token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...")
@@ -102,6 +102,17 @@ def _frame_bytes(text: str) -> int:
             f"{value} is below the minimum of {MIN_MAX_FRAME_BYTES} (room for a STATUS page and a message)"
         )
     return value
+
+
+def _token(users: Path | None) -> str | None:
+    """The shared token from TIDINGS_TOKEN, unless --users is given: then the
+    users file's tokens count, and TIDINGS_TOKEN (likely set for the
+    ``tidings`` tool in the same shell) is ignored, with a warning."""
+    token = os.environ.get("TIDINGS_TOKEN") or None
+    if token is not None and users is not None:
+        logging.getLogger("broker").warning("TIDINGS_TOKEN is ignored: --users is given, its tokens count")
+        return None
+    return token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="TOML file of users: their tokens and the queues each may publish to, subscribe to and delete "
-        "(see below; instead of TIDINGS_TOKEN; SIGHUP re-reads it)",
+        "(see below; TIDINGS_TOKEN is then ignored; SIGHUP re-reads it)",
     )
     p.add_argument(
         "--auth-failure-delay",
@@ -271,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_keep_unacked=args.keep_unacked,
         retention_check=args.retention_check,
         queues=load_queue_config(args.config) if args.config else {},
-        token=os.environ.get("TIDINGS_TOKEN") or None,
+        token=_token(args.users),
         users_file=args.users,
         auth_failure_delay=args.auth_failure_delay,
         tls_cert=args.tls_cert,

@@ -393,7 +393,6 @@ async def test_reload_without_a_users_file_says_so(tmp_path: Path, caplog: pytes
     [
         ('[users.a]\ntoken = "long-enough"\nsubscribe = ["a/b"]\n', {}, "'a/b'"),
         (None, {}, "No such file"),
-        (USERS, {"TIDINGS_TOKEN": "s3cret-token"}, "TIDINGS_TOKEN or --users, not both"),
     ],
 )
 def test_the_daemon_refuses_to_start_with_a_bad_users_file(
@@ -404,6 +403,23 @@ def test_the_daemon_refuses_to_start_with_a_bad_users_file(
     got = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert got.returncode == 1 and message in got.stderr and "Traceback" not in got.stderr, got.stderr
     assert not (tmp_path / "data").exists()  # refused before touching the data directory
+
+
+def test_the_daemon_with_users_ignores_tidings_token_and_says_so(tmp_path: Path) -> None:
+    """TIDINGS_TOKEN is also the ``tidings`` tool's: set in the shell that
+    starts the broker with --users, it is ignored with a warning (the broker
+    refused to start), and only the users file's tokens are taken."""
+    path = _users_file(tmp_path)
+    with broker_process(tmp_path / "data", "--users", str(path), env={"TIDINGS_TOKEN": "s3cret-token"}) as bp:
+
+        async def check() -> None:
+            with pytest.raises(AuthFailed):
+                await Client.open(bp.url, token="s3cret-token", reconnect=False)
+            async with Client(bp.url, token=ADMIN) as c:
+                await c.ping()
+
+        asyncio.run(check())
+    assert any("TIDINGS_TOKEN is ignored: --users is given" in line for line in bp.log), bp.log
 
 
 def _reloaded(bp: BrokerProcess, count: int) -> None:
