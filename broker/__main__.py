@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"tidings-broker: {exc}", file=sys.stderr)
         return 1
+    if config.token is not None:
+        logging.getLogger("broker").info("clients must present the token set in TIDINGS_TOKEN")
     if config.token is None and config.users_file is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("broker").warning(
             "no TIDINGS_TOKEN or --users: any client that can reach %s may connect", config.host
