@@ -411,8 +411,9 @@ class Queue:
                 if self.damage is None or self.damage[0] != o:
                     self.damage = (o, str(exc))
                     logger.error("queue %s: record %d is damaged (%s); readers stop before it. Move each durable "
-                                 "past it (tidings seek %s --durable NAME --to %d); a restart refuses the queue until "
-                                 "--repair cuts the log there", self.name, o, exc, self.name, o + 1)  # fmt: skip
+                                 "past it (tidings seek %s --durable NAME --to %d); a restart refuses the queue "
+                                 "(--repair would cut the log there, losing every record after it)",
+                                 self.name, o, exc, self.name, o + 1)  # fmt: skip
                 break
         return records
 
@@ -424,7 +425,10 @@ class Queue:
             return encode_error(req, ErrorCode.STORAGE_FAILED, why)
         if self.damage is None or self.damage[0] != offset:
             return None
-        why = f"record {offset} of queue {self.name!r} is damaged ({self.damage[1]}); seek past it"
+        why = (
+            f"record {offset} of queue {self.name!r} is damaged ({self.damage[1]}); "
+            f"a durable seeks past it, a plain read starts at {offset + 1}"
+        )
         return encode_error(req, ErrorCode.QUEUE_CORRUPT, why)
 
     def body(self, offset: int) -> bytes | None:
