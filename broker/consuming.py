@@ -39,6 +39,9 @@ from .publishing import Publishing
 from .queue import FetchWaiter, Queue
 from .router import AckError, Consumer, Group
 
+if TYPE_CHECKING:
+    from .users import User
+
 __all__ = ["Consuming"]
 
 logger = logging.getLogger("broker.session")  # (one logger for a connection's lines)
@@ -184,6 +187,19 @@ class Consuming(Publishing):
         self.subs[ev.sub_id] = PushSub(ev.sub_id, queue, group, consumer)
         self.write(self.conn.send(Ok(ev.req)))
         queue.pump(group, time.monotonic())
+
+    def consumes_within(self, user: User) -> bool:
+        """Whether ``user`` may still do what this connection is doing: read
+        each queue it subscribed to or fetched from, and write each dead-letter
+        queue its durables' subscriptions may fill. Its other requests are
+        checked as they come, so rights narrowed elsewhere (a users reload)
+        need not end the connection."""
+        for sub in self.subs.values():
+            queue, group = sub.queue.name, sub.group
+            dead = group.dead_letter or f"{queue}.dead"  # (as broker.deadletter names it)
+            if not user.subscribe(queue) or (group.max_deliveries and not user.publish(dead)):
+                return False
+        return all(user.subscribe(queue.name) for queue, _, _ in self.pullers.values())
 
     def _dead_letter_queue(self, ev: Subscribe) -> str:
         """The queue a durable subscription's dead letters would go to."""

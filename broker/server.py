@@ -221,11 +221,13 @@ class Broker:
         New connections authenticate against the new users at once. Of the
         connections already open, those of a user that is gone or whose token
         changed are closed with AUTH_FAILED (so the client stops: its token
-        is no longer good); those of a user whose rights no longer cover the
-        old ones are closed with PERMISSIONS_CHANGED, so the client
-        reconnects and resubscribes, and what is no longer allowed is refused
-        then; the others carry on under the new rights. A file that cannot be
-        used changes nothing.
+        is no longer good); those of a user whose rights no longer cover
+        what the connection is consuming (a queue it subscribed to or fetched
+        from, or a dead-letter queue its subscriptions may write) are closed
+        with PERMISSIONS_CHANGED, so the client reconnects and resubscribes,
+        and what is no longer allowed is refused then; the others carry on
+        under the new rights, which their next requests meet. A file that
+        cannot be used changes nothing.
 
         Returns:
             Whether the file was loaded.
@@ -251,8 +253,8 @@ class Broker:
             if new is None or not hmac.compare_digest(new.token_hash, old.token_hash):
                 session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} was removed or its token changed")
                 revoked += 1
-            elif new.keeps_rights_of(old):
-                session.user = new
+            elif new.keeps_rights_of(old) or session.consumes_within(new):
+                session.user = new  # its next requests are checked against the new rights
             else:
                 session.fatal(ErrorCode.PERMISSIONS_CHANGED, f"the rights of user {old.name!r} changed; reconnect")
                 narrowed += 1

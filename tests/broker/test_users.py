@@ -362,6 +362,35 @@ async def test_reload_closes_removed_users_and_reconnects_narrowed_ones(
     )
 
 
+async def test_a_narrowing_that_spares_what_a_connection_consumes_keeps_it(tmp_path: Path) -> None:
+    """Rights narrowed on queues a connection is not consuming from leave it
+    open: its subscription and its durable fetches go on, and its next
+    requests meet the new rights (PERMISSION_DENIED on the same connection).
+    (Any narrowing closed every connection of the user with
+    PERMISSIONS_CHANGED, which ends a `tidings sub` on a queue it may still
+    read; found by an operator walkthrough.)"""
+    wide = USERS.replace('subscribe = ["billing"]', 'subscribe = ["billing", "audit"]')
+    path = _users_file(tmp_path, wide)
+    async with (
+        running_broker(tmp_path, users_file=path) as broker,
+        Client(url_of(broker), token=ADMIN) as admin,
+        Client(url_of(broker), token=ORDERS) as orders,
+    ):
+        sub = await orders.subscribe("billing", durable="b")
+        assert await orders.fetch("billing", durable="p") == []
+        conn = orders.conn_id
+        path.write_text(USERS.replace('publish = ["orders", "orders.*"]', 'publish = ["orders"]'))  # no audit, orders.*
+        assert broker.reload_users()
+        await admin.publish("billing", "e", b"x")
+        assert (await sub.next(timeout=10)).payload == b"x"
+        with pytest.raises(PermissionDenied, match="no subscribe right on queue 'audit'"):
+            await orders.fetch("audit")
+        with pytest.raises(PermissionDenied, match=r"no publish right on queue 'orders\.eu'"):
+            await orders.publish("orders.eu", "e")
+        assert await orders.publish("orders", "e") == 0
+        assert (orders.conn_id, orders.reconnects) == (conn, 0)
+
+
 async def test_a_changed_token_is_refused_from_then_on(tmp_path: Path) -> None:
     path = _users_file(tmp_path)
     async with running_broker(tmp_path, users_file=path) as broker:
