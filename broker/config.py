@@ -180,7 +180,7 @@ class BrokerConfig:
             log is larger than this (0 = keep everything).
         retention_age: per queue, drop whole segments whose newest record is
             older than this many seconds, the one being written included
-            (sealed first: see Store.enforce_retention); 0 = keep everything.
+            (sealed first: see broker.retention); 0 = keep everything.
         retention_keep_unacked: never drop a record some durable has not acked.
         retention_check: seconds between retention passes.
         tls_cert: PEM certificate chain: serve TLS (``tidingss://``) only.

@@ -57,6 +57,7 @@ from .cursors import Cursor, CursorState, CursorStore
 from .deadletter import dead_letter
 from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue, QueueUnavailable
+from .retention import enforce_retention
 from .router import Group
 
 __all__ = ["DataDirInUse", "Store", "group_from_state"]
@@ -516,55 +517,8 @@ class Store:
             await self.flush_cursors()
 
     def enforce_retention(self, now_ms: int) -> int:
-        """Drop whole sealed segments past each queue's retention; return the records dropped.
-
-        By age, the segment being written goes too once its newest message is
-        past the age: it is sealed first (a queue nobody publishes to any more
-        would otherwise keep its last segment's messages for ever).
-        """
-        dropped = 0
-        for queue in list(self.queues.values()):
-            policy = self.config.retention_for(queue.name)
-            if not (policy.max_bytes or policy.max_age):
-                continue
-            log = queue.log
-            sealed = log.segments[:-1]
-            cut = log.first_offset
-            if policy.max_bytes:
-                size = log.size_bytes
-                for seg in sealed:
-                    if size <= policy.max_bytes:
-                        break
-                    size -= seg.size
-                    cut = max(cut, seg.next_offset)
-            if policy.max_age:
-                oldest = now_ms - int(policy.max_age * 1000)
-                for seg in sealed:
-                    if seg.last_ts >= oldest:
-                        break
-                    cut = max(cut, seg.next_offset)
-                last = log.segments[-1]  # every segment before it past the age, and its newest message too?
-                expired = cut >= last.base and last.last_ts < oldest and last.next_offset > last.base
-                if expired and queue.committed == last.next_offset:
-                    try:
-                        log.seal()
-                    except LogFailedError as exc:
-                        self.fail(f"fsync failed: {exc}")
-                        return dropped
-                    except OSError as exc:
-                        logger.warning("queue %s: cannot seal its segment for retention: %s", queue.name, exc)
-                        continue
-                    cut = log.next_offset
-            cut = min(cut, queue.committed)
-            if policy.keep_unacked and queue.groups:
-                cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
-            if cut > log.first_offset:
-                n = log.drop_segments_before(cut)
-                if n:
-                    logger.info("queue %s: retention dropped %d messages (now from offset %d)",
-                                queue.name, n, log.first_offset)  # fmt: skip
-                    dropped += n
-        return dropped
+        """Drop whole segments past each queue's retention (see :mod:`broker.retention`); return the records dropped."""
+        return enforce_retention(self, now_ms)
 
     async def flush_cursors(self) -> None:
         """Persist every durable cursor that changed (write-temp/fsync/rename/fsync-dir)."""

@@ -1,0 +1,81 @@
+"""Retention: whole segments past a queue's size or age limit are dropped,
+oldest first, never past what is committed (nor, with ``keep_unacked``, past
+any durable's ack floor). By age, the segment being written goes too once
+its newest message is past the age: it is sealed first, so a queue nobody
+publishes to any more keeps nothing past the age, and offsets go on from
+where they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .config import Retention
+from .log import LogFailedError
+from .queue import Queue
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["enforce_retention"]
+
+logger = logging.getLogger("broker.store")  # (the store's lines, as before)
+
+
+def enforce_retention(store: Store, now_ms: int) -> int:
+    """One retention pass over every queue of ``store``; the records dropped."""
+    dropped = 0
+    for queue in list(store.queues.values()):
+        policy = store.config.retention_for(queue.name)
+        if not (policy.max_bytes or policy.max_age):
+            continue
+        try:
+            cut = _cut(queue, policy, now_ms)
+        except LogFailedError as exc:  # sealing the last segment: fail-stop (R7)
+            store.fail(f"fsync failed: {exc}")
+            break
+        if policy.keep_unacked and queue.groups:
+            cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
+        log = queue.log
+        if cut > log.first_offset and (n := log.drop_segments_before(cut)):
+            logger.info("queue %s: retention dropped %d messages (now from offset %d)", queue.name, n, log.first_offset)
+            dropped += n
+    return dropped
+
+
+def _cut(queue: Queue, policy: Retention, now_ms: int) -> int:
+    """The offset below which ``policy`` drops ``queue``'s records (sealing its
+    last segment if all of it is past the age).
+
+    Raises:
+        LogFailedError: the seal's fsync failed.
+    """
+    log = queue.log
+    sealed = log.segments[:-1]
+    cut = log.first_offset
+    if policy.max_bytes:
+        size = log.size_bytes
+        for seg in sealed:
+            if size <= policy.max_bytes:
+                break
+            size -= seg.size
+            cut = max(cut, seg.next_offset)
+    if policy.max_age:
+        oldest = now_ms - int(policy.max_age * 1000)
+        for seg in sealed:
+            if seg.last_ts >= oldest:
+                break
+            cut = max(cut, seg.next_offset)
+        last = log.segments[-1]  # every segment before it past the age, and its newest message too?
+        expired = cut >= last.base and last.last_ts < oldest and last.next_offset > last.base
+        if expired and queue.committed == last.next_offset:
+            try:
+                log.seal()
+            except LogFailedError:
+                raise
+            except OSError as exc:  # (its zero tail could not be cut: nothing changed)
+                logger.warning("queue %s: cannot seal its segment for retention: %s", queue.name, exc)
+            else:
+                cut = log.next_offset
+    return min(cut, queue.committed)
