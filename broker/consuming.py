@@ -37,7 +37,7 @@ from protocol import (
 from .cursors import Cursor
 from .publishing import Publishing
 from .queue import FetchWaiter, Queue
-from .router import AckError, Consumer, Group
+from .router import AckError, Consumer, Group, dead_letter_queue
 
 if TYPE_CHECKING:
     from .users import User
@@ -195,9 +195,8 @@ class Consuming(Publishing):
         checked as they come, so rights narrowed elsewhere (a users reload)
         need not end the connection."""
         for sub in self.subs.values():
-            queue, group = sub.queue.name, sub.group
-            dead = group.dead_letter or f"{queue}.dead"  # (as broker.deadletter names it)
-            if not user.subscribe(queue) or (group.max_deliveries and not user.publish(dead)):
+            group = sub.group
+            if not user.subscribe(group.queue) or (group.max_deliveries and not user.publish(group.dead_letter_queue)):
                 return False
         return all(user.subscribe(queue.name) for queue, _, _ in self.pullers.values())
 
@@ -207,7 +206,7 @@ class Consuming(Publishing):
             return ev.dead_letter
         queue = self._queues.get(ev.queue)
         group = queue.groups.get(ev.durable) if queue is not None and ev.durable is not None else None
-        return (group.dead_letter if group is not None else None) or f"{ev.queue}.dead"
+        return group.dead_letter_queue if group is not None else dead_letter_queue(ev.queue, None)
 
     def _on_unsubscribe(self, ev: Unsubscribe) -> None:
         sub = self.subs.pop(ev.sub_id, None)

@@ -35,7 +35,7 @@ def dead_letter(store: Store, queue: Queue, group: Group) -> None:
     never lose the message.
     """
     dead = group.take_dead()
-    name = group.dead_letter or f"{queue.name}.dead"
+    name = group.dead_letter_queue
     try:
         if name == queue.name or check_queue(name) is not None:
             raise ValueError(f"{name!r} cannot be a dead-letter queue for {queue.name!r}")

@@ -38,7 +38,7 @@ from protocol import ErrorCode, EventFilter
 
 from .cursors import Cursor
 
-__all__ = ["AckError", "Consumer", "Group"]
+__all__ = ["AckError", "Consumer", "Group", "dead_letter_queue"]
 
 #: A message not acked within this time is redelivered (NATS AckWait default).
 DEFAULT_ACK_WAIT: Final = 30.0
@@ -417,6 +417,11 @@ class Group:
 
     # --- reporting ----------------------------------------------------------
 
+    @property
+    def dead_letter_queue(self) -> str:
+        """Where its dead letters go: ``dead_letter``, else ``<queue>.dead``."""
+        return dead_letter_queue(self.queue, self.dead_letter)
+
     def lag(self, log_start: int, log_end: int) -> int:
         """Messages not yet acked (including in flight): ``log_end - floor - acked above``,
         from the log's first message if retention dropped some below it."""
@@ -424,3 +429,8 @@ class Group:
         if cursor.ack_floor >= log_start:
             return max(0, log_end - cursor.ack_floor - len(cursor.acked))
         return max(0, log_end - log_start - sum(1 for o in cursor.acked if o >= log_start))
+
+
+def dead_letter_queue(queue: str, named: str | None) -> str:
+    """The dead-letter queue of a durable of ``queue``: the one it ``named``, else ``<queue>.dead``."""
+    return named or f"{queue}.dead"
