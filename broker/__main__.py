@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repair",
         action="store_true",
-        help="truncate a queue log at mid-file damage instead of refusing to serve it: loses every record from the "
-        "damage on, later segment files included (copy the queue's folder aside first); new messages reuse the offsets",
+        help="serve a queue whose log is damaged instead of refusing it: rewrite the damaged segment file, keeping "
+        "every intact record and putting a 'tidings.lost' message at each offset that cannot be read back (copy the "
+        "queue's folder aside first to keep the damaged bytes)",
     )
     p.add_argument(
         "--users",

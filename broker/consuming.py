@@ -22,7 +22,6 @@ from protocol import (
     Ack,
     Delete,
     ErrorCode,
-    EventFilter,
     Fetch,
     Frame,
     Nack,
@@ -32,6 +31,7 @@ from protocol import (
     Subscribe,
     Unsubscribe,
     encode_batch,
+    subscription_filter,
 )
 
 from .cursors import Cursor
@@ -152,7 +152,7 @@ class Consuming(Publishing):
                     f"cannot attach with {list(events)}",
                 )
                 return None
-            group.filter = EventFilter(events)
+            group.filter = subscription_filter(events)
             group.dirty = True
         if ack_wait:
             group.ack_wait = ack_wait
@@ -390,7 +390,7 @@ class Consuming(Publishing):
                 ev.max_messages,
                 max_frame=self.conn.max_frame_size,
                 position=self._start_offset(queue, ev.start, ev.start_value),
-                filter=EventFilter(ev.events),
+                filter=subscription_filter(ev.events),
             )
         frame = queue.take_for_fetch(waiter, time.monotonic())
         if frame is not None:

@@ -107,7 +107,8 @@ from pathlib import Path
 from typing import Final
 
 from . import faults
-from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records
+from .repair import drop_stale, salvage
+from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records, fsync_dir
 
 __all__ = ["CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir"]
 
@@ -145,13 +146,61 @@ def _open_fd(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that entries created or renamed in it are durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _base(path: Path) -> int:
+    """The first offset of the segment file at ``path`` (its name)."""
+    return int(path.name[: -len(SUFFIX)])
+
+
+def _recover(
+    path: Path, start: int, end: int | None, *, point: int, repair: bool, floor_ts: int, segment_bytes: int
+) -> Segment | None:
+    """Open and scan one segment file that must hold the log from offset ``start`` on.
+
+    With ``repair``, a segment that does not start at ``start``, that is
+    damaged, or that is the last and ends before the recovery point is
+    salvaged first (:func:`broker.repair.salvage`); None if nothing of it is left.
+
+    Args:
+        end: the next segment's first offset; None for the last segment.
+        floor_ts: the timestamp of the log's record before ``start`` (0: none).
+        segment_bytes: the configured segment size (bounds a repair's markers).
+
+    Raises:
+        CorruptLogError: it is damaged (as above) and not ``repair``, or
+            beyond repair (see ``salvage``).
+        LogFailedError: a cut or a repair could not be made durable.
+    """
+    if _base(path) != start:
+        why = f"starts at offset {_base(path)}, the previous segment ends at {start}"
+        if not repair:
+            raise CorruptLogError(path, 0, why)
+    else:
+        try:
+            return _scanned(path, start, end, point)
+        except CorruptLogError as exc:
+            if not repair:
+                raise
+            why = f"byte {exc.position}: {exc.reason}"
+    with _durably(f"{path}: repair"):
+        salvaged = salvage(path, start, end, point, why, floor_ts, segment_bytes)
+    # Rewritten and fsynced whole: nothing in it is torn, and a recovery point it
+    # does not reach was not believed (see salvage); open() lowers it.
+    return None if salvaged is None else _scanned(salvaged, start, end, 0)
+
+
+def _scanned(path: Path, base: int, end: int | None, point: int) -> Segment:
+    """The segment at ``path``, scanned (see ``Segment.scan``); the last one must reach the recovery point."""
+    segment = Segment(path, _open_fd(path), base)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        segment.scan(last=end is None, point=point)
+        if end is None and point > segment.next_offset:
+            # Synced records are missing at the end (a truncated or lost file).
+            why = f"the log ends at record {segment.next_offset}, but records below {point} had been fsynced"
+            raise CorruptLogError(path, segment.size, why)
+    except BaseException:
+        os.close(segment.fd)
+        raise
+    return segment
 
 
 class QueueLog:
@@ -190,7 +239,8 @@ class QueueLog:
         Args:
             directory: the queue's directory.
             segment_bytes: roll a segment once its records reach this size.
-            repair: cut at damage instead of refusing the log.
+            repair: rewrite a damaged segment with lost markers
+                (:mod:`broker.repair`) instead of refusing the log.
             extend_bytes: the preallocation step (tests use small ones).
 
         Raises:
@@ -200,33 +250,22 @@ class QueueLog:
             OSError: the directory or a file cannot be created or read.
         """
         directory.mkdir(parents=True, exist_ok=True)
+        if repair:
+            drop_stale(directory)
         names = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
         point = _read_point(directory)
         segments: list[Segment] = []
         try:
             for i, path in enumerate(names):
                 faults.hit("during_recovery")
-                segment = Segment(path, _open_fd(path), int(path.name[: -len(SUFFIX)]))
-                if segments and segment.base != segments[-1].next_offset:
-                    gap = f"starts at offset {segment.base}, the previous segment ends at {segments[-1].next_offset}"
-                    os.close(segment.fd)
-                    if not repair:
-                        raise CorruptLogError(path, 0, gap)
-                    logger.warning("%s: repair: dropping it and %d later segments: %s", path, len(names) - i - 1, gap)
-                    with _durably(f"{directory}: repair"):
-                        for later in names[i:]:
-                            later.unlink()
-                        fsync_dir(directory)
-                    break
-                segments.append(segment)
-                segment.scan(last=i == len(names) - 1, repair=repair, point=point)
-            if segments and point > segments[-1].next_offset:
-                # Synced records are missing at the end (a truncated or lost file).
-                last = segments[-1]
-                why = f"the log ends at record {last.next_offset}, but records below {point} had been fsynced"
-                if not repair:
-                    raise CorruptLogError(last.path, last.size, why)
-                logger.warning("%s: repair: %s", last.path, why)
+                end = None if i == len(names) - 1 else _base(names[i + 1])
+                start = segments[-1].next_offset if segments else _base(path)
+                floor = segments[-1].last_ts if segments else 0
+                segment = _recover(
+                    path, start, end, point=point, repair=repair, floor_ts=floor, segment_bytes=segment_bytes
+                )
+                if segment is not None:
+                    segments.append(segment)
             created = not segments
             if created:
                 path = directory / f"{0:020d}{SUFFIX}"
@@ -246,7 +285,7 @@ class QueueLog:
                     os.fsync(last.fd)
                     fsync_dir(directory)
                 last.synced = last.next_offset
-            if point > last.next_offset:  # repaired below it: the old point would be a false claim now
+            if point > last.next_offset:  # no segment file left at all: the old point would be a false claim now
                 with _durably(f"{directory}: the recovery point"):
                     _write_point(directory, last.next_offset)
         except BaseException:

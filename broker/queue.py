@@ -23,7 +23,7 @@ there, the queue notes the damage (``damage``, in STATUS; logged once), push
 consumers of a durable stop at it, and a FETCH that reaches it is answered
 with ``QUEUE_CORRUPT``. Publishing goes on. An operator moves each durable
 past it (``tidings seek``); a restart refuses the queue like any damage
-until ``--repair`` cuts the log there.
+until ``--repair`` puts a lost marker in its place (:mod:`broker.repair`).
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ class Queue:
                     self.damage = (o, str(exc))
                     logger.error("queue %s: record %d is damaged (%s); readers stop before it. Move each durable "
                                  "past it (tidings seek %s --durable NAME --to %d); a restart refuses the queue "
-                                 "(--repair would cut the log there, losing every record after it)",
+                                 "(--repair would put a tidings.lost record in its place)",
                                  self.name, o, exc, self.name, o + 1)  # fmt: skip
                 break
         return records

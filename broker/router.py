@@ -34,7 +34,7 @@ import heapq
 from collections.abc import Iterable
 from typing import Final
 
-from protocol import ErrorCode, EventFilter
+from protocol import ErrorCode, subscription_filter
 
 from .cursors import Cursor
 
@@ -107,7 +107,7 @@ class Group:
     ) -> None:
         self.queue = queue
         self.name = name
-        self.filter = EventFilter(events)
+        self.filter = subscription_filter(events)
         self.cursor = cursor
         self.read_pos = max(read_pos, cursor.ack_floor)
         self.ack_wait = ack_wait

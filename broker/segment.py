@@ -55,10 +55,9 @@ intact records (a page that never reached the disk), follow the torn-tail
 rules above. Sealed segments never have a zero tail: a roll truncates the old
 segment to its data before fsyncing it, so zeros there are damage.
 
-Damage raises :class:`CorruptLogError` naming the file and position, unless
-the operator asked for ``repair``, which truncates there and drops later
-segments. A log that ends cleanly before the recovery point lost synced
-records, which is damage as well.
+Damage raises :class:`CorruptLogError` naming the file and position (what
+``--repair`` then does is in :mod:`broker.repair`). A log that ends cleanly
+before the recovery point lost synced records, which is damage as well.
 
 What a claim cannot cover: the records fsynced by the last fsyncs before an
 unclean stop, until a later record or a clean close records it. Damage to
@@ -69,6 +68,7 @@ the very last record always was.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -78,7 +78,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Final
 
-__all__ = ["HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "encode_records"]
+__all__ = ["HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "check_any", "encode_records", "fsync_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class CorruptLogError(Exception):
         super().__init__(f"{path}: corrupt record at byte {position}: {reason}")
         self.path = path
         self.position = position
+        self.reason = reason
 
 
 def encode_records(bodies: list[bytes], first: int, timestamp_ms: int, synced: int) -> bytes:
@@ -146,13 +147,22 @@ def encode_records(bodies: list[bytes], first: int, timestamp_ms: int, synced: i
     return b"".join(parts)
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that entries created or renamed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _claim(buf: bytes | memoryview, pos: int) -> int:
     """The offset below which the record at ``buf[pos:]`` (already checked) says all was fsynced."""
     offset, unsynced = _unpack_claim(buf, pos)
     return 0 if unsynced == NO_CLAIM else offset - unsynced
 
 
-def _check(buf: bytes | memoryview, pos: int, expect: int, crc: bool = True) -> tuple[int, int, str | None]:
+def _check(buf: bytes | memoryview | mmap.mmap, pos: int, expect: int, crc: bool = True) -> tuple[int, int, str | None]:
     """Check the record at ``buf[pos:]``; with ``crc`` False only its header (a read
     stepping over records on its way to a later offset, so that a damaged record's
     body does not hide the records after it).
@@ -176,6 +186,15 @@ def _check(buf: bytes | memoryview, pos: int, expect: int, crc: bool = True) -> 
     if offset != expect:
         return 0, 0, f"offset {offset} where {expect} was expected"
     return length, ts, None
+
+
+def check_any(buf: bytes | mmap.mmap, pos: int) -> tuple[int, int, int] | None:
+    """``(offset, timestamp, length)`` of a whole valid record at ``buf[pos:]``, whatever its offset, or None."""
+    if len(buf) - pos < HEADER_SIZE:
+        return None
+    offset = _unpack_head(buf, pos)[2]
+    length, ts, why = _check(buf, pos, offset)
+    return None if why is not None else (offset, ts, length)
 
 
 class Segment:
@@ -246,16 +265,15 @@ class Segment:
         self.last_ts = ts
         return before[-1] + len(bodies) * HEADER_SIZE
 
-    def scan(self, *, last: bool, repair: bool, point: int) -> None:
+    def scan(self, *, last: bool, point: int) -> None:
         """Read the file, build the index, and cut a torn tail (see the module docstring).
 
         Args:
             last: this is the queue's last segment (sealed ones were fsynced whole).
-            repair: truncate at damage instead of raising.
             point: the recovery point: offsets below it were fsynced.
 
         Raises:
-            CorruptLogError: damage that is not a torn tail, and not ``repair``.
+            CorruptLogError: damage that is not a torn tail.
         """
         size = os.fstat(self.fd).st_size
         pos = 0
@@ -321,10 +339,7 @@ class Segment:
                 )  # fmt: skip
                 self._truncate(pos)
                 return
-        if not repair:
-            raise CorruptLogError(self.path, pos, damage)
-        logger.warning("%s: repair: cutting %d bytes from byte %d on: %s", self.path, size - pos, pos, damage)
-        self._truncate(pos)
+        raise CorruptLogError(self.path, pos, damage)
 
     def _is_version_1(self, pos: int, size: int) -> bool:
         """Is a whole, CRC-valid record of format version 1 at ``pos``?"""
@@ -365,15 +380,13 @@ class Segment:
         at = tail.find(needle, 1)
         while at != -1:
             nxt = at + 1
-            offset = _unpack_head(tail, at)[2] if len(tail) - at >= HEADER_SIZE else expect
-            if offset > expect:
-                length, _, why = _check(tail, at, offset)
-                if why is None:
-                    intact += 1
-                    claim = _claim(tail, at)
-                    if claim > expect:
-                        return intact, (pos + at, claim)
-                    nxt = at + HEADER_SIZE + length  # not into its body: a payload may hold record bytes
+            record = check_any(tail, at)
+            if record is not None and record[0] > expect:
+                intact += 1
+                claim = _claim(tail, at)
+                if claim > expect:
+                    return intact, (pos + at, claim)
+                nxt = at + HEADER_SIZE + record[2]  # not into its body: a payload may hold record bytes
             at = tail.find(needle, nxt)
         return intact, None
 

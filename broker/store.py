@@ -606,9 +606,10 @@ def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
         events = []
     end = queue.log.next_offset
     if state.ack_floor > end:
-        # Acked past the log's end: records it had were lost since (cut by
-        # --repair, or never fsynced with --fsync never). Their offsets go to
-        # new messages, which it must not skip as acked.
+        # Acked past the log's end: records it had were lost since (never
+        # fsynced with --fsync never, or a last segment file lost with its
+        # recovery point). Their offsets go to new messages, which it must
+        # not skip as acked.
         logger.warning("queue %s: durable %s had acknowledged up to offset %d, past the log's end (%d): records were "
                        "lost; it goes on from %d", queue.name, durable, state.ack_floor - 1, end, end)  # fmt: skip
         cursor = Cursor(end, set())

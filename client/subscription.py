@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from protocol import ConnectionClosed, ServerError, TidingsError
+from protocol import LOST_EVENT, ConnectionClosed, ServerError, TidingsError
 
 if TYPE_CHECKING:
     import asyncio
@@ -68,6 +68,16 @@ class Message:
     durable: str | None = None
     _client: Client | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
+
+    @property
+    def lost(self) -> bool:
+        """Whether this stands for a message lost to damage (event ``tidings.lost``).
+
+        The broker's ``--repair`` puts one where a damaged record was; its
+        payload says what happened. Every subscription gets it whatever its
+        event filter. Acknowledge it like any message.
+        """
+        return self.event == LOST_EVENT
 
     @property
     def redelivered(self) -> bool:

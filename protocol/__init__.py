@@ -57,12 +57,23 @@ from .messages import (
     Unsubscribe,
     Welcome,
 )
-from .names import EventFilter, check_durable, check_event, check_pattern, check_queue
+from .names import (
+    LOST_EVENT,
+    RESERVED_EVENT_PREFIX,
+    EventFilter,
+    check_durable,
+    check_event,
+    check_pattern,
+    check_queue,
+    subscription_filter,
+)
 from .wire import PubAckRun, encode_batch, encode_deliver, encode_pubacks, encode_record, record_event
 
 __all__ = [
+    "LOST_EVENT",
     "PRODUCER_HEADER",
     "PROTOCOL_VERSION",
+    "RESERVED_EVENT_PREFIX",
     "STATUS_SECTIONS",
     "Ack",
     "AuthFailed",
@@ -129,4 +140,5 @@ __all__ = [
     "encode_pubacks",
     "encode_record",
     "record_event",
+    "subscription_filter",
 ]

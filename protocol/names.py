@@ -9,6 +9,12 @@ files are impossible) and never containing ``/`` or NUL. Event names allow
 An event *filter* is an event name in which ``*`` matches any run of
 characters (``user.*`` matches ``user.created`` and ``user.a.b``). An empty
 filter list means "every event".
+
+Event names starting with ``tidings.`` are the broker's: a PUBLISH may not
+use them. The broker's one so far is :data:`LOST_EVENT`, the record that
+``--repair`` puts where a damaged message was (see :mod:`broker.repair`);
+every subscription's filter passes it (:func:`subscription_filter`): the
+lost message may have been one it wanted.
 """
 
 from __future__ import annotations
@@ -18,17 +24,24 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 __all__ = [
+    "LOST_EVENT",
     "MAX_NAME_LENGTH",
+    "RESERVED_EVENT_PREFIX",
     "EventFilter",
     "check_durable",
     "check_event",
     "check_pattern",
     "check_queue",
+    "subscription_filter",
 ]
 
 #: Long enough for dotted names such as ``orders.eu-west.dead``; short enough
 #: that a path built from a queue and a durable stays far below PATH_MAX.
 MAX_NAME_LENGTH: Final = 128
+#: Event names the broker writes itself; a PUBLISH may not use them.
+RESERVED_EVENT_PREFIX: Final = "tidings."
+#: The event of a record that stands for a message lost to damage (``--repair``).
+LOST_EVENT: Final = RESERVED_EVENT_PREFIX + "lost"
 
 _QUEUE_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _EVENT_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._:/-]{0,127}")
@@ -59,8 +72,11 @@ def check_durable(value: object) -> str | None:
 
 
 def check_event(value: object) -> str | None:
-    """Return why ``value`` is not a valid event name, or None if it is."""
-    return _check("event name", value, _EVENT_RE)
+    """Return why ``value`` is not a valid event name to publish, or None if it is."""
+    why = _check("event name", value, _EVENT_RE)
+    if why is None and isinstance(value, str) and value.startswith(RESERVED_EVENT_PREFIX):
+        return f"invalid event name {value!r}: names starting with {RESERVED_EVENT_PREFIX!r} are the broker's"
+    return why
 
 
 def check_pattern(value: object) -> str | None:
@@ -104,14 +120,15 @@ class EventFilter:
 
     Args:
         patterns: event names or patterns; empty means every event matches.
+        always: names that pass whatever the patterns (see :func:`subscription_filter`).
     """
 
     __slots__ = ("_exact", "_globs", "match_all", "patterns")
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], *, always: Iterable[str] = ()) -> None:
         self.patterns = tuple(patterns)
         self.match_all = not self.patterns or "*" in self.patterns
-        self._exact = frozenset(p for p in self.patterns if "*" not in p)
+        self._exact = frozenset(p for p in self.patterns if "*" not in p).union(always)
         self._globs = tuple(_glob(p) for p in self.patterns if "*" in p)
 
     def __call__(self, event: str) -> bool:
@@ -122,3 +139,8 @@ class EventFilter:
 
     def __repr__(self) -> str:
         return f"EventFilter({list(self.patterns)!r})"
+
+
+def subscription_filter(events: Iterable[str]) -> EventFilter:
+    """The filter of a subscription to ``events``: it passes :data:`LOST_EVENT` too."""
+    return EventFilter(events, always=(LOST_EVENT,))

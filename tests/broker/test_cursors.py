@@ -147,8 +147,8 @@ def test_random_damage_never_yields_a_cursor_ahead_of_the_last_save(
 async def test_a_durable_past_the_end_of_a_log_that_lost_records_takes_the_new_ones(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Records a durable acknowledged can be lost after all: cut by --repair
-    at damage, or never fsynced (--fsync never) before a power cut. Their
+    """Records a durable acknowledged can be lost after all: never fsynced
+    (--fsync never) before a power cut, or files lost with the recovery point. Their
     offsets then go to new messages, which the durable gets: it goes on from
     the log's end, with a warning. (It took them for acknowledged and skipped
     them, silently; found after a --repair by an operator walkthrough.)"""

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from broker import faults
 from broker.log import POINT_FILE, CorruptLogError, LogFailedError, QueueLog
 from broker.segment import HEADER_SIZE, MAGIC, READ_CHUNK
+from protocol import LOST_EVENT
 from tests.helpers import records_end
 
 SEG = 4096  # the smallest segment size the config allows: many rolls in small tests
@@ -44,6 +45,12 @@ def _all(log: QueueLog) -> list[bytes]:
         out += [b for _, _, b in got]
         offset += len(got)
     return out
+
+
+def _lost(bodies: list[bytes]) -> list[int]:
+    """The offsets (from 0) of the lost markers among ``bodies``."""
+    marker = b"\xac" + LOST_EVENT.encode()  # a record body starts with its event, a fixstr
+    return [i for i, body in enumerate(bodies) if body.startswith(marker)]
 
 
 def _segments(path: Path) -> list[Path]:
@@ -368,7 +375,8 @@ def test_damage_in_the_middle_refuses_the_log(tmp_path: Path) -> None:
         QueueLog.open(tmp_path, segment_bytes=1 << 20)
     assert seg.name in str(err.value) and f"byte {5 * rec}" in str(err.value)
     log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)  # the operator's choice
-    assert log.next_offset == 5
+    assert log.next_offset == 20  # the records after it are kept (tests/broker/test_repair.py)
+    assert _lost(_all(log)) == [5]
     log.close()
 
 
@@ -381,8 +389,8 @@ def test_damage_in_a_sealed_segment_refuses_the_log(tmp_path: Path) -> None:
     with pytest.raises(CorruptLogError):
         QueueLog.open(tmp_path, segment_bytes=SEG)
     log = QueueLog.open(tmp_path, segment_bytes=SEG, repair=True)
-    assert len(_segments(tmp_path)) == 1  # later segments no longer continue it: dropped
-    assert _all(log) == [_body(i) for i in range(log.next_offset)]
+    kept = _all(log)
+    assert len(kept) == 400 and _lost(kept) == [log.segments[1].base - 1]  # later segments kept
     log.close()
 
 
@@ -420,7 +428,7 @@ def test_a_hole_before_a_later_sync_group_is_damage(tmp_path: Path, record: int)
     assert err.value.path == seg and err.value.position == record * rec
     assert f"byte {record * rec}" in str(err.value)
     log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)
-    assert log.next_offset == record
+    assert log.next_offset == 20 and _lost(_all(log)) == [record]
     log.close()
 
 
@@ -482,14 +490,15 @@ def test_synced_records_missing_at_the_end_are_damage(tmp_path: Path) -> None:
     seg.write_bytes(seg.read_bytes()[: 15 * rec])  # a clean cut between records
     with pytest.raises(CorruptLogError, match="ends at record 15, but records below 20"):
         QueueLog.open(tmp_path, segment_bytes=1 << 20)
-    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)  # lowers the recovery point
-    assert log.next_offset == 15
+    log = QueueLog.open(tmp_path, segment_bytes=1 << 20, repair=True)  # marks 15-19 lost
+    assert log.next_offset == 20 and _lost(_all(log)) == [15, 16, 17, 18, 19]
     log.append([b"x", b"y"], 1)
     _crash(log)
+    size = records_end(seg)
     with seg.open("r+b") as f:  # the unsynced y is torn: a torn tail again, not damage
-        f.truncate(16 * rec + 5)
+        f.truncate(size - 5)
     log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
-    assert log.next_offset == 16
+    assert log.next_offset == 21
     log.close()
 
 
