@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +34,7 @@ from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WIN
 from .session import Session
 from .status import status_page
 from .store import Store
+from .tls import ServerTls
 from .users import Users, load_users
 
 __all__ = ["Broker"]
@@ -48,38 +48,6 @@ def package_version() -> str:
         return version("tidings")
     except PackageNotFoundError:  # running from a source tree
         return "0+unknown"
-
-
-def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
-    """The server's TLS context (TLS 1.2 and later), or None without ``tls_cert``.
-
-    Raises:
-        ConfigError: a certificate, key or CA file cannot be read or used.
-    """
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    # ssl's errors for a missing file name no file ("[Errno 2] No such file or
-    # directory"): open each one first, to say which.
-    for what, path in (("certificate", config.tls_cert), ("key", config.tls_key), ("client CA", config.tls_client_ca)):
-        if path is not None:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"cannot read the TLS {what} file {path}: {exc.strerror or exc}") from exc
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot use TLS certificate {config.tls_cert} with key {config.tls_key}: {exc}") from exc
-    if config.tls_client_ca is not None:
-        try:
-            ctx.load_verify_locations(cafile=config.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot use client CA file {config.tls_client_ca}: {exc}") from exc
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 class Broker:
@@ -110,6 +78,9 @@ class Broker:
         self.users: Users | None = None
         #: Remote address -> (failed authentications in a row, monotonic time of the last).
         self._auth_failures: dict[str, tuple[int, float]] = {}
+        #: The TLS context and the files behind it (None without TLS); set by start(),
+        #: reloaded by :meth:`reload`.
+        self.tls: ServerTls | None = None
 
     def __repr__(self) -> str:
         return f"<Broker {self.config.host}:{self.config.port} connections={len(self.sessions)}>"
@@ -129,7 +100,8 @@ class Broker:
                 created, or another broker uses it (``DataDirInUse``).
             ConfigError: the TLS files or the users file cannot be used.
         """
-        tls = tls_context(self.config)  # (its errors first: before any file is touched)
+        # The TLS files' errors first: before any file is touched.
+        self.tls = tls = ServerTls(self.config) if self.config.tls else None
         if self.config.users_file is not None:
             self.users = load_users(self.config.users_file)
             logger.info("%d users from %s", len(self.users), self.config.users_file)
@@ -144,7 +116,7 @@ class Broker:
             self.config.port,
             backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
             reuse_address=True,
-            ssl=tls,
+            ssl=tls.context if tls is not None else None,
             ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
             start_serving=False,
         )
@@ -214,6 +186,23 @@ class Broker:
         if count == AUTH_FREE_FAILURES + 1:
             logger.warning("%s: %d wrong tokens within a minute: answering each further one more slowly", host, count)
         return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
+
+    def reload(self) -> bool:
+        """What SIGHUP does: read the users file and the TLS files again.
+
+        Each is reloaded on its own (see :meth:`reload_users` and
+        :meth:`broker.tls.ServerTls.reload`): files that cannot be used leave
+        what they would replace in force, and the other still reloads.
+
+        Returns:
+            Whether everything there was to reload was loaded.
+        """
+        if self.config.users_file is None and self.tls is None:
+            logger.warning("nothing to reload: no --users file and no TLS")
+            return False
+        users = self.config.users_file is None or self.reload_users()
+        tls = self.tls is None or self.tls.reload()
+        return users and tls
 
     def reload_users(self) -> bool:
         """Read the users file again (the daemon does on SIGHUP).

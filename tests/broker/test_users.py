@@ -409,9 +409,11 @@ async def test_a_changed_token_is_refused_from_then_on(tmp_path: Path) -> None:
 async def test_reload_without_a_users_file_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running_broker(tmp_path) as broker:
         assert not broker.reload_users()
+        assert not broker.reload()  # (SIGHUP's: the users file and the TLS files)
         async with Client(url_of(broker)) as c:
             assert await c.publish("Q", "e") == 0
     assert "no --users file to reload" in caplog.text
+    assert "nothing to reload: no --users file and no TLS" in caplog.text
 
 
 # --- the daemon: --users, SIGHUP, and the tidings tool ----------------------------------------
