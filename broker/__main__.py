@@ -60,14 +60,17 @@ durability (--fsync):
 users (--users FILE, TOML; TIDINGS_TOKEN is then ignored): each client's token
 names one user, and each request is checked against what that user may do:
   [users.orders]
-  token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...")
+  token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...");
+                                    # a list gives several tokens: ["OLD", "NEW"]
   publish = ["orders", "orders.*"]  # queue names; * matches any run of characters
   subscribe = ["billing"]           # SUBSCRIBE FETCH ACK NACK PROGRESS SEEK
   delete = []                       # DELETE of queues and durables
   status = false                    # STATUS
 A refused request gets PERMISSION_DENIED and changes nothing. SIGHUP re-reads
-the file: connections of removed users are closed, those whose rights shrank
-must reconnect, the rest carry on.
+the file: connections of removed users or removed tokens are closed, those
+whose rights shrank must reconnect, the rest carry on. To change a token,
+add the new one beside the old, SIGHUP, move the clients, remove the old
+one, SIGHUP: only connections still on the old token are closed.
 
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
 cursors, close clients); a second one exits at once. SIGHUP reloads --users

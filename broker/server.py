@@ -20,7 +20,6 @@ because uvloop and Python < 3.13 lack it, so sessions are tracked here):
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -208,9 +207,11 @@ class Broker:
         """Read the users file again (the daemon does on SIGHUP).
 
         New connections authenticate against the new users at once. Of the
-        connections already open, those of a user that is gone or whose token
-        changed are closed with AUTH_FAILED (so the client stops: its token
-        is no longer good); those of a user whose rights no longer cover
+        connections already open, those whose user is gone, or no longer has
+        the token the connection presented (another of its tokens may stay:
+        see soft rotation in :mod:`broker.users`), are closed with
+        AUTH_FAILED (so the client stops: its token is no longer good);
+        those of a user whose rights no longer cover
         what the connection is consuming (a queue it subscribed to or fetched
         from, or a dead-letter queue its subscriptions may write) are closed
         with PERMISSIONS_CHANGED, so the client reconnects and resubscribes,
@@ -238,9 +239,12 @@ class Broker:
             old = session.user
             if old is None:
                 continue
-            new = users.by_name.get(old.name)
-            if new is None or not hmac.compare_digest(new.token_hash, old.token_hash):
-                session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} was removed or its token changed")
+            # By the token it presented, so that a user's other tokens may go
+            # (soft rotation); a token now given to another user goes too.
+            new = users.login(old.token_hash)
+            if new is None or new.name != old.name:
+                gone = "was removed" if old.name not in users.by_name else "no longer has this connection's token"
+                session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} {gone}")
                 revoked += 1
             elif new.keeps_rights_of(old) or session.consumes_within(new):
                 session.user = new  # its next requests are checked against the new rights
@@ -248,7 +252,7 @@ class Broker:
                 session.fatal(ErrorCode.PERMISSIONS_CHANGED, f"the rights of user {old.name!r} changed; reconnect")
                 narrowed += 1
         logger.info(
-            "%d users reloaded from %s; connections closed: %d of removed users or changed tokens, %d with narrowed rights",
+            "%d users reloaded from %s; connections closed: %d of removed users or tokens, %d with narrowed rights",
             len(users), path, revoked, narrowed,
         )  # fmt: skip
         return True

@@ -70,7 +70,7 @@ from .publishing import SEQUENCE_HEADER_ROOM, Pending
 from .queue import Queue
 from .router import Consumer, Group
 from .status import StatusPageError
-from .users import User
+from .users import Login
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -99,7 +99,8 @@ class Session(Consuming, asyncio.Protocol):
         self.name = ""
         #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
         self.producer: str | None = None
-        self.user: User | None = None
+        #: Who authenticated, with which token (a reload checks both); None without users.
+        self.user: Login | None = None
         self.peer = "?"
         self.since = time.time()
         self.transport: asyncio.Transport | None = None
