@@ -29,7 +29,8 @@ from typing import Any
 
 from protocol import ConfigError, ErrorCode
 
-from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WINDOW, AUTH_FREE_FAILURES, BrokerConfig
+from .auth import AuthFailures
+from .config import BrokerConfig
 from .session import Session
 from .status import status_page
 from .store import Store
@@ -75,8 +76,8 @@ class Broker:
         self._closing = False
         #: The users file's users (None without ``--users``); replaced by :meth:`reload_users`.
         self.users: Users | None = None
-        #: Remote address -> (failed authentications in a row, monotonic time of the last).
-        self._auth_failures: dict[str, tuple[int, float]] = {}
+        #: Failed authentications per host: the delay before each AUTH_FAILED, and their log.
+        self.auth_failures = AuthFailures(config)
         #: The TLS context and the files behind it (None without TLS); set by start(),
         #: reloaded by :meth:`reload`.
         self.tls: ServerTls | None = None
@@ -160,31 +161,6 @@ class Broker:
             return False
         self.sessions.add(session)
         return True
-
-    def auth_failed(self, host: str) -> float:
-        """Count a wrong token from ``host``; the seconds to wait before saying so.
-
-        The first AUTH_FREE_FAILURES within AUTH_FAILURE_WINDOW seconds of
-        each other are answered at once (a typo); each later one waits
-        ``auth_failure_delay``, doubling up to AUTH_FAILURE_MAX_DELAY, so a
-        peer guessing tokens gets a few a second per connection instead of
-        thousands. The memory is bounded: past AUTH_FAILURE_HOSTS addresses
-        the least recent are forgotten.
-        """
-        base = self.config.auth_failure_delay
-        if base <= 0:
-            return 0.0
-        now = time.monotonic()
-        count, last = self._auth_failures.pop(host, (0, now))
-        count = 1 if now - last > AUTH_FAILURE_WINDOW else count + 1
-        self._auth_failures[host] = (count, now)  # (re-inserted: the dict is in order of recency)
-        while len(self._auth_failures) > AUTH_FAILURE_HOSTS:
-            del self._auth_failures[next(iter(self._auth_failures))]
-        if count <= AUTH_FREE_FAILURES:
-            return 0.0
-        if count == AUTH_FREE_FAILURES + 1:
-            logger.warning("%s: %d wrong tokens within a minute: answering each further one more slowly", host, count)
-        return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
 
     def reload(self) -> bool:
         """What SIGHUP does: read the users file and the TLS files again.
@@ -317,5 +293,6 @@ class Broker:
                 session.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        self.auth_failures.close()  # (the failures it has not written a count of yet)
         self._closed.set()
         logger.info("stopped")
