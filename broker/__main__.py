@@ -43,7 +43,10 @@ examples:
 TLS (--tls-cert, --tls-key): the port then speaks only TLS 1.2 or later;
 clients use tidingss://host:port and verify the certificate (for a private
 CA: `tidings --tls-ca ca.pem ...`, or ssl_context= in Python). A connection
-that has not finished its handshake within 2 s is closed.
+that has not finished its handshake within 2 s is closed. SIGHUP re-reads
+--tls-cert, --tls-key and --tls-client-ca (a renewed certificate): new
+connections get the new files, open ones carry on; files that cannot be used
+change nothing (an ERROR says which and why).
 
 durability (--fsync):
   always    confirm a publish only after its bytes are fsynced; concurrent
@@ -57,17 +60,21 @@ durability (--fsync):
 users (--users FILE, TOML; TIDINGS_TOKEN is then ignored): each client's token
 names one user, and each request is checked against what that user may do:
   [users.orders]
-  token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...")
+  token_sha256 = "..."              # printf %s TOKEN | sha256sum (or token = "...");
+                                    # a list gives several tokens: ["OLD", "NEW"]
   publish = ["orders", "orders.*"]  # queue names; * matches any run of characters
   subscribe = ["billing"]           # SUBSCRIBE FETCH ACK NACK PROGRESS SEEK
   delete = []                       # DELETE of queues and durables
   status = false                    # STATUS
 A refused request gets PERMISSION_DENIED and changes nothing. SIGHUP re-reads
-the file: connections of removed users are closed, those whose rights shrank
-must reconnect, the rest carry on.
+the file: connections of removed users or removed tokens are closed, those
+whose rights shrank must reconnect, the rest carry on. To change a token,
+add the new one beside the old, SIGHUP, move the clients, remove the old
+one, SIGHUP: only connections still on the old token are closed.
 
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
-cursors, close clients); a second one exits at once. SIGHUP reloads --users.
+cursors, close clients); a second one exits at once. SIGHUP reloads --users
+and the TLS files.
 exit codes: 0 clean stop, 1 start-up error (a bad setting, the port taken, the
 data directory used by another broker), 2 usage error, 3 storage failure.
 """
@@ -244,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert",
         type=Path,
         metavar="FILE",
-        help="PEM certificate (chain): serve TLS, for tidingss:// URLs (needs --tls-key)",
+        help="PEM certificate (chain): serve TLS, for tidingss:// URLs (needs --tls-key; SIGHUP re-reads both)",
     )
     p.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument(
@@ -348,7 +355,7 @@ async def _run(config: BrokerConfig) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, broker.reload_users)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload)
     await broker.start()
     # Everything loaded so far (modules, queues' indexes, cursors) lives as
     # long as the process: frozen, the collector never walks it again. A full

@@ -54,6 +54,10 @@ AUTH_FREE_FAILURES: Final = 3
 AUTH_FAILURE_WINDOW: Final = 60.0
 AUTH_FAILURE_MAX_DELAY: Final = 2.0
 AUTH_FAILURE_HOSTS: Final = 10_000
+#: A burst of failed authentications from one host is logged as one line per
+#: this many seconds, with a count (see broker.auth): often enough to date an
+#: attack and to see it go on, few enough lines (360 an hour) to read around.
+DEFAULT_AUTH_FAILURE_LOG_INTERVAL: Final = 10.0
 #: Seconds to finish a TLS handshake (NATS TLS_TIMEOUT: 2 s).
 DEFAULT_TLS_HANDSHAKE_TIMEOUT: Final = 2.0
 #: A second PUBLISH with the same message_id within this window is not stored
@@ -176,6 +180,9 @@ class BrokerConfig:
         auth_failure_delay: the first delay before answering a wrong token
             from an address that already sent AUTH_FREE_FAILURES within a
             minute (doubling up to 2 s); 0 answers every failure at once.
+        auth_failure_log_interval: a burst of failed authentications from
+            one host logs its first failure, then at most one line per this
+            many seconds counting the others (each one is at DEBUG).
         retention_bytes: per queue, drop the oldest whole segments while the
             log is larger than this (0 = keep everything).
         retention_age: per queue, drop whole segments whose newest record is
@@ -211,6 +218,7 @@ class BrokerConfig:
     token: str | None = None
     users_file: Path | None = None
     auth_failure_delay: float = DEFAULT_AUTH_FAILURE_DELAY
+    auth_failure_log_interval: float = DEFAULT_AUTH_FAILURE_LOG_INTERVAL
     retention_bytes: int = 0
     retention_age: float = 0.0
     retention_keep_unacked: bool = False
@@ -238,6 +246,7 @@ class BrokerConfig:
             "retention_check",
             "tls_handshake_timeout",
             "dedup_window",
+            "auth_failure_log_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive")

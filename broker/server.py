@@ -20,9 +20,7 @@ because uvloop and Python < 3.13 lack it, so sessions are tracked here):
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,10 +29,12 @@ from typing import Any
 
 from protocol import ConfigError, ErrorCode
 
-from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WINDOW, AUTH_FREE_FAILURES, BrokerConfig
+from .auth import AuthFailures
+from .config import BrokerConfig
 from .session import Session
 from .status import status_page
 from .store import Store
+from .tls import ServerTls
 from .users import Users, load_users
 
 __all__ = ["Broker"]
@@ -48,38 +48,6 @@ def package_version() -> str:
         return version("tidings")
     except PackageNotFoundError:  # running from a source tree
         return "0+unknown"
-
-
-def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
-    """The server's TLS context (TLS 1.2 and later), or None without ``tls_cert``.
-
-    Raises:
-        ConfigError: a certificate, key or CA file cannot be read or used.
-    """
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    # ssl's errors for a missing file name no file ("[Errno 2] No such file or
-    # directory"): open each one first, to say which.
-    for what, path in (("certificate", config.tls_cert), ("key", config.tls_key), ("client CA", config.tls_client_ca)):
-        if path is not None:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"cannot read the TLS {what} file {path}: {exc.strerror or exc}") from exc
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot use TLS certificate {config.tls_cert} with key {config.tls_key}: {exc}") from exc
-    if config.tls_client_ca is not None:
-        try:
-            ctx.load_verify_locations(cafile=config.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot use client CA file {config.tls_client_ca}: {exc}") from exc
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 class Broker:
@@ -108,8 +76,11 @@ class Broker:
         self._closing = False
         #: The users file's users (None without ``--users``); replaced by :meth:`reload_users`.
         self.users: Users | None = None
-        #: Remote address -> (failed authentications in a row, monotonic time of the last).
-        self._auth_failures: dict[str, tuple[int, float]] = {}
+        #: Failed authentications per host: the delay before each AUTH_FAILED, and their log.
+        self.auth_failures = AuthFailures(config)
+        #: The TLS context and the files behind it (None without TLS); set by start(),
+        #: reloaded by :meth:`reload`.
+        self.tls: ServerTls | None = None
 
     def __repr__(self) -> str:
         return f"<Broker {self.config.host}:{self.config.port} connections={len(self.sessions)}>"
@@ -129,7 +100,8 @@ class Broker:
                 created, or another broker uses it (``DataDirInUse``).
             ConfigError: the TLS files or the users file cannot be used.
         """
-        tls = tls_context(self.config)  # (its errors first: before any file is touched)
+        # The TLS files' errors first: before any file is touched.
+        self.tls = tls = ServerTls(self.config) if self.config.tls else None
         if self.config.users_file is not None:
             self.users = load_users(self.config.users_file)
             logger.info("%d users from %s", len(self.users), self.config.users_file)
@@ -144,7 +116,7 @@ class Broker:
             self.config.port,
             backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
             reuse_address=True,
-            ssl=tls,
+            ssl=tls.context if tls is not None else None,
             ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
             start_serving=False,
         )
@@ -190,38 +162,32 @@ class Broker:
         self.sessions.add(session)
         return True
 
-    def auth_failed(self, host: str) -> float:
-        """Count a wrong token from ``host``; the seconds to wait before saying so.
+    def reload(self) -> bool:
+        """What SIGHUP does: read the users file and the TLS files again.
 
-        The first AUTH_FREE_FAILURES within AUTH_FAILURE_WINDOW seconds of
-        each other are answered at once (a typo); each later one waits
-        ``auth_failure_delay``, doubling up to AUTH_FAILURE_MAX_DELAY, so a
-        peer guessing tokens gets a few a second per connection instead of
-        thousands. The memory is bounded: past AUTH_FAILURE_HOSTS addresses
-        the least recent are forgotten.
+        Each is reloaded on its own (see :meth:`reload_users` and
+        :meth:`broker.tls.ServerTls.reload`): files that cannot be used leave
+        what they would replace in force, and the other still reloads.
+
+        Returns:
+            Whether everything there was to reload was loaded.
         """
-        base = self.config.auth_failure_delay
-        if base <= 0:
-            return 0.0
-        now = time.monotonic()
-        count, last = self._auth_failures.pop(host, (0, now))
-        count = 1 if now - last > AUTH_FAILURE_WINDOW else count + 1
-        self._auth_failures[host] = (count, now)  # (re-inserted: the dict is in order of recency)
-        while len(self._auth_failures) > AUTH_FAILURE_HOSTS:
-            del self._auth_failures[next(iter(self._auth_failures))]
-        if count <= AUTH_FREE_FAILURES:
-            return 0.0
-        if count == AUTH_FREE_FAILURES + 1:
-            logger.warning("%s: %d wrong tokens within a minute: answering each further one more slowly", host, count)
-        return float(min(AUTH_FAILURE_MAX_DELAY, base * 2 ** (count - AUTH_FREE_FAILURES - 1)))
+        if self.config.users_file is None and self.tls is None:
+            logger.warning("nothing to reload: no --users file and no TLS")
+            return False
+        users = self.config.users_file is None or self.reload_users()
+        tls = self.tls is None or self.tls.reload()
+        return users and tls
 
     def reload_users(self) -> bool:
         """Read the users file again (the daemon does on SIGHUP).
 
         New connections authenticate against the new users at once. Of the
-        connections already open, those of a user that is gone or whose token
-        changed are closed with AUTH_FAILED (so the client stops: its token
-        is no longer good); those of a user whose rights no longer cover
+        connections already open, those whose user is gone, or no longer has
+        the token the connection presented (another of its tokens may stay:
+        see soft rotation in :mod:`broker.users`), are closed with
+        AUTH_FAILED (so the client stops: its token is no longer good);
+        those of a user whose rights no longer cover
         what the connection is consuming (a queue it subscribed to or fetched
         from, or a dead-letter queue its subscriptions may write) are closed
         with PERMISSIONS_CHANGED, so the client reconnects and resubscribes,
@@ -249,9 +215,12 @@ class Broker:
             old = session.user
             if old is None:
                 continue
-            new = users.by_name.get(old.name)
-            if new is None or not hmac.compare_digest(new.token_hash, old.token_hash):
-                session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} was removed or its token changed")
+            # By the token it presented, so that a user's other tokens may go
+            # (soft rotation); a token now given to another user goes too.
+            new = users.login(old.token_hash)
+            if new is None or new.name != old.name:
+                gone = "was removed" if old.name not in users.by_name else "no longer has this connection's token"
+                session.fatal(ErrorCode.AUTH_FAILED, f"user {old.name!r} {gone}")
                 revoked += 1
             elif new.keeps_rights_of(old) or session.consumes_within(new):
                 session.user = new  # its next requests are checked against the new rights
@@ -259,7 +228,7 @@ class Broker:
                 session.fatal(ErrorCode.PERMISSIONS_CHANGED, f"the rights of user {old.name!r} changed; reconnect")
                 narrowed += 1
         logger.info(
-            "%d users reloaded from %s; connections closed: %d of removed users or changed tokens, %d with narrowed rights",
+            "%d users reloaded from %s; connections closed: %d of removed users or tokens, %d with narrowed rights",
             len(users), path, revoked, narrowed,
         )  # fmt: skip
         return True
@@ -324,5 +293,6 @@ class Broker:
                 session.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        self.auth_failures.close()  # (the failures it has not written a count of yet)
         self._closed.set()
         logger.info("stopped")

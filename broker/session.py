@@ -70,7 +70,7 @@ from .publishing import SEQUENCE_HEADER_ROOM, Pending
 from .queue import Queue
 from .router import Consumer, Group
 from .status import StatusPageError
-from .users import User
+from .users import Login
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -99,7 +99,8 @@ class Session(Consuming, asyncio.Protocol):
         self.name = ""
         #: The producer id from HELLO: this session's PUBLISH reqs are its sequence.
         self.producer: str | None = None
-        self.user: User | None = None
+        #: Who authenticated, with which token (a reload checks both); None without users.
+        self.user: Login | None = None
         self.peer = "?"
         self.since = time.time()
         self.transport: asyncio.Transport | None = None
@@ -228,11 +229,18 @@ class Session(Consuming, asyncio.Protocol):
 
     # --- output -------------------------------------------------------------
 
-    def fatal(self, code: ErrorCode, message: str) -> None:
-        """Send ERR with a connection-level code, then close."""
+    def fatal(self, code: ErrorCode, message: str, *, log_level: int = logging.INFO) -> None:
+        """Send ERR with a connection-level code, then close.
+
+        Args:
+            code: the ERR's code.
+            message: the ERR's message, logged too.
+            log_level: the level of that line (a refused token is logged,
+                once per burst, by :class:`broker.auth.AuthFailures`).
+        """
         if self.closed or self.transport is None:
             return
-        logger.info("conn %d %s: closing: %s (%s)", self.conn_id, self.peer, message, code.name)
+        logger.log(log_level, "conn %d %s: closing: %s (%s)", self.conn_id, self.peer, message, code.name)
         self.transport.write(self.conn.send_error(0, code, message))
         self.close()
 
@@ -322,22 +330,25 @@ class Session(Consuming, asyncio.Protocol):
 
     # --- handshake and lifecycle ----------------------------------------------
 
-    def _auth_failed(self) -> None:
+    def _auth_failed(self, given: object) -> None:
         """AUTH_FAILED and close: at once, or after the delay repeated failures
-        from this address earn (reading stops meanwhile; see Broker.auth_failed)."""
+        from this address earn (reading stops meanwhile; see broker.auth,
+        which logs the failure too)."""
         host, colon, _ = self.peer.rpartition(":")  # (failures are counted per host)
-        delay = self.broker.auth_failed(host if colon else self.peer)
+        why = "no token" if given is None else "a wrong token"
+        delay = self.broker.auth_failures.failed(host if colon else self.peer, self.conn_id, self.peer, why)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if delay <= 0 or self.transport is None:
-            self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token")
+            self._refuse()
             return
         self.transport.pause_reading()
         self._refusing = True
-        self._timer = asyncio.get_running_loop().call_later(
-            delay, self.fatal, ErrorCode.AUTH_FAILED, "invalid or missing token"
-        )
+        self._timer = asyncio.get_running_loop().call_later(delay, self._refuse)
+
+    def _refuse(self) -> None:
+        self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token", log_level=logging.DEBUG)
 
     def _on_hello(self, ev: Hello) -> None:
         if ev.version != PROTOCOL_VERSION:
@@ -351,12 +362,12 @@ class Session(Consuming, asyncio.Protocol):
         if users is not None:
             self.user = users.authenticate(given)
             if self.user is None:
-                self._auth_failed()
+                self._auth_failed(given)
                 return
         elif token is not None and (
             not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode())
         ):
-            self._auth_failed()
+            self._auth_failed(given)
             return
         self.name = ev.name
         self.producer = ev.producer

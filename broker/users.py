@@ -27,6 +27,25 @@ never mean one queue). A missing list allows nothing; there are no deny rules.
 
 A subscription that names a dead-letter queue (``max_deliveries``) writes to
 it, so it also needs ``publish`` on that queue.
+
+Several tokens: ``token`` and ``token_sha256`` each take a string or a list
+of strings, and a user may have both keys; any of its tokens authenticates
+as that user::
+
+    [users.orders]
+    token_sha256 = ["5e88...8d", "9f86...08"]   # the old token and the new one
+
+That is how a token is changed without cutting anyone off (soft rotation):
+
+1. add the new token beside the old one, and reload (SIGHUP): both work;
+2. move the clients to the new token, at their own pace;
+3. remove the old token, and reload: only the connections that authenticated
+   with it are closed (AUTH_FAILED: their token is no longer good); the
+   others carry on.
+
+Each connection remembers which token it presented (its :class:`Login`) for
+step 3. A token names one user: the same token under two users is refused
+when the file is read, since it could not say which user a client is.
 """
 
 from __future__ import annotations
@@ -34,13 +53,13 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
 from protocol import ConfigError, EventFilter, check_queue
 
-__all__ = ["Rights", "User", "Users", "load_users"]
+__all__ = ["Login", "Rights", "User", "Users", "load_users"]
 
 _QUEUE_PATTERN_RE: Final = re.compile(r"[A-Za-z0-9_*-][A-Za-z0-9._*-]{0,127}")
 _USER_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -81,7 +100,7 @@ class User:
 
     Attributes:
         name: the user's name (STATUS shows it beside each connection).
-        token_hash: SHA-256 of the user's token.
+        token_hashes: SHA-256 of each of the user's tokens.
         publish: queues it may PUBLISH to.
         subscribe: queues it may consume from (SUBSCRIBE, FETCH, ACK, NACK,
             PROGRESS, SEEK).
@@ -90,7 +109,7 @@ class User:
     """
 
     name: str
-    token_hash: bytes
+    token_hashes: tuple[bytes, ...]
     publish: Rights
     subscribe: Rights
     delete: Rights
@@ -103,20 +122,42 @@ class User:
             getattr(self, kind).covers(getattr(old, kind)) for kind in _LISTS
         )
 
+    def login(self, token_hash: bytes) -> Login:
+        """This user as a connection that presented the token of ``token_hash``."""
+        return Login(**{f.name: getattr(self, f.name) for f in fields(User)}, token_hash=token_hash)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Login(User):
+    """A user as one connection authenticated: with which of its tokens.
+
+    A connection's requests are checked against it as against its user (it
+    is one). The token is what a reload looks at: the connection stays only
+    while the file still gives that token to that user (see the module's
+    docstring, soft rotation). One object, not a user with a token beside
+    it, because a Session keeps fewer than 30 attributes (a 30th slows its
+    every attribute access: see tests/broker/test_session.py).
+
+    Attributes:
+        token_hash: SHA-256 of the token the connection presented.
+    """
+
+    token_hash: bytes
+
 
 class Users:
     """The users of one users file, found by token.
 
     Args:
-        users: the users, each with a different token.
+        users: the users, no token shared by two of them.
         path: the file they came from (for messages and reloads).
     """
 
     def __init__(self, users: list[User], path: Path | None = None, *, clear_tokens: int = 0) -> None:
         self.path = path
         self.by_name = {user.name: user for user in users}
-        self._by_hash = {user.token_hash: user for user in users}
-        #: How many users' tokens the file holds in the clear (``token``, not ``token_sha256``).
+        self._logins = {digest: user.login(digest) for user in users for digest in user.token_hashes}
+        #: How many tokens the file holds in the clear (``token``, not ``token_sha256``).
         self.clear_tokens = clear_tokens
 
     def exposed(self) -> str | None:
@@ -135,17 +176,23 @@ class Users:
             )
         return None
 
-    def authenticate(self, token: object) -> User | None:
-        """The user whose token ``token`` is, or None.
+    def authenticate(self, token: object) -> Login | None:
+        """The user whose token ``token`` is, as logged in with it, or None.
 
         Found by the token's SHA-256, as the file stores it: a lookup whose
         timing can tell at most something about that hash, which says
         nothing about any user's token (no one can choose a token by its
-        hash), so it needs no constant-time comparison.
+        hash), so it needs no constant-time comparison. Every token of every
+        user is a key of the same table: which of a user's tokens matched,
+        or how many it has, does not change the lookup.
         """
         if not isinstance(token, str):
             return None
-        return self._by_hash.get(hashlib.sha256(token.encode()).digest())
+        return self.login(hashlib.sha256(token.encode()).digest())
+
+    def login(self, token_hash: bytes) -> Login | None:
+        """The user the token of ``token_hash`` names, as logged in with it, or None."""
+        return self._logins.get(token_hash)
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -170,22 +217,34 @@ def _user(path: Path, name: str, table: Any) -> User:
     unknown = set(table) - _KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(_KEYS))}")
-    token, digest = table.get("token"), table.get("token_sha256")
-    if (token is None) == (digest is None):
-        raise ConfigError(f"{where}: give exactly one of token and token_sha256")
-    if token is not None:
-        if not isinstance(token, str) or len(token) < 8:
-            raise ConfigError(f"{where}: token must be a string of at least 8 characters")
-        token_hash = hashlib.sha256(token.encode()).digest()
-    else:
-        if not isinstance(digest, str) or _SHA256_RE.fullmatch(digest) is None:
-            raise ConfigError(f"{where}: token_sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)")
-        token_hash = bytes.fromhex(digest)
+    tokens = _strings(where, "token", table.get("token"))
+    digests = _strings(where, "token_sha256", table.get("token_sha256"))
+    if not tokens and not digests:
+        raise ConfigError(f"{where}: give a token or token_sha256 (a string, or a list of them to have several)")
+    for token in tokens:
+        if len(token) < 8:
+            raise ConfigError(f"{where}: a token must have at least 8 characters")
+    for digest in digests:
+        if _SHA256_RE.fullmatch(digest) is None:
+            raise ConfigError(f"{where}: a token_sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)")
+    hashes = [hashlib.sha256(token.encode()).digest() for token in tokens] + [bytes.fromhex(d) for d in digests]
     status = table.get("status", False)
     if not isinstance(status, bool):
         raise ConfigError(f"{where}: status must be true or false")
     publish, subscribe, delete = (_rights(where, key, table.get(key, [])) for key in _LISTS)
-    return User(name, token_hash, publish, subscribe, delete, status)
+    # (A token given twice, in the clear and as its hash, is one token.)
+    return User(name, tuple(dict.fromkeys(hashes)), publish, subscribe, delete, status)
+
+
+def _strings(where: str, key: str, value: object) -> list[str]:
+    """A key that takes a string or a list of strings, as a list (absent: empty)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a string or a list of strings")
+    return value
 
 
 def load_users(path: Path) -> Users:
@@ -208,7 +267,11 @@ def load_users(path: Path) -> Users:
     users = [_user(path, name, table) for name, table in tables.items()]
     seen: dict[bytes, str] = {}
     for user in users:
-        other = seen.setdefault(user.token_hash, user.name)
-        if other != user.name:
-            raise ConfigError(f"users file {path}: users {other!r} and {user.name!r} have the same token")
-    return Users(users, path, clear_tokens=sum("token" in table for table in tables.values()))
+        for digest in user.token_hashes:
+            other = seen.setdefault(digest, user.name)
+            if other != user.name:
+                raise ConfigError(
+                    f"users file {path}: users {other!r} and {user.name!r} have the same token; a token names one user"
+                )
+    clear = sum(len(_strings("", "token", table.get("token"))) for table in tables.values())
+    return Users(users, path, clear_tokens=clear)

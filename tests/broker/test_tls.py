@@ -8,16 +8,21 @@ timeout; mutual TLS; the broker's and the CLI's TLS options."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
+import signal
 import ssl
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from client import Client
 from protocol import ConnectionLost
-from tests.helpers import TlsFiles, assert_broker_healthy, running_broker, url_of
+from tests.helpers import TlsFiles, assert_broker_healthy, broker_process, running_broker, url_of
 
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -185,3 +190,124 @@ async def test_the_broker_refuses_to_start_with_bad_tls_options(
     code, _, err = await _run(*cmd)
     assert code == 1 and message.format(**files) in err and "Traceback" not in err, err
     assert not (tmp_path / "data").exists()  # refused before touching the data directory
+
+
+# --- reloading the certificate (SIGHUP) ---------------------------------------------------
+
+
+async def _served_certificate(host: str, port: int) -> bytes:
+    """The certificate (DER) the broker presents to a new connection, unverified."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    assert der is not None
+    return der
+
+
+def _der(pem: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.read_text())
+
+
+def _own_copies(tmp_path: Path, tls: TlsFiles) -> tuple[Path, Path]:
+    """The server's certificate and key copied where the test may rewrite them."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copyfile(tls.cert, cert)
+    shutil.copyfile(tls.key, key)
+    return cert, key
+
+
+async def test_a_reload_gives_new_connections_the_new_certificate_and_keeps_open_ones(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewed certificate is served from the reload on, without a restart;
+    a connection made before carries on. Files that cannot be used (missing,
+    a key that does not match) leave the certificate in force and log an
+    ERROR naming the file and why. (A reload re-read only --users: a renewed
+    certificate needed a restart, which ends every connection.)"""
+    cert, key = _own_copies(tmp_path, tls_files)
+    caplog.set_level(logging.INFO, logger="broker")
+    async with running_broker(tmp_path / "data", tls_cert=cert, tls_key=key) as broker:
+        host, port = broker.address
+        async with Client(url_of(broker), name="before", ssl_context=trusting(tls_files)) as before:
+            assert await before.publish("Q", "E", 1) == 0
+            assert await _served_certificate(host, port) == _der(tls_files.cert)
+            shutil.copyfile(tls_files.self_signed, cert)  # the same key, another certificate
+            assert broker.reload()
+            assert await _served_certificate(host, port) == _der(tls_files.self_signed)
+            assert await before.publish("Q", "E", 2) == 1
+            assert (before.reconnects, before.conn_id) == (0, 1)
+
+            cert.unlink()
+            assert not broker.reload()
+            cert.write_text(tls_files.client_cert.read_text())  # (the client's key's certificate)
+            assert not broker.reload()
+            assert await _served_certificate(host, port) == _der(tls_files.self_signed)
+            assert await before.publish("Q", "E", 3) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors[0] == (
+        f"TLS files not reloaded, the certificate in force stays: cannot read the TLS certificate file {cert}: "
+        "No such file or directory"
+    )
+    mismatch = (
+        f"TLS files not reloaded, the certificate in force stays: cannot use TLS certificate {cert} with key {key}: "
+    )
+    assert len(errors) == 2 and errors[1].startswith(mismatch) and "KEY_VALUES_MISMATCH" in errors[1], errors
+    reloaded = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage() and r.levelno == logging.INFO]
+    assert reloaded == [
+        f"TLS certificate {cert}, key {key} reloaded: new connections use them, open ones keep theirs"
+    ], reloaded
+
+
+async def test_a_reload_reads_the_client_ca_again(tmp_path: Path, tls_files: TlsFiles) -> None:
+    """Mutual TLS: a reload takes the new --tls-client-ca file too (here one
+    that did not sign the client's certificate: refused from then on, while
+    the connection made before goes on; and back)."""
+    ca = tmp_path / "clients-ca.pem"
+    shutil.copyfile(tls_files.ca, ca)
+    async with running_broker(tmp_path / "data", **served(tls_files, tls_client_ca=ca)) as broker:
+        mine = trusting(tls_files, client_cert=True)
+        async with Client(url_of(broker), name="before", ssl_context=mine) as before:
+            shutil.copyfile(tls_files.self_signed, ca)  # a CA file that did not sign the client's certificate
+            assert broker.reload()
+            with pytest.raises(ConnectionLost):
+                async with Client(url_of(broker), ssl_context=mine, reconnect=False, timeout=5):
+                    pass
+            assert await before.publish("Q", "E") == 0
+            shutil.copyfile(tls_files.ca, ca)
+            assert broker.reload()
+            async with Client(url_of(broker), ssl_context=mine, reconnect=False, timeout=5) as after:
+                assert await after.publish("Q", "E") == 1
+            assert before.reconnects == 0
+
+
+def test_sighup_reloads_the_certificate_of_the_daemon(tmp_path: Path, tls_files: TlsFiles) -> None:
+    """SIGHUP with TLS and no --users: the certificate is read again (and no
+    warning about a missing users file); a broken file is an ERROR naming
+    it, and the broker goes on serving the certificate in force."""
+    cert, key = _own_copies(tmp_path, tls_files)
+    with broker_process(tmp_path / "data", "--tls-cert", str(cert), "--tls-key", str(key)) as bp:
+
+        def signalled(text: str, count: int = 1) -> None:
+            os.kill(bp.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while sum(text in line for line in bp.log) < count:
+                assert time.monotonic() < deadline, "".join(bp.log[-20:])
+                time.sleep(0.01)  # polling the log for a condition, with a deadline
+
+        shutil.copyfile(tls_files.self_signed, cert)
+        signalled("TLS certificate")
+        assert asyncio.run(_served_certificate("127.0.0.1", bp.port)) == _der(tls_files.self_signed)
+        cert.write_text("not a certificate\n")
+        signalled("TLS files not reloaded")
+        assert asyncio.run(_served_certificate("127.0.0.1", bp.port)) == _der(tls_files.self_signed)
+        assert bp.stop() == 0
+    (failed,) = [line for line in bp.log if "TLS files not reloaded" in line]
+    assert " ERROR " in failed and f"cannot use TLS certificate {cert} with key {key}" in failed, failed
+    assert not [line for line in bp.log if "WARNING" in line or "Traceback" in line], bp.log

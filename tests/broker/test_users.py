@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.users import Rights, load_users
+from broker.users import Login, Rights, load_users
 from client import AuthFailed, Client, PermissionDenied
 from protocol import ConfigError, Err, ErrorCode, Nack, Progress, check_queue
 from tests.helpers import BrokerProcess, RawPeer, broker_process, running_broker, url_of
@@ -47,6 +47,11 @@ def _users_file(tmp_path: Path, text: str = USERS) -> Path:
     return path
 
 
+def _who(login: Login | None) -> str | None:
+    """The name of the user a token authenticated as (None: refused)."""
+    return None if login is None else login.name
+
+
 async def _queues(admin: Client) -> dict[str, int]:
     """Queue name -> next offset, as STATUS shows them."""
     return {q["name"]: q["next_offset"] for q in (await admin.status())["queues"]}
@@ -58,13 +63,38 @@ async def _queues(admin: Client) -> dict[str, int]:
 def test_users_file_is_read(tmp_path: Path) -> None:
     users = load_users(_users_file(tmp_path))
     assert sorted(users.by_name) == ["admin", "orders"]
-    assert users.authenticate(ADMIN) is users.by_name["admin"]
-    assert users.authenticate(ORDERS) is users.by_name["orders"]  # by its hash
+    assert _who(users.authenticate(ADMIN)) == "admin"
+    assert _who(users.authenticate(ORDERS)) == "orders"  # by its hash
     for wrong in (None, 7, "", ORDERS + "x", ORDERS[:-1], hashlib.sha256(ORDERS.encode()).hexdigest()):
         assert users.authenticate(wrong) is None
     orders = users.by_name["orders"]
     assert not orders.status and orders.delete.patterns == ()
     assert orders.publish("orders.eu") and not orders.subscribe("orders")
+
+
+def test_a_user_may_have_several_tokens(tmp_path: Path) -> None:
+    """``token`` and ``token_sha256`` take a string or a list, and a user may
+    have both: each token authenticates as the user, and says which it was."""
+    new_hash = hashlib.sha256(b"orders-token-new").hexdigest()
+    text = USERS.replace(
+        f'token_sha256 = "{hashlib.sha256(ORDERS.encode()).hexdigest()}"',
+        f'token = ["orders-token-clear", "{ORDERS}"]\ntoken_sha256 = ["{new_hash}"]',
+    )
+    users = load_users(_users_file(tmp_path, text))
+    for token in (ORDERS, "orders-token-clear", "orders-token-new"):
+        login = users.authenticate(token)
+        assert login is not None and login.name == "orders", token
+        assert login.token_hash == hashlib.sha256(token.encode()).digest()
+        assert login.publish("orders.eu") and not login.subscribe("orders")  # the user's rights
+    assert len(users.by_name["orders"].token_hashes) == 3
+    assert users.clear_tokens == 3  # (admin's one and orders' two)
+    for wrong in ("orders-token-clea", new_hash, "admin-token-012"):
+        assert users.authenticate(wrong) is None
+    # The same token in the clear and as its hash is one token, not a clash.
+    same = f'[users.a]\ntoken = "{ORDERS}"\ntoken_sha256 = "{hashlib.sha256(ORDERS.encode()).hexdigest()}"\n'
+    assert load_users(_users_file(tmp_path, same)).by_name["a"].token_hashes == (
+        hashlib.sha256(ORDERS.encode()).digest(),
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,10 +104,14 @@ def test_users_file_is_read(tmp_path: Path) -> None:
         ("[users]", "no users"),
         ("[queues.x]\n", "unknown section(s) ['queues']"),
         ("[users.a\n", "users file"),  # not TOML
-        ('[users.a]\npublish = ["x"]\n', "give exactly one of token and token_sha256"),
-        ('[users.a]\ntoken = "long-enough"\ntoken_sha256 = "' + "0" * 64 + '"\n', "exactly one"),
+        ('[users.a]\npublish = ["x"]\n', "give a token or token_sha256"),
+        ("[users.a]\ntoken = []\ntoken_sha256 = []\n", "give a token or token_sha256"),
         ('[users.a]\ntoken = "short"\n', "at least 8 characters"),
+        ('[users.a]\ntoken = ["long-enough", "short"]\n', "at least 8 characters"),
+        ("[users.a]\ntoken = 12345678\n", "token must be a string or a list of strings"),
+        ('[users.a]\ntoken = ["long-enough", 1]\n', "token must be a string or a list of strings"),
         ('[users.a]\ntoken_sha256 = "abc"\n', "64 hex digits"),
+        ('[users.a]\ntoken_sha256 = ["' + "0" * 64 + '", "abc"]\n', "64 hex digits"),
         ('[users.a]\ntoken = "long-enough"\npublsh = ["x"]\n', "unknown key(s) ['publsh']"),
         ('[users.a]\ntoken = "long-enough"\npublish = "x"\n', "must be a list"),
         ('[users.a]\ntoken = "long-enough"\npublish = ["../x"]\n', "'../x'"),
@@ -86,6 +120,11 @@ def test_users_file_is_read(tmp_path: Path) -> None:
         ('[users."a b"]\ntoken = "long-enough"\n', "user name"),
         (
             '[users.a]\ntoken = "long-enough"\n[users.b]\ntoken = "long-enough"\n',
+            "users 'a' and 'b' have the same token; a token names one user",
+        ),
+        (  # one of several, and once in the clear, once as its hash
+            '[users.a]\ntoken = ["a-token-0123", "long-enough"]\n'
+            f'[users.b]\ntoken_sha256 = ["{"0" * 64}", "{hashlib.sha256(b"long-enough").hexdigest()}"]\n',
             "users 'a' and 'b' have the same token",
         ),
     ],
@@ -329,7 +368,7 @@ async def test_reload_closes_removed_users_and_reconnects_narrowed_ones(
 
         # Widened (orders) and removed (ops), in one reload.
         assert broker.reload_users()
-        with pytest.raises(AuthFailed, match="user 'ops' was removed or its token changed"):
+        with pytest.raises(AuthFailed, match="user 'ops' was removed"):
             await ops.publish("jobs", "e")
         with pytest.raises(AuthFailed):
             await Client.open(url_of(broker), token="ops-token-0123", reconnect=False)
@@ -354,12 +393,8 @@ async def test_reload_closes_removed_users_and_reconnects_narrowed_ones(
         assert await orders.publish("orders", "e") == 2
     messages = [r.getMessage() for r in caplog.records]
     assert any("users not reloaded, the old ones stay in force" in m for m in messages)
-    assert any(
-        "connections closed: 1 of removed users or changed tokens, 0 with narrowed rights" in m for m in messages
-    )
-    assert any(
-        "connections closed: 0 of removed users or changed tokens, 1 with narrowed rights" in m for m in messages
-    )
+    assert any("connections closed: 1 of removed users or tokens, 0 with narrowed rights" in m for m in messages)
+    assert any("connections closed: 0 of removed users or tokens, 1 with narrowed rights" in m for m in messages)
 
 
 async def test_a_narrowing_that_spares_what_a_connection_consumes_keeps_it(tmp_path: Path) -> None:
@@ -406,12 +441,63 @@ async def test_a_changed_token_is_refused_from_then_on(tmp_path: Path) -> None:
             assert await orders.publish("orders", "e") == 0
 
 
+async def test_a_soft_token_rotation_closes_only_the_connections_of_the_old_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rotation of the users module's docstring: add the new token,
+    reload, move the clients, remove the old one, reload. No connection
+    notices the first reload; the second closes only those that presented
+    the old token (AUTH_FAILED), and that token is refused from then on. A
+    token given to another user closes the connections that presented it
+    too. (A user had one token: changing it closed every connection of the
+    user at the reload, those already moved included.)"""
+    old_hash, new_hash = (hashlib.sha256(t.encode()).hexdigest() for t in (ORDERS, "orders-token-new"))
+    path = _users_file(tmp_path)
+    caplog.set_level(logging.INFO, logger="broker")
+    async with (
+        running_broker(tmp_path, users_file=path) as broker,
+        Client(url_of(broker), token=ADMIN) as admin,
+        Client(url_of(broker), token=ORDERS, name="old") as old,
+    ):
+        sub = await old.subscribe("billing", durable="biller")
+        path.write_text(USERS.replace(f'"{old_hash}"', f'["{old_hash}", "{new_hash}"]'))
+        assert broker.reload_users()
+        async with Client(url_of(broker), token="orders-token-new", name="new") as new:
+            await admin.publish("billing", "e", b"1")
+            assert (await sub.next(timeout=10)).payload == b"1"  # the first reload went unnoticed
+            assert await new.publish("orders", "e") == 0
+
+            path.write_text(USERS.replace(f'"{old_hash}"', f'"{new_hash}"'))
+            assert broker.reload_users()
+            with pytest.raises(AuthFailed, match="user 'orders' no longer has this connection's token"):
+                await old.publish("orders", "e")
+            assert await new.publish("orders", "e") == 1
+            assert (new.conn_id, new.reconnects) == (3, 0)
+            with pytest.raises(AuthFailed):
+                await Client.open(url_of(broker), token=ORDERS, reconnect=False)
+
+            moved = USERS.replace(f'"{old_hash}"', '"' + "0" * 64 + '"').replace(
+                f'token = "{ADMIN}"', f'token = "{ADMIN}"\ntoken_sha256 = "{new_hash}"'
+            )
+            path.write_text(moved)
+            assert broker.reload_users()
+            with pytest.raises(AuthFailed, match="user 'orders' no longer has this connection's token"):
+                await new.publish("orders", "e")
+            assert await admin.publish("orders", "e") == 2
+    closed = [m for r in caplog.records if "users reloaded" in (m := r.getMessage())]
+    assert [m.split("connections closed: ")[1] for m in closed] == [
+        f"{n} of removed users or tokens, 0 with narrowed rights" for n in (0, 1, 1)
+    ]
+
+
 async def test_reload_without_a_users_file_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running_broker(tmp_path) as broker:
         assert not broker.reload_users()
+        assert not broker.reload()  # (SIGHUP's: the users file and the TLS files)
         async with Client(url_of(broker)) as c:
             assert await c.publish("Q", "e") == 0
     assert "no --users file to reload" in caplog.text
+    assert "nothing to reload: no --users file and no TLS" in caplog.text
 
 
 # --- the daemon: --users, SIGHUP, and the tidings tool ----------------------------------------

@@ -88,7 +88,7 @@ def tables(broker: Broker, client: Client) -> dict[str, int]:
         "dedup ids": sum(len(q._dedup) for q in queues),
         "producers": sum(len(q.producers) for q in queues),
         "queues": len(broker.store.queues),
-        "auth failures": len(broker._auth_failures),
+        "auth failures": len(broker.auth_failures),
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -377,4 +378,10 @@ async def test_thousands_of_wrong_tokens_leave_nothing_behind(tmp_path: Path) ->
         await assert_broker_healthy(bp.url, token="s3cret")
         rss = kib(pid, "VmRSS")
         assert rss - rss0 < 5 * KIB, (rss0, rss)
+        assert bp.stop() == 0  # (it writes the count still owed)
+    # The log: a line when the burst began and one per 10 s with a count (each
+    # failure was a line of its own), every failure counted.
+    lines = [line for line in bp.log if "authentication failed" in line or "failed authentication" in line]
+    counted = sum(int(m[1]) if (m := re.search(r"(\d+) more failed auth", line)) else 1 for line in lines)
+    assert counted == n + 200 and len(lines) <= 3 + took / 10, lines
     print(f"{n} wrong tokens in {took:.1f} s; broker RSS {rss0 / KIB:.1f} -> {rss / KIB:.1f} MiB")
