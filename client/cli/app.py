@@ -111,10 +111,12 @@ messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
 with status 0 (3 if the broker refused some acks). A lost connection or a
 broker restart ends it with status 2, unless --follow: then it reconnects
 and carries on (a durable from its cursor, an ephemeral subscription after
-the last message it printed). With -n the prefetch is
-at most COUNT and the last acks go with the unsubscribe, so a durable's
-messages after the COUNT printed are not taken (none is given back with
-a delivery counted).
+the last message it printed). A durable's message that comes again because
+its ack did not reach the broker (lost with the connection, or held for -n)
+is not printed twice, unless --no-ack. With -n the prefetch is at most
+COUNT and the last acks go with the unsubscribe, so a durable's messages
+after the COUNT printed are not taken (none is given back with a delivery
+counted).
 
 formats:
   json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}
