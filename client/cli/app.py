@@ -40,7 +40,18 @@ from .commands import (
     run_status,
     run_sub,
 )
-from .common import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Stopped, Stopper, UsageError, tls_context
+from .common import (
+    EXIT_CONNECT,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    TLS_OPTIONS,
+    Stopped,
+    Stopper,
+    UsageError,
+    take_tls_files,
+    tls_context,
+)
 from .raw import run_decode, run_raw
 from .streams import Output, silence_stdout, watch_pipe_close
 from .values import FORMATS
@@ -75,6 +86,8 @@ environment:
   TIDINGS_TLS_CERT  default for --tls-cert
   TIDINGS_TLS_KEY   default for --tls-key
   TIDINGS_DEBUG     set to 1 to print tracebacks of unexpected errors
+The --tls-* options are for tidingss:// URLs: with a tidings:// URL they are a
+usage error (exit 1), and the TIDINGS_TLS_* variables are ignored.
 
 {EXIT_CODES}
 
@@ -314,13 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for connecting and for each reply (default: %(default)s)",
     )
-    for what, help in (
-        ("ca", "tidingss://: trust the CA certificate(s) in this PEM file, not the system's"),
-        ("cert", "tidingss://: present this client certificate, for a broker with --tls-client-ca"),
-        ("key", "the private key of --tls-cert"),
-    ):
-        env = f"TIDINGS_TLS_{what.upper()}"
-        g.add_argument(f"--tls-{what}", default=os.environ.get(env), metavar="FILE", help=f"{help} (default: ${env})")
+    # Their defaults are taken after parsing (take_tls_files), to know where each came from.
+    helps = {
+        "tls_ca": "tidingss://: trust the CA certificate(s) in this PEM file, not the system's",
+        "tls_cert": "tidingss://: present this client certificate, for a broker with --tls-client-ca",
+        "tls_key": "the private key of --tls-cert",
+    }
+    for dest, env in TLS_OPTIONS:
+        g.add_argument("--" + dest.replace("_", "-"), metavar="FILE", help=f"{helps[dest]} (default: ${env})")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
 
     p = _Parser(
@@ -582,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         silence_stdout()
         return EXIT_OK
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, format="tidings: %(message)s")
+    take_tls_files(args, os.environ)
     if args.name is None:
         args.name = f"tidings-{args.command}"
     try:

@@ -328,7 +328,9 @@ class _Session:
 async def run_raw(ctx: Context) -> int:
     args = ctx.args
     host, port, tls = parse_url(args.url)
-    context = (tls_context(args) or ssl.create_default_context()) if tls else None
+    context = tls_context(args)  # (first: it refuses TLS files given with a plain URL)
+    if tls and context is None:
+        context = ssl.create_default_context()
     try:
         async with asyncio.timeout(args.timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=context)
