@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol import ErrorCode, ServerError, TidingsError, check_queue
 from protocol.errors import local_error
+from protocol.wording import many
 
 from ..client import Client
 from ..subscription import Message, Subscription
@@ -166,11 +167,11 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
     if tasks:
         await asyncio.gather(*tasks)
     done = [offsets[i] for i in sorted(offsets)]
-    summary = f"published {len(done)} message{'' if len(done) == 1 else 's'} to {args.queue}"
+    summary = f"published {many(len(done), 'message')} to {args.queue}"
     if done:
         summary += f" (offset {done[0]})" if len(done) == 1 else f" (offsets {done[0]}..{done[-1]})"
     if duplicates:
-        summary += f": {duplicates} duplicate{'' if duplicates == 1 else 's'}, not stored again"
+        summary += f": {many(duplicates, 'duplicate')}, not stored again"
     await ctx.out.line(summary)
     if failure:
         raise failure[0]
@@ -284,7 +285,7 @@ async def run_sub(ctx: Context, client: Client) -> int:
         except ServerError as exc:
             sub.ack_errors.append(exc)
     if sub.ack_errors:
-        ctx.warn(f"{len(sub.ack_errors)} acks refused by the broker, the first: {sub.ack_errors[0]}")
+        ctx.warn(f"{many(len(sub.ack_errors), 'ack')} refused by the broker, the first: {sub.ack_errors[0]}")
         return EXIT_REFUSED
     return EXIT_OK
 
@@ -405,8 +406,10 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
     """
     s = info.get("server", {})
     now = time.time()
+    count = s.get("conn_count")
     out = [
-        f"tidings {s.get('version', '?')}  up {_age(s.get('uptime'))}  {s.get('conn_count', '?')} connections  "
+        f"tidings {s.get('version', '?')}  up {_age(s.get('uptime'))}  "
+        f"{many(count, 'connection') if isinstance(count, int) else '? connections'}  "
         f"fsync={s.get('fsync', '?')}  data={s.get('data_dir', '?')}",
         "",
     ]

@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+from client.cli.commands import render_status
 from tests.helpers import broker_process
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
@@ -33,6 +34,12 @@ def test_status_tables_and_json(url: str, queue: str) -> None:
     (q,) = [q for q in info["queues"] if q["name"] == queue]
     assert (q["first_offset"], q["next_offset"]) == (0, 2)
     assert any(c["name"] == "tidings-status" for c in info["connections"])
+
+
+def test_status_says_1_connection() -> None:
+    """The header said "1 connections" to a `tidings status` alone on the broker."""
+    heads = [render_status({"server": {"conn_count": n}}).splitlines()[0] for n in (1, 2)]
+    assert ["  1 connection  " in heads[0], "  2 connections  " in heads[1]] == [True, True], heads
 
 
 def test_queues_and_durables_list(url: str, queue: str) -> None:
