@@ -122,6 +122,19 @@ def test_help_has_examples() -> None:
                 assert f"  TIDINGS_{name} " in env, name
 
 
+def test_help_shows_what_an_option_does_when_it_is_not_given() -> None:
+    """Read as a new user would: ping -c, sub -n, -e and -d, fetch -e gave no
+    default (fetch's -e did not say that '*' and commas work, as they do)."""
+    ping, sub, fetch = (
+        " ".join(got.stdout.split()) for got in run_all([[c, "--help"] for c in ("ping", "sub", "fetch")])
+    )
+    assert "pings to send, 0 = until Ctrl-C (default: 1)" in ping
+    assert "exit after COUNT messages (default: until Ctrl-C)" in sub
+    assert "(default: none, a live subscription that keeps nothing)" in sub
+    for text in (sub, fetch):
+        assert "only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)" in text
+
+
 def test_delete_a_durable_and_a_queue(url: str, queue: str) -> None:
     run("pub", queue, "E", "1", url=url)
     run("fetch", queue, "--durable", "audit", url=url)

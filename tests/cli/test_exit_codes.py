@@ -86,6 +86,16 @@ def test_tls_files_given_with_a_plain_tidings_url_are_a_usage_error(url: str) ->
     assert alone.stderr.startswith("tidings: $TIDINGS_TLS_CERT without a key (--tls-key, $TIDINGS_TLS_KEY): ")
 
 
+def test_a_connection_option_before_the_command_says_where_it_goes(url: str) -> None:
+    """`tidings --url URL ping` said "argument COMMAND: invalid choice: 'tidings://...'"."""
+    got = run("--url", url, "ping")
+    assert (got.returncode, got.stdout) == (1, "")
+    assert got.stderr.endswith("tidings: error: --url goes after the command: tidings ping --url ...\n"), got.stderr
+    assert run("--token=s3cret", "status").stderr.endswith(
+        "--token goes after the command: tidings status --token ...\n"
+    )
+
+
 def test_no_broker_exits_2() -> None:
     port = free_port()
     url = f"tidings://127.0.0.1:{port}"
