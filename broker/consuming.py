@@ -33,6 +33,7 @@ from protocol import (
     encode_batch,
     subscription_filter,
 )
+from protocol.wording import many
 
 from .cursors import Cursor
 from .publishing import Publishing
@@ -294,7 +295,7 @@ class Consuming(Publishing):
         queue, group = found
         if busy := group.in_use():
             self.reply_error(
-                ev.req, ErrorCode.CONFLICT, f"durable {ev.durable!r} is in use by {_many(busy, 'consumer')}"
+                ev.req, ErrorCode.CONFLICT, f"durable {ev.durable!r} is in use by {many(busy, 'consumer')}"
             )
             return
         offset = self._start_offset(queue, ev.start, ev.start_value)
@@ -319,14 +320,14 @@ class Consuming(Publishing):
                 self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no durable {ev.durable!r} on queue {ev.queue!r}")
                 return
             if busy := group.in_use():
-                why = f"durable {ev.durable!r} is in use by {_many(busy, 'consumer')}"
+                why = f"durable {ev.durable!r} is in use by {many(busy, 'consumer')}"
                 self.reply_error(ev.req, ErrorCode.CONFLICT, why)
                 return
             done = store.delete_durable(queue, ev.durable)
         else:
             busy = sum(g.in_use() for g in queue.groups.values()) + len(queue.ephemeral) + len(queue.waiters)
             if busy:
-                self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} is in use by {_many(busy, 'reader')}")
+                self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} is in use by {many(busy, 'reader')}")
                 return
             if queue.committed < queue.log.next_offset:
                 self.reply_error(ev.req, ErrorCode.CONFLICT, f"queue {ev.queue!r} has publishes in flight; retry")
@@ -401,8 +402,3 @@ class Consuming(Publishing):
         else:
             queue.waiters.append(waiter)
             waiter.timer = asyncio.get_running_loop().call_later(ev.wait_ms / 1000.0, queue.expire_waiter, waiter)
-
-
-def _many(n: int, thing: str) -> str:
-    """``1 consumer``, ``2 consumers``."""
-    return f"{n} {thing}{'s' * (n != 1)}"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from protocol import PRODUCER_HEADER, ErrorCode, check_queue, encode_record
+from protocol.wording import many
 
 from .log import LogFailedError
 from .queue import Queue, QueueUnavailable
@@ -70,13 +71,14 @@ def dead_letter(store: Store, queue: Queue, group: Group) -> None:
         group.dead_letter_failed(offsets)
         return
     except OSError as exc:
-        logger.warning("cannot dead-letter %d messages of %s/%s: %s", len(bodies), queue.name, group.name, exc)
+        logger.warning("cannot dead-letter %s of %s/%s: %s", many(len(bodies), "message"), queue.name, group.name, exc)
         group.dead_letter_failed(offsets)
         return
     target.expect_confirm(first + len(bodies), _DeadLetterDone(queue, group, offsets), [])
     store.appended(target)
-    logger.info("queue %s, durable %s: %d messages (offsets %d to %d) moved to %s after %d deliveries without an ack",
-                queue.name, group.name, len(offsets), min(offsets), max(offsets), target.name, group.max_deliveries)  # fmt: skip
+    where = f"offset {offsets[0]}" if len(offsets) == 1 else f"offsets {min(offsets)} to {max(offsets)}"
+    logger.info("queue %s, durable %s: %s (%s) moved to %s after %s without an ack", queue.name, group.name,
+                many(len(offsets), "message"), where, target.name, many(group.max_deliveries, "delivery", "deliveries"))  # fmt: skip
 
 
 class _DeadLetterDone:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from protocol.wording import many
+
 from .config import Retention
 from .log import LogFailedError
 from .queue import Queue
@@ -39,7 +41,8 @@ def enforce_retention(store: Store, now_ms: int) -> int:
             cut = min(cut, *(g.cursor.ack_floor for g in queue.groups.values()))
         log = queue.log
         if cut > log.first_offset and (n := log.drop_segments_before(cut)):
-            logger.info("queue %s: retention dropped %d messages (now from offset %d)", queue.name, n, log.first_offset)
+            logger.info("queue %s: retention dropped %s (now from offset %d)", queue.name, many(n, "message"),
+                        log.first_offset)  # fmt: skip
             dropped += n
     return dropped
 

@@ -63,6 +63,7 @@ from protocol import (
     Welcome,
 )
 from protocol.framing import pack_body
+from protocol.wording import many
 
 from . import faults
 from .consuming import Consuming, PushSub
@@ -419,8 +420,8 @@ class Session(Consuming, asyncio.Protocol):
         owed = self.unconfirmed + len(self._tasks)
         if owed:
             logger.warning(
-                "conn %d %s: closing with %d replies still owed %.1f s after its BYE",
-                self.conn_id, self.peer, owed, self.config.shutdown_grace,
+                "conn %d %s: closing with %s still owed %.1f s after its BYE",
+                self.conn_id, self.peer, many(owed, "reply", "replies"), self.config.shutdown_grace,
             )  # fmt: skip
         self.transport.abort()
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from protocol import ErrorCode, check_pattern, check_queue
+from protocol.wording import many
 
 from .config import RECORD_ROOM, BrokerConfig, FsyncPolicy
 from .cursors import Cursor, CursorState, CursorStore
@@ -148,7 +149,7 @@ class Store:
         except BaseException:
             self._unlock()
             raise
-        logger.info("data in %s: %d queues", self.root, len(self.queues))
+        logger.info("data in %s: %s", self.root, many(len(self.queues), "queue"))
 
     def _lock(self) -> None:
         """Take ``LOCK`` (an exclusive ``flock``, dropped by the kernel when the

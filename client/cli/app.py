@@ -40,7 +40,18 @@ from .commands import (
     run_status,
     run_sub,
 )
-from .common import EXIT_CONNECT, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Stopped, Stopper, UsageError, tls_context
+from .common import (
+    EXIT_CONNECT,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    TLS_OPTIONS,
+    Stopped,
+    Stopper,
+    UsageError,
+    take_tls_files,
+    tls_context,
+)
 from .raw import run_decode, run_raw
 from .streams import Output, silence_stdout, watch_pipe_close
 from .values import FORMATS
@@ -58,8 +69,8 @@ exit codes:
      error, its code and message on stderr; or a name the protocol does not
      allow (INVALID_NAME)
   130 interrupted (Ctrl-C): any command but sub, status, ping and raw while
-      it connected, fetch while it waited, pub while it read stdin (after
-      the summary of what it published); a second Ctrl-C exits at once"""
+      it was connecting, fetch while it waited, pub while it read stdin
+      (after the summary of what it published); a second Ctrl-C exits at once"""
 
 MAIN_EPILOG = f"""\
 examples:
@@ -75,6 +86,8 @@ environment:
   TIDINGS_TLS_CERT  default for --tls-cert
   TIDINGS_TLS_KEY   default for --tls-key
   TIDINGS_DEBUG     set to 1 to print tracebacks of unexpected errors
+The --tls-* options are for tidingss:// URLs: with a tidings:// URL they are a
+usage error (exit 1), and the TIDINGS_TLS_* variables are ignored.
 
 {EXIT_CODES}
 
@@ -111,10 +124,12 @@ messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
 with status 0 (3 if the broker refused some acks). A lost connection or a
 broker restart ends it with status 2, unless --follow: then it reconnects
 and carries on (a durable from its cursor, an ephemeral subscription after
-the last message it printed). With -n the prefetch is
-at most COUNT and the last acks go with the unsubscribe, so a durable's
-messages after the COUNT printed are not taken (none is given back with
-a delivery counted).
+the last message it printed). A durable's message that comes again because
+its ack did not reach the broker (lost with the connection, or held for -n)
+is not printed twice, unless --no-ack. With -n the prefetch is at most
+COUNT and the last acks go with the unsubscribe, so a durable's messages
+after the COUNT printed are not taken (none is given back with a delivery
+counted).
 
 formats:
   json  {"queue","event","offset","timestamp" (ms),"headers","payload","deliveries"}
@@ -250,6 +265,9 @@ examples:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit with status 1, not 2."""
 
+    #: The connection options, which every command takes after its name.
+    command_options: frozenset[str] = frozenset()
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -293,33 +311,40 @@ def _version() -> str:
         return "0+unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """The command line of ``tidings``."""
     fmt = argparse.RawDescriptionHelpFormatter
     conn = _Parser(add_help=False)
     g = conn.add_argument_group("connection")
-    g.add_argument(
+    shared: list[str] = []  # their option strings (main says they go after the command)
+
+    def option(*names: str, **kwargs: Any) -> None:
+        shared.extend(names)
+        g.add_argument(*names, **kwargs)
+
+    option(
         "--url",
         default=os.environ.get("TIDINGS_URL", DEFAULT_URL),
         help="broker URL, tidings://HOST:PORT or tidingss:// for TLS (default: $TIDINGS_URL or %(default)s)",
     )
-    g.add_argument("--name", help="client name shown in status (default: tidings-COMMAND)")
-    g.add_argument("--token", default=os.environ.get("TIDINGS_TOKEN"), help="credentials (default: $TIDINGS_TOKEN)")
-    g.add_argument(
+    option("--name", help="client name shown in status (default: tidings-COMMAND)")
+    option("--token", default=os.environ.get("TIDINGS_TOKEN"), help="credentials (default: $TIDINGS_TOKEN)")
+    option(
         "--timeout",
         type=_positive_float,
         default=10.0,
         metavar="SECONDS",
         help="for connecting and for each reply (default: %(default)s)",
     )
-    for what, help in (
-        ("ca", "tidingss://: trust the CA certificate(s) in this PEM file, not the system's"),
-        ("cert", "tidingss://: present this client certificate, for a broker with --tls-client-ca"),
-        ("key", "the private key of --tls-cert"),
-    ):
-        env = f"TIDINGS_TLS_{what.upper()}"
-        g.add_argument(f"--tls-{what}", default=os.environ.get(env), metavar="FILE", help=f"{help} (default: ${env})")
-    g.add_argument("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
+    # Their defaults are taken after parsing (take_tls_files), to know where each came from.
+    helps = {
+        "tls_ca": "tidingss://: trust the CA certificate(s) in this PEM file, not the system's",
+        "tls_cert": "tidingss://: present this client certificate, for a broker with --tls-client-ca",
+        "tls_key": "the private key of --tls-cert",
+    }
+    for dest, env in TLS_OPTIONS:
+        option("--" + dest.replace("_", "-"), metavar="FILE", help=f"{helps[dest]} (default: ${env})")
+    option("-v", "--verbose", action="store_true", help="log what the client library does, on stderr")
 
     p = _Parser(
         prog="tidings",
@@ -327,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         description="Talk to a tidings broker: publish, subscribe, fetch, inspect, and speak raw frames.",
     )
+    p.command_options = frozenset(shared)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -368,9 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--event",
         action="append",
         metavar="EVENT",
-        help="only these events; '*' is a wildcard (repeatable, or comma-separated)",
+        help="only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)",
     )
-    sb.add_argument("-d", "--durable", metavar="NAME", help="a durable cursor that survives disconnects")
+    sb.add_argument(
+        "-d",
+        "--durable",
+        metavar="NAME",
+        help="a durable cursor that survives disconnects (default: none, a live subscription that keeps nothing)",
+    )
     sb.add_argument(
         "--from",
         dest="start",
@@ -379,7 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WHERE",
         help="new, earliest, OFFSET or ISO-TIME (default: new)",
     )
-    sb.add_argument("-n", "--count", type=_int_at_least(1), metavar="COUNT", help="exit after COUNT messages")
+    sb.add_argument(
+        "-n",
+        "--count",
+        type=_int_at_least(1),
+        metavar="COUNT",
+        help="exit after COUNT messages (default: until Ctrl-C)",
+    )
     sb.add_argument("--no-ack", action="store_true", help="do not ack (a durable's messages are redelivered)")
     sb.add_argument(
         "--follow",
@@ -398,7 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     fe = add("fetch", "pull a batch of messages once", FETCH_EPILOG)
     fe.add_argument("queue", metavar="QUEUE")
     fe.add_argument("-d", "--durable", metavar="NAME", help="pull from this durable's cursor (and ack)")
-    fe.add_argument("-e", "--event", action="append", metavar="EVENT", help="only these events (repeatable)")
+    fe.add_argument(
+        "-e",
+        "--event",
+        action="append",
+        metavar="EVENT",
+        help="only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)",
+    )
     fe.add_argument(
         "--max", type=_int_at_least(1), default=100, metavar="N", help="at most N messages (default: %(default)s)"
     )
@@ -433,7 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pg = add("ping", "round-trip time and server version", PING_EPILOG)
     pg.add_argument(
-        "-c", "--count", type=_int_at_least(0), default=1, metavar="COUNT", help="pings to send, 0 = until Ctrl-C"
+        "-c",
+        "--count",
+        type=_int_at_least(0),
+        default=1,
+        metavar="COUNT",
+        help="pings to send, 0 = until Ctrl-C (default: %(default)s)",
     )
     pg.add_argument(
         "-i",
@@ -566,10 +614,20 @@ def _protocol_error(exc: RemoteProtocolError, url: str) -> str:
     return text
 
 
+def _check_options_follow_the_command(parser: _Parser, argv: list[str]) -> None:
+    """``tidings --url URL ping`` is a usage error that says what to write
+    instead; argparse took the URL for the command ("invalid choice")."""
+    first = argv[0].split("=", 1)[0] if argv else ""
+    if first in parser.command_options:
+        command = next((a for a in argv if a in _CLIENT_COMMANDS or a == "raw"), "COMMAND")
+        parser.error(f"{first} goes after the command: tidings {command} {first} ...")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tidings``: returns the exit status."""
     parser = build_parser()
     try:
+        _check_options_follow_the_command(parser, sys.argv[1:] if argv is None else argv)
         args, extra = parser.parse_known_args(argv)
         # argparse cannot match an optional positional after options ("pub Q E --string 'a b'").
         if extra and args.command == "pub" and args.payload is None and len(extra) == 1 and extra[0][:1] != "-":
@@ -580,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         silence_stdout()
         return EXIT_OK
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, format="tidings: %(message)s")
+    take_tls_files(args, os.environ)
     if args.name is None:
         args.name = f"tidings-{args.command}"
     try:

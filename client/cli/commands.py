@@ -15,9 +15,10 @@ from typing import Any
 
 from protocol import ErrorCode, ServerError, TidingsError, check_queue
 from protocol.errors import local_error
+from protocol.wording import many
 
 from ..client import Client
-from ..subscription import Message
+from ..subscription import Message, Subscription
 from .common import EXIT_OK, EXIT_REFUSED, Stopped, Stopper, UsageError
 from .streams import LineReader, Output
 from .values import format_message, parse_payload, to_json
@@ -166,11 +167,11 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
     if tasks:
         await asyncio.gather(*tasks)
     done = [offsets[i] for i in sorted(offsets)]
-    summary = f"published {len(done)} message{'' if len(done) == 1 else 's'} to {args.queue}"
+    summary = f"published {many(len(done), 'message')} to {args.queue}"
     if done:
         summary += f" (offset {done[0]})" if len(done) == 1 else f" (offsets {done[0]}..{done[-1]})"
     if duplicates:
-        summary += f": {duplicates} duplicate{'' if duplicates == 1 else 's'}, not stored again"
+        summary += f": {many(duplicates, 'duplicate')}, not stored again"
     await ctx.out.line(summary)
     if failure:
         raise failure[0]
@@ -191,6 +192,56 @@ STOP_GRACE = 1.0
 WRITE_BATCH = 256
 
 
+class Printed:
+    """What ``sub`` printed of a durable lately, to leave out a message that comes again.
+
+    A durable's message comes again when the broker has not had its ack: one
+    of the last acks of ``-n COUNT``, kept for the UNSUBSCRIBE, when the
+    connection broke (``--follow`` reconnects) or the ack wait ran out; an
+    ack written just before the connection broke; a message still in the
+    client's buffer when it broke, redelivered while that copy is printed.
+    Printed again, it showed twice and counted twice towards COUNT.
+
+    Only the last ``size`` (the prefetch) messages printed can come again:
+    those the broker has not had the ack of are all in flight to this
+    subscription at once, so at most prefetch, and acks go out in the order
+    the messages were printed, so they are the last ones printed. A message
+    is known by its offset and its timestamp: an offset alone may come back
+    with another message (a queue deleted and made again, or cut by
+    ``--repair``, while ``--follow`` was reconnecting).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        #: (offset, timestamp) -> whether its ack was sent (else it is still to be sent: held, or being printed).
+        self._acked: dict[tuple[int, int], bool] = {}
+
+    def is_new(self, msg: Message) -> bool:
+        """Whether ``msg`` is to be printed (not seen lately); remembers it if so."""
+        key = (msg.offset, msg.timestamp)
+        if key in self._acked:
+            return False
+        self._acked[key] = False
+        if len(self._acked) > self._size:
+            del self._acked[next(iter(self._acked))]
+        return True
+
+    def was_acked(self, msg: Message) -> bool:
+        """Whether the ack of the message ``msg`` is a copy of was sent.
+
+        If not, the ack still to be sent (held, or after the write) covers
+        the copy too; if so, that ack may have been lost with the connection,
+        and the copy needs one (:func:`_ack_again`).
+        """
+        return self._acked.get((msg.offset, msg.timestamp), False)
+
+    def ack_sent(self, msg: Message) -> None:
+        """``msg`` was acked: a copy of it from now on needs an ack of its own."""
+        key = (msg.offset, msg.timestamp)
+        if key in self._acked:
+            self._acked[key] = True
+
+
 async def run_sub(ctx: Context, client: Client) -> int:
     args = ctx.args
     # With -n COUNT, no more than COUNT in flight: a durable's messages taken
@@ -202,20 +253,16 @@ async def run_sub(ctx: Context, client: Client) -> int:
     # rest with the UNSUBSCRIBE (the broker has sent COUNT by then).
     ack_now = None if args.count is None else args.count - prefetch
     last: list[Message] = []
+    # --no-ack shows what comes again (one delivery more): that is what it is for.
+    printed = Printed(prefetch) if args.durable is not None and not args.no_ack else None
     sub = await client.subscribe(args.queue, events=parse_events(args.event), durable=args.durable,
                                  start=args.start, prefetch=prefetch)  # fmt: skip
     received = 0
     try:
         while (args.count is None or received < args.count) and not ctx.stopper.stopped:
+            room = WRITE_BATCH if args.count is None else min(WRITE_BATCH, args.count - received)
             try:
-                batch: list[Message] = [await ctx.stopper.race(sub.__anext__())]
-                # What is already buffered goes out in the same write (one thread hop, not one per line).
-                while (
-                    sub.pending
-                    and len(batch) < WRITE_BATCH
-                    and (args.count is None or received + len(batch) < args.count)
-                ):
-                    batch.append(await sub.__anext__())
+                batch = await _take(ctx, sub, printed, room)
             except StopAsyncIteration:
                 break
             written = await _write_or_stop(ctx, b"".join(format_message(m, args.format) for m in batch))
@@ -223,6 +270,8 @@ async def run_sub(ctx: Context, client: Client) -> int:
                 for i, m in enumerate(batch, received):
                     if ack_now is None or i < ack_now:
                         await m.ack()
+                        if printed is not None:
+                            printed.ack_sent(m)
                     else:
                         last.append(m)
             if not written:
@@ -236,9 +285,40 @@ async def run_sub(ctx: Context, client: Client) -> int:
         except ServerError as exc:
             sub.ack_errors.append(exc)
     if sub.ack_errors:
-        ctx.warn(f"{len(sub.ack_errors)} acks refused by the broker, the first: {sub.ack_errors[0]}")
+        ctx.warn(f"{many(len(sub.ack_errors), 'ack')} refused by the broker, the first: {sub.ack_errors[0]}")
         return EXIT_REFUSED
     return EXIT_OK
+
+
+async def _take(ctx: Context, sub: Subscription, printed: Printed | None, room: int) -> list[Message]:
+    """The next messages to print: one, waited for, and those already
+    buffered, up to ``room``; none that ``printed`` says came again.
+
+    Raises:
+        StopAsyncIteration: the subscription ended.
+        Stopped: a stop came while waiting.
+    """
+    batch: list[Message] = []
+    while not batch or (sub.pending and len(batch) < room):
+        # What is already buffered goes out in the same write (one thread hop, not one per line).
+        msg = await (sub.__anext__() if batch else ctx.stopper.race(sub.__anext__()))
+        if printed is None or printed.is_new(msg):
+            batch.append(msg)
+        elif printed.was_acked(msg):
+            await ctx.stopper.race(_ack_again(msg))
+    return batch
+
+
+async def _ack_again(msg: Message) -> None:
+    """Ack a copy of a message acked before, in case that ack was lost with
+    the connection; the broker refuses it (BAD_ACK, already acknowledged)
+    if it was not, which is fine. Waits for the answer to tell the two apart:
+    a refusal of an ack sent without waiting is counted in ``ack_errors``."""
+    try:
+        await msg.ack(wait=True)
+    except ServerError as exc:
+        if exc.code is not ErrorCode.BAD_ACK:
+            raise
 
 
 async def _write_or_stop(ctx: Context, data: bytes) -> bool:
@@ -326,8 +406,10 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
     """
     s = info.get("server", {})
     now = time.time()
+    count = s.get("conn_count")
     out = [
-        f"tidings {s.get('version', '?')}  up {_age(s.get('uptime'))}  {s.get('conn_count', '?')} connections  "
+        f"tidings {s.get('version', '?')}  up {_age(s.get('uptime'))}  "
+        f"{many(count, 'connection') if isinstance(count, int) else '? connections'}  "
         f"fsync={s.get('fsync', '?')}  data={s.get('data_dir', '?')}",
         "",
     ]

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Final, TypeVar
+
+from .._address import parse_url
 
 __all__ = [
     "EXIT_CONNECT",
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
+    "TLS_OPTIONS",
     "Stopped",
     "Stopper",
+    "TlsFile",
     "UsageError",
+    "take_tls_files",
     "tls_context",
 ]
+
+logger = logging.getLogger(__name__)
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 1  # bad arguments or bad input (a payload that is not JSON, ...)
@@ -33,35 +42,89 @@ class UsageError(Exception):
     """Bad arguments or bad input: exit code 1 with a one-line message."""
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFile:
+    """A PEM file of a ``--tls-*`` option, and how it was given.
+
+    Attributes:
+        path: the file.
+        named: ``--tls-ca`` when given on the command line, ``$TIDINGS_TLS_CA``
+            when taken from the environment: errors say which, and only the
+            command line's are a mistake with a plain ``tidings://`` URL.
+    """
+
+    path: str
+    named: str
+
+    @property
+    def from_env(self) -> bool:
+        return self.named.startswith("$")
+
+
+#: The TLS options: argparse dest, and the environment variable that is its default.
+TLS_OPTIONS: Final = (("tls_ca", "TIDINGS_TLS_CA"), ("tls_cert", "TIDINGS_TLS_CERT"), ("tls_key", "TIDINGS_TLS_KEY"))
+
+
+def take_tls_files(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Turn ``args.tls_*`` into :class:`TlsFile` (or None), from the command
+    line, else from ``environ``, noting which."""
+    for dest, variable in TLS_OPTIONS:
+        given = getattr(args, dest)
+        if given is not None:
+            setattr(args, dest, TlsFile(given, "--" + dest.replace("_", "-")))
+        else:
+            setattr(args, dest, TlsFile(environ[variable], f"${variable}") if environ.get(variable) else None)
+
+
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The TLS context ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` ask for;
-    None for the default (the system's CAs, no client certificate).
+    """The TLS context ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` ask for
+    (see :func:`take_tls_files`); None for the default (the system's CAs, no
+    client certificate), and for a plain ``tidings://`` URL.
+
+    With a plain URL, files given on the command line are a usage error (the
+    URL was most likely meant to be ``tidingss://``: going on would connect
+    in plain TCP without a word), and files from the environment are
+    ignored (the variables may be set for other brokers).
 
     Raises:
-        UsageError: a file cannot be read or used.
+        UsageError: a file given with a plain URL, or one that cannot be read or used.
+        ConfigError: the URL is not a tidings URL.
     """
-    if not (args.tls_ca or args.tls_cert or args.tls_key):
+    given: list[TlsFile] = [f for f in (args.tls_ca, args.tls_cert, args.tls_key) if f is not None]
+    host, port, tls = parse_url(args.url)
+    if not tls:
+        if typed := [f.named for f in given if not f.from_env]:
+            raise UsageError(f"{' and '.join(typed)} {'is' if len(typed) == 1 else 'are'} for TLS, "
+                             f"but {args.url} is plain TCP: use tidingss://{host}:{port}")  # fmt: skip
+        if given:
+            logger.debug("%s ignored: %s is plain TCP", " and ".join(f.named for f in given), args.url)
         return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
+    if not given:
+        return None
+    ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
+    if (cert is None) != (key is None):
+        missing = (
+            "a key (--tls-key, $TIDINGS_TLS_KEY)" if key is None else "a certificate (--tls-cert, $TIDINGS_TLS_CERT)"
+        )
+        raise UsageError(f"{(cert or key).named} without {missing}: --tls-cert and --tls-key go together")
     # ssl's errors for a missing file name no file ("[Errno 2] No such file or
     # directory"): open each one first, to say which.
-    for option, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise UsageError(f"cannot read {option} {path}: {exc.strerror or exc}") from exc
-    try:
-        ctx = ssl.create_default_context(cafile=args.tls_ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use --tls-ca {args.tls_ca}: {exc}") from exc
-    if args.tls_cert:
+    for f in given:
         try:
-            ctx.load_cert_chain(args.tls_cert, args.tls_key)
+            with open(f.path, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot read {f.named} {f.path}: {exc.strerror or exc}") from exc
+    try:
+        ctx = ssl.create_default_context(cafile=None if ca is None else ca.path)
+    except (OSError, ssl.SSLError) as exc:
+        what = "the system's CA certificates" if ca is None else f"{ca.named} {ca.path}"
+        raise UsageError(f"cannot use {what}: {exc}") from exc
+    if cert is not None and key is not None:
+        try:
+            ctx.load_cert_chain(cert.path, key.path)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot use --tls-cert {args.tls_cert} with --tls-key {args.tls_key}: {exc}") from exc
+            raise UsageError(f"cannot use {cert.named} {cert.path} with {key.named} {key.path}: {exc}") from exc
     return ctx
 
 

@@ -35,6 +35,7 @@ from protocol import (
 )
 from protocol.framing import unpack_body
 from protocol.messages import FRAME_CLASSES
+from protocol.wording import many
 
 from .._transport import connect_failed
 from ..client import parse_url
@@ -328,7 +329,9 @@ class _Session:
 async def run_raw(ctx: Context) -> int:
     args = ctx.args
     host, port, tls = parse_url(args.url)
-    context = (tls_context(args) or ssl.create_default_context()) if tls else None
+    context = tls_context(args)  # (first: it refuses TLS files given with a plain URL)
+    if tls and context is None:
+        context = ssl.create_default_context()
     try:
         async with asyncio.timeout(args.timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=context)
@@ -362,9 +365,10 @@ async def run_decode(ctx: Context) -> int:
             pos = end
     except BrokenPipeError:
         return EXIT_OK
-    if decoder.buffered:
+    if left := decoder.buffered:
+        one = left == 1
         raise UsageError(
-            f"{decoder.buffered} bytes at offset {pos} do not form a complete frame "
-            f"({len(bodies)} frames decoded before them)"
+            f"{many(left, 'byte')} at offset {pos} {'does' if one else 'do'} not form a complete frame "
+            f"({many(len(bodies), 'frame')} decoded before {'it' if one else 'them'})"
         )
     return EXIT_OK

@@ -107,7 +107,7 @@ async def test_max_deliveries_moves_a_message_to_the_dead_letter_queue(
         assert durable["ack_floor"] == 2 and durable["lag"] == 0
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert "queue jobs created" in said and "queue jobs.dead created" in said  # an operator sees both
-    assert "queue jobs, durable workers: 1 messages (offsets 0 to 0) moved to jobs.dead after 3 deliveries" in (
+    assert "queue jobs, durable workers: 1 message (offset 0) moved to jobs.dead after 3 deliveries" in (
         "\n".join(said)
     )
 

@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+from client.cli.commands import render_status
 from tests.helpers import broker_process
 
 from .conftest import Lines, finish, lines_of, run, run_all, start
@@ -33,6 +34,12 @@ def test_status_tables_and_json(url: str, queue: str) -> None:
     (q,) = [q for q in info["queues"] if q["name"] == queue]
     assert (q["first_offset"], q["next_offset"]) == (0, 2)
     assert any(c["name"] == "tidings-status" for c in info["connections"])
+
+
+def test_status_says_1_connection() -> None:
+    """The header said "1 connections" to a `tidings status` alone on the broker."""
+    heads = [render_status({"server": {"conn_count": n}}).splitlines()[0] for n in (1, 2)]
+    assert ["  1 connection  " in heads[0], "  2 connections  " in heads[1]] == [True, True], heads
 
 
 def test_queues_and_durables_list(url: str, queue: str) -> None:
@@ -113,6 +120,19 @@ def test_help_has_examples() -> None:
             env = got.stdout.split("environment:")[1].split("exit codes:")[0]
             for name in ("URL", "TOKEN", "TLS_CA", "TLS_CERT", "TLS_KEY", "DEBUG"):
                 assert f"  TIDINGS_{name} " in env, name
+
+
+def test_help_shows_what_an_option_does_when_it_is_not_given() -> None:
+    """Read as a new user would: ping -c, sub -n, -e and -d, fetch -e gave no
+    default (fetch's -e did not say that '*' and commas work, as they do)."""
+    ping, sub, fetch = (
+        " ".join(got.stdout.split()) for got in run_all([[c, "--help"] for c in ("ping", "sub", "fetch")])
+    )
+    assert "pings to send, 0 = until Ctrl-C (default: 1)" in ping
+    assert "exit after COUNT messages (default: until Ctrl-C)" in sub
+    assert "(default: none, a live subscription that keeps nothing)" in sub
+    for text in (sub, fetch):
+        assert "only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)" in text
 
 
 def test_delete_a_durable_and_a_queue(url: str, queue: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 from protocol import PROTOCOL_VERSION, Hello, encode_frame
 from tests.helpers import broker_process
 
-from .conftest import Lines, finish, free_port, run, run_all, start
+from .conftest import Lines, cli_env, finish, free_port, run, run_all, start
 
 USAGE_ERRORS = [
     [],
@@ -57,6 +57,43 @@ def test_a_url_with_a_token_or_a_path_is_a_usage_error() -> None:
     assert "--token" in got.stderr and "s3cret" not in got.stderr
     path = run("ping", "--url", f"tidings://127.0.0.1:{port}/DB")
     assert path.returncode == 1 and "has more than tidings://host:port" in path.stderr
+
+
+def test_tls_files_given_with_a_plain_tidings_url_are_a_usage_error(url: str) -> None:
+    """--tls-ca (or --tls-cert and --tls-key) with a tidings:// URL was
+    ignored without a word, and the command went on in plain TCP: most
+    likely the URL was meant to be tidingss:// (found by an operator
+    walkthrough). From $TIDINGS_TLS_*, which may be set for other brokers,
+    they are still ignored (said with -v)."""
+    bare = url.removeprefix("tidings://")
+    ca = run("ping", "--tls-ca", "ca.pem", url=url)
+    assert (ca.returncode, ca.stdout) == (1, "")
+    assert ca.stderr == f"tidings: --tls-ca is for TLS, but {url} is plain TCP: use tidingss://{bare}\n"
+    for args in (["raw"], ["pub", "Q", "E", "1"]):
+        pair = run(*args, "--tls-cert", "c.pem", "--tls-key", "k.pem", url=url, input="")
+        assert pair.returncode == 1, args
+        assert pair.stderr == f"tidings: --tls-cert and --tls-key are for TLS, but {url} is plain TCP: use tidingss://{bare}\n"  # fmt: skip
+
+    env = cli_env(TIDINGS_TLS_CA="missing-ca.pem", TIDINGS_TLS_CERT="missing-cert.pem")
+    quiet = run("ping", url=url, env=env)
+    assert (quiet.returncode, quiet.stderr) == (0, ""), quiet.stderr
+    told = run("ping", "-v", url=url, env=env)
+    assert "$TIDINGS_TLS_CA and $TIDINGS_TLS_CERT ignored: " in told.stderr, told.stderr
+    # With tidingss:// they are used, and an error names where the file came from.
+    tls = run("ping", "--url", f"tidingss://{bare}", env=cli_env(TIDINGS_TLS_CA="missing-ca.pem"))
+    assert tls.stderr == "tidings: cannot read $TIDINGS_TLS_CA missing-ca.pem: No such file or directory\n"
+    alone = run("ping", "--url", f"tidingss://{bare}", env=env)
+    assert alone.stderr.startswith("tidings: $TIDINGS_TLS_CERT without a key (--tls-key, $TIDINGS_TLS_KEY): ")
+
+
+def test_a_connection_option_before_the_command_says_where_it_goes(url: str) -> None:
+    """`tidings --url URL ping` said "argument COMMAND: invalid choice: 'tidings://...'"."""
+    got = run("--url", url, "ping")
+    assert (got.returncode, got.stdout) == (1, "")
+    assert got.stderr.endswith("tidings: error: --url goes after the command: tidings ping --url ...\n"), got.stderr
+    assert run("--token=s3cret", "status").stderr.endswith(
+        "--token goes after the command: tidings status --token ...\n"
+    )
 
 
 def test_no_broker_exits_2() -> None:

@@ -115,6 +115,11 @@ def test_raw_decode_captured_bytes(tmp_path: Path) -> None:
     assert cut.returncode == 1
     assert "do not form a complete frame" in cut.stderr
     assert len(frames(cut.stdout)) == 5  # everything before the cut is still shown
+    first = len(encode_frame(publish.to_wire()))
+    one = run("raw", "--decode", input=capture[: first + 1])
+    assert (
+        one.stderr == f"tidings: 1 byte at offset {first} does not form a complete frame (1 frame decoded before it)\n"
+    )
     missing = run("raw", "--decode", str(tmp_path / "nope.bin"))
     assert missing.returncode == 1 and "cannot read" in missing.stderr
 
