@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from protocol import LOST_EVENT, encode_record
+from protocol.wording import many
 
 from .segment import HEADER_SIZE, MAGIC, SUFFIX, CorruptLogError, check_any, encode_records, fsync_dir
 
@@ -187,8 +188,9 @@ def salvage(
         temp.unlink(missing_ok=True)
         raise
     logger.warning(
-        "%s: repair (%s): kept %d intact records, marked %d offsets lost (%s records), holds [%d, %d)",
-        path, why, new.kept, new.lost, LOST_EVENT, start, new.next,
+        "%s: repair (%s): kept %s; %s now %s; it holds offsets %d to %d",
+        path, why, many(new.kept, "intact record"), many(new.lost, "lost record"),
+        "a tidings.lost marker" if new.lost == 1 else "tidings.lost markers", start, new.next - 1,
     )  # fmt: skip
     if new.next == start and end is not None:  # nothing of its range: the next segment goes on
         temp.unlink()

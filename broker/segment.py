@@ -78,6 +78,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Final
 
+from protocol.wording import many
+
 __all__ = ["HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "check_any", "encode_records", "fsync_dir"]
 
 logger = logging.getLogger(__name__)
@@ -334,8 +336,8 @@ class Segment:
                 damage += f"; the record at byte {proof[0]} says records below {proof[1]} had been fsynced"
             else:
                 logger.warning(
-                    "%s: torn tail (never fsynced): cutting %d bytes from byte %d on: %s; %d intact records after it",
-                    self.path, size - pos, pos, damage, intact,
+                    "%s: torn tail (never fsynced): cutting %s from byte %d on: %s; %s after it",
+                    self.path, many(size - pos, "byte"), pos, damage, many(intact, "intact record"),
                 )  # fmt: skip
                 self._truncate(pos)
                 return

@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from protocol import ConfigError, ErrorCode
+from protocol.wording import many
 
 from .auth import AuthFailures
 from .config import BrokerConfig
@@ -104,7 +105,7 @@ class Broker:
         self.tls = tls = ServerTls(self.config) if self.config.tls else None
         if self.config.users_file is not None:
             self.users = load_users(self.config.users_file)
-            logger.info("%d users from %s", len(self.users), self.config.users_file)
+            logger.info("%s from %s", many(len(self.users), "user"), self.config.users_file)
             if (exposed := self.users.exposed()) is not None:
                 logger.warning("%s", exposed)
         # Bound first (not yet serving), so that a port in use is said at once,
@@ -228,8 +229,8 @@ class Broker:
                 session.fatal(ErrorCode.PERMISSIONS_CHANGED, f"the rights of user {old.name!r} changed; reconnect")
                 narrowed += 1
         logger.info(
-            "%d users reloaded from %s; connections closed: %d of removed users or tokens, %d with narrowed rights",
-            len(users), path, revoked, narrowed,
+            "users reloaded from %s (%s); connections closed: %d of removed users or tokens, %d with narrowed rights",
+            path, many(len(users), "user"), revoked, narrowed,
         )  # fmt: skip
         return True
 
@@ -269,7 +270,7 @@ class Broker:
             await self._closed.wait()
             return
         self._closing = True
-        logger.info("shutting down: %d connections", len(self.sessions))
+        logger.info("shutting down: %s", many(len(self.sessions), "connection"))
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
