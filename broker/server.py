@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Final
 
 from protocol import ConfigError, ErrorCode
 from protocol.wording import many
@@ -41,6 +41,9 @@ from .users import Users, load_users
 __all__ = ["Broker"]
 
 logger = logging.getLogger(__name__)
+
+#: ``Client(reconnect_deadline=...)``'s default: how long after a lost connection it may resend a publish.
+CLIENT_RECONNECT_DEADLINE: Final = 60.0
 
 
 def package_version() -> str:
@@ -101,6 +104,10 @@ class Broker:
                 created, or another broker uses it (``DataDirInUse``).
             ConfigError: the TLS files or the users file cannot be used.
         """
+        if self.config.dedup_window < CLIENT_RECONNECT_DEADLINE:
+            logger.warning("--dedup-window %gs is shorter than the clients' default reconnect deadline (%gs): a "
+                           "publish a client resends after a longer outage may be stored twice",
+                           self.config.dedup_window, CLIENT_RECONNECT_DEADLINE)  # fmt: skip
         # The TLS files' errors first: before any file is touched.
         self.tls = tls = ServerTls(self.config) if self.config.tls else None
         if self.config.users_file is not None:

@@ -217,7 +217,8 @@ class Store:
             self._failed_code[name] = ErrorCode.STORAGE_FAILED
             self._failed_at[name] = time.monotonic()
         else:
-            self.failed[name] = str(exc)
+            hint = "" if self.config.repair else " (--repair keeps its intact records and marks the lost ones)"
+            self.failed[name] = f"{exc}{hint}"
             self._failed_code[name] = ErrorCode.QUEUE_CORRUPT
         logger.log(
             logging.WARNING if again else logging.ERROR, "queue %s cannot be served: %s", name, self.failed[name]

@@ -130,6 +130,8 @@ class Transport(Reconnecting):
             raise ConfigError(f"reconnect_max_delay must be a positive number of seconds, not {reconnect_max_delay!r}")
         self.url = url
         self.host, self.port, tls = parse_url(url)
+        if ssl_context is not None and not tls:
+            raise ConfigError(f"ssl_context is for TLS, but {url} is plain TCP: use tidingss://{self.host}:{self.port}")
         self.name = name
         self.timeout = timeout
         self.max_pending = max_pending

@@ -73,7 +73,9 @@ class Client(Transport):
         token: credentials, when the broker requires a token (its
             ``TIDINGS_TOKEN``, or the token of one of the users of its users file).
         timeout: seconds to wait for connecting and for each reply.
-        ssl_context: TLS settings for ``tidingss://`` (default: verify).
+        ssl_context: TLS settings for ``tidingss://`` (default: verify); with a
+            ``tidings://`` URL it raises ConfigError (it would not be used: the
+            URL was most likely meant to be ``tidingss://``).
         max_pending: buffered messages per ephemeral subscription before
             the client stops reading the socket.
         reconnect: when the connection is lost (or the broker restarts),

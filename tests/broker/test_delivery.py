@@ -166,8 +166,11 @@ async def test_idempotent_publish(tmp_path: Path) -> None:
 @pytest.mark.one_loop
 async def test_the_dedup_window_is_set_on_the_command_line(tmp_path: Path) -> None:
     """``--dedup-window``: a message id is known that long, then stored again
-    (the broker's clock is the subject here, hence the sleep); 0 is refused."""
+    (the broker's clock is the subject here, hence the sleep); 0 is refused;
+    one shorter than the clients' reconnect deadline is warned about."""
     with broker_process(tmp_path, "--dedup-window", "0.5") as bp:
+        warning = "--dedup-window 0.5s is shorter than the clients' default reconnect deadline (60s)"
+        assert any(warning in line for line in bp.log), bp.log
         async with Client(bp.url) as c:
             assert await c.publish("orders", "E", 1, message_id="order-1") == 0
             assert await c.publish("orders", "E", 1, message_id="order-1") == 0

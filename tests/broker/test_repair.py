@@ -243,6 +243,7 @@ async def test_a_subscriber_gets_the_lost_marker_whatever_its_filter(tmp_path: P
         with pytest.raises(ServerError) as err:
             await c.fetch("Q")
         assert err.value.code == ErrorCode.QUEUE_CORRUPT
+        assert "(--repair keeps its intact records and marks the lost ones)" in str(err.value)
     async with running_broker(tmp_path, repair=True) as broker, connected(broker) as c:
         got = await c.fetch("Q", durable="d", events=["A"], max_messages=100)
         assert [(m.offset, m.event, m.lost) for m in got] == [

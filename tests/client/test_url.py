@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 
 from client import Client, ConfigError
@@ -42,3 +44,11 @@ def test_anything_more_is_refused_not_ignored(url: str, why: str) -> None:
     assert "s3cret" not in str(info.value)  # a token is never printed back
     with pytest.raises(ConfigError):
         Client(url)
+
+
+def test_a_tls_context_with_a_plain_url_is_refused_not_ignored() -> None:
+    """ssl_context with tidings:// was dropped without a word: the client
+    connected in plain TCP. The URL was most likely meant to be tidingss://."""
+    with pytest.raises(ConfigError, match=r"plain TCP: use tidingss://127\.0\.0\.1:6464"):
+        Client("tidings://127.0.0.1:6464", ssl_context=ssl.create_default_context())
+    assert Client("tidingss://127.0.0.1:6464", ssl_context=ssl.create_default_context()).port == 6464
