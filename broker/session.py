@@ -460,6 +460,8 @@ class Session(Consuming, asyncio.Protocol):
             "since": self.since,
             "producer": self.producer,
             "user": self.user.name if self.user is not None else None,
+            # Which of the user's tokens: the start of its SHA-256, as in the users file (soft rotation).
+            "token": self.user.token_hash.hex()[:8] if self.user is not None else None,
             "subscriptions": [
                 {
                     "sub_id": s.sub_id,

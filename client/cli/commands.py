@@ -392,6 +392,12 @@ def _age(seconds: Any) -> str:
     return f"{s // 86400}d"
 
 
+def _user(conn: dict[str, Any]) -> str:
+    """A connection's user, and which of its tokens (the start of its SHA-256): ``orders (5e884898)``."""
+    user, token = conn.get("user"), conn.get("token")
+    return "-" if not user else f"{user} ({token})" if token else str(user)
+
+
 def _events(events: Any) -> str:
     return ",".join(events) if events else "*"
 
@@ -421,7 +427,7 @@ def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -
         pulls = c.get("pulls", [])
         omitted = c.get("omitted") or {}  # lists too long for a STATUS page: only counted
         conns.append(
-            [c.get("id"), c.get("name"), c.get("user") or "-", c.get("producer") or "-", c.get("address"), age,
+            [c.get("id"), c.get("name"), _user(c), c.get("producer") or "-", c.get("address"), age,
              len(mine) + omitted.get("subscriptions", 0), len(pulls) + omitted.get("pulls", 0)]
         )  # fmt: skip
         for x in mine:

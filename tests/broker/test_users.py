@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from broker.users import Login, Rights, load_users
 from client import AuthFailed, Client, PermissionDenied
+from client.cli.commands import render_status
 from protocol import ConfigError, Err, ErrorCode, Nack, Progress, check_queue
 from tests.helpers import BrokerProcess, RawPeer, broker_process, running_broker, url_of
 
@@ -208,6 +209,10 @@ async def test_publish_without_permission_is_refused_and_stores_nothing(tmp_path
         assert orders.reconnects == 0  # the refusals never cost the connection
         connections = {c["name"]: c for c in (await admin.status())["connections"]}
         assert connections["orders-app"]["user"] == "orders"
+        # Which token (for a rotation): the start of its SHA-256, as the file has it.
+        assert connections["orders-app"]["token"] == hashlib.sha256(ORDERS.encode()).hexdigest()[:8]
+        status = render_status(await admin.status())
+        assert f"orders ({hashlib.sha256(ORDERS.encode()).hexdigest()[:8]})" in status
 
 
 async def test_every_consuming_entry_point_checks_the_subscribe_right(tmp_path: Path) -> None:
