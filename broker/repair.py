@@ -157,6 +157,8 @@ class SalvagePlan:
         self.next = start  # the offset after the last one planned
         self.ts = floor_ts  # the timestamp of the last record planned (0: none yet)
         self.kept = self.lost = 0
+        #: The timestamp of the new file's last record, marker or not (0: it holds none).
+        self.last_ts = 0
         #: Markers up to the recovery point not planned: more than a segment could hold (the point is wrong).
         self.point_ignored = 0
 
@@ -174,6 +176,7 @@ class SalvagePlan:
             yield Keep(offset, timestamp, pos, length)
             self.kept += 1
             self.next, self.ts = offset + 1, timestamp
+            self.last_ts = timestamp
         try:
             mark = self._mark_to(self.fill_to if self.end is None else self.end, 0)
         except BeyondRepair as exc:
@@ -195,6 +198,7 @@ class SalvagePlan:
         mark = Mark(self.next, count, ts)
         self.lost += count
         self.next = offset
+        self.last_ts = ts
         return mark
 
 
@@ -204,7 +208,7 @@ def plan_salvage(
     """What :func:`salvage` would do to ``path`` (same arguments), reading it and writing nothing.
 
     Returns:
-        The plan, its steps done: ``kept``, ``lost``, ``next``, ``ts``, ``point_ignored``.
+        The plan, its steps done: ``kept``, ``lost``, ``next``, ``last_ts``, ``point_ignored``.
 
     Raises:
         BeyondRepair: ``salvage`` would refuse it.
