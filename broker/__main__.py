@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from protocol import ConfigError, Limits
+from protocol.wording import many
 
+from .check import EXIT_CANNOT_CHECK, EXIT_DAMAGED, EXIT_OK, QueueCheck, check_queue, locked_for_check
 from .config import (
     DEFAULT_DATA_DIR,
     DEFAULT_PORT,
@@ -77,6 +79,17 @@ cursors, close clients); a second one exits at once. SIGHUP reloads --users
 and the TLS files.
 exit codes: 0 clean stop, 1 start-up error (a bad setting, the port taken, the
 data directory used by another broker), 2 usage error, 3 storage failure.
+
+--check (tidings-broker --data-dir DIR --check) reads every queue's log and
+durable cursors as a start would, changing no file, and prints a line per
+queue: ok; a torn tail a start would cut; or the damage that makes a start
+refuse it, with what --repair would keep and mark lost; then each durable's
+cursor (ok, damaged, past the log's end). Give it the broker's
+--segment-bytes if not the default. It needs the broker stopped.
+exit codes of --check: 0 every queue would be served (torn tails included: a
+start cuts them; a damaged cursor too: a start uses an older copy), 1 some
+queue is damaged (a start refuses it), 2 usage error, 3 could not check (a
+broker holds the data directory, or a directory or file cannot be read).
 """
 
 
@@ -233,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "queue's folder aside first to keep the damaged bytes)",
     )
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the data directory and exit, changing nothing: each queue's state, what a start would cut or "
+        "refuse, and what --repair would do (see below)",
+    )
+    p.add_argument(
         "--users",
         type=Path,
         metavar="FILE",
@@ -367,14 +386,47 @@ async def _run(config: BrokerConfig) -> int:
     return exit_code
 
 
+def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
+    """``--check``: print each queue's state (see :mod:`broker.check`) and a summary.
+
+    Returns:
+        The exit code: ``EXIT_OK``, ``EXIT_DAMAGED`` or ``EXIT_CANNOT_CHECK``.
+    """
+    root = data_dir.resolve()
+    checks: list[QueueCheck] = []
+    try:
+        with locked_for_check(root):
+            queues = root / "queues"
+            for path in sorted(p for p in queues.iterdir() if p.is_dir()) if queues.is_dir() else []:
+                check = check_queue(path, segment_bytes=segment_bytes)
+                print("\n".join(check.lines()), flush=True)
+                checks.append(check)
+    except OSError as exc:
+        print(f"tidings-broker: cannot check: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_CHECK
+    damaged = sum(c.damaged for c in checks)
+    unreadable = sum(c.unreadable is not None for c in checks)
+    verdict = [f"{damaged} damaged (a start refuses {'it' if damaged == 1 else 'them'})"] if damaged else []
+    verdict += [f"{unreadable} could not be read"] if unreadable else []
+    print(f"{root}: {many(len(checks), 'queue')} checked: {', '.join(verdict) or 'a start would serve every one'}")
+    if damaged:
+        return EXIT_DAMAGED
+    return EXIT_CANNOT_CHECK if unreadable else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tidings-broker``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check and args.repair:
+        parser.error("--check changes nothing and already says what --repair would do: drop --repair")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.check:
+        return check_data_dir(args.data_dir, segment_bytes=args.segment_bytes)
     try:
         config = config_from_args(args)
     except (ConfigError, ValueError) as exc:

@@ -29,7 +29,7 @@ import msgpack
 from . import faults
 from .log import fsync_dir
 
-__all__ = ["Cursor", "CursorState", "CursorStore"]
+__all__ = ["Cursor", "CursorFiles", "CursorState", "CursorStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ class CursorState:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class CursorFiles:
+    """What a load of one durable's cursor finds, read without changing anything (``--check`` shows it)."""
+
+    #: The suffix of the copy a load takes (``.cursor`` unless that one is missing or damaged), or None.
+    used: str | None
+    #: Its state; offset 0 when no copy is whole.
+    state: CursorState
+    #: The copies tried before it that exist but are not whole.
+    damaged: tuple[str, ...] = ()
+
+
 def encode_state(state: CursorState) -> bytes:
     """The file contents for ``state``."""
     body: bytes = msgpack.packb([VERSION, state.ack_floor, sorted(state.acked), state.meta], use_bin_type=True)
@@ -149,6 +161,20 @@ class CursorStore:
 
     def load(self, name: str) -> CursorState:
         """The newest whole copy of ``name``'s cursor (offset 0 if none is whole)."""
+        found = self.examine(name)
+        if found.used is None:
+            logger.warning("%s: no whole cursor file for %r: it restarts at the oldest message", self.directory, name)
+        elif found.used != ".cursor":
+            logger.warning("%s: cursor file damaged or missing, using %s%s", self.directory, name, found.used)
+        return found.state
+
+    def examine(self, name: str) -> CursorFiles:
+        """Which copy of ``name``'s cursor a load takes, and which it passes over as damaged (reads only).
+
+        Raises:
+            OSError: a copy exists but cannot be read.
+        """
+        damaged: list[str] = []
         for suffix in _SUFFIXES:
             try:
                 data = self._path(name, suffix).read_bytes()
@@ -156,11 +182,9 @@ class CursorStore:
                 continue
             state = decode_state(data)
             if state is not None:
-                if suffix != ".cursor":
-                    logger.warning("%s: cursor file damaged or missing, using %s%s", self.directory, name, suffix)
-                return state
-        logger.warning("%s: no whole cursor file for %r: it restarts at the oldest message", self.directory, name)
-        return CursorState(0)
+                return CursorFiles(suffix, state, tuple(damaged))
+            damaged.append(suffix)
+        return CursorFiles(None, CursorState(0), tuple(damaged))
 
     def load_all(self) -> dict[str, CursorState]:
         """Every durable's cursor."""

@@ -108,9 +108,12 @@ from typing import Final
 
 from . import faults
 from .repair import drop_stale, salvage
-from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records, fsync_dir
+from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, TornTail, encode_records, fsync_dir
 
-__all__ = ["CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir"]
+__all__ = [
+    "CorruptLogError", "LogFailedError", "QueueLog", "Segment", "base_of", "fsync_dir", "gap_before", "read_point",
+    "scan_read_only", "segment_files",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +149,22 @@ def _open_fd(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
-def _base(path: Path) -> int:
+def base_of(path: Path) -> int:
     """The first offset of the segment file at ``path`` (its name)."""
     return int(path.name[: -len(SUFFIX)])
+
+
+def segment_files(directory: Path) -> list[Path]:
+    """The segment files of the log in ``directory``, in offset order."""
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
+
+
+def gap_before(path: Path, start: int) -> str | None:
+    """Why the segment at ``path`` cannot go on from offset ``start`` (a file
+    before it is missing), or None if it starts there."""
+    if base_of(path) == start:
+        return None
+    return f"starts at offset {base_of(path)}, the previous segment ends at {start}"
 
 
 def _recover(
@@ -170,13 +186,13 @@ def _recover(
             beyond repair (see ``salvage``).
         LogFailedError: a cut or a repair could not be made durable.
     """
-    if _base(path) != start:
-        why = f"starts at offset {_base(path)}, the previous segment ends at {start}"
+    why = gap_before(path, start)
+    if why is not None:
         if not repair:
             raise CorruptLogError(path, 0, why)
     else:
         try:
-            return _scanned(path, start, end, point)
+            return _scanned(path, start, end, point)[0]
         except CorruptLogError as exc:
             if not repair:
                 raise
@@ -185,14 +201,37 @@ def _recover(
         salvaged = salvage(path, start, end, point, why, floor_ts, segment_bytes)
     # Rewritten and fsynced whole: nothing in it is torn, and a recovery point it
     # does not reach was not believed (see salvage); open() lowers it.
-    return None if salvaged is None else _scanned(salvaged, start, end, 0)
+    return None if salvaged is None else _scanned(salvaged, start, end, 0)[0]
 
 
-def _scanned(path: Path, base: int, end: int | None, point: int) -> Segment:
-    """The segment at ``path``, scanned (see ``Segment.scan``); the last one must reach the recovery point."""
-    segment = Segment(path, _open_fd(path), base)
+def scan_read_only(path: Path, base: int, end: int | None, point: int) -> tuple[Segment, TornTail | None]:
+    """What :func:`_recover` finds in a segment, without changing it (``tidings-broker --check``).
+
+    Returns:
+        The segment, scanned (its descriptor closed), and the torn tail a
+        start-up would cut, if any.
+
+    Raises:
+        CorruptLogError: it is damaged (the start-up would refuse it or, with
+            ``--repair``, salvage it).
+        OSError: it cannot be read.
+    """
+    segment, torn = _scanned(path, base, end, point, cut=False)
+    os.close(segment.fd)
+    return segment, torn
+
+
+def _scanned(
+    path: Path, base: int, end: int | None, point: int, *, cut: bool = True
+) -> tuple[Segment, TornTail | None]:
+    """The segment at ``path``, scanned (see ``Segment.scan``); the last one must reach the recovery point.
+
+    Without ``cut`` the file is opened read-only and a torn tail is only reported.
+    """
+    fd = _open_fd(path) if cut else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    segment = Segment(path, fd, base)
     try:
-        segment.scan(last=end is None, point=point)
+        torn = segment.scan(last=end is None, point=point, cut=cut)
         if end is None and point > segment.next_offset:
             # Synced records are missing at the end (a truncated or lost file).
             why = f"the log ends at record {segment.next_offset}, but records below {point} had been fsynced"
@@ -200,7 +239,7 @@ def _scanned(path: Path, base: int, end: int | None, point: int) -> Segment:
     except BaseException:
         os.close(segment.fd)
         raise
-    return segment
+    return segment, torn
 
 
 class QueueLog:
@@ -252,14 +291,14 @@ class QueueLog:
         directory.mkdir(parents=True, exist_ok=True)
         if repair:
             drop_stale(directory)
-        names = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
-        point = _read_point(directory)
+        names = segment_files(directory)
+        point = read_point(directory)
         segments: list[Segment] = []
         try:
             for i, path in enumerate(names):
                 faults.hit("during_recovery")
-                end = None if i == len(names) - 1 else _base(names[i + 1])
-                start = segments[-1].next_offset if segments else _base(path)
+                end = None if i == len(names) - 1 else base_of(names[i + 1])
+                start = segments[-1].next_offset if segments else base_of(path)
                 floor = segments[-1].last_ts if segments else 0
                 segment = _recover(
                     path, start, end, point=point, repair=repair, floor_ts=floor, segment_bytes=segment_bytes
@@ -604,7 +643,7 @@ class QueueLog:
                 os.close(seg.fd)
 
 
-def _read_point(directory: Path) -> int:
+def read_point(directory: Path) -> int:
     """The recovery point saved in ``directory``, or 0 if there is none (or it is damaged)."""
     path = directory / POINT_FILE
     try:

@@ -23,6 +23,14 @@ whole, so a payload that happens to hold record bytes is not mistaken for
 records unless it follows damage directly. What is lost is only what the
 damage itself took.
 
+Deciding and writing are apart: a :class:`SalvagePlan` walks the old
+file once and yields the new file's contents as steps (:class:`Keep` a
+record, :class:`Mark` a run of offsets lost), or finds it beyond repair
+(:class:`BeyondRepair`: more markers than a segment could have held);
+:func:`salvage` writes those steps, and ``tidings-broker --check`` counts
+them without writing (:func:`plan_salvage`), so what the check announces is
+what a repair does.
+
 The new file is written beside the old one (``<name>.repair``), fsynced,
 renamed over it and the directory fsynced, so a crash leaves either the old
 file (repair runs again at the next start) or the new one; a stale
@@ -37,6 +45,7 @@ import mmap
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -45,7 +54,9 @@ from protocol.wording import many
 
 from .segment import HEADER_SIZE, MAGIC, SUFFIX, CorruptLogError, check_any, encode_records, fsync_dir
 
-__all__ = ["TEMP_SUFFIX", "drop_stale", "lost_marker", "salvage"]
+__all__ = [
+    "TEMP_SUFFIX", "BeyondRepair", "Keep", "Mark", "SalvagePlan", "drop_stale", "lost_marker", "plan_salvage", "salvage",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -93,45 +104,136 @@ def _intact(buf: bytes | mmap.mmap, start: int, end: int | None, base: int) -> I
             return
 
 
-class _Rewrite:
-    """The new file of a salvage, written front to back: kept records and markers."""
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """A step of a salvage plan: copy the intact record at ``position`` (``length`` bytes, header included)."""
 
-    def __init__(self, out: BinaryIO, start: int, floor_ts: int, note: str, limit: int) -> None:
-        self.out = out
-        self.next = start  # the next offset to write
-        self.ts = floor_ts  # the timestamp of the last record written (0: none yet)
-        self.note = note
+    offset: int
+    timestamp: int
+    position: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A step of a salvage plan: a lost marker for each of ``count`` offsets from ``first``, stamped ``timestamp``."""
+
+    first: int
+    count: int
+    timestamp: int
+
+
+class BeyondRepair(Exception):
+    """More offsets would be marked lost than a segment could have held records: a file name is wrong."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} records would be marked lost, more than a segment could have held")
+        self.count = count
+
+
+class SalvagePlan:
+    """What a salvage of one segment file does, decided before (or without) writing anything.
+
+    :meth:`steps` walks the old file's bytes once and yields what the new
+    file holds, front to back; the counters are complete once it is done.
+    :func:`salvage` writes the steps; ``tidings-broker --check`` only counts
+    them (:func:`plan_salvage`), so both say the same.
+
+    Args:
+        start: the first offset the new file holds.
+        end: the next segment's first offset; None for the last segment.
+        fill_to: for the last segment, markers go at least up to here (the recovery point).
+        floor_ts: the timestamp of the log's record before ``start`` (0: none).
+        base: the offset the old file is named after.
+        limit: the most markers one run may need (see ``salvage``'s ``segment_bytes``).
+    """
+
+    def __init__(self, start: int, end: int | None, fill_to: int, floor_ts: int, base: int, limit: int) -> None:
+        self.start = start
+        self.end = end
+        self.fill_to = fill_to
+        self.base = base
         self.limit = limit
+        self.next = start  # the offset after the last one planned
+        self.ts = floor_ts  # the timestamp of the last record planned (0: none yet)
         self.kept = self.lost = 0
+        #: The timestamp of the new file's last record, marker or not (0: it holds none).
+        self.last_ts = 0
+        #: Markers up to the recovery point not planned: more than a segment could hold (the point is wrong).
+        self.point_ignored = 0
 
-    def keep(self, offset: int, timestamp: int, raw: bytes) -> None:
-        """Write an intact record (its bytes as they are), marking the offsets before it lost."""
-        self.mark_to(offset, timestamp)
-        self.out.write(raw)
-        self.kept += 1
-        self.next, self.ts = offset + 1, timestamp
-
-    def mark_to(self, offset: int, later_ts: int) -> None:
-        """Write a lost marker for each offset from ``next`` to ``offset``.
+    def steps(self, buf: bytes | mmap.mmap) -> Iterator[Keep | Mark]:
+        """The new file's contents, in order: every intact record of ``buf`` and markers for the gaps.
 
         Raises:
-            _TooMany: more markers than one segment's bytes could have held records.
+            BeyondRepair: a run of markers before a kept record, or up to the
+                next segment, longer than a segment could have held.
         """
+        for offset, timestamp, pos, length in _intact(buf, self.start, self.end, self.base):
+            mark = self._mark_to(offset, timestamp)
+            if mark is not None:
+                yield mark
+            yield Keep(offset, timestamp, pos, length)
+            self.kept += 1
+            self.next, self.ts = offset + 1, timestamp
+            self.last_ts = timestamp
+        try:
+            mark = self._mark_to(self.fill_to if self.end is None else self.end, 0)
+        except BeyondRepair as exc:
+            if self.end is not None:
+                raise
+            self.point_ignored = exc.count
+            return
+        if mark is not None:
+            yield mark
+
+    def _mark_to(self, offset: int, later_ts: int) -> Mark | None:
+        """Markers for each offset from ``next`` to ``offset``, or None if there is none to mark."""
         count = offset - self.next
         if count <= 0:
-            return
+            return None
         if count > self.limit:
-            raise _TooMany(count)
+            raise BeyondRepair(count)
         ts = self.ts or later_ts or int(time.time() * 1000)  # the record before's: timestamps stay in order
-        self.out.write(encode_records([lost_marker(self.note, ts)] * count, self.next, ts, self.next))
+        mark = Mark(self.next, count, ts)
         self.lost += count
         self.next = offset
+        self.last_ts = ts
+        return mark
 
 
-class _TooMany(Exception):
-    def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.count = count
+def plan_salvage(
+    path: Path, start: int, end: int | None, fill_to: int, floor_ts: int, segment_bytes: int
+) -> SalvagePlan:
+    """What :func:`salvage` would do to ``path`` (same arguments), reading it and writing nothing.
+
+    Returns:
+        The plan, its steps done: ``kept``, ``lost``, ``next``, ``last_ts``, ``point_ignored``.
+
+    Raises:
+        BeyondRepair: ``salvage`` would refuse it.
+        OSError: the file cannot be read.
+    """
+    with path.open("rb") as f, _mapped(f) as buf:
+        plan = _plan(path, start, end, fill_to, floor_ts, segment_bytes, len(buf))
+        for _ in plan.steps(buf):
+            pass
+    return plan
+
+
+def _plan(
+    path: Path, start: int, end: int | None, fill_to: int, floor_ts: int, segment_bytes: int, size: int
+) -> SalvagePlan:
+    limit = 2 * max(segment_bytes, size) // HEADER_SIZE
+    return SalvagePlan(start, end, fill_to, floor_ts, int(path.name[: -len(SUFFIX)]), limit)
+
+
+@contextlib.contextmanager
+def _mapped(f: BinaryIO) -> Iterator[bytes | mmap.mmap]:
+    """The bytes of open file ``f``, mapped (an empty file cannot be)."""
+    size = os.fstat(f.fileno()).st_size
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as buf:
+        yield buf
 
 
 def salvage(
@@ -163,30 +265,26 @@ def salvage(
     temp = directory / (target.name + TEMP_SUFFIX)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     note = f"lost to damage in {path.name} ({why}); replaced by tidings-broker --repair at {stamp}"
-    size = path.stat().st_size
-    limit = 2 * max(segment_bytes, size) // HEADER_SIZE
     try:
-        with path.open("rb") as f, temp.open("wb") as out:
-            new = _Rewrite(out, start, floor_ts, note, limit)
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as buf:
-                for offset, timestamp, pos, length in _intact(buf, start, end, int(path.name[: -len(SUFFIX)])):
-                    new.keep(offset, timestamp, buf[pos : pos + length])
-            try:
-                new.mark_to(fill_to if end is None else end, 0)
-            except _TooMany as exc:
-                if end is not None:
-                    raise
-                logger.warning("%s: repair: not marking %d records up to the recovery point %d: more than a "
-                               "segment could hold; the recovery point is wrong", path, exc.count, fill_to)  # fmt: skip
+        with path.open("rb") as f, _mapped(f) as buf, temp.open("wb") as out:
+            new = _plan(path, start, end, fill_to, floor_ts, segment_bytes, len(buf))
+            for step in new.steps(buf):
+                if isinstance(step, Keep):
+                    out.write(buf[step.position : step.position + step.length])  # its bytes as they are
+                else:
+                    marker = lost_marker(note, step.timestamp)
+                    out.write(encode_records([marker] * step.count, step.first, step.timestamp, step.first))
             out.flush()
             os.fsync(out.fileno())
-    except _TooMany as exc:
+    except BeyondRepair as exc:
         temp.unlink()
-        raise CorruptLogError(path, 0, f"cannot repair ({why}): {exc.count} records would be marked lost, more "
-                              "than a segment could have held; a file name is wrong") from None  # fmt: skip
+        raise CorruptLogError(path, 0, f"cannot repair ({why}): {exc}; a file name is wrong") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    if new.point_ignored:
+        logger.warning("%s: repair: not marking %d records up to the recovery point %d: more than a "
+                       "segment could hold; the recovery point is wrong", path, new.point_ignored, fill_to)  # fmt: skip
     logger.warning(
         "%s: repair (%s): kept %s; %s now %s; it holds offsets %d to %d",
         path, why, many(new.kept, "intact record"), many(new.lost, "lost record"),

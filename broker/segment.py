@@ -39,7 +39,8 @@ write or damage depends on what was synced:
 * otherwise the bad record was never fsynced: a power loss may drop, tear or
   reorder such writes, so a hole there followed by intact records of the same
   unsynced tail is a torn tail. It is truncated away with a warning naming the
-  file and position (R3). Nothing confirmed under ``--fsync always`` is cut:
+  file and position (R3); ``scan(cut=False)`` only reports it
+  (``tidings-broker --check``, which changes no file). Nothing confirmed under ``--fsync always`` is cut:
   a confirm follows an fsync, and the first record written after that fsync
   claims it.
 
@@ -74,13 +75,16 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_right
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Final
 
 from protocol.wording import many
 
-__all__ = ["HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "check_any", "encode_records", "fsync_dir"]
+__all__ = [
+    "HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "TornTail", "check_any", "encode_records", "fsync_dir",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +124,21 @@ class CorruptLogError(Exception):
         self.path = path
         self.position = position
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TornTail:
+    """A torn tail that a scan found: what a start-up cuts (``Segment.scan`` with ``cut``)."""
+
+    path: Path
+    #: Where the cut goes: the first byte after the last valid record.
+    position: int
+    #: Bytes from there to the end of the file.
+    length: int
+    #: What was wrong with the first bad record ("bad CRC (record 12)").
+    why: str
+    #: Whole valid records with later offsets after it (none of them claims it was fsynced).
+    intact: int
 
 
 def encode_records(bodies: list[bytes], first: int, timestamp_ms: int, synced: int) -> bytes:
@@ -267,12 +286,18 @@ class Segment:
         self.last_ts = ts
         return before[-1] + len(bodies) * HEADER_SIZE
 
-    def scan(self, *, last: bool, point: int) -> None:
+    def scan(self, *, last: bool, point: int, cut: bool = True) -> TornTail | None:
         """Read the file, build the index, and cut a torn tail (see the module docstring).
 
         Args:
             last: this is the queue's last segment (sealed ones were fsynced whole).
             point: the recovery point: offsets below it were fsynced.
+            cut: cut a torn tail (start-up); False leaves the file as it is
+                (``tidings-broker --check``: the descriptor may be read-only).
+                The segment then ends where the cut would be all the same.
+
+        Returns:
+            The torn tail found (cut or not), or None.
 
         Raises:
             CorruptLogError: damage that is not a torn tail.
@@ -316,12 +341,12 @@ class Segment:
         self.next_offset = expect
         self.size = self.allocated = pos
         if why is None:
-            return
+            return None
         if last and point <= expect and _all_zero(self.fd, pos, size):
             # The preallocated tail (no record can follow a run of zeros to the end).
             logger.debug("%s: %d preallocated zero bytes after the last record, kept", self.path, size - pos)
             self.allocated = size
-            return
+            return None
         damage = f"{why} (record {expect})"
         if why == "bad magic" and self._is_version_1(pos, size):
             # An older format, not a torn write: never cut a whole segment of it.
@@ -335,12 +360,14 @@ class Segment:
             if proof is not None:
                 damage += f"; the record at byte {proof[0]} says records below {proof[1]} had been fsynced"
             else:
-                logger.warning(
-                    "%s: torn tail (never fsynced): cutting %s from byte %d on: %s; %s after it",
-                    self.path, many(size - pos, "byte"), pos, damage, many(intact, "intact record"),
-                )  # fmt: skip
-                self._truncate(pos)
-                return
+                torn = TornTail(self.path, pos, size - pos, damage, intact)
+                if cut:
+                    logger.warning(
+                        "%s: torn tail (never fsynced): cutting %s from byte %d on: %s; %s after it",
+                        self.path, many(torn.length, "byte"), pos, damage, many(intact, "intact record"),
+                    )  # fmt: skip
+                    self._truncate(pos)
+                return torn
         raise CorruptLogError(self.path, pos, damage)
 
     def _is_version_1(self, pos: int, size: int) -> bool:

@@ -1,0 +1,249 @@
+"""``tidings-broker --check``: what a start-up would find in a data directory, changing nothing.
+
+An offline check in the manner of ``redis-check-aof`` or ``kafka-dump-log``:
+before a start (after a crash, a disk error, a restore), an operator learns
+which queues a start would serve, which it would refuse, and what
+``--repair`` would do to those, without a start's side effects.
+
+Theory of operation
+-------------------
+Each queue's log is read the way a start-up's recovery reads it
+(:meth:`broker.log.QueueLog.open`): the same scan of every segment file, in
+offset order, with the same recovery point, so the verdicts are the start's
+own. The differences are what makes it a check:
+
+* nothing is written: segment files are opened read-only, a torn tail is
+  only reported (``Segment.scan(cut=False)``), and the unsynced tail is not
+  fsynced, the recovery point not rewritten, no directory created;
+* a damaged segment does not stop the walk: what ``--repair`` would do to it
+  is computed by the repair's own planning (:func:`broker.repair.plan_salvage`,
+  the code :func:`broker.repair.salvage` writes from), and the walk goes on
+  from where the rewritten file would end, as the repair's start-up does. So
+  the counts printed are those a repair then makes;
+* the durable cursors are read as a start reads them
+  (:meth:`broker.cursors.CursorStore.examine`), and compared with the end
+  of the log the start would serve.
+
+Each segment is read once by the scan (as at a start: a sparse index,
+``READ_CHUNK`` at a time); only a damaged one is read again, mapped, by the
+planning.
+
+The lock
+--------
+A broker holds ``LOCK`` (an exclusive ``flock``) while it runs, and cuts,
+rewrites and appends to the files; a check of files changing under it would
+report nonsense. The check takes the same lock *shared*, on a read-only
+descriptor, and never writes it (a broker writes its pid there): a running
+broker makes the check fail at once, several checks may run together, and
+a broker started meanwhile refuses to start until the check ends. A
+directory without ``LOCK`` has never had a broker; it is checked without
+one (creating the file would change the directory).
+
+Exit codes: :data:`EXIT_OK` (every queue would be served: torn tails are
+fine, a start cuts them), :data:`EXIT_DAMAGED` (a start would refuse some
+queue), :data:`EXIT_CANNOT_CHECK` (the lock is held, the directory or a
+queue's files cannot be read). A damaged cursor does not change the code:
+a start serves its queue, from an older copy of the cursor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from protocol.wording import many
+
+from .cursors import CursorFiles, CursorStore
+from .log import CorruptLogError, base_of, gap_before, read_point, scan_read_only, segment_files
+from .repair import BeyondRepair, plan_salvage
+from .segment import TornTail
+from .store import LOCK_FILE, DataDirInUse
+
+__all__ = [
+    "EXIT_CANNOT_CHECK", "EXIT_DAMAGED", "EXIT_OK", "DurableCheck", "QueueCheck", "check_queue", "locked_for_check",
+]  # fmt: skip
+
+EXIT_OK: Final = 0
+EXIT_DAMAGED: Final = 1
+#: 2 is argparse's usage error; 3 is what the daemon exits with on a storage failure, alike in spirit.
+EXIT_CANNOT_CHECK: Final = 3
+
+
+@dataclass(slots=True)
+class DurableCheck:
+    """One durable's cursor: the copy a start would take, and whether it points past the log's end."""
+
+    name: str
+    files: CursorFiles
+    #: The end of the log the start would serve (the cursor is moved back to it if past it).
+    log_end: int
+
+    def describe(self) -> str:
+        """One line: ok, damaged (and what a start does instead), or past the log's end."""
+        state = self.files.state
+        acked = f"acked below {state.ack_floor}" + (f" (and {len(state.acked)} above)" if state.acked else "")
+        used = self.files.used
+        if used is None:
+            what = "; ".join(f"{self.name}{suffix} is damaged" for suffix in self.files.damaged) or "none found"
+            return f"durable {self.name}: damaged: no whole cursor file ({what}); a start restarts it at the oldest message"
+        if used != ".cursor":
+            missing = "damaged" if ".cursor" in self.files.damaged else "missing"
+            return (
+                f"durable {self.name}: damaged: {self.name}.cursor is {missing}; a start uses {self.name}{used} "
+                f"({acked}): what was acked after it is delivered again"
+            )
+        if state.ack_floor > self.log_end:
+            return (
+                f"durable {self.name}: past the log's end: {acked}, but the log ends at {self.log_end} (records were "
+                f"lost); a start moves it back to {self.log_end}"
+            )
+        return f"durable {self.name}: ok, {acked}"
+
+
+@dataclass(slots=True)
+class QueueCheck:
+    """What a start would find in one queue's log (and, with damage, what ``--repair`` would make of it)."""
+
+    name: str
+    #: The offsets a start would serve: ``[first, end)`` (after the repair, if damaged).
+    first: int = 0
+    end: int = 0
+    files: int = 0
+    torn: TornTail | None = None
+    #: Each segment a start refuses (and ``--repair`` rewrites): "FILE byte B: reason".
+    damage: list[str] = field(default_factory=list)
+    #: Offsets ``--repair`` would mark lost (a ``tidings.lost`` marker each).
+    lost: int = 0
+    #: Why ``--repair`` would refuse it too, or None.
+    beyond: str | None = None
+    #: Why its files could not be read, or None.
+    unreadable: str | None = None
+    durables: list[DurableCheck] = field(default_factory=list)
+
+    @property
+    def damaged(self) -> bool:
+        """Would a start refuse it?"""
+        return bool(self.damage)
+
+    def lines(self) -> list[str]:
+        """The queue's line, then one indented line per durable."""
+        return [f"{self.name}: {self._state()}"] + [f"  {d.describe()}" for d in self.durables]
+
+    def _state(self) -> str:
+        if self.unreadable is not None:
+            return f"cannot check: {self.unreadable}"
+        if self.damaged:
+            head = f"DAMAGED, a start refuses it (QUEUE_CORRUPT): {'; and '.join(self.damage)}"
+            if self.beyond is not None:
+                return f"{head}; --repair cannot repair it either: {self.beyond}"
+            kept = self.end - self.first - self.lost
+            return (
+                f"{head}; --repair would keep {many(kept, 'intact record')} and mark {many(self.lost, 'offset')} "
+                f"lost (a tidings.lost message each): then {self._records()}"
+            )
+        if self.torn is not None:
+            torn = self.torn
+            return (
+                f"torn tail: {many(torn.length, 'byte')} from byte {torn.position} of {torn.path.name} would be cut at "
+                f"start-up (never fsynced: {torn.why}; {many(torn.intact, 'intact record')} after it), leaving "
+                f"{self._records()}"
+            )
+        return f"ok, {self._records()}"
+
+    def _records(self) -> str:
+        if self.end == self.first:
+            return f"no records (next offset {self.end})"
+        return f"{many(self.end - self.first, 'record')}, offsets {self.first} to {self.end - 1}"
+
+
+@contextlib.contextmanager
+def locked_for_check(root: Path) -> Iterator[None]:
+    """Hold ``root``'s ``LOCK`` shared while checking (see "The lock" above).
+
+    Raises:
+        DataDirInUse: a broker holds it.
+        OSError: the directory or ``LOCK`` cannot be read.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"no data directory {root}")
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # no broker ever used it (and none can hold it)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise DataDirInUse(f"data directory {root} is in use by a broker{by}: stop it first") from None
+        yield
+    finally:
+        os.close(fd)  # (releases the flock)
+
+
+def check_queue(directory: Path, *, segment_bytes: int) -> QueueCheck:
+    """Check one queue's log and cursors, reading only.
+
+    Args:
+        directory: the queue's directory.
+        segment_bytes: the broker's ``--segment-bytes`` (bounds what ``--repair`` would mark lost).
+    """
+    result = QueueCheck(directory.name)
+    try:
+        _check_log(directory, segment_bytes, result)
+        if result.beyond is None:
+            cursors = CursorStore(directory / "durables")
+            for name in sorted(cursors.names()):
+                result.durables.append(DurableCheck(name, cursors.examine(name), result.end))
+    except OSError as exc:
+        result.unreadable = str(exc)
+    return result
+
+
+def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
+    """Walk the segments as ``QueueLog.open`` does, with ``--repair``'s plan at each damage (see above).
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    names = segment_files(directory)
+    point = read_point(directory)
+    result.files = len(names)
+    served = False  # has a segment been kept yet (scanned, or rewritten by the repair)?
+    end = floor_ts = 0
+    for i, path in enumerate(names):
+        after = None if i == len(names) - 1 else base_of(names[i + 1])
+        start = end if served else base_of(path)
+        gap = gap_before(path, start)
+        if gap is not None:
+            result.damage.append(f"{path.name}: {gap}")
+        else:
+            try:
+                segment, torn = scan_read_only(path, start, after, point)
+            except CorruptLogError as exc:
+                result.damage.append(f"{path.name} byte {exc.position}: {exc.reason}")
+            else:
+                result.torn = result.torn or torn
+                if not served:
+                    result.first = segment.base
+                served, end, floor_ts = True, segment.next_offset, segment.last_ts
+                continue
+        try:
+            plan = plan_salvage(path, start, after, point, floor_ts, segment_bytes)
+        except BeyondRepair as exc:
+            result.beyond = f"{path.name}: {exc} (a file name is wrong)"
+            return
+        result.lost += plan.lost
+        if plan.next == start and after is not None:
+            continue  # the repair removes the file: nothing of its range is left
+        if not served:
+            result.first = start
+        served, end, floor_ts = True, plan.next, plan.last_ts
+    result.end = end

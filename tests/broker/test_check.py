@@ -1,0 +1,316 @@
+"""``tidings-broker --check``: a start's verdict on each queue, and what --repair would do, changing nothing.
+
+Each case builds a data directory of real files (logs written by
+``QueueLog``, cursors by ``CursorStore``), damages them the ways a disk or a
+crash does, runs the real command line as a subprocess, and checks its
+output, its exit code, and that every file and directory is as it was
+(bytes and mtimes). Where the check announces what a start or ``--repair``
+would do, the start or the repair is then made and compared with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.check import EXIT_CANNOT_CHECK, EXIT_DAMAGED, EXIT_OK
+from broker.cursors import CursorState, CursorStore
+from broker.log import POINT_FILE, CorruptLogError, QueueLog
+from broker.segment import HEADER_SIZE
+from protocol import LOST_EVENT
+from tests.helpers import broker_process
+
+ROOT = Path(__file__).resolve().parents[2]
+SEG = 4096
+SIZE = 20
+REC = HEADER_SIZE + SIZE  # 50 bytes: 82 records to a 4096-byte segment
+
+
+def _fill(queue: Path, n: int) -> None:
+    log = QueueLog.open(queue, segment_bytes=SEG)
+    for i in range(n):
+        log.append([f"{i:08d}".encode().ljust(SIZE, b"x")], 1000 + i)
+    log.sync()
+    log.close()
+
+
+def _data_dir(tmp_path: Path, **queues: int) -> Path:
+    """A data directory as a stopped broker leaves it (its LOCK, unlocked), with queues of so many records."""
+    root = tmp_path / "data"
+    (root / "queues").mkdir(parents=True)
+    (root / "LOCK").write_text("4242\n")
+    for name, n in queues.items():
+        _fill(root / "queues" / name, n)
+    return root
+
+
+def _segments(queue: Path) -> list[Path]:
+    return sorted(queue.glob("*.log"))
+
+
+def _flip(path: Path, at: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every file's bytes and every entry's mtime (a directory's changes when an entry is made or removed)."""
+    seen: dict[str, tuple[bytes | None, int]] = {".": (None, root.stat().st_mtime_ns)}
+    for path in root.rglob("*"):
+        data = path.read_bytes() if path.is_file() else None
+        seen[str(path.relative_to(root))] = (data, path.stat().st_mtime_ns)
+    return seen
+
+
+def _check(root: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m broker --data-dir ROOT --check``, asserting that it changed nothing."""
+    before = _snapshot(root) if root.exists() else None
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--data-dir", str(root), "--segment-bytes", str(SEG), "--check", *more],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    if before is not None:
+        assert _snapshot(root) == before, "--check changed the data directory"
+    return result
+
+
+def _line(result: subprocess.CompletedProcess[str], queue: str) -> str:
+    [line] = [line for line in result.stdout.splitlines() if line.startswith(f"{queue}: ")]
+    return line
+
+
+def _repair_counts(line: str) -> tuple[int, int]:
+    """(intact records kept, offsets marked lost) that a check's line announces for --repair."""
+    m = re.search(r"--repair would keep (\d+) intact records? and mark (\d+) offsets? lost", line)
+    assert m is not None, line
+    return int(m.group(1)), int(m.group(2))
+
+
+def _repaired_counts(queue: Path) -> tuple[int, int]:
+    """Repair the queue for real (as ``--repair`` does at start-up): (intact records, lost markers) it then holds."""
+    log = QueueLog.open(queue, segment_bytes=SEG, repair=True)
+    try:
+        bodies: list[bytes] = []
+        while len(bodies) < log.next_offset - log.first_offset:
+            batch = log.read(log.first_offset + len(bodies), max_count=1 << 20, max_bytes=1 << 30)
+            bodies += [body for _, _, body in batch]
+    finally:
+        log.close()
+    lost = sum(body.startswith(b"\xac" + LOST_EVENT.encode()) for body in bodies)
+    return len(bodies) - lost, lost
+
+
+def test_a_clean_data_dir_is_ok(tmp_path: Path) -> None:
+    root = _data_dir(tmp_path, orders=300, empty=0)
+    CursorStore(root / "queues" / "orders" / "durables").save("billing", CursorState(120, frozenset({125})))
+    result = _check(root)
+    assert result.returncode == EXIT_OK, result
+    assert result.stdout.splitlines() == [
+        "empty: ok, no records (next offset 0)",
+        "orders: ok, 300 records, offsets 0 to 299",
+        "  durable billing: ok, acked below 120 (and 1 above)",
+        f"{root}: 2 queues checked: a start would serve every one",
+    ], result.stdout
+
+
+def test_a_torn_tail_is_reported_and_left_for_the_start_to_cut(tmp_path: Path) -> None:
+    """A tail no record or recovery point vouches for: exit 0, and the start cuts exactly what was announced."""
+    root = _data_dir(tmp_path, jobs=10)
+    queue = root / "queues" / "jobs"
+    (queue / POINT_FILE).unlink()  # an unclean stop: nothing says the last records were fsynced
+    [segment] = _segments(queue)
+    with segment.open("ab") as f:
+        f.write(b"\x7d\x02" + b"half a record" * 3)  # 41 bytes of a record the crash cut
+    result = _check(root)
+    assert result.returncode == EXIT_OK, result
+    assert _line(result, "jobs") == (
+        f"jobs: torn tail: 41 bytes from byte {10 * REC} of {segment.name} would be cut at start-up (never fsynced: "
+        "short (record 10); 0 intact records after it), leaving 10 records, offsets 0 to 9"
+    )
+    log = QueueLog.open(queue, segment_bytes=SEG)
+    log.close()
+    assert segment.stat().st_size == 10 * REC and log.next_offset == 10
+
+
+@pytest.mark.parametrize(
+    ("where", "record"),
+    [
+        ("a sealed segment", 5),  # the first file of four
+        ("the last segment, below the recovery point", 3 * 82 + 10),
+    ],
+)
+def test_a_flipped_byte_in_a_fsynced_record(tmp_path: Path, where: str, record: int) -> None:
+    """Exit 1, the file and byte named, and --repair's counts: those a real repair then makes."""
+    root = _data_dir(tmp_path, audit=300)
+    queue = root / "queues" / "audit"
+    segment = _segments(queue)[record // 82]
+    position = (record % 82) * REC
+    _flip(segment, position + HEADER_SIZE + 3)  # in the body: a bad CRC
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    line = _line(result, "audit")
+    assert line.startswith(
+        f"audit: DAMAGED, a start refuses it (QUEUE_CORRUPT): {segment.name} byte {position}: bad CRC (record {record})"
+    ), line
+    assert line.endswith("then 300 records, offsets 0 to 299"), line
+    assert _repair_counts(line) == (299, 1) == _repaired_counts(queue)
+    assert result.stdout.splitlines()[-1] == f"{root}: 1 queue checked: 1 damaged (a start refuses it)"
+
+
+def test_a_zeroed_sector_across_records(tmp_path: Path) -> None:
+    """Several records lost at once (512 bytes of zeros in the middle of a sealed segment)."""
+    root = _data_dir(tmp_path, audit=300)
+    queue = root / "queues" / "audit"
+    with _segments(queue)[1].open("r+b") as f:
+        f.seek(1000)
+        f.write(bytes(512))
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    kept, lost = _repair_counts(_line(result, "audit"))
+    assert kept + lost == 300 and lost > 1
+    assert (kept, lost) == _repaired_counts(queue)
+
+
+def test_a_missing_segment_file(tmp_path: Path) -> None:
+    root = _data_dir(tmp_path, audit=300)
+    queue = root / "queues" / "audit"
+    lost = _segments(queue)[1]
+    lost.unlink()
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    line = _line(result, "audit")
+    assert "00000000000000000164.log: starts at offset 164, the previous segment ends at 82" in line, line
+    assert _repair_counts(line) == (218, 82) == _repaired_counts(queue)
+
+
+def test_beyond_repair(tmp_path: Path) -> None:
+    """A gap longer than a segment could have held records (four files lost, or a name that is wrong):
+    --repair refuses it too, and the check says so."""
+    root = _data_dir(tmp_path, audit=600)
+    queue = root / "queues" / "audit"
+    for lost in _segments(queue)[1:5]:
+        lost.unlink()
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    line = _line(result, "audit")
+    assert line.endswith(
+        "--repair cannot repair it either: 00000000000000000410.log: 328 records would be marked lost, more than a "
+        "segment could have held (a file name is wrong)"
+    ), line
+    with pytest.raises(CorruptLogError, match="cannot repair"):
+        _repaired_counts(queue)
+
+
+def test_damaged_cursors(tmp_path: Path) -> None:
+    """A start serves the queue from an older copy (or from the oldest message), so exit 0, but each is named."""
+    root = _data_dir(tmp_path, orders=100)
+    cursors = CursorStore(root / "queues" / "orders" / "durables")
+    for name in ("fallback", "lost"):
+        cursors.save(name, CursorState(40))
+        cursors.save(name, CursorState(60))  # the first is now fallback.cursor.prev
+    _flip(cursors.directory / "fallback.cursor", 2)
+    _flip(cursors.directory / "lost.cursor", 2)
+    _flip(cursors.directory / "lost.cursor.prev", 2)
+    cursors.save("ahead", CursorState(500))  # records were lost since it acked them
+    result = _check(root)
+    assert result.returncode == EXIT_OK, result
+    assert result.stdout.splitlines()[1:4] == [
+        "  durable ahead: past the log's end: acked below 500, but the log ends at 100 (records were lost); "
+        "a start moves it back to 100",
+        "  durable fallback: damaged: fallback.cursor is damaged; a start uses fallback.cursor.prev "
+        "(acked below 40): what was acked after it is delivered again",
+        "  durable lost: damaged: no whole cursor file (lost.cursor is damaged; lost.cursor.prev is damaged); "
+        "a start restarts it at the oldest message",
+    ], result.stdout
+    assert cursors.load("fallback") == CursorState(40) and cursors.load("lost") == CursorState(0)
+
+
+def test_a_data_dir_in_use_by_a_broker(tmp_path: Path) -> None:
+    """The broker's lock is held: exit 3 naming its pid, nothing read; once it stops, the check runs."""
+    root = _data_dir(tmp_path, orders=10)
+    with broker_process(root) as broker:
+        result = _check_live(root)
+        assert result.returncode == EXIT_CANNOT_CHECK, result
+        assert result.stdout == ""
+        assert result.stderr.strip() == (
+            f"tidings-broker: cannot check: data directory {root.resolve()} is in use by a broker (pid {broker.pid}): "
+            "stop it first"
+        )
+        assert broker.stop() == 0
+    assert _check(root).returncode == EXIT_OK
+
+
+def _check_live(root: Path) -> subprocess.CompletedProcess[str]:
+    """``--check`` against a directory a broker may change meanwhile (no before/after comparison)."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "--data-dir", str(root), "--check"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+def test_a_check_holds_the_lock_shared(tmp_path: Path) -> None:
+    """Checks may run side by side (a shared flock), and a broker cannot take the directory from one: the
+    lock a check takes is the broker's, so a broker never changes the files under a check."""
+    root = _data_dir(tmp_path, orders=10)
+    fd = os.open(root / "LOCK", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # another check, running
+        assert _check(root).returncode == EXIT_OK
+        start = subprocess.run(
+            [sys.executable, "-m", "broker", "--data-dir", str(root), "--port", "0"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert start.returncode == 1 and "in use by another broker" in start.stderr, start
+    finally:
+        os.close(fd)
+
+
+def test_what_cannot_be_checked(tmp_path: Path) -> None:
+    missing = _check(tmp_path / "nothing-here")
+    assert missing.returncode == EXIT_CANNOT_CHECK and "no data directory" in missing.stderr, missing
+    assert not (tmp_path / "nothing-here").exists()
+    fresh = tmp_path / "fresh"  # made by hand, never used by a broker: no LOCK, no queues/
+    fresh.mkdir()
+    result = _check(fresh)
+    assert result.returncode == EXIT_OK and result.stdout.endswith("0 queues checked: a start would serve every one\n")
+    assert sorted(os.listdir(fresh)) == []
+
+
+def test_with_repair_it_is_a_usage_error(tmp_path: Path) -> None:
+    root = _data_dir(tmp_path, orders=1)
+    result = _check(root, "--repair")
+    assert result.returncode == 2 and "--check changes nothing and already says what --repair would do" in (
+        result.stderr
+    ), result
+
+
+def test_help_documents_the_exit_codes() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "--help"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout  # fmt: skip
+    assert "exit codes of --check: 0 every queue would be served" in out
+    assert "1 some\nqueue is damaged" in out and "3 could not check" in out
+
+
+def test_damage_in_two_files_adds_up(tmp_path: Path) -> None:
+    """Damage in two segment files of one queue: the counts add up across them."""
+    root = _data_dir(tmp_path, audit=300)
+    queue = root / "queues" / "audit"
+    segments = _segments(queue)
+    _flip(segments[0], 7 * REC + HEADER_SIZE)
+    _flip(segments[2], 20 * REC + 2)  # in a header: a bad CRC (the length field's low byte)
+    result = _check(root)
+    line = _line(result, "audit")
+    assert line.count(".log byte ") == 2, line
+    assert _repair_counts(line) == (298, 2) == _repaired_counts(queue)
