@@ -163,9 +163,13 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            try:  # a shared holder is a check (broker.check), which writes no pid
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                by = " (tidings-broker --check is reading it)"
+            except BlockingIOError:
+                by = f" by another broker (pid {holder})" if holder.isdigit() else " by another broker"
             os.close(fd)
-            by = f" (pid {holder})" if holder.isdigit() else ""
-            raise DataDirInUse(f"data directory {self.root} is in use by another broker{by}") from None
+            raise DataDirInUse(f"data directory {self.root} is in use{by}") from None
         except BaseException:
             os.close(fd)
             raise

@@ -270,7 +270,7 @@ def test_a_check_holds_the_lock_shared(tmp_path: Path) -> None:
             [sys.executable, "-m", "broker", "--data-dir", str(root), "--port", "0"],
             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
-        assert start.returncode == 1 and "in use by another broker" in start.stderr, start
+        assert start.returncode == 1 and "is in use (tidings-broker --check is reading it)" in start.stderr, start
     finally:
         os.close(fd)
 
