@@ -28,6 +28,7 @@ from .config import (
     load_queue_config,
 )
 from .server import Broker, package_version
+from .store import TRASH_PREFIX
 
 #: Descriptors the broker needs besides one per connection: the listening
 #: socket, the event loop's own (epoll, self-pipe), stdio, and per queue an open
@@ -398,6 +399,9 @@ def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
         with locked_for_check(root):
             queues = root / "queues"
             for path in sorted(p for p in queues.iterdir() if p.is_dir()) if queues.is_dir() else []:
+                if path.name.startswith(TRASH_PREFIX):
+                    print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
+                    continue
                 check = check_queue(path, segment_bytes=segment_bytes)
                 print("\n".join(check.lines()), flush=True)
                 checks.append(check)

@@ -216,6 +216,10 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
     names = segment_files(directory)
     point = read_point(directory)
     result.files = len(names)
+    if not names and point > 0:  # as QueueLog.open: lost records, and --repair starts the log at the point
+        result.damage.append(f"no segment file, but records below {point} had been stored")
+        result.first = result.end = point
+        return
     served = False  # has a segment been kept yet (scanned, or rewritten by the repair)?
     end = floor_ts = 0
     for i, path in enumerate(names):

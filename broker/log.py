@@ -307,8 +307,20 @@ class QueueLog:
                     segments.append(segment)
             created = not segments
             if created:
-                path = directory / f"{0:020d}{SUFFIX}"
-                segments.append(Segment(path, _open_fd(path), 0))
+                # A recovery point says records were stored: with no segment file
+                # left they were lost (files removed by hand, a restore that missed
+                # them). Starting again at 0 would give their offsets to new
+                # messages; --repair starts the log where they ended instead.
+                base = 0
+                if point > 0:
+                    if not repair:
+                        raise CorruptLogError(directory / POINT_FILE, 0, f"no segment file, but records below {point} "
+                                              "had been stored")  # fmt: skip
+                    logger.warning("%s: repair: no segment file, but records below %d had been stored: the log "
+                                   "starts again at %d", directory, point, point)  # fmt: skip
+                    base = point
+                path = directory / f"{base:020d}{SUFFIX}"
+                segments.append(Segment(path, _open_fd(path), base))
                 with _durably(f"{directory}: a new segment's entry"):
                     fsync_dir(directory)
             last = segments[-1]
@@ -324,7 +336,7 @@ class QueueLog:
                     os.fsync(last.fd)
                     fsync_dir(directory)
                 last.synced = last.next_offset
-            if point > last.next_offset:  # no segment file left at all: the old point would be a false claim now
+            if point > last.next_offset:  # (a salvage that did not believe it): the old point would be a false claim
                 with _durably(f"{directory}: the recovery point"):
                     _write_point(directory, last.next_offset)
         except BaseException:

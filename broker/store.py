@@ -74,6 +74,9 @@ SYNC_THREADS: Final = 4
 INLINE_MAX_RECORDS: Final = 32
 #: The data directory's lock file: one broker per directory (see Store.open).
 LOCK_FILE: Final = "LOCK"
+#: A deleted queue's directory is renamed to this + its name + a time, then removed
+#: (a leading "." is no queue's name: see protocol.names).
+TRASH_PREFIX: Final = ".deleted-"
 #: A queue whose files could not be read at start-up (an I/O error such as
 #: EIO or EACCES, not damage) is loaded again when next used, at most this
 #: often (seconds): recovery reads the whole log.
@@ -141,7 +144,10 @@ class Store:
         try:
             self.queues_dir.mkdir(exist_ok=True)
             for path in sorted(self.queues_dir.iterdir()):
-                if path.is_dir():
+                if path.name.startswith(TRASH_PREFIX):
+                    logger.warning("%s: removing what an interrupted DELETE left", path)
+                    shutil.rmtree(path)
+                elif path.is_dir():
                     try:
                         self._load(path.name)
                     except Exception as exc:  # a damaged queue must not stop the others
@@ -339,10 +345,20 @@ class Store:
 
     async def _remove_failed_files(self, name: str) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._cursor_pool, shutil.rmtree, self._path(name))
-            fsync_dir(self.queues_dir)
+            await asyncio.get_running_loop().run_in_executor(self._cursor_pool, self._discard, name)
         finally:
             self._deleting.discard(name)
+
+    def _discard(self, name: str) -> None:
+        """Remove a queue's directory (on the cursor thread): renamed out of the
+        way first, durably, then removed. A crash while removing the files one
+        by one must not leave a queue that lost only some of them (a recovery
+        point without its segments reads as lost records, and is refused); a
+        renamed leftover is removed at the next start."""
+        trash = self.queues_dir / f"{TRASH_PREFIX}{name}-{time.time_ns()}"
+        os.rename(self._path(name), trash)
+        fsync_dir(self.queues_dir)
+        shutil.rmtree(trash)
 
     async def _remove_queue_files(self, queue: Queue) -> None:
         try:
@@ -352,8 +368,7 @@ class Store:
             # closing the log under an fsync in flight would fail it (EBADF: fatal).
             await loop.run_in_executor(self._cursor_pool, self._wait_synced, queue)
             queue.log.close()
-            await loop.run_in_executor(self._cursor_pool, shutil.rmtree, self._path(queue.name))
-            fsync_dir(self.queues_dir)
+            await loop.run_in_executor(self._cursor_pool, self._discard, queue.name)
         finally:
             self._deleting.discard(queue.name)
 

@@ -314,3 +314,27 @@ def test_damage_in_two_files_adds_up(tmp_path: Path) -> None:
     line = _line(result, "audit")
     assert line.count(".log byte ") == 2, line
     assert _repair_counts(line) == (298, 2) == _repaired_counts(queue)
+
+
+def test_a_queue_with_no_segment_file_left_and_a_delete_a_crash_interrupted(tmp_path: Path) -> None:
+    """Every segment file of a queue gone (its recovery point left) is damage, as at a start; a directory an
+    interrupted DELETE renamed away is no queue (a start removes it)."""
+    root = _data_dir(tmp_path, orders=20, billing=5)
+    for seg in _segments(root / "queues" / "orders"):
+        seg.unlink()
+    (root / "queues" / ".deleted-jobs-1796316000000000000").mkdir()
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    assert result.stdout.splitlines() == [
+        "(.deleted-jobs-1796316000000000000: left by an interrupted DELETE; a start removes it)",
+        "billing: ok, 5 records, offsets 0 to 4",
+        "orders: DAMAGED, a start refuses it (QUEUE_CORRUPT): no segment file, but records below 20 had been "
+        "stored; --repair would keep 0 intact records and mark 0 offsets lost (a tidings.lost message each): then "
+        "no records (next offset 20)",
+        f"{root}: 2 queues checked: 1 damaged (a start refuses it)",
+    ]
+    with pytest.raises(CorruptLogError, match="no segment file, but records below 20 had been stored"):
+        QueueLog.open(root / "queues" / "orders", segment_bytes=SEG)
+    repaired = QueueLog.open(root / "queues" / "orders", segment_bytes=SEG, repair=True)
+    assert (repaired.first_offset, repaired.next_offset) == (20, 20)  # as announced
+    repaired.close()

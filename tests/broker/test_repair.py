@@ -315,3 +315,35 @@ def test_a_segment_far_past_the_log_is_beyond_repair(tmp_path: Path) -> None:
         QueueLog.open(tmp_path, segment_bytes=SEG, repair=True)
     assert err.value.path == alien
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_log_with_no_segment_file_left_is_damage(tmp_path: Path) -> None:
+    """A recovery point says records were stored; with every segment file gone
+    they were lost. A start refuses the queue (it began again at offset 0,
+    giving the lost records' offsets to new messages); --repair starts the log
+    where they ended, so no offset is given twice."""
+    _fill(tmp_path, 20, segment_bytes=1 << 20)
+    for seg in _segments(tmp_path):
+        seg.unlink()
+    log = _repaired(tmp_path, 1 << 20)
+    assert (log.first_offset, log.next_offset) == (20, 20)
+    assert log.append([b"next"], 3000) == 20
+    log.sync()
+    _reopened(log, 1 << 20).close()
+
+
+async def test_a_delete_that_a_crash_interrupted_leaves_no_queue_behind(tmp_path: Path) -> None:
+    """DELETE renames the queue's directory away before removing its files, so
+    a crash meanwhile leaves a renamed directory, never a queue with some of
+    its files gone; the next start removes it."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("Q", "E", 1)
+        await c.delete_queue("Q")
+        assert sorted(p.name for p in (tmp_path / "queues").iterdir()) == []
+    leftover = tmp_path / "queues" / ".deleted-Q-1796316000000000000"
+    (leftover / "durables").mkdir(parents=True)
+    (leftover / POINT_FILE).write_bytes(b"x" * 16)  # what a crash in the middle of removing could leave
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert not leftover.exists()
+        status = await c.status()
+        assert (status["queues"], status["failed_queues"]) == ([], [])
