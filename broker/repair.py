@@ -236,6 +236,17 @@ def _mapped(f: BinaryIO) -> Iterator[bytes | mmap.mmap]:
         yield buf
 
 
+#: Markers encoded per write: a lost segment of small records needs up to millions of them.
+_MARKERS_PER_WRITE: Final = 4096
+
+
+def _write_markers(out: BinaryIO, step: Mark, marker: bytes) -> None:
+    """Write ``step``'s markers (each record body ``marker``), a bounded number at a time."""
+    for first in range(step.first, step.first + step.count, _MARKERS_PER_WRITE):
+        count = min(_MARKERS_PER_WRITE, step.first + step.count - first)
+        out.write(encode_records([marker] * count, first, step.timestamp, first))
+
+
 def salvage(
     path: Path, start: int, end: int | None, fill_to: int, why: str, floor_ts: int, segment_bytes: int
 ) -> Path | None:
@@ -272,8 +283,7 @@ def salvage(
                 if isinstance(step, Keep):
                     out.write(buf[step.position : step.position + step.length])  # its bytes as they are
                 else:
-                    marker = lost_marker(note, step.timestamp)
-                    out.write(encode_records([marker] * step.count, step.first, step.timestamp, step.first))
+                    _write_markers(out, step, lost_marker(note, step.timestamp))
             out.flush()
             os.fsync(out.fileno())
     except BeyondRepair as exc:
@@ -286,9 +296,10 @@ def salvage(
         logger.warning("%s: repair: not marking %d records up to the recovery point %d: more than a "
                        "segment could hold; the recovery point is wrong", path, new.point_ignored, fill_to)  # fmt: skip
     logger.warning(
-        "%s: repair (%s): kept %s; %s now %s; it holds offsets %d to %d",
+        "%s: repair (%s): kept %s; %s now %s; it holds %s",
         path, why, many(new.kept, "intact record"), many(new.lost, "lost record"),
-        "a tidings.lost marker" if new.lost == 1 else "tidings.lost markers", start, new.next - 1,
+        "a tidings.lost marker" if new.lost == 1 else "tidings.lost markers",
+        f"offsets {start} to {new.next - 1}" if new.next > start else "no record",
     )  # fmt: skip
     if new.next == start and end is not None:  # nothing of its range: the next segment goes on
         temp.unlink()

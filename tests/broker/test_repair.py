@@ -347,3 +347,17 @@ async def test_a_delete_that_a_crash_interrupted_leaves_no_queue_behind(tmp_path
         assert not leftover.exists()
         status = await c.status()
         assert (status["queues"], status["failed_queues"]) == ([], [])
+
+
+def test_a_lost_segment_of_thousands_of_records(tmp_path: Path) -> None:
+    """More markers than one write takes (4,096): each offset gets one, claims and all."""
+    _fill(tmp_path, 12_000, segment_bytes=1 << 18)
+    names = _segments(tmp_path)
+    gone = range(int(names[1].name[:-4]), int(names[2].name[:-4]))
+    assert len(gone) > 4096
+    names[1].unlink()
+    log = _repaired(tmp_path, 1 << 18)
+    records = _read(log)
+    assert _lost(records) == list(gone)
+    assert [b for o, _, b in records if o not in gone] == [_body(i) for i in range(12_000) if i not in gone]
+    _reopened(log, 1 << 18).close()
