@@ -59,7 +59,8 @@ from typing import Final
 from protocol.wording import many
 
 from .cursors import CursorFiles, CursorStore
-from .log import CorruptLogError, base_of, gap_before, read_point, scan_read_only, segment_files
+from .log import CorruptLogError, read_point
+from .recovery import base_of, gap_before, scan_read_only, segment_files
 from .repair import BeyondRepair, plan_salvage
 from .segment import TornTail
 from .store import LOCK_FILE, DataDirInUse

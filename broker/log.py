@@ -1,7 +1,8 @@
 """A queue's append-only log: the segment files of one queue, appends and syncs.
 
 The record format, the checks and the scan that recovers a segment are in
-:mod:`broker.segment`.
+:mod:`broker.segment`; the walk over a queue's segment files when a log is
+opened again, in :mod:`broker.recovery`.
 
 Writing
 -------
@@ -102,17 +103,16 @@ import struct
 import threading
 import zlib
 from bisect import bisect_right
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 from . import faults
-from .repair import drop_stale, salvage
-from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, TornTail, encode_records, fsync_dir
+from .recovery import base_of, durably, open_fd, recover_segment, segment_files
+from .repair import drop_stale
+from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records, fsync_dir
 
 __all__ = [
-    "CorruptLogError", "LogFailedError", "QueueLog", "Segment", "base_of", "fsync_dir", "gap_before", "read_point",
-    "scan_read_only", "segment_files",
+    "POINT_FILE", "CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir", "read_point", "write_point",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -127,119 +127,6 @@ _crc32 = zlib.crc32
 #: ~2 ms of sync per MiB of records, against 30-60 us saved on every sync.
 EXTEND_BYTES: Final = 1 << 20
 _ZEROS: Final = bytes(EXTEND_BYTES)
-
-
-@contextlib.contextmanager
-def _durably(what: str) -> Iterator[None]:
-    """Recovery's writes and syncs: an OSError in them is a LogFailedError.
-
-    What such a failure leaves on disk is unknown (a failed fsync may drop
-    the dirty pages while the page cache still shows them), so the log is
-    refused until a restart rather than loaded again, unlike a failed read.
-    """
-    try:
-        yield
-    except LogFailedError:
-        raise
-    except OSError as exc:
-        raise LogFailedError(f"{what}: {exc}") from exc
-
-
-def _open_fd(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-
-
-def base_of(path: Path) -> int:
-    """The first offset of the segment file at ``path`` (its name)."""
-    return int(path.name[: -len(SUFFIX)])
-
-
-def segment_files(directory: Path) -> list[Path]:
-    """The segment files of the log in ``directory``, in offset order."""
-    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
-
-
-def gap_before(path: Path, start: int) -> str | None:
-    """Why the segment at ``path`` cannot go on from offset ``start`` (a file
-    before it is missing), or None if it starts there."""
-    if base_of(path) == start:
-        return None
-    return f"starts at offset {base_of(path)}, the previous segment ends at {start}"
-
-
-def _recover(
-    path: Path, start: int, end: int | None, *, point: int, repair: bool, floor_ts: int, segment_bytes: int
-) -> Segment | None:
-    """Open and scan one segment file that must hold the log from offset ``start`` on.
-
-    With ``repair``, a segment that does not start at ``start``, that is
-    damaged, or that is the last and ends before the recovery point is
-    salvaged first (:func:`broker.repair.salvage`); None if nothing of it is left.
-
-    Args:
-        end: the next segment's first offset; None for the last segment.
-        floor_ts: the timestamp of the log's record before ``start`` (0: none).
-        segment_bytes: the configured segment size (bounds a repair's markers).
-
-    Raises:
-        CorruptLogError: it is damaged (as above) and not ``repair``, or
-            beyond repair (see ``salvage``).
-        LogFailedError: a cut or a repair could not be made durable.
-    """
-    why = gap_before(path, start)
-    if why is not None:
-        if not repair:
-            raise CorruptLogError(path, 0, why)
-    else:
-        try:
-            return _scanned(path, start, end, point)[0]
-        except CorruptLogError as exc:
-            if not repair:
-                raise
-            why = f"byte {exc.position}: {exc.reason}"
-    with _durably(f"{path}: repair"):
-        salvaged = salvage(path, start, end, point, why, floor_ts, segment_bytes)
-    # Rewritten and fsynced whole: nothing in it is torn, and a recovery point it
-    # does not reach was not believed (see salvage); open() lowers it.
-    return None if salvaged is None else _scanned(salvaged, start, end, 0)[0]
-
-
-def scan_read_only(path: Path, base: int, end: int | None, point: int) -> tuple[Segment, TornTail | None]:
-    """What :func:`_recover` finds in a segment, without changing it (``tidings-broker --check``).
-
-    Returns:
-        The segment, scanned (its descriptor closed), and the torn tail a
-        start-up would cut, if any.
-
-    Raises:
-        CorruptLogError: it is damaged (the start-up would refuse it or, with
-            ``--repair``, salvage it).
-        OSError: it cannot be read.
-    """
-    segment, torn = _scanned(path, base, end, point, cut=False)
-    os.close(segment.fd)
-    return segment, torn
-
-
-def _scanned(
-    path: Path, base: int, end: int | None, point: int, *, cut: bool = True
-) -> tuple[Segment, TornTail | None]:
-    """The segment at ``path``, scanned (see ``Segment.scan``); the last one must reach the recovery point.
-
-    Without ``cut`` the file is opened read-only and a torn tail is only reported.
-    """
-    fd = _open_fd(path) if cut else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    segment = Segment(path, fd, base)
-    try:
-        torn = segment.scan(last=end is None, point=point, cut=cut)
-        if end is None and point > segment.next_offset:
-            # Synced records are missing at the end (a truncated or lost file).
-            why = f"the log ends at record {segment.next_offset}, but records below {point} had been fsynced"
-            raise CorruptLogError(path, segment.size, why)
-    except BaseException:
-        os.close(segment.fd)
-        raise
-    return segment, torn
 
 
 class QueueLog:
@@ -300,7 +187,7 @@ class QueueLog:
                 end = None if i == len(names) - 1 else base_of(names[i + 1])
                 start = segments[-1].next_offset if segments else base_of(path)
                 floor = segments[-1].last_ts if segments else 0
-                segment = _recover(
+                segment = recover_segment(
                     path, start, end, point=point, repair=repair, floor_ts=floor, segment_bytes=segment_bytes
                 )
                 if segment is not None:
@@ -320,8 +207,8 @@ class QueueLog:
                                    "starts again at %d", directory, point, point)  # fmt: skip
                     base = point
                 path = directory / f"{base:020d}{SUFFIX}"
-                segments.append(Segment(path, _open_fd(path), base))
-                with _durably(f"{directory}: a new segment's entry"):
+                segments.append(Segment(path, open_fd(path), base))
+                with durably(f"{directory}: a new segment's entry"):
                     fsync_dir(directory)
             last = segments[-1]
             last.synced = max(last.synced, min(point, last.next_offset))
@@ -332,13 +219,13 @@ class QueueLog:
                 # segment (a roll whose first write failed, ENOSPC, or was killed) may
                 # hold no record but still have an entry no fsync covered: the records
                 # confirmed in it next are synced with fdatasync alone (R6).
-                with _durably(f"{last.path}: the unsynced tail"):
+                with durably(f"{last.path}: the unsynced tail"):
                     os.fsync(last.fd)
                     fsync_dir(directory)
                 last.synced = last.next_offset
             if point > last.next_offset:  # (a salvage that did not believe it): the old point would be a false claim
-                with _durably(f"{directory}: the recovery point"):
-                    _write_point(directory, last.next_offset)
+                with durably(f"{directory}: the recovery point"):
+                    write_point(directory, last.next_offset)
         except BaseException:
             for s in segments:
                 os.close(s.fd)
@@ -519,7 +406,7 @@ class QueueLog:
                 raise LogFailedError(f"log {self.directory} failed: {self._failed}")
         path = self.directory / f"{old.next_offset:020d}{SUFFIX}"
         faults.hit("during_segment_roll")
-        seg = Segment(path, _open_fd(path), old.next_offset)
+        seg = Segment(path, open_fd(path), old.next_offset)
         self.segments.append(seg)
         self._bases.append(seg.base)
         with self._lock:
@@ -646,7 +533,7 @@ class QueueLog:
         try:
             synced = self.segments[-1].synced
             if self._failed is None and synced > self._point:
-                _write_point(self.directory, synced)
+                write_point(self.directory, synced)
                 self._point = synced
         except OSError as exc:  # only recovery's knowledge is weaker: not worth failing a close
             logger.warning("%s: cannot save the recovery point: %s", self.directory, exc)
@@ -670,7 +557,7 @@ def read_point(directory: Path) -> int:
     return 0
 
 
-def _write_point(directory: Path, offset: int) -> None:
+def write_point(directory: Path, offset: int) -> None:
     """Save the recovery point: overwritten in place and fsynced (a torn one is ignored)."""
     path = directory / POINT_FILE
     new = not path.exists()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.log import POINT_FILE, CorruptLogError, QueueLog, _write_point
+from broker.log import POINT_FILE, CorruptLogError, QueueLog, write_point
 from broker.repair import TEMP_SUFFIX
 from broker.segment import HEADER_SIZE, encode_records
 from protocol import LOST_EVENT, ErrorCode, LocalProtocolError, ServerError
@@ -286,7 +286,7 @@ def test_a_record_with_a_wild_offset_is_not_believed(tmp_path: Path) -> None:
 
 def test_a_recovery_point_far_past_the_log_is_not_believed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _fill(tmp_path, 20, segment_bytes=1 << 20)
-    _write_point(tmp_path, 10**15)
+    write_point(tmp_path, 10**15)
     log = _repaired(tmp_path, 1 << 20)
     assert log.next_offset == 20 and _lost(_read(log)) == []
     assert "the recovery point is wrong" in caplog.text
