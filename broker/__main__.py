@@ -70,10 +70,12 @@ names one user, and each request is checked against what that user may do:
   delete = []                       # DELETE of queues and durables
   status = false                    # STATUS
 A refused request gets PERMISSION_DENIED and changes nothing. SIGHUP re-reads
-the file: connections of removed users or removed tokens are closed, those
-whose rights shrank must reconnect, the rest carry on. To change a token,
-add the new one beside the old, SIGHUP, move the clients, remove the old
-one, SIGHUP: only connections still on the old token are closed.
+the file: connections of removed users or removed tokens are closed
+(AUTH_FAILED), and so are those consuming a queue their user may no longer
+read (PERMISSIONS_CHANGED); the rest carry on under the new rights. To
+change a token, add the new one beside the old, SIGHUP, move the clients,
+remove the old one, SIGHUP: only connections still on the old token are
+closed.
 
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
 cursors, close clients); a second one exits at once. SIGHUP reloads --users
