@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -389,6 +390,23 @@ async def _run(config: BrokerConfig) -> int:
     return exit_code
 
 
+class _Lines:
+    """``--check``'s output: once stdout is closed (``| head``), the check goes
+    on unprinted, so that its exit code still says what it found."""
+
+    def __init__(self) -> None:
+        self.open = True
+
+    def print(self, text: str) -> None:
+        if self.open:
+            try:
+                print(text, flush=True)
+            except OSError:  # a closed pipe (EPIPE), a full disk: the code still counts
+                self.open = False
+                with contextlib.suppress(OSError):
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (what the interpreter flushes at exit)
+
+
 def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
     """``--check``: print each queue's state (see :mod:`broker.check`) and a summary.
 
@@ -397,15 +415,16 @@ def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
     """
     root = data_dir.resolve()
     checks: list[QueueCheck] = []
+    out = _Lines()
     try:
         with locked_for_check(root):
             queues = root / "queues"
             for path in sorted(p for p in queues.iterdir() if p.is_dir()) if queues.is_dir() else []:
                 if path.name.startswith(TRASH_PREFIX):
-                    print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
+                    out.print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
                     continue
                 check = check_queue(path, segment_bytes=segment_bytes)
-                print("\n".join(check.lines()), flush=True)
+                out.print("\n".join(check.lines()))
                 checks.append(check)
     except OSError as exc:
         print(f"tidings-broker: cannot check: {exc}", file=sys.stderr)
@@ -414,7 +433,7 @@ def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
     unreadable = sum(c.unreadable is not None for c in checks)
     verdict = [f"{damaged} damaged (a start refuses {'it' if damaged == 1 else 'them'})"] if damaged else []
     verdict += [f"{unreadable} could not be read"] if unreadable else []
-    print(f"{root}: {many(len(checks), 'queue')} checked: {', '.join(verdict) or 'a start would serve every one'}")
+    out.print(f"{root}: {many(len(checks), 'queue')} checked: {', '.join(verdict) or 'a start would serve every one'}")
     if damaged:
         return EXIT_DAMAGED
     return EXIT_CANNOT_CHECK if unreadable else EXIT_OK

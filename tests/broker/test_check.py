@@ -338,3 +338,18 @@ def test_a_queue_with_no_segment_file_left_and_a_delete_a_crash_interrupted(tmp_
     repaired = QueueLog.open(root / "queues" / "orders", segment_bytes=SEG, repair=True)
     assert (repaired.first_offset, repaired.next_offset) == (20, 20)  # as announced
     repaired.close()
+
+
+def test_a_closed_pipe_does_not_change_the_verdict(tmp_path: Path) -> None:
+    """``--check | head -1``: once the reader is gone the check goes on unprinted and exits with what it
+    found (it said 'cannot check', exit 3, on the broken pipe). Here the reader (``true``) is gone before
+    the check prints anything (Python takes far longer to start)."""
+    root = _data_dir(tmp_path, billing=5, orders=20)
+    _flip(_segments(root / "queues" / "orders")[0], 5 * REC + HEADER_SIZE + 3)
+    result = subprocess.run(
+        f"{sys.executable} -m broker --data-dir {root} --check | true; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == EXIT_DAMAGED, result
+    assert (result.stdout, result.stderr) == ("", ""), result

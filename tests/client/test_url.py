@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
+import sys
+from pathlib import Path
 
 import pytest
 
 from client import Client, ConfigError
 from client._transport import parse_url
+from tests.helpers import running_broker, url_of
 
 
 @pytest.mark.parametrize(
@@ -52,3 +57,28 @@ def test_a_tls_context_with_a_plain_url_is_refused_not_ignored() -> None:
     with pytest.raises(ConfigError, match=r"plain TCP: use tidingss://127\.0\.0\.1:6464"):
         Client("tidings://127.0.0.1:6464", ssl_context=ssl.create_default_context())
     assert Client("tidingss://127.0.0.1:6464", ssl_context=ssl.create_default_context()).port == 6464
+
+
+async def test_the_library_prints_nothing_of_its_own(tmp_path: Path) -> None:
+    """An application that configured no logging and gets AuthFailed raised saw
+    the same error printed on stderr too, once per attempt (Python's last-resort
+    handler took the library's WARNING): a library logs, the application decides."""
+    script = (
+        "import asyncio, sys\n"
+        "from client import Client, AuthFailed\n"
+        "async def main():\n"
+        "    try:\n"
+        "        async with Client(sys.argv[1], token='wrong', reconnect=False):\n"
+        "            pass\n"
+        "    except AuthFailed:\n"
+        "        print('refused')\n"
+        "asyncio.run(main())\n"
+    )
+    async with running_broker(tmp_path, token="right") as broker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, url_of(broker),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (out, err, proc.returncode) == (b"refused\n", b"", 0)
