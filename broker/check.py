@@ -142,6 +142,8 @@ class QueueCheck:
             head = f"DAMAGED, a start refuses it (QUEUE_CORRUPT): {'; and '.join(self.damage)}"
             if self.beyond is not None:
                 return f"{head}; --repair cannot repair it either: {self.beyond}"
+            if self.files == 0:
+                return f"{head}; --repair would start its log at offset {self.end}: the records below it are lost, unmarked"
             kept = self.end - self.first - self.lost
             return (
                 f"{head}; --repair would keep {many(kept, 'intact record')} and mark {many(self.lost, 'offset')} "
@@ -151,7 +153,7 @@ class QueueCheck:
             torn = self.torn
             return (
                 f"torn tail: {many(torn.length, 'byte')} from byte {torn.position} of {torn.path.name} would be cut at "
-                f"start-up (never fsynced: {torn.why}; {many(torn.intact, 'intact record')} after it), leaving "
+                f"start-up (no fsync known to cover it: {torn.why}; {many(torn.intact, 'intact record')} after it), leaving "
                 f"{self._records()}"
             )
         return f"ok, {self._records()}"
@@ -218,7 +220,9 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
     point = read_point(directory)
     result.files = len(names)
     if not names and point > 0:  # as QueueLog.open: lost records, and --repair starts the log at the point
-        result.damage.append(f"no segment file, but records below {point} had been stored")
+        result.damage.append(
+            f"no segment file is left, but records below {point} had been stored (the recovery point says)"
+        )
         result.first = result.end = point
         return
     served = False  # has a segment been kept yet (scanned, or rewritten by the repair)?
@@ -228,7 +232,7 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
         start = end if served else base_of(path)
         gap = gap_before(path, start)
         if gap is not None:
-            result.damage.append(f"{path.name}: {gap}")
+            result.damage.append(gap)
         else:
             try:
                 segment, torn = scan_read_only(path, start, after, point)

@@ -201,8 +201,8 @@ class QueueLog:
                 base = 0
                 if point > 0:
                     if not repair:
-                        raise CorruptLogError(directory / POINT_FILE, 0, f"no segment file, but records below {point} "
-                                              "had been stored")  # fmt: skip
+                        raise CorruptLogError(directory, None, f"no segment file is left, but records below {point} "
+                                              "had been stored (the recovery point says)")  # fmt: skip
                     logger.warning("%s: repair: no segment file, but records below %d had been stored: the log "
                                    "starts again at %d", directory, point, point)  # fmt: skip
                     base = point

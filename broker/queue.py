@@ -510,7 +510,8 @@ class Queue:
     def _dropped(self, group: Group) -> None:
         gap = group.skip_dropped(self.log.first_offset)
         if gap is not None:
-            logger.warning("queue %s: durable %s missed offsets %d-%d: dropped by retention before it read them",
+            logger.warning("queue %s: durable %s missed offsets %d-%d: no longer in the log (dropped by retention "
+                           "before it read them, or lost with their files: see the start-up log)",
                            self.name, group.name, *gap)  # fmt: skip
 
     # --- pull (FETCH) -------------------------------------------------------

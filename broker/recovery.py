@@ -56,9 +56,12 @@ def segment_files(directory: Path) -> list[Path]:
 def gap_before(path: Path, start: int) -> str | None:
     """Why the segment at ``path`` cannot go on from offset ``start`` (a file
     before it is missing), or None if it starts there."""
-    if base_of(path) == start:
+    base = base_of(path)
+    if base == start:
         return None
-    return f"starts at offset {base_of(path)}, the previous segment ends at {start}"
+    if base > start:
+        return f"no segment file holds offsets {start} to {base - 1} ({path.name} starts after them)"
+    return f"{path.name} starts at offset {base}, inside the segment before it (which holds offsets below {start})"
 
 
 def recover_segment(
@@ -83,7 +86,7 @@ def recover_segment(
     why = gap_before(path, start)
     if why is not None:
         if not repair:
-            raise CorruptLogError(path, 0, why)
+            raise CorruptLogError(path.parent, None, why)
     else:
         try:
             return _scanned(path, start, end, point)[0]

@@ -288,7 +288,7 @@ def salvage(
             os.fsync(out.fileno())
     except BeyondRepair as exc:
         temp.unlink()
-        raise CorruptLogError(path, 0, f"cannot repair ({why}): {exc}; a file name is wrong") from None
+        raise CorruptLogError(path, None, f"cannot repair ({why}): {exc}; a file name is wrong") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -296,10 +296,11 @@ def salvage(
         logger.warning("%s: repair: not marking %d records up to the recovery point %d: more than a "
                        "segment could hold; the recovery point is wrong", path, new.point_ignored, fill_to)  # fmt: skip
     logger.warning(
-        "%s: repair (%s): kept %s; %s now %s; it holds %s",
+        "%s: repair (%s): kept %s; %s now %s; it holds %s%s",
         path, why, many(new.kept, "intact record"), many(new.lost, "lost record"),
         "a tidings.lost marker" if new.lost == 1 else "tidings.lost markers",
         f"offsets {start} to {new.next - 1}" if new.next > start else "no record",
+        f", as {target.name}" if target != path and new.next > start else "",
     )  # fmt: skip
     if new.next == start and end is not None:  # nothing of its range: the next segment goes on
         temp.unlink()

@@ -119,8 +119,11 @@ class LogFailedError(OSError):
 class CorruptLogError(Exception):
     """A record in the middle of a log failed its checks: the queue is not served."""
 
-    def __init__(self, path: Path, position: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt record at byte {position}: {reason}")
+    def __init__(self, path: Path, position: int | None, reason: str) -> None:
+        """``position``: the byte of the record that failed; None for damage that is no one record's (a missing file)."""
+        super().__init__(
+            f"{path}: {reason}" if position is None else f"{path}: corrupt record at byte {position}: {reason}"
+        )
         self.path = path
         self.position = position
         self.reason = reason
@@ -363,7 +366,7 @@ class Segment:
                 torn = TornTail(self.path, pos, size - pos, damage, intact)
                 if cut:
                     logger.warning(
-                        "%s: torn tail (never fsynced): cutting %s from byte %d on: %s; %s after it",
+                        "%s: torn tail (no fsync known to cover it): cutting %s from byte %d on: %s; %s after it",
                         self.path, many(torn.length, "byte"), pos, damage, many(intact, "intact record"),
                     )  # fmt: skip
                     self._truncate(pos)

@@ -155,7 +155,8 @@ class Store:
         except BaseException:
             self._unlock()
             raise
-        logger.info("data in %s: %s", self.root, many(len(self.queues), "queue"))
+        refused = f", {len(self.failed)} refused (see above)" if self.failed else ""
+        logger.info("data in %s: %s%s", self.root, many(len(self.queues), "queue"), refused)
 
     def _lock(self) -> None:
         """Take ``LOCK`` (an exclusive ``flock``, dropped by the kernel when the
@@ -227,7 +228,7 @@ class Store:
             self._failed_code[name] = ErrorCode.STORAGE_FAILED
             self._failed_at[name] = time.monotonic()
         else:
-            hint = "" if self.config.repair else " (--repair keeps its intact records and marks the lost ones)"
+            hint = "" if self.config.repair else " (tidings-broker --check says what --repair would do)"
             self.failed[name] = f"{exc}{hint}"
             self._failed_code[name] = ErrorCode.QUEUE_CORRUPT
         logger.log(

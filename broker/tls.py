@@ -53,10 +53,13 @@ def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
     for what, path in (("certificate", config.tls_cert), ("key", config.tls_key), ("client CA", config.tls_client_ca)):
         if path is not None:
             try:
-                with open(path, "rb"):
-                    pass
+                with open(path, "rb") as f:
+                    pem = f.read()
             except OSError as exc:
                 raise ConfigError(f"cannot read the TLS {what} file {path}: {exc.strerror or exc}") from exc
+            # OpenSSL says "[SSL] PEM lib" for any of these, naming neither file nor fault.
+            if (problem := _pem_problem(pem, what)) is not None:
+                raise ConfigError(f"cannot use the TLS {what} file {path}: {problem}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -70,6 +73,18 @@ def tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
             raise ConfigError(f"cannot use client CA file {config.tls_client_ca}: {exc}") from exc
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _pem_problem(pem: bytes, what: str) -> str | None:
+    """What is wrong with a PEM file's blocks at a glance (not their contents), or None."""
+    label = b"PRIVATE KEY-----" if what == "key" else b"CERTIFICATE-----"
+    begin, end = pem.find(b"-----BEGIN "), pem.rfind(b"-----END ")
+    if begin < 0 or label not in pem[begin:]:
+        kind = "private key" if what == "key" else "certificate"
+        return f"no PEM {kind} in it (a '-----BEGIN ...{label.decode()}' block)"
+    if end < begin:
+        return "its PEM block has no '-----END' line: the file is cut short"
+    return None
 
 
 class ServerTls:

@@ -134,7 +134,7 @@ def test_a_torn_tail_is_reported_and_left_for_the_start_to_cut(tmp_path: Path) -
     result = _check(root)
     assert result.returncode == EXIT_OK, result
     assert _line(result, "jobs") == (
-        f"jobs: torn tail: 41 bytes from byte {10 * REC} of {segment.name} would be cut at start-up (never fsynced: "
+        f"jobs: torn tail: 41 bytes from byte {10 * REC} of {segment.name} would be cut at start-up (no fsync known to cover it: "
         "short (record 10); 0 intact records after it), leaving 10 records, offsets 0 to 9"
     )
     log = QueueLog.open(queue, segment_bytes=SEG)
@@ -189,7 +189,7 @@ def test_a_missing_segment_file(tmp_path: Path) -> None:
     result = _check(root)
     assert result.returncode == EXIT_DAMAGED, result
     line = _line(result, "audit")
-    assert "00000000000000000164.log: starts at offset 164, the previous segment ends at 82" in line, line
+    assert "no segment file holds offsets 82 to 163 (00000000000000000164.log starts after them)" in line, line
     assert _repair_counts(line) == (218, 82) == _repaired_counts(queue)
 
 
@@ -328,12 +328,12 @@ def test_a_queue_with_no_segment_file_left_and_a_delete_a_crash_interrupted(tmp_
     assert result.stdout.splitlines() == [
         "(.deleted-jobs-1796316000000000000: left by an interrupted DELETE; a start removes it)",
         "billing: ok, 5 records, offsets 0 to 4",
-        "orders: DAMAGED, a start refuses it (QUEUE_CORRUPT): no segment file, but records below 20 had been "
-        "stored; --repair would keep 0 intact records and mark 0 offsets lost (a tidings.lost message each): then "
-        "no records (next offset 20)",
+        "orders: DAMAGED, a start refuses it (QUEUE_CORRUPT): no segment file is left, but records below 20 had "
+        "been stored (the recovery point says); --repair would start its log at offset 20: the records below it "
+        "are lost, unmarked",
         f"{root}: 2 queues checked: 1 damaged (a start refuses it)",
     ]
-    with pytest.raises(CorruptLogError, match="no segment file, but records below 20 had been stored"):
+    with pytest.raises(CorruptLogError, match="no segment file is left, but records below 20 had been stored"):
         QueueLog.open(root / "queues" / "orders", segment_bytes=SEG)
     repaired = QueueLog.open(root / "queues" / "orders", segment_bytes=SEG, repair=True)
     assert (repaired.first_offset, repaired.next_offset) == (20, 20)  # as announced

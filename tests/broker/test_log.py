@@ -236,7 +236,10 @@ def test_a_torn_record_followed_by_zeros_is_cut(tmp_path: Path, caplog: pytest.L
     _hole(seg, start + 100, size - start - 100)
     with caplog.at_level(logging.WARNING):
         log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
-    assert f"torn tail (never fsynced): cutting {size - start} bytes from byte {start} on: bad CRC" in caplog.text
+    assert (
+        f"torn tail (no fsync known to cover it): cutting {size - start} bytes from byte {start} on: bad CRC"
+        in caplog.text
+    )
     assert log.next_offset == 10 and seg.stat().st_size == start
     assert log.append([b"after"], 1) == 10
     log.sync()
@@ -259,7 +262,7 @@ def test_a_long_record_torn_or_damaged_is_judged_as_any_other(tmp_path: Path, ca
     os.truncate(seg, start + 600_000)
     with caplog.at_level(logging.WARNING):
         log = QueueLog.open(tmp_path, segment_bytes=4 << 20)
-    assert f"torn tail (never fsynced): cutting 600000 bytes from byte {start} on: short" in caplog.text
+    assert f"torn tail (no fsync known to cover it): cutting 600000 bytes from byte {start} on: short" in caplog.text
     assert log.next_offset == 10
     assert log.append([big], 1) == 10
     log.sync()
@@ -446,7 +449,7 @@ def test_a_hole_in_the_unsynced_tail_is_a_torn_tail(
     with caplog.at_level(logging.WARNING):
         log = QueueLog.open(tmp_path, segment_bytes=1 << 20)
     assert log.next_offset == record
-    assert f"{seg}: torn tail (never fsynced): cutting" in caplog.text
+    assert f"{seg}: torn tail (no fsync known to cover it): cutting" in caplog.text
     assert f"from byte {record * rec} on" in caplog.text
     assert seg.stat().st_size == record * rec
     assert _all(log) == [_body(i) for i in range(record)]
@@ -847,8 +850,10 @@ def test_a_crash_between_roll_and_first_write_leaves_an_empty_segment(tmp_path: 
 
 def test_a_gap_between_segments_is_damage(tmp_path: Path) -> None:
     _fill(tmp_path, 400).close()
-    os.unlink(_segments(tmp_path)[1])
-    with pytest.raises(CorruptLogError, match="starts at offset"):
+    gone, after = _segments(tmp_path)[1:3]
+    os.unlink(gone)
+    with pytest.raises(CorruptLogError, match=rf"no segment file holds offsets {int(gone.name[:-4])} to "
+                       rf"{int(after.name[:-4]) - 1} \({after.name} starts after them\)"):  # fmt: skip
         QueueLog.open(tmp_path, segment_bytes=SEG)
 
 

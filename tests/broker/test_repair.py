@@ -9,6 +9,7 @@ client.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -230,10 +231,13 @@ def test_repair_keeps_every_record_the_damage_did_not_touch(tmp_path: Path, dama
 # --- end to end ----------------------------------------------------------------------------------
 
 
-async def test_a_subscriber_gets_the_lost_marker_whatever_its_filter(tmp_path: Path) -> None:
+async def test_a_subscriber_gets_the_lost_marker_whatever_its_filter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A broker started with --repair: a durable that filters on one event
     gets the marker where a message was lost (it may have been one it wanted),
     with ``lost`` set, and acks it like any message."""
+    caplog.set_level(logging.INFO)
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         await c.publish_many("Q", [("A" if i % 2 else "B", f"m{i}".encode()) for i in range(10)])
     seg = _segments(tmp_path / "queues" / "Q")[0]
@@ -243,7 +247,8 @@ async def test_a_subscriber_gets_the_lost_marker_whatever_its_filter(tmp_path: P
         with pytest.raises(ServerError) as err:
             await c.fetch("Q")
         assert err.value.code == ErrorCode.QUEUE_CORRUPT
-        assert "(--repair keeps its intact records and marks the lost ones)" in str(err.value)
+        assert "(tidings-broker --check says what --repair would do)" in str(err.value)
+    assert f"data in {tmp_path.resolve()}: 0 queues, 1 refused (see above)" in caplog.text
     async with running_broker(tmp_path, repair=True) as broker, connected(broker) as c:
         got = await c.fetch("Q", durable="d", events=["A"], max_messages=100)
         assert [(m.offset, m.event, m.lost) for m in got] == [

@@ -178,13 +178,23 @@ async def test_the_cli_options(tmp_path: Path, tls_files: TlsFiles) -> None:
         (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "cannot read the TLS key file {missing}: No such"),
         (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{missing}"],
          "cannot read the TLS client CA file {missing}: No such"),
-        (["--tls-cert", "{cert}", "--tls-key", "{ca}"], "cannot use TLS certificate"),
+        # Which file is wrong, and how (OpenSSL says "[SSL] PEM lib" for each).
+        (["--tls-cert", "{cert}", "--tls-key", "{ca}"],
+         "cannot use the TLS key file {ca}: no PEM private key in it (a '-----BEGIN ...PRIVATE KEY-----' block)"),
+        (["--tls-cert", "{garbage}", "--tls-key", "{key}"],
+         "cannot use the TLS certificate file {garbage}: no PEM certificate in it"),
+        (["--tls-cert", "{cut}", "--tls-key", "{key}"],
+         "cannot use the TLS certificate file {cut}: its PEM block has no '-----END' line: the file is cut short"),
     ],
 )  # fmt: skip
 async def test_the_broker_refuses_to_start_with_bad_tls_options(
     tmp_path: Path, tls_files: TlsFiles, args: list[str], message: str
 ) -> None:
-    files = {"cert": tls_files.cert, "key": tls_files.key, "ca": tls_files.ca, "missing": tmp_path / "missing.pem"}
+    garbage, cut = tmp_path / "garbage.pem", tmp_path / "cut.pem"
+    garbage.write_text("garbage\n")
+    cut.write_bytes(Path(tls_files.cert).read_bytes()[: Path(tls_files.cert).stat().st_size // 2])
+    files = {"cert": tls_files.cert, "key": tls_files.key, "ca": tls_files.ca, "missing": tmp_path / "missing.pem",
+             "garbage": garbage, "cut": cut}  # fmt: skip
     argv = [a.format(**files) for a in args]
     cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(tmp_path / "data"), *argv]
     code, _, err = await _run(*cmd)
@@ -309,5 +319,5 @@ def test_sighup_reloads_the_certificate_of_the_daemon(tmp_path: Path, tls_files:
         assert asyncio.run(_served_certificate("127.0.0.1", bp.port)) == _der(tls_files.self_signed)
         assert bp.stop() == 0
     (failed,) = [line for line in bp.log if "TLS files not reloaded" in line]
-    assert " ERROR " in failed and f"cannot use TLS certificate {cert} with key {key}" in failed, failed
+    assert " ERROR " in failed and f"cannot use the TLS certificate file {cert}: no PEM certificate" in failed, failed
     assert not [line for line in bp.log if "WARNING" in line or "Traceback" in line], bp.log
