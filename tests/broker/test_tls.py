@@ -129,8 +129,12 @@ async def _run(*cmd: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:  # it did not exit (a broker that started after all): stop it, by its pid
+            proc.kill()
+            await proc.wait()
     return proc.returncode, out.decode(), err.decode()
 
 

@@ -80,5 +80,10 @@ async def test_the_library_prints_nothing_of_its_own(tmp_path: Path) -> None:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     assert (out, err, proc.returncode) == (b"refused\n", b"", 0)
