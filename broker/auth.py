@@ -33,6 +33,8 @@ import logging
 import math
 import time
 
+from protocol.wording import many
+
 from .config import AUTH_FAILURE_HOSTS, AUTH_FAILURE_MAX_DELAY, AUTH_FAILURE_WINDOW, AUTH_FREE_FAILURES, BrokerConfig
 
 __all__ = ["AuthFailures"]
@@ -168,8 +170,8 @@ class AuthFailures:
         """Write the count owed for ``record``, if any."""
         if record.unlogged:
             logger.info(
-                "%d more failed authentication%s from %s in the last %.1f s",
-                record.unlogged, "" if record.unlogged == 1 else "s", record.name, now - record.logged,
+                "%s from %s in the last %.1f s",
+                many(record.unlogged, "more failed authentication"), record.name, now - record.logged,
             )  # fmt: skip
             record.unlogged = 0
             record.logged = now

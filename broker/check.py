@@ -60,10 +60,10 @@ from protocol.wording import many
 
 from .cursors import CursorFiles, CursorStore
 from .log import CorruptLogError, read_point
-from .recovery import base_of, gap_before, scan_read_only, segment_files
+from .recovery import base_of, every_file_lost, gap_before, scan_read_only, segment_files
 from .repair import BeyondRepair, plan_salvage
 from .segment import TornTail
-from .store import LOCK_FILE, DataDirInUse
+from .store import LOCK_FILE, DataDirInUse, lock_holder
 
 __all__ = [
     "EXIT_CANNOT_CHECK", "EXIT_DAMAGED", "EXIT_OK", "DurableCheck", "QueueCheck", "check_queue", "locked_for_check",
@@ -183,9 +183,7 @@ def locked_for_check(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            by = f" (pid {holder})" if holder.isdigit() else ""
-            raise DataDirInUse(f"data directory {root} is in use by a broker{by}: stop it first") from None
+            raise DataDirInUse(f"data directory {root} is in use by a broker{lock_holder(fd)}: stop it first") from None
         yield
     finally:
         os.close(fd)  # (releases the flock)
@@ -220,9 +218,7 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
     point = read_point(directory)
     result.files = len(names)
     if not names and point > 0:  # as QueueLog.open: lost records, and --repair starts the log at the point
-        result.damage.append(
-            f"no segment file is left, but records below {point} had been stored (the recovery point says)"
-        )
+        result.damage.append(every_file_lost(point))
         result.first = result.end = point
         return
     served = False  # has a segment been kept yet (scanned, or rewritten by the repair)?

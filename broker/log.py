@@ -107,7 +107,7 @@ from pathlib import Path
 from typing import Final
 
 from . import faults
-from .recovery import base_of, durably, open_fd, recover_segment, segment_files
+from .recovery import base_of, durably, every_file_lost, open_fd, recover_segment, segment_files
 from .repair import drop_stale
 from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records, fsync_dir
 
@@ -201,8 +201,7 @@ class QueueLog:
                 base = 0
                 if point > 0:
                     if not repair:
-                        raise CorruptLogError(directory, None, f"no segment file is left, but records below {point} "
-                                              "had been stored (the recovery point says)")  # fmt: skip
+                        raise CorruptLogError(directory, None, every_file_lost(point))
                     logger.warning("%s: repair: no segment file, but records below %d had been stored: the log "
                                    "starts again at %d", directory, point, point)  # fmt: skip
                     base = point

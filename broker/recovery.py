@@ -20,7 +20,10 @@ from pathlib import Path
 from .repair import salvage
 from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, TornTail
 
-__all__ = ["base_of", "durably", "gap_before", "open_fd", "recover_segment", "scan_read_only", "segment_files"]
+__all__ = [
+    "base_of", "durably", "every_file_lost", "gap_before", "open_fd", "recover_segment", "scan_read_only",
+    "segment_files",
+]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -40,6 +43,7 @@ def durably(what: str) -> Iterator[None]:
 
 
 def open_fd(path: Path) -> int:
+    """A read/write descriptor of the segment file at ``path``, created if missing."""
     return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
 
 
@@ -51,6 +55,11 @@ def base_of(path: Path) -> int:
 def segment_files(directory: Path) -> list[Path]:
     """The segment files of the log in ``directory``, in offset order."""
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
+
+
+def every_file_lost(point: int) -> str:
+    """Why a log with a recovery point ``point`` but no segment file is damage."""
+    return f"no segment file is left, but records below {point} had been stored (the recovery point says)"
 
 
 def gap_before(path: Path, start: int) -> str | None:

@@ -155,10 +155,11 @@ class SalvagePlan:
         self.base = base
         self.limit = limit
         self.next = start  # the offset after the last one planned
-        self.ts = floor_ts  # the timestamp of the last record planned (0: none yet)
+        #: The timestamp of the last record planned, marker or not; before any,
+        #: the log's record before ``start`` (0: none). Markers take it, so
+        #: timestamps stay in order.
+        self.last_ts = floor_ts
         self.kept = self.lost = 0
-        #: The timestamp of the new file's last record, marker or not (0: it holds none).
-        self.last_ts = 0
         #: Markers up to the recovery point not planned: more than a segment could hold (the point is wrong).
         self.point_ignored = 0
 
@@ -175,8 +176,7 @@ class SalvagePlan:
                 yield mark
             yield Keep(offset, timestamp, pos, length)
             self.kept += 1
-            self.next, self.ts = offset + 1, timestamp
-            self.last_ts = timestamp
+            self.next, self.last_ts = offset + 1, timestamp
         try:
             mark = self._mark_to(self.fill_to if self.end is None else self.end, 0)
         except BeyondRepair as exc:
@@ -194,11 +194,10 @@ class SalvagePlan:
             return None
         if count > self.limit:
             raise BeyondRepair(count)
-        ts = self.ts or later_ts or int(time.time() * 1000)  # the record before's: timestamps stay in order
+        ts = self.last_ts or later_ts or int(time.time() * 1000)
         mark = Mark(self.next, count, ts)
         self.lost += count
-        self.next = offset
-        self.last_ts = ts
+        self.next, self.last_ts = offset, ts
         return mark
 
 

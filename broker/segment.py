@@ -36,11 +36,13 @@ write or damage depends on what was synced:
 * in a sealed segment it is damage (sealed segments were fsynced whole);
 * in the last segment, if the recovery point or the sync claim of any valid
   record after it says the bad record had been fsynced, it is damage too;
-* otherwise the bad record was never fsynced: a power loss may drop, tear or
-  reorder such writes, so a hole there followed by intact records of the same
-  unsynced tail is a torn tail. It is truncated away with a warning naming the
-  file and position (R3); ``scan(cut=False)`` only reports it
-  (``tidings-broker --check``, which changes no file). Nothing confirmed under ``--fsync always`` is cut:
+* otherwise no fsync is known to have covered the bad record (a crash's
+  last fsyncs are recorded nowhere): it is taken for an unsynced write, which
+  a power loss may drop, tear or reorder, so a hole there followed by intact
+  records of the same unsynced tail is a torn tail. It is truncated away with
+  a warning naming the file and position (R3); ``scan(cut=False)`` only
+  reports it (``tidings-broker --check``, which changes no file). Nothing
+  confirmed under ``--fsync always`` is cut:
   a confirm follows an fsync, and the first record written after that fsync
   claims it.
 

@@ -61,7 +61,7 @@ from .queue import Queue, QueueUnavailable
 from .retention import enforce_retention
 from .router import Group
 
-__all__ = ["DataDirInUse", "Store", "group_from_state"]
+__all__ = ["DataDirInUse", "Store", "group_from_state", "lock_holder"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,12 +169,11 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             try:  # a shared holder is a check (broker.check), which writes no pid
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 by = " (tidings-broker --check is reading it)"
             except BlockingIOError:
-                by = f" by another broker (pid {holder})" if holder.isdigit() else " by another broker"
+                by = f" by another broker{lock_holder(fd)}"
             os.close(fd)
             raise DataDirInUse(f"data directory {self.root} is in use{by}") from None
         except BaseException:
@@ -672,6 +671,12 @@ def _save_all(work: list[tuple[CursorStore, str, str, CursorState]]) -> list[tup
             logger.warning("cannot save cursor %s/%s (will retry): %s", queue, name, exc)
             failed.append((queue, name))
     return failed
+
+
+def lock_holder(fd: int) -> str:
+    """`` (pid N)``: the broker that wrote its pid in the ``LOCK`` open as ``fd``, or "" if none did."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return f" (pid {holder})" if holder.isdigit() else ""
 
 
 class DataDirInUse(OSError):
