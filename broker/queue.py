@@ -53,6 +53,7 @@ from protocol.wire import BATCH_OVERHEAD, BATCH_RECORD_OVERHEAD, record_headers_
 
 from .log import CorruptLogError, QueueLog
 from .router import Consumer, Group
+from .segment import for_clients
 
 if TYPE_CHECKING:
     import asyncio
@@ -409,7 +410,7 @@ class Queue:
                 break
             except CorruptLogError as exc:
                 if self.damage is None or self.damage[0] != o:
-                    self.damage = (o, str(exc))
+                    self.damage = (o, for_clients(exc, self.log.directory.parent))
                     logger.error("queue %s: record %d is damaged (%s); readers stop before it. Move each durable "
                                  "past it (tidings seek %s --durable NAME --to %d); a restart refuses the queue "
                                  "(--repair would put a tidings.lost record in its place)",

@@ -85,7 +85,8 @@ from typing import Final
 from protocol.wording import many
 
 __all__ = [
-    "HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "TornTail", "check_any", "encode_records", "fsync_dir",
+    "HEADER_SIZE", "MAGIC", "CorruptLogError", "Segment", "TornTail", "check_any", "encode_records", "for_clients",
+    "fsync_dir",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,13 @@ _crc32 = zlib.crc32
 class LogFailedError(OSError):
     """An fsync (or a write that recovery must make durable) failed: nothing
     written since the last good sync can be trusted, so the log is not used again."""
+
+
+def for_clients(exc: BaseException, queues_dir: Path) -> str:
+    """``exc``'s message as clients are told it: file paths relative to the
+    queues directory (``DB/00000000000000000000.log``). Where the data lives
+    is the operator's business: the broker's log names the full path."""
+    return str(exc).replace(f"{queues_dir}{os.sep}", "")
 
 
 class CorruptLogError(Exception):

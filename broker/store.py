@@ -60,6 +60,7 @@ from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue, QueueUnavailable
 from .retention import enforce_retention
 from .router import Group
+from .segment import for_clients
 
 __all__ = ["DataDirInUse", "Store", "group_from_state", "lock_holder"]
 
@@ -220,19 +221,18 @@ class Store:
         """
         self._failed_at.pop(name, None)
         if isinstance(exc, LogFailedError):
-            self.failed[name] = f"{exc} (not served until a restart)"
+            hint = " (not served until a restart)"
             self._failed_code[name] = ErrorCode.STORAGE_FAILED
         elif isinstance(exc, OSError):
-            self.failed[name] = f"{exc} (an I/O error: loaded again when next used)"
+            hint = " (an I/O error: loaded again when next used)"
             self._failed_code[name] = ErrorCode.STORAGE_FAILED
             self._failed_at[name] = time.monotonic()
         else:
             hint = "" if self.config.repair else " (tidings-broker --check says what --repair would do)"
-            self.failed[name] = f"{exc}{hint}"
             self._failed_code[name] = ErrorCode.QUEUE_CORRUPT
-        logger.log(
-            logging.WARNING if again else logging.ERROR, "queue %s cannot be served: %s", name, self.failed[name]
-        )
+        # Clients (ERR frames, STATUS) are told the paths below the queues directory; the log has them whole.
+        self.failed[name] = for_clients(exc, self.queues_dir) + hint
+        logger.log(logging.WARNING if again else logging.ERROR, "queue %s cannot be served: %s%s", name, exc, hint)
 
     def _reload(self, name: str) -> Queue:
         """Load a queue that failed with an I/O error (see :meth:`_load_failed`), if due.

@@ -69,6 +69,9 @@ async def _pull_up_to_the_damage(tmp_path: Path, client: Client) -> None:
         await client.fetch("Q", durable="d", max_messages=3)
     assert err.value.code == ErrorCode.QUEUE_CORRUPT
     assert f"record {DAMAGED}" in str(err.value)
+    # Clients learn the file, not where the broker keeps its data.
+    assert f"Q/{0:020d}.log: corrupt record at byte" in str(err.value)
+    assert str(tmp_path) not in str(err.value)
     with pytest.raises(ServerError) as err:  # a plain read stops at the same place
         await client.fetch("Q", max_messages=100, start=DAMAGED)
     assert err.value.code == ErrorCode.QUEUE_CORRUPT
@@ -78,6 +81,7 @@ async def _pull_up_to_the_damage(tmp_path: Path, client: Client) -> None:
     status = await client.status()
     queues = {q["name"]: q for q in status["queues"]}
     assert queues["Q"]["damaged"]["offset"] == DAMAGED
+    assert str(tmp_path) not in queues["Q"]["damaged"]["error"]
     assert queues["OTHER"]["damaged"] is None
     assert [m.payload for m in await client.fetch("OTHER", max_messages=1)] == [b"fine"]
     await client.publish("Q", "E", b"later")  # publishing goes on
@@ -121,6 +125,9 @@ async def test_a_queue_refused_at_start_up_can_be_deleted_and_used_anew(tmp_path
         with pytest.raises(ServerError) as info:
             await c.publish("Q", "E", 1)
         assert info.value.code == ErrorCode.QUEUE_CORRUPT
+        assert f"Q/{0:020d}.log: corrupt record at byte" in str(info.value)
+        assert str(tmp_path) not in str(info.value)
+        assert all(str(tmp_path) not in q.get("error", "") for q in (await c.status())["queues"])
         await c.delete_queue("Q")
         assert not (tmp_path / "queues" / "Q").exists() and not broker.store.failed
         assert await c.publish("Q", "E", "new") == 0
