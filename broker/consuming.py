@@ -39,6 +39,7 @@ from .cursors import Cursor
 from .publishing import Publishing
 from .queue import FetchWaiter, Queue
 from .router import AckError, Consumer, Group, dead_letter_queue
+from .segment import for_clients
 
 if TYPE_CHECKING:
     from .users import User
@@ -350,7 +351,8 @@ class Consuming(Publishing):
             await done
         except OSError as exc:
             logger.error("conn %d: deleting %s failed: %s", self.conn_id, ev.queue, exc)
-            self.reply_error(ev.req, ErrorCode.STORAGE_FAILED, f"cannot delete: {exc}")
+            why = for_clients(exc, self.broker.store.queues_dir)
+            self.reply_error(ev.req, ErrorCode.STORAGE_FAILED, f"cannot delete: {why}")
             return
         logger.info("conn %d: deleted %s%s", self.conn_id, ev.queue, f"/{ev.durable}" if ev.durable else "")
         self.send_later(Ok(ev.req))

@@ -276,9 +276,8 @@ class Publishing:
         try:
             dup = queue.find_sequence(self.producer, req, oldest_ms)
         except OSError as exc:  # (EIO) cannot tell whether it is stored: refuse it rather than store it twice
-            self.reply_error(
-                req, ErrorCode.STORAGE_FAILED, f"cannot look for a resent publish in {queue.name!r}: {exc}"
-            )
+            why = f"cannot look for a resent publish in {queue.name!r}: {exc.strerror or exc}"
+            self.reply_error(req, ErrorCode.STORAGE_FAILED, why)
             return True
         if dup is None:
             return False
