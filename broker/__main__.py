@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_at_least(float, 0),
         default=BrokerConfig().auth_failure_delay,
         metavar="SECONDS",
-        help="with TIDINGS_TOKEN or --users: after 3 wrong tokens from one address within a minute, answer each further one "
-        "after this delay, doubling up to 2 s; 0 = at once (default: %(default)s)",
+        help="with TIDINGS_TOKEN or --users: after 3 wrong tokens from one address within a minute, delay the answer to the "
+        "4th and each later one by this, doubling up to 2 s; 0 = at once (default: %(default)s)",
     )
     p.add_argument(
         "--tls-cert",

@@ -129,7 +129,7 @@ class AuthFailures:
             return 0.0
         if record.failures == AUTH_FREE_FAILURES + 1:
             logger.warning(
-                "%s: %d wrong tokens within a minute: answering each further one more slowly",
+                "%s: %d wrong tokens within a minute: answering this one and each later one more slowly",
                 record.name, record.failures,
             )  # fmt: skip
         return float(min(AUTH_FAILURE_MAX_DELAY, self._delay * 2 ** (record.failures - AUTH_FREE_FAILURES - 1)))

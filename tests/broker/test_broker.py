@@ -403,7 +403,7 @@ async def test_repeated_wrong_tokens_from_one_address_are_answered_ever_more_slo
             await guessing
         await assert_broker_healthy(broker, token="s3cret")
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "wrong tokens" in r.getMessage()]
-    assert warned == ["127.0.0.1: 4 wrong tokens within a minute: answering each further one more slowly"]
+    assert warned == ["127.0.0.1: 4 wrong tokens within a minute: answering this one and each later one more slowly"]
 
 
 async def test_silent_peers_are_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
