@@ -19,7 +19,15 @@ from pathlib import Path
 from protocol import ConfigError, Limits
 from protocol.wording import many
 
-from .check import EXIT_CANNOT_CHECK, EXIT_DAMAGED, EXIT_OK, QueueCheck, check_queue, locked_for_check
+from .check import (
+    EXIT_CANNOT_CHECK,
+    EXIT_DAMAGED,
+    EXIT_OK,
+    QueueCheck,
+    check_queue,
+    locked_for_check,
+    segment_size_note,
+)
 from .config import (
     DEFAULT_DATA_DIR,
     DEFAULT_PORT,
@@ -88,8 +96,12 @@ data directory used by another broker), 2 usage error, 3 storage failure.
 durable cursors as a start would, changing no file, and prints a line per
 queue: ok; a torn tail a start would cut; or the damage that makes a start
 refuse it, with what --repair would keep and mark lost; then each durable's
-cursor (ok, damaged, past the log's end). Give it the broker's
---segment-bytes if not the default. It needs the broker stopped.
+cursor (ok, damaged, past the log's end). It needs the broker stopped.
+Give it the broker's own options (its command line with --check added):
+the verdicts are those of a start with the options given, --segment-bytes
+bounding what --repair may mark lost; options a start would refuse (a bad
+--config file) are a usage error. When a segment file shows that a broker
+with a larger --segment-bytes wrote it, a note says so.
 exit codes of --check: 0 every queue would be served (torn tails included: a
 start cuts them; a damaged cursor too: a start uses an older copy), 1 some
 queue is damaged (a start refuses it), 2 usage error, 3 could not check (a
@@ -407,13 +419,17 @@ class _Lines:
                     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (what the interpreter flushes at exit)
 
 
-def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
+def check_data_dir(config: BrokerConfig) -> int:
     """``--check``: print each queue's state (see :mod:`broker.check`) and a summary.
+
+    Args:
+        config: what a start with the same options would run with (its
+            ``segment_bytes`` bounds what ``--repair`` may mark lost).
 
     Returns:
         The exit code: ``EXIT_OK``, ``EXIT_DAMAGED`` or ``EXIT_CANNOT_CHECK``.
     """
-    root = data_dir.resolve()
+    root = config.data_dir.resolve()
     checks: list[QueueCheck] = []
     out = _Lines()
     try:
@@ -423,12 +439,15 @@ def check_data_dir(data_dir: Path, *, segment_bytes: int) -> int:
                 if path.name.startswith(TRASH_PREFIX):
                     out.print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
                     continue
-                check = check_queue(path, segment_bytes=segment_bytes)
+                check = check_queue(path, segment_bytes=config.segment_bytes)
                 out.print("\n".join(check.lines()))
                 checks.append(check)
     except OSError as exc:
         print(f"tidings-broker: cannot check: {exc}", file=sys.stderr)
         return EXIT_CANNOT_CHECK
+    note = segment_size_note(checks, config.segment_bytes)
+    if note is not None:
+        out.print(note)
     damaged = sum(c.damaged for c in checks)
     unreadable = sum(c.unreadable is not None for c in checks)
     verdict = [f"{damaged} damaged (a start refuses {'it' if damaged == 1 else 'them'})"] if damaged else []
@@ -450,13 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.check:
-        return check_data_dir(args.data_dir, segment_bytes=args.segment_bytes)
     try:
         config = config_from_args(args)
     except (ConfigError, ValueError) as exc:
+        if args.check:  # (exit 1 would say "damaged"): the options are wrong, as for a value out of range
+            parser.error(f"a start with these options would fail, so --check cannot say what it would do: {exc}")
         print(f"tidings-broker: {exc}", file=sys.stderr)
         return 1
+    if args.check:
+        return check_data_dir(config)
     if config.token is not None:
         logging.getLogger("broker").info("clients must present the token set in TIDINGS_TOKEN")
     if config.token is None and config.users_file is None and config.host not in ("127.0.0.1", "localhost", "::1"):

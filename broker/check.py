@@ -28,6 +28,18 @@ Each segment is read once by the scan (as at a start: a sparse index,
 ``READ_CHUNK`` at a time); only a damaged one is read again, mapped, by the
 planning.
 
+The options
+-----------
+``--check`` takes the broker's own options and builds the configuration a
+start would (``--config`` read by the broker's loader): options a start
+would refuse are a usage error. Of them only ``--segment-bytes`` changes a
+verdict (it bounds how many offsets ``--repair`` may mark lost: see
+:func:`broker.repair.plan_salvage`), and it is the one most easily left
+out, so a segment file that shows an append begun past the size given
+(:func:`appended_after`) earns a note that names it
+(:func:`segment_size_note`). The check still uses the size given: its
+verdicts are those of a start with the same options.
+
 The lock
 --------
 A broker holds ``LOCK`` (an exclusive ``flock``) while it runs, and cuts,
@@ -62,11 +74,12 @@ from .cursors import CursorFiles, CursorStore
 from .log import CorruptLogError, read_point
 from .recovery import base_of, every_file_lost, gap_before, scan_read_only, segment_files
 from .repair import BeyondRepair, plan_salvage
-from .segment import TornTail
+from .segment import Segment, TornTail
 from .store import LOCK_FILE, DataDirInUse, lock_holder
 
 __all__ = [
-    "EXIT_CANNOT_CHECK", "EXIT_DAMAGED", "EXIT_OK", "DurableCheck", "QueueCheck", "check_queue", "locked_for_check",
+    "EXIT_CANNOT_CHECK", "EXIT_DAMAGED", "EXIT_OK", "DurableCheck", "QueueCheck", "appended_after", "check_queue",
+    "locked_for_check", "segment_size_note",
 ]  # fmt: skip
 
 EXIT_OK: Final = 0
@@ -125,6 +138,9 @@ class QueueCheck:
     #: Why its files could not be read, or None.
     unreadable: str | None = None
     durables: list[DurableCheck] = field(default_factory=list)
+    #: The latest byte of one of its segment files after which an append began,
+    #: and the file (see :func:`segment_size_note`), or None.
+    appended_past: tuple[int, str] | None = None
 
     @property
     def damaged(self) -> bool:
@@ -194,7 +210,7 @@ def check_queue(directory: Path, *, segment_bytes: int) -> QueueCheck:
 
     Args:
         directory: the queue's directory.
-        segment_bytes: the broker's ``--segment-bytes`` (bounds what ``--repair`` would mark lost).
+        segment_bytes: the ``--segment-bytes`` of the start it answers for (bounds what ``--repair`` would mark lost).
     """
     result = QueueCheck(directory.name)
     try:
@@ -236,6 +252,9 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
                 result.damage.append(f"{path.name} byte {exc.position}: {exc.reason}")
             else:
                 result.torn = result.torn or torn
+                past = appended_after(segment)
+                if past >= 0 and (result.appended_past is None or past > result.appended_past[0]):
+                    result.appended_past = (past, path.name)
                 if not served:
                     result.first = segment.base
                 served, end, floor_ts = True, segment.next_offset, segment.last_ts
@@ -252,3 +271,44 @@ def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:
             result.first = start
         served, end, floor_ts = True, plan.next, plan.last_ts
     result.end = end
+
+
+def appended_after(segment: Segment) -> int:
+    """The latest byte of ``segment``'s file after which an append began, as its index tells (-1: it cannot).
+
+    An append writes its records with one timestamp, and timestamps never
+    go down in a log; so an indexed record older than the file's last one
+    was written by an earlier append than the last, which began after it.
+    A broker rolls a segment before an append once its records reach
+    ``--segment-bytes``, so the broker that made that append ran with more
+    than this many bytes. (One append of several records past the size is
+    no sign: it shares one timestamp. Nor are records written in the same
+    millisecond, or a rewrite by ``--repair``, told apart: the answer is a
+    lower bound, for a note, not for a verdict.)
+    """
+    last = segment.last_ts
+    for position, ts in zip(reversed(segment.positions), reversed(segment.timestamps), strict=True):
+        if ts < last:
+            return position
+    return -1
+
+
+def segment_size_note(checks: list[QueueCheck], segment_bytes: int) -> str | None:
+    """A note when a segment file shows that its broker ran with a larger ``--segment-bytes`` than the check's.
+
+    The check's verdicts are those of a start with the options it was given;
+    the segment size is the one that changes them (it bounds how many
+    offsets ``--repair`` may mark lost), and the one most easily left out.
+    """
+    found = [(check.appended_past, check.name) for check in checks if check.appended_past is not None]
+    if not found:
+        return None
+    (past, file), queue = max(found)
+    if past < segment_bytes:
+        return None
+    return (
+        f"note: {queue}/{file} was appended to after byte {past}: the broker that wrote it ran with a "
+        f"--segment-bytes above {past}, not {segment_bytes} as given here; give --check the broker's own options "
+        f"(the segment size bounds how many offsets --repair may mark lost, so a verdict above may differ from "
+        f"its start's)"
+    )

@@ -32,10 +32,14 @@ SIZE = 20
 REC = HEADER_SIZE + SIZE  # 50 bytes: 82 records to a 4096-byte segment
 
 
-def _fill(queue: Path, n: int) -> None:
-    log = QueueLog.open(queue, segment_bytes=SEG)
+def _body(i: int) -> bytes:
+    return f"{i:08d}".encode().ljust(SIZE, b"x")
+
+
+def _fill(queue: Path, n: int, segment_bytes: int = SEG) -> None:
+    log = QueueLog.open(queue, segment_bytes=segment_bytes)
     for i in range(n):
-        log.append([f"{i:08d}".encode().ljust(SIZE, b"x")], 1000 + i)
+        log.append([_body(i)], 1000 + i)
     log.sync()
     log.close()
 
@@ -96,9 +100,9 @@ def _repair_counts(line: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _repaired_counts(queue: Path) -> tuple[int, int]:
+def _repaired_counts(queue: Path, segment_bytes: int = SEG) -> tuple[int, int]:
     """Repair the queue for real (as ``--repair`` does at start-up): (intact records, lost markers) it then holds."""
-    log = QueueLog.open(queue, segment_bytes=SEG, repair=True)
+    log = QueueLog.open(queue, segment_bytes=segment_bytes, repair=True)
     try:
         bodies: list[bytes] = []
         while len(bodies) < log.next_offset - log.first_offset:
@@ -353,3 +357,59 @@ def test_a_closed_pipe_does_not_change_the_verdict(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == EXIT_DAMAGED, result
     assert (result.stdout, result.stderr) == ("", ""), result
+
+
+def test_the_segment_size_is_the_brokers_and_a_larger_one_on_disk_is_noted(tmp_path: Path) -> None:
+    """The segment size bounds what --repair may mark lost, so the verdict is that of a start with the same
+    --segment-bytes; files a broker with a larger one wrote are a sign it was left out, and the check says so."""
+    big = 2 * SEG  # 164 records to a file: 0, 164, 328, 492, 656 (44 records)
+    root = _data_dir(tmp_path)
+    queue = root / "queues" / "audit"
+    _fill(queue, 700, segment_bytes=big)
+    for lost in _segments(queue)[2:4]:  # offsets 328 to 655: more than a 4096-byte segment can hold, not 8192
+        lost.unlink()
+    forgotten = _check(root)  # --segment-bytes 4096
+    assert forgotten.returncode == EXIT_DAMAGED, forgotten
+    assert "--repair cannot repair it either" in _line(forgotten, "audit")
+    assert forgotten.stdout.splitlines()[-2] == (
+        "note: audit/00000000000000000000.log was appended to after byte 8000: the broker that wrote it ran with a "
+        "--segment-bytes above 8000, not 4096 as given here; give --check the broker's own options (the segment "
+        "size bounds how many offsets --repair may mark lost, so a verdict above may differ from its start's)"
+    ), forgotten.stdout
+    given = _check(root, "--segment-bytes", str(big))
+    assert given.returncode == EXIT_DAMAGED, given
+    assert _repair_counts(_line(given, "audit")) == (372, 328) == _repaired_counts(queue, segment_bytes=big)
+    assert not any(line.startswith("note:") for line in given.stdout.splitlines()), given.stdout
+
+
+def test_no_note_for_files_rolled_at_the_size_given(tmp_path: Path) -> None:
+    """A segment file passes --segment-bytes by the last append before its roll, by up to a whole batch
+    (here 100 records in one append: 5,000 bytes): no sign of another size, so no note."""
+    root = _data_dir(tmp_path)
+    log = QueueLog.open(root / "queues" / "jobs", segment_bytes=SEG)
+    log.append([_body(i) for i in range(100)], 1000)
+    log.append([_body(100)], 1001)  # rolls: the first file is sealed at 5,000 bytes
+    log.sync()
+    log.close()
+    assert [p.stat().st_size for p in _segments(root / "queues" / "jobs")] == [100 * REC, REC]
+    result = _check(root)
+    assert result.returncode == EXIT_OK and result.stdout.splitlines() == [
+        "jobs: ok, 101 records, offsets 0 to 100",
+        f"{root}: 1 queue checked: a start would serve every one",
+    ], result.stdout
+
+
+def test_the_brokers_config_file_is_read_as_a_start_reads_it(tmp_path: Path) -> None:
+    """--check takes the broker's options, --config included: a file a start would refuse is a usage error
+    (exit 2: a start with these options would not serve anything), one it takes is checked with."""
+    root = _data_dir(tmp_path, orders=3)
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[queues.orders]\nretention_bytes = 1_000_000\n")
+    bad.write_text("[queues.orders]\nretention_byte = 1_000_000\n")
+    assert _check(root, "--config", str(good)).returncode == EXIT_OK
+    refused = _check(root, "--config", str(bad))
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert (
+        f"a start with these options would fail, so --check cannot say what it would do: config file {bad}, "
+        "[queues.orders]: unknown key 'retention_byte'" in refused.stderr
+    ), refused.stderr
