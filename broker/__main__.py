@@ -96,7 +96,10 @@ data directory used by another broker), 2 usage error, 3 storage failure.
 durable cursors as a start would, changing no file, and prints a line per
 queue: ok; a torn tail a start would cut; or the damage that makes a start
 refuse it, with what --repair would keep and mark lost; then each durable's
-cursor (ok, damaged, past the log's end). It needs the broker stopped.
+cursor (ok, damaged, past the log's end); and, in parentheses, each file a
+start removes or ignores (an interrupted DELETE's or --repair's leftovers, a
+cursor save a crash cut short, a damaged recovery point, files tidings does
+not use). It needs the broker stopped.
 Give it the broker's own options (its command line with --check added):
 the verdicts are those of a start with the options given, --segment-bytes
 bounding what --repair may mark lost; options a start would refuse (a bad
@@ -435,9 +438,12 @@ def check_data_dir(config: BrokerConfig) -> int:
     try:
         with locked_for_check(root):
             queues = root / "queues"
-            for path in sorted(p for p in queues.iterdir() if p.is_dir()) if queues.is_dir() else []:
-                if path.name.startswith(TRASH_PREFIX):
+            for path in sorted(queues.iterdir()) if queues.is_dir() else []:
+                if path.name.startswith(TRASH_PREFIX):  # (tried first, as at a start)
                     out.print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
+                    continue
+                if not path.is_dir():
+                    out.print(f"({path.name}: not a queue's directory; a start ignores it)")
                     continue
                 check = check_queue(path, segment_bytes=config.segment_bytes)
                 out.print("\n".join(check.lines()))

@@ -22,7 +22,9 @@ own. The differences are what makes it a check:
   the counts printed are those a repair then makes;
 * the durable cursors are read as a start reads them
   (:meth:`broker.cursors.CursorStore.examine`), and compared with the end
-  of the log the start would serve.
+  of the log the start would serve;
+* what a start would remove or pass over in a queue's directory is named
+  with what it does to it (:func:`leftovers`), and left as it is.
 
 Each segment is read once by the scan (as at a start: a sparse index,
 ``READ_CHUNK`` at a time); only a damaged one is read again, mapped, by the
@@ -70,16 +72,16 @@ from typing import Final
 
 from protocol.wording import many
 
-from .cursors import CursorFiles, CursorStore
-from .log import CorruptLogError, read_point
-from .recovery import base_of, every_file_lost, gap_before, scan_read_only, segment_files
-from .repair import BeyondRepair, plan_salvage
-from .segment import Segment, TornTail
+from .cursors import DURABLES_DIR, CursorFiles, CursorStore, cursor_file
+from .log import POINT_FILE, CorruptLogError, decode_point, read_point
+from .recovery import base_of, every_file_lost, gap_before, is_segment_name, scan_read_only, segment_files
+from .repair import TEMP_SUFFIX, BeyondRepair, plan_salvage
+from .segment import SUFFIX, Segment, TornTail
 from .store import LOCK_FILE, DataDirInUse, lock_holder
 
 __all__ = [
     "EXIT_CANNOT_CHECK", "EXIT_DAMAGED", "EXIT_OK", "DurableCheck", "QueueCheck", "appended_after", "check_queue",
-    "locked_for_check", "segment_size_note",
+    "leftovers", "locked_for_check", "segment_size_note",
 ]  # fmt: skip
 
 EXIT_OK: Final = 0
@@ -141,6 +143,8 @@ class QueueCheck:
     #: The latest byte of one of its segment files after which an append began,
     #: and the file (see :func:`segment_size_note`), or None.
     appended_past: tuple[int, str] | None = None
+    #: What a start removes or ignores in its directory: "NAME: what it is; what a start does with it".
+    leftovers: list[str] = field(default_factory=list)
 
     @property
     def damaged(self) -> bool:
@@ -148,8 +152,9 @@ class QueueCheck:
         return bool(self.damage)
 
     def lines(self) -> list[str]:
-        """The queue's line, then one indented line per durable."""
-        return [f"{self.name}: {self._state()}"] + [f"  {d.describe()}" for d in self.durables]
+        """The queue's line, one indented line per durable, then one per file a start removes or ignores."""
+        lines = [f"{self.name}: {self._state()}"] + [f"  {d.describe()}" for d in self.durables]
+        return lines + [f"  ({leftover})" for leftover in self.leftovers]
 
     def _state(self) -> str:
         if self.unreadable is not None:
@@ -216,12 +221,65 @@ def check_queue(directory: Path, *, segment_bytes: int) -> QueueCheck:
     try:
         _check_log(directory, segment_bytes, result)
         if result.beyond is None:
-            cursors = CursorStore(directory / "durables")
+            cursors = CursorStore(directory / DURABLES_DIR)
             for name in sorted(cursors.names()):
                 result.durables.append(DurableCheck(name, cursors.examine(name), result.end))
+        result.leftovers = leftovers(directory, result.durables if result.beyond is None else None)
     except OSError as exc:
         result.unreadable = str(exc)
     return result
+
+
+def leftovers(directory: Path, durables: list[DurableCheck] | None) -> list[str]:
+    """What a start removes or passes over in a queue's directory, named with what it does (it reads only).
+
+    A start reads the segment files, the recovery point and the cursor
+    files in ``durables/``; a repair's temporary file is removed by a start
+    with ``--repair`` (:func:`broker.repair.drop_stale`) and left by one
+    without; a damaged recovery point is ignored; anything else is never
+    opened. A ``.cursor.tmp`` beside a whole ``.cursor`` is a save a crash
+    cut short: loads never reach it. (One a load does take, or finds
+    damaged on its way, is in the durable's own line.)
+
+    Args:
+        directory: the queue's directory.
+        durables: its durables as checked; None if they were not (``durables/`` is then not looked at).
+
+    Returns:
+        One entry per file, in name order: "NAME: what it is; what a start does with it".
+
+    Raises:
+        OSError: a directory or the recovery point cannot be read.
+    """
+    found: list[str] = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        if is_segment_name(name) or (name == DURABLES_DIR and path.is_dir()):
+            continue
+        if name == POINT_FILE:
+            if decode_point(path.read_bytes()) is None:
+                found.append(f"{name}: damaged; a start ignores it and trusts only the records' own sync claims")
+        elif name.endswith(SUFFIX + TEMP_SUFFIX):
+            found.append(
+                f"{name}: left by a --repair that a crash interrupted (the file it was rewriting is still in "
+                "place); a start with --repair removes it and repairs again, one without leaves it"
+            )
+        else:
+            found.append(f"{name}: not a file of the log; a start ignores it")
+    cursors = directory / DURABLES_DIR
+    if durables is None or not cursors.is_dir():
+        return found
+    whole = {durable.name for durable in durables if durable.files.used == ".cursor"}
+    for path in sorted(cursors.iterdir()):
+        split = cursor_file(path.name)
+        if split is None:
+            found.append(f"{DURABLES_DIR}/{path.name}: not a cursor file; a start ignores it")
+        elif split[1] == ".cursor.tmp" and split[0] in whole:
+            found.append(
+                f"{DURABLES_DIR}/{path.name}: left by a cursor save that a crash interrupted; a start ignores it "
+                f"({split[0]}.cursor is whole), and the durable's next save replaces it"
+            )
+    return found
 
 
 def _check_log(directory: Path, segment_bytes: int, result: QueueCheck) -> None:

@@ -29,13 +29,15 @@ import msgpack
 from . import faults
 from .log import fsync_dir
 
-__all__ = ["Cursor", "CursorFiles", "CursorState", "CursorStore"]
+__all__ = ["DURABLES_DIR", "Cursor", "CursorFiles", "CursorState", "CursorStore", "cursor_file"]
 
 logger = logging.getLogger(__name__)
 
 VERSION: Final = 1
 _CRC: Final = struct.Struct(">I")
 _SUFFIXES: Final = (".cursor", ".cursor.tmp", ".cursor.prev")
+#: The folder of a queue's directory that holds its durables' cursor files.
+DURABLES_DIR: Final = "durables"
 
 
 class Cursor:
@@ -105,6 +107,15 @@ class CursorFiles:
     damaged: tuple[str, ...] = ()
 
 
+def cursor_file(name: str) -> tuple[str, str] | None:
+    """``(durable, suffix)`` if ``name`` is a copy of a durable's cursor (``.cursor``, ``.cursor.tmp``,
+    ``.cursor.prev``), else None: a file a load never reads."""
+    for suffix in _SUFFIXES:  # ".cursor" first: a name never ends in ".tmp" by accident
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
 def encode_state(state: CursorState) -> bytes:
     """The file contents for ``state``."""
     body: bytes = msgpack.packb([VERSION, state.ack_floor, sorted(state.acked), state.meta], use_bin_type=True)
@@ -151,13 +162,7 @@ class CursorStore:
         """Every durable with at least one cursor file."""
         if not self.directory.is_dir():
             return set()
-        found = set()
-        for path in self.directory.iterdir():
-            for suffix in _SUFFIXES:  # ".cursor" first: a name never ends in ".tmp" by accident
-                if path.name.endswith(suffix) and len(path.name) > len(suffix):
-                    found.add(path.name[: -len(suffix)])
-                    break
-        return found
+        return {split[0] for path in self.directory.iterdir() if (split := cursor_file(path.name)) is not None}
 
     def load(self, name: str) -> CursorState:
         """The newest whole copy of ``name``'s cursor (offset 0 if none is whole)."""

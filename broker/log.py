@@ -112,7 +112,8 @@ from .repair import drop_stale
 from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, encode_records, fsync_dir
 
 __all__ = [
-    "POINT_FILE", "CorruptLogError", "LogFailedError", "QueueLog", "Segment", "fsync_dir", "read_point", "write_point",
+    "POINT_FILE", "CorruptLogError", "LogFailedError", "QueueLog", "Segment", "decode_point", "fsync_dir", "read_point",
+    "write_point",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -548,12 +549,20 @@ def read_point(directory: Path) -> int:
         data = path.read_bytes()
     except FileNotFoundError:
         return 0
+    offset = decode_point(data)
+    if offset is None:
+        logger.warning("%s: not a valid recovery point, ignored (recovery will trust only the records)", path)
+        return 0
+    return offset
+
+
+def decode_point(data: bytes) -> int | None:
+    """The offset a recovery point file's bytes hold, or None if they are not a whole one."""
     if len(data) == _POINT.size + _CRC.size and _CRC.unpack_from(data, _POINT.size)[0] == _crc32(data[: _POINT.size]):
         tag, offset = _POINT.unpack_from(data)
         if tag == _POINT_TAG:
             return int(offset)
-    logger.warning("%s: not a valid recovery point, ignored (recovery will trust only the records)", path)
-    return 0
+    return None
 
 
 def write_point(directory: Path, offset: int) -> None:

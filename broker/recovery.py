@@ -21,8 +21,8 @@ from .repair import salvage
 from .segment import SUFFIX, CorruptLogError, LogFailedError, Segment, TornTail
 
 __all__ = [
-    "base_of", "durably", "every_file_lost", "gap_before", "open_fd", "recover_segment", "scan_read_only",
-    "segment_files",
+    "base_of", "durably", "every_file_lost", "gap_before", "is_segment_name", "open_fd", "recover_segment",
+    "scan_read_only", "segment_files",
 ]  # fmt: skip
 
 
@@ -54,7 +54,12 @@ def base_of(path: Path) -> int:
 
 def segment_files(directory: Path) -> list[Path]:
     """The segment files of the log in ``directory``, in offset order."""
-    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[:-4].isdigit())
+    return sorted(p for p in directory.iterdir() if is_segment_name(p.name))
+
+
+def is_segment_name(name: str) -> bool:
+    """Is ``name`` a segment file's (digits, then ``.log``)? Any other file a start leaves alone."""
+    return name.endswith(SUFFIX) and name[: -len(SUFFIX)].isdigit()
 
 
 def every_file_lost(point: int) -> str:

@@ -54,7 +54,7 @@ from protocol import ErrorCode, check_pattern, check_queue
 from protocol.wording import many
 
 from .config import RECORD_ROOM, BrokerConfig, FsyncPolicy
-from .cursors import Cursor, CursorState, CursorStore
+from .cursors import DURABLES_DIR, Cursor, CursorState, CursorStore
 from .deadletter import dead_letter
 from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue, QueueUnavailable
@@ -268,7 +268,7 @@ class Store:
         queue = Queue(name, log)
         queue.on_dead = functools.partial(dead_letter, self)
         self._stamp_floor = max(self._stamp_floor, log.last_ts)
-        cursors = CursorStore(path / "durables")
+        cursors = CursorStore(path / DURABLES_DIR)
         try:
             if log.next_offset > log.first_offset:
                 queue.rebuild_dedup(self.config.dedup_window)

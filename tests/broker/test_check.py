@@ -413,3 +413,47 @@ def test_the_brokers_config_file_is_read_as_a_start_reads_it(tmp_path: Path) -> 
         f"a start with these options would fail, so --check cannot say what it would do: config file {bad}, "
         "[queues.orders]: unknown key 'retention_byte'" in refused.stderr
     ), refused.stderr
+
+
+def test_files_a_start_removes_or_ignores_are_named(tmp_path: Path) -> None:
+    """A repair's temporary file (a crash cut the repair short), a cursor save's (likewise), a damaged recovery
+    point and files tidings never wrote: each named with what a start does with it, none removed by the check;
+    then the start does what was announced."""
+    root = _data_dir(tmp_path, audit=300, orders=10)
+    audit, orders = root / "queues" / "audit", root / "queues" / "orders"
+    sealed = _segments(audit)[1]
+    _flip(sealed, 5 * REC + HEADER_SIZE + 3)
+    temp = audit / f"{sealed.name}.repair"
+    temp.write_bytes(sealed.read_bytes()[: 40 * REC])  # what the crash left of the rewrite
+    (audit / "notes.txt").write_text("restored from backup on Monday\n")
+    cursors = CursorStore(orders / "durables")
+    cursors.save("billing", CursorState(4))
+    (cursors.directory / "billing.cursor.tmp").write_bytes(b"\x94\x01\x06")  # the crash cut the save short
+    (cursors.directory / "README").write_text("hands off\n")
+    _flip(orders / POINT_FILE, 6)
+    (root / "queues" / "stray.tar").write_bytes(b"")
+    result = _check(root)
+    assert result.returncode == EXIT_DAMAGED, result
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("audit: DAMAGED, a start refuses it (QUEUE_CORRUPT): "), lines
+    assert lines[1:] == [
+        f"  ({sealed.name}.repair: left by a --repair that a crash interrupted (the file it was rewriting is still "
+        "in place); a start with --repair removes it and repairs again, one without leaves it)",
+        "  (notes.txt: not a file of the log; a start ignores it)",
+        "orders: ok, 10 records, offsets 0 to 9",
+        "  durable billing: ok, acked below 4",
+        "  (recovery-point: damaged; a start ignores it and trusts only the records' own sync claims)",
+        "  (durables/README: not a cursor file; a start ignores it)",
+        "  (durables/billing.cursor.tmp: left by a cursor save that a crash interrupted; a start ignores it "
+        "(billing.cursor is whole), and the durable's next save replaces it)",
+        "(stray.tar: not a queue's directory; a start ignores it)",
+        f"{root}: 2 queues checked: 1 damaged (a start refuses it)",
+    ], result.stdout
+    with pytest.raises(CorruptLogError):
+        QueueLog.open(audit, segment_bytes=SEG)
+    assert temp.exists()  # a start without --repair leaves it
+    assert _repaired_counts(audit) == (299, 1) and not temp.exists()
+    assert cursors.load("billing") == CursorState(4)
+    log = QueueLog.open(orders, segment_bytes=SEG)  # the recovery point ignored: the records tell
+    log.close()
+    assert log.next_offset == 10
