@@ -96,15 +96,18 @@ data directory used by another broker), 2 usage error, 3 storage failure.
 durable cursors as a start would, changing no file, and prints a line per
 queue: ok; a torn tail a start would cut; or the damage that makes a start
 refuse it, with what --repair would keep and mark lost; then each durable's
-cursor (ok, damaged, past the log's end); and, in parentheses, each file a
-start removes or ignores (an interrupted DELETE's or --repair's leftovers, a
-cursor save a crash cut short, a damaged recovery point, files tidings does
-not use). It needs the broker stopped.
-Give it the broker's own options (its command line with --check added):
-the verdicts are those of a start with the options given, --segment-bytes
-bounding what --repair may mark lost; options a start would refuse (a bad
---config file) are a usage error. When a segment file shows that a broker
-with a larger --segment-bytes wrote it, a note says so.
+cursor (ok, damaged, past the log's end) and the settings a start restores
+for it (event filter, ack wait, delivery limit and dead-letter queue, the
+messages it hands out again), saying when they are lost with the cursor file
+and the defaults (every event) hold until a consumer subscribes with its
+own; and, in parentheses, each file a start removes or ignores (an
+interrupted DELETE's or --repair's leftovers, a cursor save a crash cut
+short, a damaged recovery point, files tidings does not use). It needs the
+broker stopped. Give it the broker's own options (its command line with
+--check added): the verdicts are those of a start with the options given,
+--segment-bytes bounding what --repair may mark lost; options a start would
+refuse (a bad --config file) are a usage error. When a segment file shows
+that a broker with a larger --segment-bytes wrote it, a note says so.
 exit codes of --check: 0 every queue would be served (torn tails included: a
 start cuts them; a damaged cursor too: a start uses an older copy), 1 some
 queue is damaged (a start refuses it), 2 usage error, 3 could not check (a

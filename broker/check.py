@@ -22,7 +22,8 @@ own. The differences are what makes it a check:
   the counts printed are those a repair then makes;
 * the durable cursors are read as a start reads them
   (:meth:`broker.cursors.CursorStore.examine`), and compared with the end
-  of the log the start would serve;
+  of the log the start would serve; their settings are read by the
+  start's own reading (:func:`broker.durables.settings_of`);
 * what a start would remove or pass over in a queue's directory is named
   with what it does to it (:func:`leftovers`), and left as it is.
 
@@ -73,9 +74,11 @@ from typing import Final
 from protocol.wording import many
 
 from .cursors import DURABLES_DIR, CursorFiles, CursorStore, cursor_file
+from .durables import SETTINGS, DurableSettings, settings_of
 from .log import POINT_FILE, CorruptLogError, decode_point, read_point
 from .recovery import base_of, every_file_lost, gap_before, is_segment_name, scan_read_only, segment_files
 from .repair import TEMP_SUFFIX, BeyondRepair, plan_salvage
+from .router import dead_letter_queue
 from .segment import SUFFIX, Segment, TornTail
 from .store import LOCK_FILE, DataDirInUse, lock_holder
 
@@ -98,6 +101,49 @@ class DurableCheck:
     files: CursorFiles
     #: The end of the log the start would serve (the cursor is moved back to it if past it).
     log_end: int
+    #: The queue's name (its default dead-letter queue is named after it).
+    queue: str = ""
+    #: The first offset of the log the start would serve.
+    log_first: int = 0
+
+    def lines(self) -> list[str]:
+        """Its state (:meth:`describe`), then, indented, the settings a start restores for it (:meth:`settings`)."""
+        return [self.describe(), f"  {self.settings()}"]
+
+    def settings(self) -> str:
+        """One line: the settings a start restores (see :mod:`broker.durables`), and what it lost of them."""
+        used = self.files.used
+        settings = settings_of(self.files.state.meta)
+        if used is None or len(settings.defaulted) == len(SETTINGS):
+            return (
+                f"settings: {'lost with its cursor file' if used is None else 'none in its cursor file'}; a start "
+                f"restores the defaults ({_settings_text(DurableSettings(), self.queue)}) until a consumer "
+                "subscribes again with its own (a FETCH without events keeps every event)"
+            )
+        text = _settings_text(settings, self.queue)
+        again = self._redelivered(settings)
+        if again:
+            text += f"; {many(again, 'message')} handed out and not acked: a start hands them out again, redelivered"
+        if settings.defaulted:
+            text += (
+                f"; {', '.join(SETTINGS[key] for key in settings.defaulted)} not in its file (missing or not valid): "
+                "a start uses the default until a consumer subscribes with its own"
+            )
+        if settings.ignored:
+            text += f"; ignored by a start: {', '.join(settings.ignored)}"
+        if used != ".cursor":
+            return f"settings (as {self.name}{used} has them: a change after it is lost): {text}"
+        return f"settings: {text}"
+
+    def _redelivered(self, settings: DurableSettings) -> int:
+        """How many messages a start marks as handed out before and not acked (as ``group_from_state`` does)."""
+        state = self.files.state
+        floor = min(state.ack_floor, self.log_end)  # (a start moves a cursor past the end back to it)
+        start = max(floor, self.log_first)
+        upto = min(floor if settings.delivered is None else settings.delivered, self.log_end)
+        if upto <= start:
+            return 0
+        return upto - start - sum(start <= offset < upto for offset in state.acked)
 
     def describe(self) -> str:
         """One line: ok, damaged (and what a start does instead), or past the log's end."""
@@ -153,7 +199,7 @@ class QueueCheck:
 
     def lines(self) -> list[str]:
         """The queue's line, one indented line per durable, then one per file a start removes or ignores."""
-        lines = [f"{self.name}: {self._state()}"] + [f"  {d.describe()}" for d in self.durables]
+        lines = [f"{self.name}: {self._state()}"] + [f"  {line}" for d in self.durables for line in d.lines()]
         return lines + [f"  ({leftover})" for leftover in self.leftovers]
 
     def _state(self) -> str:
@@ -183,6 +229,18 @@ class QueueCheck:
         if self.end == self.first:
             return f"no records (next offset {self.end})"
         return f"{many(self.end - self.first, 'record')}, offsets {self.first} to {self.end - 1}"
+
+
+def _settings_text(settings: DurableSettings, queue: str) -> str:
+    """``events A, B; ack wait 30 s; at most 5 deliveries, then to Q``."""
+    events = ", ".join(settings.events) if settings.events else "*"
+    limit = (
+        f"at most {many(settings.max_deliveries, 'delivery', 'deliveries')}, then to "
+        f"{dead_letter_queue(queue, settings.dead_letter)}"
+        if settings.max_deliveries
+        else "no delivery limit" + (f" (dead letters to {settings.dead_letter})" if settings.dead_letter else "")
+    )
+    return f"events {events}; ack wait {settings.ack_wait:g} s; {limit}"
 
 
 @contextlib.contextmanager
@@ -223,7 +281,9 @@ def check_queue(directory: Path, *, segment_bytes: int) -> QueueCheck:
         if result.beyond is None:
             cursors = CursorStore(directory / DURABLES_DIR)
             for name in sorted(cursors.names()):
-                result.durables.append(DurableCheck(name, cursors.examine(name), result.end))
+                result.durables.append(
+                    DurableCheck(name, cursors.examine(name), result.end, directory.name, result.first)
+                )
         result.leftovers = leftovers(directory, result.durables if result.beyond is None else None)
     except OSError as exc:
         result.unreadable = str(exc)

@@ -50,12 +50,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from protocol import ErrorCode, check_pattern, check_queue
+from protocol import ErrorCode
 from protocol.wording import many
 
 from .config import RECORD_ROOM, BrokerConfig, FsyncPolicy
 from .cursors import DURABLES_DIR, Cursor, CursorState, CursorStore
 from .deadletter import dead_letter
+from .durables import settings_of
 from .log import LogFailedError, QueueLog, fsync_dir
 from .queue import Queue, QueueUnavailable
 from .retention import enforce_retention
@@ -620,11 +621,8 @@ class Store:
 
 
 def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
-    """Rebuild a durable group from its persisted cursor (start-up and tests)."""
-    meta = state.meta
-    events = meta.get("events")
-    if not isinstance(events, list) or not all(isinstance(e, str) and check_pattern(e) is None for e in events):
-        events = []
+    """Rebuild a durable group from its persisted cursor (start-up and tests; settings: :mod:`broker.durables`)."""
+    settings = settings_of(state.meta)
     end = queue.log.next_offset
     if state.ack_floor > end:
         # Acked past the log's end: records it had were lost since (never
@@ -639,26 +637,21 @@ def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:
     group = Group(
         queue.name,
         durable,
-        tuple(events),
+        settings.events,
         cursor,
         read_pos=max(cursor.ack_floor, queue.log.first_offset),
-        ack_wait=_number(meta.get("ack_wait"), 30.0),
-        max_deliveries=int(_number(meta.get("max_deliveries"), 0)),
-        dead_letter=dead if isinstance(dead := meta.get("dead_letter"), str) and check_queue(dead) is None else None,
+        ack_wait=settings.ack_wait,
+        max_deliveries=settings.max_deliveries,
+        dead_letter=settings.dead_letter,
     )
     group.dirty = cursor.ack_floor != state.ack_floor or len(cursor.acked) != len(state.acked)
     # Offsets handed out before the restart but never acked: mark them so
     # the next hand-out says "redelivered" (deliveries >= 2).
-    delivered = int(_number(meta.get("delivered"), cursor.ack_floor))
+    delivered = cursor.ack_floor if settings.delivered is None else settings.delivered
     for offset in range(group.read_pos, min(delivered, queue.log.next_offset)):
         if not cursor.is_acked(offset):
             group.deliveries[offset] = 1
     return group
-
-
-def _number(value: object, default: float) -> float:
-    """A number from a cursor file's metadata, or ``default`` if it is not one."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else default
 
 
 def _save_all(work: list[tuple[CursorStore, str, str, CursorState]]) -> list[tuple[str, str]]:

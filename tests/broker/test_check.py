@@ -15,16 +15,21 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
 
+from broker import BrokerConfig
 from broker.check import EXIT_CANNOT_CHECK, EXIT_DAMAGED, EXIT_OK
-from broker.cursors import CursorState, CursorStore
+from broker.cursors import Cursor, CursorState, CursorStore
 from broker.log import POINT_FILE, CorruptLogError, QueueLog
+from broker.router import Group
 from broker.segment import HEADER_SIZE
+from broker.store import Store
+from client import Message, Subscription
 from protocol import LOST_EVENT
-from tests.helpers import broker_process
+from tests.helpers import broker_process, connected, running_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 SEG = 4096
@@ -42,6 +47,20 @@ def _fill(queue: Path, n: int, segment_bytes: int = SEG) -> None:
         log.append([_body(i)], 1000 + i)
     log.sync()
     log.close()
+
+
+def _saved(
+    cursors: CursorStore,
+    name: str,
+    floor: int,
+    acked: Iterable[int] = (),
+    *,
+    events: Iterable[str] = (),
+    delivered: int = 0,
+) -> None:
+    """Save a durable's cursor as a broker does, its settings included (``Store.state_of``)."""
+    group = Group(cursors.directory.parent.name, name, events, Cursor(floor, set(acked)), max(floor, delivered))
+    cursors.save(name, Store.state_of(group))
 
 
 def _data_dir(tmp_path: Path, **queues: int) -> Path:
@@ -116,13 +135,16 @@ def _repaired_counts(queue: Path, segment_bytes: int = SEG) -> tuple[int, int]:
 
 def test_a_clean_data_dir_is_ok(tmp_path: Path) -> None:
     root = _data_dir(tmp_path, orders=300, empty=0)
-    CursorStore(root / "queues" / "orders" / "durables").save("billing", CursorState(120, frozenset({125})))
+    cursors = CursorStore(root / "queues" / "orders" / "durables")
+    _saved(cursors, "billing", 120, {125}, events=("CREATE", "UPDATE"), delivered=130)
     result = _check(root)
     assert result.returncode == EXIT_OK, result
     assert result.stdout.splitlines() == [
         "empty: ok, no records (next offset 0)",
         "orders: ok, 300 records, offsets 0 to 299",
         "  durable billing: ok, acked below 120 (and 1 above)",
+        "    settings: events CREATE, UPDATE; ack wait 30 s; no delivery limit; 9 messages handed out and not acked: "
+        "a start hands them out again, redelivered",
         f"{root}: 2 queues checked: a start would serve every one",
     ], result.stdout
 
@@ -220,23 +242,29 @@ def test_damaged_cursors(tmp_path: Path) -> None:
     root = _data_dir(tmp_path, orders=100)
     cursors = CursorStore(root / "queues" / "orders" / "durables")
     for name in ("fallback", "lost"):
-        cursors.save(name, CursorState(40))
-        cursors.save(name, CursorState(60))  # the first is now fallback.cursor.prev
+        _saved(cursors, name, 40, events=("CREATE",))
+        _saved(cursors, name, 60, events=("CREATE", "DELETE"))  # the first is now NAME.cursor.prev
     _flip(cursors.directory / "fallback.cursor", 2)
     _flip(cursors.directory / "lost.cursor", 2)
     _flip(cursors.directory / "lost.cursor.prev", 2)
-    cursors.save("ahead", CursorState(500))  # records were lost since it acked them
+    _saved(cursors, "ahead", 500, delivered=505)  # records were lost since it acked them
     result = _check(root)
     assert result.returncode == EXIT_OK, result
-    assert result.stdout.splitlines()[1:4] == [
+    assert result.stdout.splitlines()[1:7] == [
         "  durable ahead: past the log's end: acked below 500, but the log ends at 100 (records were lost); "
         "a start moves it back to 100",
+        "    settings: events *; ack wait 30 s; no delivery limit",
         "  durable fallback: damaged: fallback.cursor is damaged; a start uses fallback.cursor.prev "
         "(acked below 40): what was acked after it is delivered again",
+        "    settings (as fallback.cursor.prev has them: a change after it is lost): events CREATE; ack wait 30 s; "
+        "no delivery limit",
         "  durable lost: damaged: no whole cursor file (lost.cursor is damaged; lost.cursor.prev is damaged); "
         "a start restarts it at the oldest message",
+        "    settings: lost with its cursor file; a start restores the defaults (events *; ack wait 30 s; no "
+        "delivery limit) until a consumer subscribes again with its own (a FETCH without events keeps every event)",
     ], result.stdout
-    assert cursors.load("fallback") == CursorState(40) and cursors.load("lost") == CursorState(0)
+    assert cursors.load("fallback").ack_floor == 40 and cursors.load("fallback").meta["events"] == ["CREATE"]
+    assert cursors.load("lost") == CursorState(0)
 
 
 def test_a_data_dir_in_use_by_a_broker(tmp_path: Path) -> None:
@@ -427,7 +455,7 @@ def test_files_a_start_removes_or_ignores_are_named(tmp_path: Path) -> None:
     temp.write_bytes(sealed.read_bytes()[: 40 * REC])  # what the crash left of the rewrite
     (audit / "notes.txt").write_text("restored from backup on Monday\n")
     cursors = CursorStore(orders / "durables")
-    cursors.save("billing", CursorState(4))
+    _saved(cursors, "billing", 4)
     (cursors.directory / "billing.cursor.tmp").write_bytes(b"\x94\x01\x06")  # the crash cut the save short
     (cursors.directory / "README").write_text("hands off\n")
     _flip(orders / POINT_FILE, 6)
@@ -442,6 +470,7 @@ def test_files_a_start_removes_or_ignores_are_named(tmp_path: Path) -> None:
         "  (notes.txt: not a file of the log; a start ignores it)",
         "orders: ok, 10 records, offsets 0 to 9",
         "  durable billing: ok, acked below 4",
+        "    settings: events *; ack wait 30 s; no delivery limit",
         "  (recovery-point: damaged; a start ignores it and trusts only the records' own sync claims)",
         "  (durables/README: not a cursor file; a start ignores it)",
         "  (durables/billing.cursor.tmp: left by a cursor save that a crash interrupted; a start ignores it "
@@ -453,7 +482,67 @@ def test_files_a_start_removes_or_ignores_are_named(tmp_path: Path) -> None:
         QueueLog.open(audit, segment_bytes=SEG)
     assert temp.exists()  # a start without --repair leaves it
     assert _repaired_counts(audit) == (299, 1) and not temp.exists()
-    assert cursors.load("billing") == CursorState(4)
+    assert cursors.load("billing").ack_floor == 4
     log = QueueLog.open(orders, segment_bytes=SEG)  # the recovery point ignored: the records tell
     log.close()
     assert log.next_offset == 10
+
+
+async def test_each_durables_settings_as_a_start_restores_them(tmp_path: Path) -> None:
+    """Settings a real consumer gave, one file of an older broker with some missing (and a key it does not
+    know), and one durable whose only copy is damaged: each shown as a start restores it, said plainly where
+    the start falls back on the defaults; then a start restores exactly that."""
+    root = tmp_path / "data"
+    async with running_broker(root) as broker, connected(broker) as client:
+        for i in range(6):
+            await client.publish("orders", "CREATE" if i % 2 == 0 else "UPDATE", {"i": i})
+        async with await client.subscribe(
+            "orders", events=["CREATE", "UPDATE"], durable="billing", start="earliest", prefetch=6, ack_wait=5,
+            max_deliveries=3, dead_letter="orders.failed",
+        ) as sub:  # fmt: skip
+            got = [message async for message in _take(sub, 6)]
+            for message in (got[0], got[1], got[3]):
+                await message.ack(wait=True)
+        async with await client.subscribe("orders", events=["CREATE"], durable="audit", start="earliest"):
+            pass
+    cursors = CursorStore(root / "queues" / "orders" / "durables")
+    for copy in cursors.directory.glob("audit.cursor*"):
+        copy.unlink()
+    (cursors.directory / "audit.cursor").write_bytes(b"\x94\x01\x00")  # a disk error left only a damaged copy
+    cursors.save("legacy", CursorState(2, meta={"events": ["CREATE"], "ack_wait": "soon", "colour": "blue"}))
+    result = _check(root, "--segment-bytes", str(BrokerConfig().segment_bytes))
+    assert result.returncode == EXIT_OK, result
+    assert result.stdout.splitlines()[1:] == [
+        "  durable audit: damaged: no whole cursor file (audit.cursor is damaged); a start restarts it at the "
+        "oldest message",
+        "    settings: lost with its cursor file; a start restores the defaults (events *; ack wait 30 s; no "
+        "delivery limit) until a consumer subscribes again with its own (a FETCH without events keeps every event)",
+        "  durable billing: ok, acked below 2 (and 1 above)",
+        "    settings: events CREATE, UPDATE; ack wait 5 s; at most 3 deliveries, then to orders.failed; "
+        "3 messages handed out and not acked: a start hands them out again, redelivered",
+        "  durable legacy: ok, acked below 2",
+        "    settings: events CREATE; ack wait 30 s; no delivery limit; ack wait, max deliveries, dead letter not "
+        "in its file (missing or not valid): a start uses the default until a consumer subscribes with its own; "
+        "ignored by a start: colour",
+        f"{root}: 1 queue checked: a start would serve every one",
+    ], result.stdout
+    async with running_broker(root) as broker:
+        groups = broker.store.queues["orders"].groups
+        restored = {
+            name: (g.filter.patterns, g.ack_wait, g.max_deliveries, g.dead_letter, sorted(g.deliveries))
+            for name, g in groups.items()
+        }
+    assert restored == {
+        "audit": ((), 30.0, 0, None, []),
+        "billing": (("CREATE", "UPDATE"), 5.0, 3, "orders.failed", [2, 4, 5]),
+        "legacy": (("CREATE",), 30.0, 0, None, []),
+    }
+
+
+async def _take(sub: Subscription, n: int) -> AsyncIterator[Message]:
+    """The first ``n`` messages of ``sub``."""
+    async for message in sub:
+        yield message
+        n -= 1
+        if n == 0:
+            return
