@@ -399,10 +399,11 @@ def appended_after(segment: Segment) -> int:
     was written by an earlier append than the last, which began after it.
     A broker rolls a segment before an append once its records reach
     ``--segment-bytes``, so the broker that made that append ran with more
-    than this many bytes. (One append of several records past the size is
-    no sign: it shares one timestamp. Nor are records written in the same
-    millisecond, or a rewrite by ``--repair``, told apart: the answer is a
-    lower bound, for a note, not for a verdict.)
+    than this many bytes. One append of many records that takes a file past
+    the size is no sign: its records share a timestamp. The answer is for a
+    note, not a verdict: appends in one millisecond are not told apart (a
+    size it misses), and a file ``--repair`` rewrote, its lost markers in
+    place of smaller records, may show one that no broker made.
     """
     last = segment.last_ts
     for position, ts in zip(reversed(segment.positions), reversed(segment.timestamps), strict=True):
