@@ -37,7 +37,7 @@ from .config import (
     load_queue_config,
 )
 from .server import Broker, package_version
-from .store import TRASH_PREFIX
+from .store import is_trash
 
 #: Descriptors the broker needs besides one per connection: the listening
 #: socket, the event loop's own (epoll, self-pipe), stdio, and per queue an open
@@ -442,7 +442,7 @@ def check_data_dir(config: BrokerConfig) -> int:
         with locked_for_check(root):
             queues = root / "queues"
             for path in sorted(queues.iterdir()) if queues.is_dir() else []:
-                if path.name.startswith(TRASH_PREFIX):  # (tried first, as at a start)
+                if is_trash(path):
                     out.print(f"({path.name}: left by an interrupted DELETE; a start removes it)")
                     continue
                 if not path.is_dir():

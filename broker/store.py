@@ -63,7 +63,7 @@ from .retention import enforce_retention
 from .router import Group
 from .segment import for_clients
 
-__all__ = ["DataDirInUse", "Store", "group_from_state", "lock_holder"]
+__all__ = ["DataDirInUse", "Store", "group_from_state", "is_trash", "lock_holder"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Store:
         try:
             self.queues_dir.mkdir(exist_ok=True)
             for path in sorted(self.queues_dir.iterdir()):
-                if path.name.startswith(TRASH_PREFIX):
+                if is_trash(path):
                     logger.warning("%s: removing what an interrupted DELETE left", path)
                     shutil.rmtree(path)
                 elif path.is_dir():
@@ -618,6 +618,12 @@ class Store:
         self._sync_pool.shutdown(wait=True)
         self._cursor_pool.shutdown(wait=True)
         self._unlock()
+
+
+def is_trash(path: Path) -> bool:
+    """Is ``path`` (in the queues directory) what an interrupted DELETE left?
+    A start removes it. A file with such a name is no queue's: it is left."""
+    return path.name.startswith(TRASH_PREFIX) and path.is_dir() and not path.is_symlink()
 
 
 def group_from_state(queue: Queue, durable: str, state: CursorState) -> Group:

@@ -355,10 +355,12 @@ def test_a_queue_with_no_segment_file_left_and_a_delete_a_crash_interrupted(tmp_
     for seg in _segments(root / "queues" / "orders"):
         seg.unlink()
     (root / "queues" / ".deleted-jobs-1796316000000000000").mkdir()
+    (root / "queues" / ".deleted-notes.txt").write_text("a file of that name is no DELETE's")
     result = _check(root)
     assert result.returncode == EXIT_DAMAGED, result
     assert result.stdout.splitlines() == [
         "(.deleted-jobs-1796316000000000000: left by an interrupted DELETE; a start removes it)",
+        "(.deleted-notes.txt: not a queue's directory; a start ignores it)",
         "billing: ok, 5 records, offsets 0 to 4",
         "orders: DAMAGED, a start refuses it (QUEUE_CORRUPT): no segment file is left, but records below 20 had "
         "been stored (the recovery point says); --repair would start its log at offset 20: the records below it "

@@ -348,10 +348,13 @@ async def test_a_delete_that_a_crash_interrupted_leaves_no_queue_behind(tmp_path
     leftover = tmp_path / "queues" / ".deleted-Q-1796316000000000000"
     (leftover / "durables").mkdir(parents=True)
     (leftover / POINT_FILE).write_bytes(b"x" * 16)  # what a crash in the middle of removing could leave
+    stray = tmp_path / "queues" / ".deleted-notes.txt"  # a file of that name is no DELETE's: a start leaves it
+    stray.write_text("kept")
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         assert not leftover.exists()
         status = await c.status()
         assert (status["queues"], status["failed_queues"]) == ([], [])
+    assert stray.read_text() == "kept"
 
 
 def test_a_lost_segment_of_thousands_of_records(tmp_path: Path) -> None:
