@@ -118,14 +118,14 @@ class Broker:
         # Bound first (not yet serving), so that a port in use is said at once,
         # not after reading back a large data directory.
         loop = asyncio.get_running_loop()
+        # With TLS the port listens in plain TCP and ServerTls shakes hands with
+        # each connection itself, so that a failed handshake reaches the log.
         self._server = server = await loop.create_server(
-            lambda: Session(self),
+            (lambda: Session(self)) if tls is None else tls.listener(lambda: Session(self)),
             self.config.host,
             self.config.port,
             backlog=4096,  # somaxconn here is 4096; asyncio's default 100 drops bursts
             reuse_address=True,
-            ssl=tls.context if tls is not None else None,
-            ssl_handshake_timeout=self.config.tls_handshake_timeout if tls is not None else None,
             start_serving=False,
         )
         try:
@@ -280,6 +280,8 @@ class Broker:
         logger.info("shutting down: %s", many(len(self.sessions), "connection"))
         if self._server is not None:
             self._server.close()
+        if self.tls is not None:
+            await self.tls.aclose()  # (the handshakes under way: they would make sessions)
         for session in list(self.sessions):
             if session.transport is not None and not session.closed:
                 session.transport.pause_reading()

@@ -43,17 +43,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("aio_loop", [max(LOOP_FACTORIES)] if one else sorted(LOOP_FACTORIES))
 
 
-#: What asyncio's loop, in debug mode only, reports for an incoming connection
-#: whose TLS handshake failed (the broker's loop runs without debug).
-_FAILED_ACCEPT = "Error on transport creation for incoming connection"
-
-
 async def _guarded(coro: Coroutine[Any, Any, None], errors: list[str]) -> None:
     loop = asyncio.get_running_loop()
 
     def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if context.get("message") == _FAILED_ACCEPT and isinstance(context.get("exception"), OSError):
-            return  # a TLS handshake that failed (the TLS tests' purpose): reported in debug mode only
         errors.append(f"{context.get('message')}: {context.get('exception')!r}")
 
     loop.set_exception_handler(handler)
