@@ -58,7 +58,7 @@ from protocol import (
 from protocol.errors import FATAL_CODES
 from protocol.messages import MAX_MESSAGE_ID_LENGTH
 
-from ._address import CLIENT_CERT_HINT, DEFAULT_URL, connect_failed, parse_url, tls_hint
+from ._address import DEFAULT_URL, ClientCert, connect_failed, parse_url, refused_handshake_hint, tls_hint
 from ._reconnect import BACKOFF_MAX, Reconnecting
 from ._socket import _Socket
 from .subscription import Message, Subscription
@@ -105,7 +105,8 @@ class Transport(Reconnecting):
 
     # The client's state but the reconnect half's (why slots: see Reconnecting.__slots__).
     __slots__ = (
-        "_ack_every", "_ack_reqs", "_acks", "_closed", "_closing", "_congested", "_conn", "_duplicates", "_error",
+        "_ack_every", "_ack_reqs", "_acks", "_client_cert", "_closed", "_closing", "_congested", "_conn", "_duplicates",
+        "_error",
         "_event_names", "_flush_scheduled", "_heard", "_heartbeat", "_kinds", "_loop", "_mark_step", "_mark_until",
         "_marked", "_marks", "_pending", "_queue_names", "_reading_paused", "_reqs", "_sock", "_ssl", "_subs",
         "_subs_ids", "_sweeper", "_token", "_wbuf", "_wbytes", "conn_id", "host", "max_pending", "name", "port",
@@ -121,6 +122,7 @@ class Transport(Reconnecting):
         token: str | None = None,
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        client_cert: ClientCert = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         reconnect: bool = True,
         reconnect_deadline: float = 60.0,
@@ -137,6 +139,8 @@ class Transport(Reconnecting):
         self.max_pending = max_pending
         self._token = token
         self._ssl = (ssl_context or ssl.create_default_context()) if tls else None
+        #: What the hints of a refused handshake take the client to present (ours presents none).
+        self._client_cert: ClientCert = False if ssl_context is None and client_cert is None else client_cert
         self.server_version = ""
         self.conn_id = 0
         self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)
@@ -223,7 +227,7 @@ class Transport(Reconnecting):
             raise RequestTimeout(f"connecting to {self.host}:{self.port}", self.timeout) from None
         except OSError as exc:
             self._forget(hello.req)
-            raise connect_failed(self.host, self.port, exc, self._ssl) from exc
+            raise connect_failed(self.host, self.port, exc, self._ssl, self._client_cert) from exc
         except BaseException:
             self._forget(hello.req)
             raise
@@ -533,13 +537,18 @@ class Transport(Reconnecting):
             return
         error: BaseException | None = None
         if exc is not None:
-            hint = tls_hint(exc, self._ssl) if isinstance(exc, OSError) and self._conn.state is not State.READY else ""
+            before_welcome = self._conn.state is not State.READY
+            hint = tls_hint(exc, self._ssl, self._client_cert) if isinstance(exc, OSError) and before_welcome else ""
             error = ConnectionLost(f"connection to {self.host}:{self.port} lost: {exc}{hint}")
             error.__cause__ = exc
         elif not self._closing:
             error = ConnectionLost(f"the broker at {self.host}:{self.port} closed the connection")
             if self._conn.state is not State.READY:
-                hint = "if the broker serves TLS there, use tidingss://" if self._ssl is None else CLIENT_CERT_HINT
+                hint = (
+                    "if the broker serves TLS there, use tidingss://"
+                    if self._ssl is None
+                    else refused_handshake_hint(self._client_cert)
+                )
                 error = ConnectionLost(f"{self.host}:{self.port} closed the connection before answering HELLO ({hint})")
         self._finish(sock, error)
 

@@ -49,6 +49,7 @@ from .common import (
     Stopped,
     Stopper,
     UsageError,
+    client_cert,
     take_tls_files,
     tls_context,
 )
@@ -566,7 +567,7 @@ async def _run(args: argparse.Namespace) -> int:
         # A debugging tool reports a lost connection (exit 2) instead of hiding it, but sub --follow.
         follow = args.command == "sub" and args.follow
         client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=follow,
-                        ssl_context=tls_context(args))  # fmt: skip
+                        ssl_context=tls_context(args), client_cert=client_cert(args))  # fmt: skip
         try:
             await stopper.race(client.connect())
         except BaseException:

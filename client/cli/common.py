@@ -24,6 +24,7 @@ __all__ = [
     "Stopper",
     "TlsFile",
     "UsageError",
+    "client_cert",
     "take_tls_files",
     "tls_context",
 ]
@@ -126,6 +127,14 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"cannot use {cert.named} {cert.path} with {key.named} {key.path}: {exc}") from exc
     return ctx
+
+
+def client_cert(args: argparse.Namespace) -> str | bool:
+    """What the context of :func:`tls_context` presents as client certificate,
+    for the hint when a broker refuses the handshake: the file, and which
+    option or variable gave it, or False (none)."""
+    cert: TlsFile | None = args.tls_cert
+    return False if cert is None else f"{cert.path} ({cert.named})"
 
 
 class Stopped(Exception):

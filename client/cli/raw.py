@@ -37,10 +37,11 @@ from protocol.framing import unpack_body
 from protocol.messages import FRAME_CLASSES
 from protocol.wording import many
 
+from .._address import refused_handshake_hint
 from .._transport import connect_failed
 from ..client import parse_url
 from .commands import Context
-from .common import EXIT_OK, Stopped, UsageError, tls_context
+from .common import EXIT_OK, Stopped, UsageError, client_cert, tls_context
 from .streams import LineReader
 from .values import parse_json, to_json
 
@@ -256,7 +257,10 @@ class _Session:
                     if self.error is not None:
                         raise self.error
                     if self.closed.is_set():
-                        raise ConnectionLost("the broker closed the connection during the handshake")
+                        # TLS 1.3: a refused client certificate is said once our handshake is done.
+                        tls = self.writer.get_extra_info("ssl_object") is not None
+                        hint = f" ({refused_handshake_hint(client_cert(args))})" if tls else ""
+                        raise ConnectionLost(f"the broker closed the connection during the handshake{hint}")
                     raise RequestTimeout("handshake", args.timeout)
                 if self.refusal is not None:
                     code, message = self.refusal[2:4] if len(self.refusal) >= 4 else (0, "?")
@@ -338,7 +342,7 @@ async def run_raw(ctx: Context) -> int:
     except TimeoutError:
         raise RequestTimeout(f"connecting to {host}:{port}", args.timeout) from None
     except OSError as exc:
-        raise connect_failed(host, port, exc, context) from exc
+        raise connect_failed(host, port, exc, context, client_cert(args)) from exc
     return await _Session(ctx, reader, writer).run()
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from broker import Broker
 from client import Client
 from protocol import ConnectionLost
 from tests.broker.test_tls import TLS_VERSIONS, served, trusting
-from tests.helpers import TlsFiles, assert_broker_healthy, running_broker, url_of
+from tests.helpers import TlsFiles, assert_broker_healthy, broker_process, running_broker, url_of
 
 FIRST = re.compile(r"conn \d+ ([\d.]+):\d+: TLS handshake failed: (.+) \(more from \1 within ([\d.]+) s are counted")
 SUMMARY = re.compile(r"(\d+) more failed TLS handshakes? from ([\d.]+) in the last [\d.]+ s")
@@ -63,21 +66,45 @@ REFUSED_CERTIFICATES = {
 
 @pytest.mark.parametrize("version", sorted(TLS_VERSIONS))
 @pytest.mark.parametrize("case", sorted(REFUSED_CERTIFICATES))
-async def test_a_refused_client_certificate_is_logged_with_why(
+async def test_a_refused_client_certificate_is_logged_with_why_and_the_client_told_what_to_check(
     tmp_path: Path, tls_files: TlsFiles, case: str, version: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Mutual TLS: the broker says at INFO which connection was refused and
     why, in words an operator can act on. (Nothing was logged at all: asyncio
-    and uvloop report a failed handshake only in debug mode, at DEBUG.)"""
+    and uvloop report a failed handshake only in debug mode, at DEBUG.) The
+    client, which the broker does not tell why, says what to try for what it
+    presented: without a certificate, to give one; with one, that the broker
+    most likely refused it (named when the client was told its file), and
+    what to check. (It said to give one, --tls-cert, in every case.)"""
     caplog.set_level(logging.INFO, logger="broker")
     field, why = REFUSED_CERTIFICATES[case]
     cert = None if field is None else getattr(tls_files, field)
     async with running_broker(tmp_path, **served(tls_files, tls_client_ca=tls_files.ca)) as broker:
-        with pytest.raises(ConnectionLost):
-            async with Client(url_of(broker), ssl_context=presenting(tls_files, version, cert), reconnect=False):
+        ctx = presenting(tls_files, version, cert)
+        with pytest.raises(ConnectionLost) as refused:
+            async with Client(
+                url_of(broker), ssl_context=ctx, client_cert=False if cert is None else str(cert), reconnect=False
+            ):
                 pass
         (line,) = await logged(caplog, "127.0.0.1")
         assert (line[2], line[3]) == (why.format(ca=tls_files.ca), "10")
+        check = (
+            "check that it is signed by the broker's --tls-client-ca and has not expired (the broker's log says why)"
+        )
+        if cert is None:
+            hint = "if the broker requires a client certificate (--tls-client-ca), give one: "
+            hint += "ssl_context.load_cert_chain(CERT, KEY), tidings --tls-cert CERT --tls-key KEY"
+        else:
+            hint = f"the broker refused the TLS handshake, most likely the client certificate {cert}: {check}"
+        assert str(refused.value).endswith(f" ({hint})"), refused.value
+        # Not told what the context presents: the hint covers both.
+        with pytest.raises(ConnectionLost) as refused:
+            async with Client(url_of(broker), ssl_context=ctx, reconnect=False):
+                pass
+        assert str(refused.value).endswith(
+            " (if the broker requires a client certificate (--tls-client-ca), give one: ssl_context.load_cert_chain"
+            f"(CERT, KEY); if ssl_context has one, the broker most likely refused it: {check})"
+        ), refused.value
         await assert_broker_healthy(broker, ssl_context=trusting(tls_files, client_cert=True))
     assert not broker_warnings(caplog)
 
@@ -214,3 +241,62 @@ async def test_a_client_that_refuses_the_broker_certificate_with_an_alert_is_nam
             "give it the CA that signed the certificate (tidings --tls-ca)"
         )
     assert not broker_warnings(caplog)
+
+
+def test_the_daemon_logs_refused_certificates_and_tidings_says_what_to_check(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """The operator's walkthrough, with the real processes: `tidings ping`
+    without a certificate, with one the broker's CA did not sign, with an
+    expired one (from $TIDINGS_TLS_CERT), and `tidings raw` with one the CA
+    did not sign (stdin empty): exit 2 and one line saying what to
+    try, naming the file; the broker (uvloop, its log configured by its
+    main) logs the first at INFO with why, and the others, from the same
+    host within the interval, at DEBUG and counted in one INFO line."""
+    args = ["--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key), "--tls-client-ca", str(tls_files.ca)]
+    with broker_process(tmp_path / "data", *args, "--log-level", "debug") as bp:
+        tidings, where = [sys.executable, "-m", "client.cat"], ["--url", bp.url, "--tls-ca", str(tls_files.ca)]
+        ping = [*tidings, "ping", "-c", "1", *where]
+        key = str(tls_files.key)
+        runs = [
+            run_cli(*ping),
+            run_cli(*ping, "--tls-cert", str(tls_files.self_signed), "--tls-key", key),
+            run_cli(*ping, env={"TIDINGS_TLS_CERT": str(tls_files.expired), "TIDINGS_TLS_KEY": key}),
+            run_cli(*tidings, "raw", *where, "--tls-cert", str(tls_files.self_signed), "--tls-key", key),
+        ]
+        assert bp.stop() == 0
+    check = "check that it is signed by the broker's --tls-client-ca and has not expired (the broker's log says why)"
+    hints = [
+        "if the broker requires a client certificate (--tls-client-ca), give one: "
+        "ssl_context.load_cert_chain(CERT, KEY), tidings --tls-cert CERT --tls-key KEY",
+        f"the broker refused the TLS handshake, most likely the client certificate {tls_files.self_signed} "
+        f"(--tls-cert): {check}",
+        f"the broker refused the TLS handshake, most likely the client certificate {tls_files.expired} "
+        f"($TIDINGS_TLS_CERT): {check}",
+        f"the broker refused the TLS handshake, most likely the client certificate {tls_files.self_signed} "
+        f"(--tls-cert): {check}",
+    ]
+    for (code, err), hint in zip(runs, hints, strict=True):
+        assert code == 2 and err.startswith("tidings: ") and err.endswith(f" ({hint})\n"), err
+        assert len(err.splitlines()) == 1, err
+    failed = [line for line in bp.log if "TLS handshake failed" in line or "more failed TLS" in line]
+    assert [line.split(" ", 3)[2] for line in failed] == ["INFO", "DEBUG", "DEBUG", "DEBUG", "INFO"], failed
+    assert re.search(
+        r"INFO    broker\.tls: conn \d+ 127\.0\.0\.1:\d+: TLS handshake failed: no client certificate, which "
+        r"--tls-client-ca requires \(more from 127\.0\.0\.1 within 10 s are counted in one line\)$",
+        failed[0],
+    ), failed[0]
+    assert (
+        f"TLS handshake failed: client certificate not signed by --tls-client-ca (CA file {tls_files.ca})" in failed[1]
+    )
+    assert failed[2].endswith("TLS handshake failed: client certificate expired\n"), failed[2]
+    assert re.search(
+        r"INFO    broker.tls: 3 more failed TLS handshakes from 127\.0\.0\.1 in the last [\d.]+ s$", failed[4]
+    )
+    assert not [line for line in bp.log if " WARNING " in line or " ERROR " in line or "Traceback" in line], bp.log
+
+
+def run_cli(*cmd: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``tidings``: its exit code and stderr."""
+    done = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})})
+    return done.returncode, done.stderr
