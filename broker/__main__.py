@@ -55,7 +55,11 @@ examples:
 TLS (--tls-cert, --tls-key): the port then speaks only TLS 1.2 or later;
 clients use tidingss://host:port and verify the certificate (for a private
 CA: `tidings --tls-ca ca.pem ...`, or ssl_context= in Python). A connection
-that has not finished its handshake within 2 s is closed. SIGHUP re-reads
+that has not finished its handshake within 2 s is closed. A handshake that
+fails is logged at INFO with the peer and why (no client certificate, one
+not signed by --tls-client-ca, an expired one, not TLS, a timeout, a client
+that refused the broker's certificate); a burst of them from one host is
+that line, then one line per 10 s counting the others. SIGHUP re-reads
 --tls-cert, --tls-key and --tls-client-ca (a renewed certificate): new
 connections get the new files, open ones carry on; files that cannot be used
 change nothing (an ERROR says which and why).
@@ -299,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca",
         type=Path,
         metavar="FILE",
-        help="PEM CA certificate(s): require clients to present a certificate signed by one (mutual TLS)",
+        help="PEM CA certificate(s): require clients to present a certificate signed by one (mutual TLS); "
+        "each one refused is logged at INFO with why",
     )
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)"

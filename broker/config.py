@@ -180,9 +180,10 @@ class BrokerConfig:
         auth_failure_delay: the first delay before answering a wrong token
             from an address that already sent AUTH_FREE_FAILURES within a
             minute (doubling up to 2 s); 0 answers every failure at once.
-        auth_failure_log_interval: a burst of failed authentications from
-            one host logs its first failure, then at most one line per this
-            many seconds counting the others (each one is at DEBUG).
+        auth_failure_log_interval: a burst of failed authentications (or of
+            failed TLS handshakes) from one host logs its first failure, then
+            at most one line per this many seconds counting the others (each
+            one is at DEBUG).
         retention_bytes: per queue, drop the oldest whole segments while the
             log is larger than this (0 = keep everything).
         retention_age: per queue, drop whole segments whose newest record is
@@ -195,7 +196,7 @@ class BrokerConfig:
         tls_client_ca: PEM CA certificates: clients must present a
             certificate signed by one of them (mutual TLS).
         tls_handshake_timeout: seconds a new connection has to finish the
-            TLS handshake (a plaintext client on the TLS port is closed by then).
+            TLS handshake (a peer that sends none is closed by then).
     """
 
     host: str = "127.0.0.1"
