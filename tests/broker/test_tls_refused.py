@@ -243,6 +243,29 @@ async def test_a_client_that_refuses_the_broker_certificate_with_an_alert_is_nam
     assert not broker_warnings(caplog)
 
 
+async def test_a_handshake_under_way_when_the_broker_stops_is_abandoned_quietly(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer in the middle of its handshake (it sent nothing yet) when the
+    broker stops: its connection is closed, its task ends, nothing is logged
+    above DEBUG and no task or socket is left (the test loop fails on a
+    stray task error; unclosed sockets are ResourceWarnings, errors here)."""
+    caplog.set_level(logging.DEBUG, logger="broker")
+    async with running_broker(tmp_path, **served(tls_files)) as broker:
+        host, port = broker.address
+        reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.5", 0))
+        assert broker.tls is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(broker.tls) == 0:  # (accepted in a later turn of the loop)
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)  # polling a condition, with a deadline
+    assert len(broker.tls) == 0
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert not [r for r in caplog.records if "127.0.0.5" in r.getMessage() and r.levelno >= logging.INFO]
+    assert not broker_warnings(caplog)
+
+
 def test_the_daemon_logs_refused_certificates_and_tidings_says_what_to_check(
     tmp_path: Path, tls_files: TlsFiles
 ) -> None:
