@@ -106,11 +106,10 @@ class Transport(Reconnecting):
     # The client's state but the reconnect half's (why slots: see Reconnecting.__slots__).
     __slots__ = (
         "_ack_every", "_ack_reqs", "_acks", "_client_cert", "_closed", "_closing", "_congested", "_conn", "_duplicates",
-        "_error",
-        "_event_names", "_flush_scheduled", "_heard", "_heartbeat", "_kinds", "_loop", "_mark_step", "_mark_until",
-        "_marked", "_marks", "_pending", "_queue_names", "_reading_paused", "_reqs", "_sock", "_ssl", "_subs",
-        "_subs_ids", "_sweeper", "_token", "_wbuf", "_wbytes", "conn_id", "host", "max_pending", "name", "port",
-        "producer_id", "server_version", "timeout", "url",
+        "_error", "_event_names", "_flush_scheduled", "_heard", "_heartbeat", "_kinds", "_loop", "_mark_step",
+        "_mark_until", "_marked", "_marks", "_pending", "_queue_names", "_reading_paused", "_reqs", "_sock", "_ssl",
+        "_subs", "_subs_ids", "_sweeper", "_token", "_wbuf", "_wbytes", "conn_id", "host", "max_pending", "name",
+        "port", "producer_id", "server_version", "timeout", "url",
     )  # fmt: skip
     _loop: asyncio.AbstractEventLoop  # set by Client.connect()
 
@@ -122,7 +121,6 @@ class Transport(Reconnecting):
         token: str | None = None,
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
-        client_cert: ClientCert = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         reconnect: bool = True,
         reconnect_deadline: float = 60.0,
@@ -139,8 +137,9 @@ class Transport(Reconnecting):
         self.max_pending = max_pending
         self._token = token
         self._ssl = (ssl_context or ssl.create_default_context()) if tls else None
-        #: What the hints of a refused handshake take the client to present (ours presents none).
-        self._client_cert: ClientCert = False if ssl_context is None and client_cert is None else client_cert
+        #: What the hints of a refused handshake take the client to present: none in our
+        #: default context; not known in the caller's (``tidings`` sets its --tls-cert here).
+        self._client_cert: ClientCert = False if ssl_context is None else None
         self.server_version = ""
         self.conn_id = 0
         self._conn = Connection(Role.CLIENT, limits=Limits(), puback_runs=True)

@@ -76,13 +76,6 @@ class Client(Transport):
         ssl_context: TLS settings for ``tidingss://`` (default: verify); with a
             ``tidings://`` URL it raises ConfigError (it would not be used: the
             URL was most likely meant to be ``tidingss://``).
-        client_cert: what ``ssl_context`` presents as client certificate, for
-            the hint of the error when a broker that requires one
-            (``--tls-client-ca``) refuses the handshake (it does not tell the
-            client why): the certificate's file (named in the hint), True (one),
-            False (none). None, the default: none without ``ssl_context``, not
-            known with one (the hint then covers both). It loads nothing: that
-            is ``ssl_context.load_cert_chain(CERT, KEY)``.
         max_pending: buffered messages per ephemeral subscription before
             the client stops reading the socket.
         reconnect: when the connection is lost (or the broker restarts),

@@ -567,7 +567,8 @@ async def _run(args: argparse.Namespace) -> int:
         # A debugging tool reports a lost connection (exit 2) instead of hiding it, but sub --follow.
         follow = args.command == "sub" and args.follow
         client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=follow,
-                        ssl_context=tls_context(args), client_cert=client_cert(args))  # fmt: skip
+                        ssl_context=tls_context(args))  # fmt: skip
+        client._client_cert = client_cert(args)  # (the hint of a refused handshake names --tls-cert)
         try:
             await stopper.race(client.connect())
         except BaseException:

@@ -82,9 +82,9 @@ async def test_a_refused_client_certificate_is_logged_with_why_and_the_client_to
     async with running_broker(tmp_path, **served(tls_files, tls_client_ca=tls_files.ca)) as broker:
         ctx = presenting(tls_files, version, cert)
         with pytest.raises(ConnectionLost) as refused:
-            async with Client(
-                url_of(broker), ssl_context=ctx, client_cert=False if cert is None else str(cert), reconnect=False
-            ):
+            client = Client(url_of(broker), ssl_context=ctx, reconnect=False)
+            client._client_cert = False if cert is None else str(cert)  # (as tidings sets it from --tls-cert)
+            async with client:
                 pass
         (line,) = await logged(caplog, "127.0.0.1")
         assert (line[2], line[3]) == (why.format(ca=tls_files.ca), "10")
