@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -75,10 +76,30 @@ class RawPeer:
 
     @classmethod
     async def connect(
-        cls, broker: Broker, *, hello: bool = True, producer: str | None = None, token: str | None = None
+        cls,
+        broker: Broker,
+        *,
+        hello: bool = True,
+        producer: str | None = None,
+        token: str | None = None,
+        rcvbuf: int | None = None,
     ) -> RawPeer:
+        """Connect (and say HELLO unless ``hello`` is False). ``rcvbuf`` caps the
+        socket's receive buffer (SO_RCVBUF; Linux autotunes it up to
+        ``net.ipv4.tcp_rmem``'s maximum otherwise, 32 MiB on some kernels)."""
         host, port = broker.address
-        peer = cls(*await asyncio.open_connection(host, port))
+        if rcvbuf is None:
+            peer = cls(*await asyncio.open_connection(host, port))
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # (before connect: the window scale)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            except BaseException:
+                sock.close()
+                raise
+            peer = cls(*await asyncio.open_connection(sock=sock))
         if hello:
             peer.send_frame(Hello(1, PROTOCOL_VERSION, "raw", None if token is None else {"token": token}, producer))
             assert isinstance(await peer.recv(), Welcome)

@@ -261,9 +261,12 @@ async def _feed(pub: Client, session: Session) -> None:
         await pub.publish_many("Q", [("E", payload)] * 20)
 
 
-async def _fall_behind(broker: Broker, pub: Client) -> tuple[RawPeer, Session, asyncio.Task[None]]:
-    """A raw subscriber that reads nothing, fed by ``pub`` until the broker stops writing to it (and reading)."""
-    peer = await RawPeer.connect(broker)
+async def _fall_behind(
+    broker: Broker, pub: Client, rcvbuf: int | None = None
+) -> tuple[RawPeer, Session, asyncio.Task[None]]:
+    """A raw subscriber that reads nothing, fed by ``pub`` until the broker
+    stops writing to it (and reading); ``rcvbuf`` caps its receive buffer."""
+    peer = await RawPeer.connect(broker, rcvbuf=rcvbuf)
     peer.send_frame(Subscribe(2, 1, "Q", prefetch=65535))
     assert await peer.recv() == Ok(2)
     (session,) = [s for s in broker.sessions if s.name == "raw"]
@@ -322,7 +325,10 @@ async def test_a_subscriber_behind_on_reading_is_not_taken_for_silent(tmp_path: 
         running_broker(tmp_path, heartbeat=heartbeat, slow_consumer_timeout=30.0) as broker,
         connected(broker, "pub") as pub,
     ):
-        peer, session, feeder = await _fall_behind(broker, pub)
+        # A capped receive buffer: what waits ahead of a broker's PING once the
+        # peer reads again is then read in well under an interval. (Autotuned up
+        # to 32 MiB on some kernels, it took longer than two of them.)
+        peer, session, feeder = await _fall_behind(broker, pub, rcvbuf=1 << 16)
         behind = time.monotonic()
         await asyncio.sleep(4 * heartbeat)  # (the timer under test: four intervals unread)
         assert session.write_paused and time.monotonic() - behind >= 4 * heartbeat
@@ -333,6 +339,8 @@ async def test_a_subscriber_behind_on_reading_is_not_taken_for_silent(tmp_path: 
         peer.send_frame(Ping(9))
         while (frame := await asyncio.wait_for(peer.recv(pings=True), 10)) != Pong(9):
             assert not isinstance(frame, Err), frame
+            if isinstance(frame, Ping):  # as a live client does while it catches up
+                peer.send_frame(Pong(frame.req))
         assert not session.closed
         peer.close()
         await assert_broker_healthy(broker, baseline=1)
