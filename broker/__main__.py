@@ -36,6 +36,7 @@ from .config import (
     FsyncPolicy,
     load_queue_config,
 )
+from .retention import retention_lines
 from .server import Broker, package_version
 from .store import is_trash
 
@@ -72,6 +73,15 @@ durability (--fsync):
             power failure may lose what was confirmed in the last interval; a
             crash of the broker process alone loses nothing.
   never     confirm after the write; the OS flushes when it likes.
+
+per-queue retention (--config FILE, TOML): a queue's section overrides the
+flags for the keys it names, and only those (0 or false switch a rule off):
+  [queues.audit]
+  retention_age = 0         # no age limit for audit, whatever --retention-age says
+  keep_unacked = true       # and never drop what a durable has not acked;
+                            # --retention-bytes still applies to it
+The retention in force for each queue of the file (each key, and whether the
+file or a flag gives it) is logged at start-up, at INFO.
 
 users (--users FILE, TOML; TIDINGS_TOKEN is then ignored): each client's token
 names one user, and each request is checked against what that user may do:
@@ -257,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML file with per-queue retention ([queues.NAME] retention_bytes, retention_age, keep_unacked)",
+        help="TOML file of per-queue retention: a [queues.NAME] section sets retention_bytes, retention_age or "
+        "keep_unacked for that queue, and the flags hold for the keys it leaves out (see below)",
     )
     p.add_argument(
         "--keep-unacked",
@@ -492,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return check_data_dir(config)
+    if args.config is not None:
+        for line in retention_lines(config, str(args.config)):
+            logging.getLogger("broker").info("retention of %s", line)
     if config.token is not None:
         logging.getLogger("broker").info("clients must present the token set in TIDINGS_TOKEN")
     if config.token is None and config.users_file is None and config.host not in ("127.0.0.1", "localhost", "::1"):

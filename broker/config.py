@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from protocol import ConfigError, Limits, check_queue
 
-__all__ = ["BrokerConfig", "FsyncPolicy", "Retention", "load_queue_config"]
+__all__ = ["BrokerConfig", "FsyncPolicy", "QueueRetention", "Retention", "load_queue_config"]
 
 #: The port in the README and every URL default (tidings://127.0.0.1:6464).
 DEFAULT_PORT: Final = 6464
@@ -101,6 +101,32 @@ class Retention:
     keep_unacked: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class QueueRetention:
+    """A ``[queues.NAME]`` section of the ``--config`` file: the retention keys
+    it names. A key it leaves out (None) is the flags' (``--retention-bytes``,
+    ``--retention-age``, ``--keep-unacked``); 0 or false switches that rule off
+    for this queue whatever the flags say.
+
+    Attributes:
+        max_bytes: ``retention_bytes``, or None.
+        max_age: ``retention_age`` in seconds, or None.
+        keep_unacked: ``keep_unacked``, or None.
+    """
+
+    max_bytes: int | None = None
+    max_age: float | None = None
+    keep_unacked: bool | None = None
+
+    def over(self, flags: Retention) -> Retention:
+        """The retention in force: this section's keys, the flags' for the others."""
+        return Retention(
+            flags.max_bytes if self.max_bytes is None else self.max_bytes,
+            flags.max_age if self.max_age is None else self.max_age,
+            flags.keep_unacked if self.keep_unacked is None else self.keep_unacked,
+        )
+
+
 _RETENTION_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "retention_bytes": int,
     "retention_age": (int, float),
@@ -108,13 +134,16 @@ _RETENTION_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
 }
 
 
-def load_queue_config(path: Path) -> dict[str, Retention]:
+def load_queue_config(path: Path) -> dict[str, QueueRetention]:
     """Read per-queue settings from a TOML file::
 
         [queues.audit]
         retention_bytes = 1_073_741_824
         retention_age = 604800      # seconds
         keep_unacked = true
+
+    A key a section leaves out stays None: the flags' value holds for it
+    (see :class:`QueueRetention`).
 
     Raises:
         ConfigError: the file cannot be read, or names an unknown key or a bad value.
@@ -126,7 +155,7 @@ def load_queue_config(path: Path) -> dict[str, Retention]:
     unknown = set(doc) - {"queues"}
     if unknown:
         raise ConfigError(f"config file {path}: unknown section(s) {sorted(unknown)}; only [queues.NAME] is known")
-    out: dict[str, Retention] = {}
+    out: dict[str, QueueRetention] = {}
     for name, table in (doc.get("queues") or {}).items():
         where = f"config file {path}, [queues.{name}]"
         if check_queue(name) is not None:
@@ -140,10 +169,11 @@ def load_queue_config(path: Path) -> dict[str, Retention]:
             negative = isinstance(value, int | float) and not isinstance(value, bool) and value < 0
             if not isinstance(value, kind) or negative or (kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f"{where}: {key} = {value!r} is not valid")
-        out[name] = Retention(
-            int(table.get("retention_bytes", 0)),
-            float(table.get("retention_age", 0)),
-            bool(table.get("keep_unacked", False)),
+        size, age, keep = (table.get(key) for key in _RETENTION_KEYS)
+        out[name] = QueueRetention(
+            None if size is None else int(size),
+            None if age is None else float(age),
+            None if keep is None else bool(keep),
         )
     return out
 
@@ -191,6 +221,9 @@ class BrokerConfig:
             (sealed first: see broker.retention); 0 = keep everything.
         retention_keep_unacked: never drop a record some durable has not acked.
         retention_check: seconds between retention passes.
+        queues: per-queue retention from the ``--config`` file (see
+            :class:`QueueRetention`): the keys a queue's section names
+            override these flags for that queue, the others are the flags'.
         tls_cert: PEM certificate chain: serve TLS (``tidingss://``) only.
         tls_key: PEM private key of ``tls_cert``.
         tls_client_ca: PEM CA certificates: clients must present a
@@ -224,7 +257,7 @@ class BrokerConfig:
     retention_age: float = 0.0
     retention_keep_unacked: bool = False
     retention_check: float = 1.0
-    queues: Mapping[str, Retention] = field(default_factory=dict)
+    queues: Mapping[str, QueueRetention] = field(default_factory=dict)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -269,12 +302,16 @@ class BrokerConfig:
         """Whether the broker serves TLS."""
         return self.tls_cert is not None
 
-    def retention_for(self, queue: str) -> Retention:
-        """The retention of ``queue``: its own from the config file, else the flags'."""
-        own = self.queues.get(queue)
-        if own is not None:
-            return own
+    @property
+    def retention(self) -> Retention:
+        """The flags' retention: every queue's but for the keys its ``queues`` section names."""
         return Retention(self.retention_bytes, self.retention_age, self.retention_keep_unacked)
+
+    def retention_for(self, queue: str) -> Retention:
+        """The retention of ``queue``: the keys its ``[queues.NAME]`` section
+        names (``queues``), the flags' for the others."""
+        own = self.queues.get(queue)
+        return self.retention if own is None else own.over(self.retention)
 
     @property
     def max_message_bytes(self) -> int:

@@ -4,23 +4,28 @@ any durable's ack floor). By age, the segment being written goes too once
 its newest message is past the age: it is sealed first, so a queue nobody
 publishes to any more keeps nothing past the age, and offsets go on from
 where they were.
+
+A queue's retention is the flags' (``--retention-bytes``, ``--retention-age``,
+``--keep-unacked``) but for the keys its ``[queues.NAME]`` section of the
+``--config`` file names (:meth:`broker.config.BrokerConfig.retention_for`);
+:func:`retention_lines` says, at start-up, what is in force and from where.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from protocol.wording import many
 
-from .config import Retention
+from .config import BrokerConfig, Retention
 from .log import LogFailedError
 from .queue import Queue
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["enforce_retention"]
+__all__ = ["enforce_retention", "retention_lines"]
 
 logger = logging.getLogger("broker.store")  # (the store's lines, as before)
 
@@ -82,3 +87,37 @@ def _cut(queue: Queue, policy: Retention, now_ms: int) -> int:
             else:
                 cut = log.next_offset
     return min(cut, queue.committed)
+
+
+#: A ``[queues.NAME]`` key, and the flag that gives it when the section does not.
+_KEYS: Final = (("retention_bytes", "--retention-bytes"), ("retention_age", "--retention-age"),
+                ("keep_unacked", "--keep-unacked"))  # fmt: skip
+
+
+def retention_lines(config: BrokerConfig, source: str) -> list[str]:
+    """What the broker logs at start-up about the ``--config`` file: for each
+    queue it has a section for, the retention in force, each key with where it
+    comes from (the file ``source``, or the flag); then the other queues'.
+
+    Example: ``queue audit: retention_bytes off (--retention-bytes),
+    retention_age 2 s (--retention-age), keep_unacked true (retention.toml)``.
+    """
+    lines = []
+    for name, own in sorted(config.queues.items()):
+        policy = own.over(config.retention)
+        mine = (own.max_bytes is not None, own.max_age is not None, own.keep_unacked is not None)
+        said = [f"{key} {value} ({source if set_here else flag})"
+                for (key, flag), value, set_here in zip(_KEYS, _values(policy), mine, strict=True)]  # fmt: skip
+        lines.append(f"queue {name}: {', '.join(said)}")
+    flags = ", ".join(f"{key} {value}" for (key, _), value in zip(_KEYS, _values(config.retention), strict=True))
+    lines.append(f"{'other queues' if lines else 'every queue'}: {flags} (the flags)")
+    return lines
+
+
+def _values(policy: Retention) -> tuple[str, str, str]:
+    """The three settings of ``policy`` as an operator reads them."""
+    return (
+        f"{policy.max_bytes} bytes" if policy.max_bytes else "off",
+        f"{policy.max_age:g} s" if policy.max_age else "off",
+        "true" if policy.keep_unacked else "false",
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.config import QueueRetention, Retention, load_queue_config
 from client import Client
 from tests.helpers import broker_process, connected, running_broker
 
@@ -130,14 +131,12 @@ async def test_the_broker_applies_retention_by_itself_and_after_a_restart(tmp_pa
 
 
 async def test_per_queue_retention_from_a_config_file(tmp_path: Path) -> None:
-    from broker.config import Retention, load_queue_config
-
     path = tmp_path / "tidings.toml"
     path.write_text(
         "[queues.audit]\nretention_bytes = 0\nkeep_unacked = true\n\n[queues.tmp]\nretention_bytes = 4096\n"
     )
     queues = load_queue_config(path)
-    assert queues == {"audit": Retention(0, 0.0, True), "tmp": Retention(4096, 0.0, False)}
+    assert queues == {"audit": QueueRetention(0, None, True), "tmp": QueueRetention(4096, None, None)}
     overrides = {"segment_bytes": SEGMENT, "retention_bytes": SEGMENT, "queues": queues, "retention_check": MANUAL}
     async with running_broker(tmp_path / "data", **overrides) as broker, connected(broker) as c:
         for q in ("audit", "tmp", "other"):
@@ -147,6 +146,51 @@ async def test_per_queue_retention_from_a_config_file(tmp_path: Path) -> None:
         first = {q["name"]: q["first_offset"] for q in (await c.status())["queues"]}
         assert first["audit"] == 0  # its own policy: keep everything
         assert first["tmp"] > 0 and first["other"] > 0  # own limit, and the flags' default
+
+
+async def test_a_config_section_overrides_only_the_keys_it_names(tmp_path: Path) -> None:
+    """With --retention-age and the README's ``[queues.audit] keep_unacked =
+    true``, audit drops what its durable acked once it is past the age, like
+    the queues without a section, and keeps what it has not acked; a section's
+    ``retention_age = 0`` switches the age off for its queue alone. (A section
+    replaced the flags whole, its missing keys meaning "keep all": audit kept
+    every message its durable had acked; found by a new-user walkthrough.)"""
+    path = tmp_path / "retention.toml"
+    path.write_text("[queues.audit]\nkeep_unacked = true\n\n[queues.forever]\nretention_age = 0\n")
+    queues = load_queue_config(path)
+    overrides = {"segment_bytes": SEGMENT, "retention_age": 60, "queues": queues, "retention_check": MANUAL}
+    async with running_broker(tmp_path / "data", **overrides) as broker, connected(broker) as c:
+        for q in ("audit", "forever", "other"):
+            for _ in range(10):
+                await c.publish_many(q, [("E", PAYLOAD)] * 10)
+        assert len(await c.fetch("audit", durable="d", start="earliest", max_messages=100)) == 100
+        await c.ack_upto("audit", "d", 49)  # 50..99 stay unacked
+        assert broker.store.enforce_retention(int(time.time() * 1000)) == 0  # nothing is a minute old yet
+        broker.store.enforce_retention(int(time.time() * 1000) + 3_600_000)  # an hour later
+        first = {q["name"]: q["first_offset"] for q in (await c.status())["queues"]}
+        assert first["other"] == 100  # the flags: all past the age
+        assert first["forever"] == 0  # its own age: none
+        assert 0 < first["audit"] <= 50  # the flags' age, but only what its durable acked (whole segments)
+    assert broker.config.retention_for("audit") == Retention(0, 60.0, True)
+    assert broker.config.retention_for("forever") == Retention(0, 0.0, False)
+    assert broker.config.retention_for("other") == Retention(0, 60.0, False)
+
+
+def test_the_retention_in_force_for_each_queue_of_the_config_file_is_logged(tmp_path: Path) -> None:
+    """An operator sees, at start-up, each configured queue's retention and
+    where each key of it comes from (``--config`` was not logged at all)."""
+    path = tmp_path / "retention.toml"
+    path.write_text("[queues.audit]\nkeep_unacked = true\n\n[queues.metrics]\nretention_bytes = 1_000_000\n")
+    with broker_process(tmp_path / "data", "--retention-age", "2", "--config", str(path)) as bp:
+        lines = [line.split(" broker: ", 1)[1].rstrip() for line in bp.log if " broker: retention of " in line]
+    assert lines == [
+        "retention of queue audit: retention_bytes off (--retention-bytes), retention_age 2 s (--retention-age), "
+        f"keep_unacked true ({path})",
+        f"retention of queue metrics: retention_bytes 1000000 bytes ({path}), retention_age 2 s (--retention-age), "
+        "keep_unacked false (--keep-unacked)",
+        "retention of other queues: retention_bytes off, retention_age 2 s, keep_unacked false (the flags)",
+    ]
+    assert all("INFO" in line for line in bp.log if " broker: retention of " in line)
 
 
 @pytest.mark.parametrize(
