@@ -38,7 +38,7 @@ from protocol.wording import many
 from .cursors import Cursor
 from .publishing import Publishing
 from .queue import FetchWaiter, Queue
-from .router import AckError, Consumer, Group, dead_letter_queue
+from .router import DEFAULT_ACK_WAIT, AckError, Consumer, Group, dead_letter_queue
 from .segment import for_clients
 
 if TYPE_CHECKING:
@@ -129,10 +129,13 @@ class Consuming(Publishing):
     def _durable(self, req: int, queue: Queue, name: str, events: tuple[str, ...],
                  start: str, start_value: int | None, ack_wait: float,
                  max_deliveries: int = 0, dead_letter: str | None = None) -> Group | None:  # fmt: skip
+        # ack_wait 0 (ack_wait_ms 0) asks for the default, for a new durable,
+        # and keeps an existing one's; any other value is at least 1 ms
+        # (MIN_ACK_WAIT): the wire counts whole milliseconds.
         group = queue.groups.get(name)
         if group is None:
             pos = self._start_offset(queue, start, start_value)
-            group = Group(queue.name, name, events, Cursor(pos), pos, ack_wait=ack_wait or 30.0,
+            group = Group(queue.name, name, events, Cursor(pos), pos, ack_wait=ack_wait or DEFAULT_ACK_WAIT,
                           max_deliveries=max_deliveries, dead_letter=dead_letter)  # fmt: skip
             group.dirty = True
             queue.groups[name] = group

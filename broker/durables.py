@@ -9,7 +9,8 @@ and ``tidings-broker --check`` shows it (:mod:`broker.check`); both read it
 through :func:`settings_of`, so the check shows what the start restores.
 
 A value that is missing or not valid (a file of an older broker, one
-edited by hand) is not an error: the start uses the default, as for a new
+edited by hand; an ack wait under 1 ms, the least a consumer can ask for)
+is not an error: the start uses the default, as for a new
 durable, and the next save writes the durable's settings whole again. The
 defaults hold until a consumer subscribes with its own settings
 (``broker.consuming``): its events replace the filter (a FETCH without
@@ -25,7 +26,7 @@ from typing import Any, Final
 
 from protocol import check_pattern, check_queue
 
-from .router import DEFAULT_ACK_WAIT
+from .router import DEFAULT_ACK_WAIT, MIN_ACK_WAIT
 
 __all__ = ["SETTINGS", "DurableSettings", "settings_of"]
 
@@ -68,6 +69,8 @@ def settings_of(meta: Mapping[str, Any]) -> DurableSettings:
         events = []
         defaulted.append("events")
     ack_wait = _number(meta.get("ack_wait"))
+    if ack_wait is not None and ack_wait < MIN_ACK_WAIT:  # 0 would hand every message out again at each tick
+        ack_wait = None
     if ack_wait is None:
         defaulted.append("ack_wait")
     max_deliveries = _number(meta.get("max_deliveries"))

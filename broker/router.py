@@ -42,6 +42,10 @@ __all__ = ["AckError", "Consumer", "Group", "dead_letter_queue"]
 
 #: A message not acked within this time is redelivered (NATS AckWait default).
 DEFAULT_ACK_WAIT: Final = 30.0
+#: The shortest ack wait: the protocol counts it in milliseconds
+#: (``ack_wait_ms``, where 0 asks for the default), so 1 ms is the least a
+#: consumer can ask for, and the least a cursor file may hold.
+MIN_ACK_WAIT: Final = 0.001
 #: The ack wait doubles per redelivery, up to 2**3 = 8 times the configured one.
 MAX_BACKOFF_SHIFT: Final = 3
 

@@ -548,3 +548,35 @@ async def _take(sub: Subscription, n: int) -> AsyncIterator[Message]:
         n -= 1
         if n == 0:
             return
+
+
+async def test_an_ack_wait_under_a_millisecond_in_a_cursor_file_restores_the_default(tmp_path: Path) -> None:
+    """A consumer cannot ask for less than 1 ms (``ack_wait_ms``; 0 asks for
+    the default), so a cursor file holding 0 or less (one edited by hand) is
+    not valid there: a start restores the 30 s default and --check says so.
+    (A start restored 0: each message handed out went out again at every
+    check, 5 times a second.)"""
+    root = tmp_path / "data"
+    async with running_broker(root) as broker, connected(broker) as client:
+        await client.publish("orders", "CREATE", 1)
+    cursors = CursorStore(root / "queues" / "orders" / "durables")
+    for name, wait in (("ms", 0.001), ("tiny", 0.0004), ("zero", 0)):
+        cursors.save(name, CursorState(0, meta={"events": [], "ack_wait": wait, "max_deliveries": 0,
+                                                "dead_letter": None}))  # fmt: skip
+    result = _check(root)
+    assert result.returncode == EXIT_OK, result
+    defaulted = (
+        "    settings: events *; ack wait 30 s; no delivery limit; ack wait not in its file (missing or not "
+        "valid): a start uses the default until a consumer subscribes with its own"
+    )
+    assert result.stdout.splitlines()[1:-1] == [
+        "  durable ms: ok, acked below 0",
+        "    settings: events *; ack wait 0.001 s; no delivery limit",
+        "  durable tiny: ok, acked below 0",
+        defaulted,
+        "  durable zero: ok, acked below 0",
+        defaulted,
+    ], result.stdout
+    async with running_broker(root) as broker:
+        waits = {name: g.ack_wait for name, g in broker.store.queues["orders"].groups.items()}
+    assert waits == {"ms": 0.001, "tiny": 30.0, "zero": 30.0}
