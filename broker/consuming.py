@@ -81,10 +81,35 @@ class PushSub:
         self.consumer = consumer
 
 
+#: A CONFLICT names at most this many of the consumers that hold a durable.
+NAMED_HOLDERS = 5
+
+
+def _in_use(group: Group) -> str:
+    """Why a durable cannot be moved or deleted now: the consumers that hold
+    it, each with its connection, so that an operator knows which to stop::
+
+        durable 'hd' is in use by 2 consumers: conn 3 'api' (subscription 1),
+        conn 7 'worker' (1 fetched message unacked)
+    """
+    holders = [c for c in group.consumers if c.push or c.held]
+    named = []
+    for consumer in holders[:NAMED_HOLDERS]:
+        if isinstance(consumer.owner, _Push):
+            session, what = consumer.owner.session, f"subscription {consumer.owner.sub_id}"
+        else:  # a connection's pulls: its Consuming (see _on_fetch)
+            assert isinstance(consumer.owner, Consuming)
+            session, what = consumer.owner, f"{many(len(consumer.held), 'fetched message')} unacked"
+        named.append(f"conn {session.conn_id} {session.name!r} ({what})")
+    more = f" and {len(holders) - NAMED_HOLDERS} more" if len(holders) > NAMED_HOLDERS else ""
+    return f"durable {group.name!r} is in use by {many(len(holders), 'consumer')}: {', '.join(named)}{more}"
+
+
 class Consuming(Publishing):
     """The consuming requests of a session (see the module docstring); Session sets the state."""
 
     conn_id: int
+    name: str
     subs: dict[int, PushSub]
     pullers: dict[tuple[str, str], tuple[Queue, Group, Consumer]]
     _tasks: set[asyncio.Task[None]]
@@ -297,10 +322,8 @@ class Consuming(Publishing):
         if found is None:
             return
         queue, group = found
-        if busy := group.in_use():
-            self.reply_error(
-                ev.req, ErrorCode.CONFLICT, f"durable {ev.durable!r} is in use by {many(busy, 'consumer')}"
-            )
+        if group.in_use():
+            self.reply_error(ev.req, ErrorCode.CONFLICT, _in_use(group))
             return
         offset = self._start_offset(queue, ev.start, ev.start_value)
         group.seek(offset)
@@ -323,9 +346,8 @@ class Consuming(Publishing):
             if group is None:
                 self.reply_error(ev.req, ErrorCode.NOT_FOUND, f"no durable {ev.durable!r} on queue {ev.queue!r}")
                 return
-            if busy := group.in_use():
-                why = f"durable {ev.durable!r} is in use by {many(busy, 'consumer')}"
-                self.reply_error(ev.req, ErrorCode.CONFLICT, why)
+            if group.in_use():
+                self.reply_error(ev.req, ErrorCode.CONFLICT, _in_use(group))
                 return
             done = store.delete_durable(queue, ev.durable)
         else:
@@ -383,7 +405,7 @@ class Consuming(Publishing):
             key = (queue.name, ev.durable)
             puller = self.pullers.get(key)
             if puller is None or puller[1] is not group:
-                consumer = Consumer(None, PULL_MAX_UNACKED, push=False)
+                consumer = Consumer(self, PULL_MAX_UNACKED, push=False)  # (its owner, for _in_use)
                 group.attach(consumer)
                 puller = self.pullers[key] = (queue, group, consumer)
             waiter = FetchWaiter(

@@ -136,6 +136,9 @@ def _entries(broker: Broker, section: str, after: Any, now: float) -> Iterator[t
                         "lag": group.lag(queue.log.first_offset, queue.log.next_offset),
                         "in_flight": len(group.in_flight),
                         "consumers": sum(1 for c in group.consumers if c.push),
+                        # Connections holding fetched messages unacked: with
+                        # "consumers", what makes SEEK and DELETE a CONFLICT.
+                        "fetchers": sum(1 for c in group.consumers if not c.push and c.held),
                     },
                 )
     else:

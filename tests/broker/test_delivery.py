@@ -462,6 +462,34 @@ async def test_a_puller_blocks_seek_and_delete_only_while_it_holds_messages(tmp_
         assert "Q" not in broker.store.queues
 
 
+async def test_a_conflict_names_the_connections_that_hold_the_durable(tmp_path: Path) -> None:
+    """SEEK and DELETE of a durable in use say who holds it, and how, so that
+    an operator knows which connection to stop (it said only "in use by 1
+    consumer", while STATUS counted no consumer for a connection that held
+    fetched messages)."""
+    async with (
+        running_broker(tmp_path) as broker,
+        connected(broker, "worker") as worker,
+        connected(broker, "api") as api,
+        connected(broker, "admin") as admin,
+    ):
+        await worker.publish_many("hq", [("e", i) for i in range(4)])
+        await worker.fetch("hq", durable="hd", start="earliest", max_messages=2)
+        for request in (lambda: admin.seek("hq", "hd", "earliest"), lambda: admin.delete_durable("hq", "hd")):
+            with pytest.raises(ServerError) as info:
+                await request()
+            assert (info.value.code, info.value.message) == (
+                28, f"durable 'hd' is in use by 1 consumer: conn {worker.conn_id} 'worker' (2 fetched messages unacked)"
+            )  # fmt: skip
+        sub = await api.subscribe("hq", durable="hd")
+        with pytest.raises(ServerError) as info:
+            await admin.seek("hq", "hd", "earliest")
+        assert info.value.message == (
+            f"durable 'hd' is in use by 2 consumers: conn {worker.conn_id} 'worker' (2 fetched messages unacked), "
+            f"conn {api.conn_id} 'api' (subscription {sub.sub_id})"
+        )
+
+
 async def test_seek_rewinds_and_skips_a_durable(tmp_path: Path) -> None:
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         await c.publish_many("Q", [("E", i) for i in range(10)])

@@ -155,3 +155,25 @@ async def test_a_frame_limit_too_small_for_one_entry_is_a_clear_error(tmp_path: 
         with pytest.raises(BadRequest, match="does not fit in a frame"):
             await c.status()
         assert await c.ping() > 0  # the connection is still up
+
+
+async def test_a_durables_fetchers_are_counted_beside_its_consumers(tmp_path: Path) -> None:
+    """A connection holding a fetched message unacked makes SEEK and DELETE
+    of the durable a CONFLICT; STATUS counts it, under ``fetchers`` (its
+    ``consumers`` are push subscriptions, as before). It showed no one."""
+    async with running_broker(tmp_path) as broker, connected(broker, "worker") as worker, connected(broker) as admin:
+        await worker.publish_many("hq", [("e", i) for i in range(3)])
+        (held,) = await worker.fetch("hq", durable="hd", start="earliest", max_messages=1)
+
+        async def counts() -> tuple[int, int, int]:
+            (durable,) = (await admin.status())["durables"]
+            return durable["consumers"], durable["fetchers"], durable["in_flight"]
+
+        assert await counts() == (0, 1, 1)
+        sub = await admin.subscribe("hq", durable="hd")
+        assert (await sub.next(timeout=5)).offset == 1
+        assert await counts() == (1, 1, 3)  # (prefetch: the subscription took both others)
+        await held.ack(wait=True)
+        assert await counts() == (1, 0, 2)  # still attached, but holding nothing
+        await sub.close()
+        assert await counts() == (0, 0, 0)
