@@ -37,7 +37,7 @@ from .config import (
     load_queue_config,
 )
 from .retention import retention_lines
-from .server import Broker, package_version
+from .server import ALWAYS_LOGGED_KEY, Broker, package_version
 from .store import is_trash
 
 #: Descriptors the broker needs besides one per connection: the listening
@@ -127,6 +127,18 @@ start cuts them; a damaged cursor too: a start uses an older copy), 1 some
 queue is damaged (a start refuses it), 2 usage error, 3 could not check (a
 broker holds the data directory, or a directory or file cannot be read).
 """
+
+
+class _Threshold(logging.Filter):
+    """``--log-level``: the lines at ``level`` or above, and those marked
+    ``ALWAYS_LOGGED`` (``listening on HOST:PORT``) at any level."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or getattr(record, ALWAYS_LOGGED_KEY, False)
 
 
 def _at_least(kind: type[float] | type[int], low: float, *, strict: bool = False):  # type: ignore[no-untyped-def]
@@ -318,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each one refused is logged at INFO with why",
     )
     p.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: %(default)s)"
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe lines logged (default: %(default)s); 'listening on HOST:PORT' is logged at every level",
     )
     return p  # fmt: skip
 
@@ -489,10 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check and args.repair:
         parser.error("--check changes nothing and already says what --repair would do: drop --repair")
+    level = logging.getLevelNamesMapping()[args.log_level.upper()]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Threshold(level))
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=min(level, logging.INFO),  # (the ALWAYS_LOGGED lines are INFO: _Threshold drops the others)
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     try:
         config = config_from_args(args)

@@ -42,6 +42,14 @@ __all__ = ["Broker"]
 
 logger = logging.getLogger(__name__)
 
+#: ``extra`` of the log lines that ``tidings-broker`` writes whatever its
+#: ``--log-level`` (see ``broker.__main__``): ``listening on HOST:PORT``, the
+#: sign that the broker is ready and, with ``--port 0``, the only place that
+#: says its port (PostgreSQL's "listening on" is likewise a LOG line, which
+#: its default threshold, WARNING, keeps).
+ALWAYS_LOGGED_KEY: Final = "always_logged"
+ALWAYS_LOGGED: Final = {ALWAYS_LOGGED_KEY: True}
+
 #: ``Client(reconnect_deadline=...)``'s default: how long after a lost connection it may resend a publish.
 CLIENT_RECONNECT_DEADLINE: Final = 60.0
 
@@ -144,7 +152,7 @@ class Broker:
             raise
         host, port = self.address
         mtls = ", client certificates required" if self.config.tls_client_ca is not None else ""
-        logger.info("listening on %s:%d%s", host, port, f" (TLS{mtls})" if tls is not None else "")
+        logger.info("listening on %s:%d%s", host, port, f" (TLS{mtls})" if tls is not None else "", extra=ALWAYS_LOGGED)
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`aclose` has finished."""
