@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from protocol import ConfigError, Limits
@@ -34,6 +35,7 @@ from .config import (
     MIN_MAX_FRAME_BYTES,
     BrokerConfig,
     FsyncPolicy,
+    QueueRetention,
     load_queue_config,
 )
 from .retention import retention_lines
@@ -103,8 +105,11 @@ closed.
 signals: SIGINT/SIGTERM stop gracefully (stop accepting, sync, persist
 cursors, close clients); a second one exits at once. SIGHUP reloads --users
 and the TLS files.
-exit codes: 0 clean stop, 1 start-up error (a bad setting, the port taken, the
-data directory used by another broker), 2 usage error, 3 storage failure.
+exit codes: 0 clean stop; 1 could not start with the options given (the port
+taken, the data directory used by another broker or not writable, a --config,
+--users or TLS file that cannot be read or used); 2 usage error: the command
+line itself is wrong (a value out of range, options that do not go together),
+said under the usage line; 3 storage failure.
 
 --check (tidings-broker --data-dir DIR --check) reads every queue's log and
 durable cursors as a start would, changing no file, and prints a line per
@@ -160,6 +165,17 @@ def _positive(kind: type[float] | type[int]):  # type: ignore[no-untyped-def]
     return _at_least(kind, 0, strict=True)
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0 = any free port): {text!r}")
+    return value
+
+
 def _frame_bytes(text: str) -> int:
     try:
         value = int(text)
@@ -193,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port, 0 = any free port (default: %(default)s)")
+    p.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="TCP port, 0 = any free port (default: %(default)s)"
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -338,11 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+def config_from_args(args: argparse.Namespace, queues: Mapping[str, QueueRetention] | None = None) -> BrokerConfig:
     """Build the BrokerConfig from parsed arguments and the environment.
 
+    Args:
+        args: the parsed command line.
+        queues: the ``--config`` file's sections, already read (None: read
+            ``args.config`` here).
+
     Raises:
-        ConfigError: an inconsistent combination of options.
+        ConfigError: an inconsistent combination of options, or (``queues``
+            None) a ``--config`` file that cannot be read or is not valid.
     """
     limits = Limits(max_frame_size=args.max_frame_bytes, handshake_frame_size=min(8192, args.max_frame_bytes))
     return BrokerConfig(
@@ -361,7 +385,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         retention_age=args.retention_age,
         retention_keep_unacked=args.keep_unacked,
         retention_check=args.retention_check,
-        queues=load_queue_config(args.config) if args.config else {},
+        queues=queues if queues is not None else load_queue_config(args.config) if args.config else {},
         token=_token(args.users),
         users_file=args.users,
         auth_failure_delay=args.auth_failure_delay,
@@ -512,13 +536,21 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         handlers=[handler],
     )
+    # Two kinds of refusal (see "exit codes" in --help): a command line that
+    # is wrong in itself is a usage error (2), like those argparse finds; a
+    # file it names that cannot be used stops the start (1), like the --users
+    # and TLS files, read by Broker.start(), and a port already taken.
     try:
-        config = config_from_args(args)
-    except (ConfigError, ValueError) as exc:
+        queues = load_queue_config(args.config) if args.config else {}
+    except ConfigError as exc:
         if args.check:  # (exit 1 would say "damaged"): the options are wrong, as for a value out of range
             parser.error(f"a start with these options would fail, so --check cannot say what it would do: {exc}")
-        print(f"tidings-broker: {exc}", file=sys.stderr)
+        print(f"tidings-broker: cannot start: {exc}", file=sys.stderr)
         return 1
+    try:
+        config = config_from_args(args, queues)
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
     if args.check:
         return check_data_dir(config)
     if args.config is not None:

@@ -102,3 +102,25 @@ def test_the_listening_address_is_logged_at_every_log_level(tmp_path: Path, leve
     assert [line.split(" ", 2)[2].rstrip() for line in bp.log] == [
         f"INFO    broker.server: listening on 127.0.0.1:{bp.port}"
     ], bp.log
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--port", "70000"], "argument --port: must be in 0..65535 (0 = any free port): '70000'"),
+        (["--port", "-1"], "argument --port: must be in 0..65535 (0 = any free port): '-1'"),
+        (["--tls-cert", "cert.pem"], "a TLS certificate needs its key, and a key its certificate"),
+    ],
+)
+def test_a_wrong_command_line_is_a_usage_error(tmp_path: Path, args: list[str], why: str) -> None:
+    """Exit 2 with the usage line, as --help's exit codes say, for every
+    error of the command line itself, those found once it is parsed (options
+    that do not go together) included: --port 70000 and --tls-cert without
+    --tls-key exited 1 (could not start), --heartbeat -1 exited 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--data-dir", str(tmp_path / "d"), *args],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("usage: tidings-broker ") and f"tidings-broker: error: {why}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "d").exists()

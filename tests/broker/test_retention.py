@@ -204,6 +204,9 @@ def test_the_retention_in_force_for_each_queue_of_the_config_file_is_logged(tmp_
     ],
 )
 def test_a_bad_config_file_is_a_clear_start_up_error(tmp_path: Path, text: str, message: str) -> None:
+    """A file the command line names that cannot be used stops the start (exit
+    1, as for the --users and TLS files), said as such; not a usage error (2),
+    which is for a command line wrong in itself."""
     path = tmp_path / "bad.toml"
     path.write_text(text)
     result = subprocess.run(
@@ -211,6 +214,7 @@ def test_a_bad_config_file_is_a_clear_start_up_error(tmp_path: Path, text: str, 
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"tidings-broker: cannot start: config file {path}"), result.stderr
 
 
 @pytest.mark.parametrize("producer", [False, True])

@@ -173,26 +173,28 @@ async def test_the_cli_options(tmp_path: Path, tls_files: TlsFiles) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        (["--tls-cert", "{cert}"], "needs its key"),
-        (["--tls-client-ca", "{ca}"], "need TLS"),
+        # Options that do not go together: a usage error (2), the usage line first.
+        (["--tls-cert", "{cert}"], 2, "needs its key"),
+        (["--tls-client-ca", "{ca}"], 2, "need TLS"),
+        # Files that cannot be used: the start fails (1).
         # Which file is missing is named (ssl's own error names none).
-        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "cannot read the TLS certificate file {missing}: No such"),
-        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "cannot read the TLS key file {missing}: No such"),
-        (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{missing}"],
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], 1, "cannot read the TLS certificate file {missing}: No such"),
+        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], 1, "cannot read the TLS key file {missing}: No such"),
+        (["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{missing}"], 1,
          "cannot read the TLS client CA file {missing}: No such"),
         # Which file is wrong, and how (OpenSSL says "[SSL] PEM lib" for each).
-        (["--tls-cert", "{cert}", "--tls-key", "{ca}"],
+        (["--tls-cert", "{cert}", "--tls-key", "{ca}"], 1,
          "cannot use the TLS key file {ca}: no PEM private key in it (a '-----BEGIN ...PRIVATE KEY-----' block)"),
-        (["--tls-cert", "{garbage}", "--tls-key", "{key}"],
+        (["--tls-cert", "{garbage}", "--tls-key", "{key}"], 1,
          "cannot use the TLS certificate file {garbage}: no PEM certificate in it"),
-        (["--tls-cert", "{cut}", "--tls-key", "{key}"],
+        (["--tls-cert", "{cut}", "--tls-key", "{key}"], 1,
          "cannot use the TLS certificate file {cut}: its PEM block has no '-----END' line: the file is cut short"),
     ],
 )  # fmt: skip
 async def test_the_broker_refuses_to_start_with_bad_tls_options(
-    tmp_path: Path, tls_files: TlsFiles, args: list[str], message: str
+    tmp_path: Path, tls_files: TlsFiles, args: list[str], code: int, message: str
 ) -> None:
     garbage, cut = tmp_path / "garbage.pem", tmp_path / "cut.pem"
     garbage.write_text("garbage\n")
@@ -201,8 +203,9 @@ async def test_the_broker_refuses_to_start_with_bad_tls_options(
              "garbage": garbage, "cut": cut}  # fmt: skip
     argv = [a.format(**files) for a in args]
     cmd = [sys.executable, "-m", "broker", "--port", "0", "--data-dir", str(tmp_path / "data"), *argv]
-    code, _, err = await _run(*cmd)
-    assert code == 1 and message.format(**files) in err and "Traceback" not in err, err
+    got, _, err = await _run(*cmd)
+    assert got == code and message.format(**files) in err and "Traceback" not in err, err
+    assert err.startswith("usage: tidings-broker ") == (code == 2), err
     assert not (tmp_path / "data").exists()  # refused before touching the data directory
 
 
