@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
 import logging
 import os
+import platform
 import signal
 import sys
 from collections.abc import Mapping
@@ -38,7 +40,7 @@ from .config import (
     QueueRetention,
     load_queue_config,
 )
-from .retention import retention_lines
+from .retention import retention_lines, retention_summary
 from .server import ALWAYS_LOGGED_KEY, Broker, package_version
 from .store import is_trash
 
@@ -356,6 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
+def startup_line(config: BrokerConfig, loop: str) -> str:
+    """The broker's first line: its version and runtime, and the settings that
+    decide what a confirm means and what is kept.
+
+    Example: ``tidings-broker 0.1.0 (CPython 3.11.7, uvloop 0.23.0): fsync
+    always (a publish is confirmed once on disk); segments of 64 MiB;
+    retention: everything kept``.
+    """
+    fsync = {
+        FsyncPolicy.ALWAYS: "fsync always (a publish is confirmed once on disk)",
+        FsyncPolicy.INTERVAL: f"fsync every {config.fsync_interval:g} s (a publish is confirmed before it)",
+        FsyncPolicy.NEVER: "fsync never (a publish is confirmed once written; the OS flushes when it likes)",
+    }[config.fsync]
+    size = config.segment_bytes
+    segments = f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
+    retention = retention_summary(config.retention) + (" (some queues their own: --config)" if config.queues else "")
+    runtime = f"{platform.python_implementation()} {platform.python_version()}, {loop}"
+    return f"tidings-broker {package_version()} ({runtime}): {fsync}; segments of {segments}; retention: {retention}"
+
+
 def config_from_args(args: argparse.Namespace, queues: Mapping[str, QueueRetention] | None = None) -> BrokerConfig:
     """Build the BrokerConfig from parsed arguments and the environment.
 
@@ -566,9 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        runner = asyncio.Runner()
+        runner, loop = asyncio.Runner(), "asyncio"
     else:
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        runner, loop = (
+            asyncio.Runner(loop_factory=uvloop.new_event_loop),
+            f"uvloop {importlib.metadata.version('uvloop')}",
+        )
+    logging.getLogger("broker").info("%s", startup_line(config, loop))
     try:
         with runner:
             return runner.run(_run(config))

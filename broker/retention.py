@@ -25,7 +25,7 @@ from .queue import Queue
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["enforce_retention", "retention_lines"]
+__all__ = ["enforce_retention", "retention_lines", "retention_summary"]
 
 logger = logging.getLogger("broker.store")  # (the store's lines, as before)
 
@@ -112,6 +112,16 @@ def retention_lines(config: BrokerConfig, source: str) -> list[str]:
     flags = ", ".join(f"{key} {value}" for (key, _), value in zip(_KEYS, _values(config.retention), strict=True))
     lines.append(f"{'other queues' if lines else 'every queue'}: {flags} (the flags)")
     return lines
+
+
+def retention_summary(policy: Retention) -> str:
+    """``policy`` in a few words: ``everything kept``, or its rules
+    (``at most 1073741824 bytes, 86400 s; unacked kept``)."""
+    limits = [f"{policy.max_bytes} bytes"] if policy.max_bytes else []
+    limits += [f"{policy.max_age:g} s"] if policy.max_age else []
+    if not limits:
+        return "everything kept"
+    return f"at most {', '.join(limits)}" + ("; unacked kept" if policy.keep_unacked else "")
 
 
 def _values(policy: Retention) -> tuple[str, str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,25 @@ def test_the_listening_address_is_logged_at_every_log_level(tmp_path: Path, leve
     assert [line.split(" ", 2)[2].rstrip() for line in bp.log] == [
         f"INFO    broker.server: listening on 127.0.0.1:{bp.port}"
     ], bp.log
+
+
+def test_the_first_line_says_the_version_and_what_a_confirm_means(tmp_path: Path) -> None:
+    """An operator reading the log learns at once what runs and with which
+    durability and retention (the log said only the data directory and the
+    port; found by a new-user walkthrough)."""
+    bp = BrokerProcess(tmp_path, "--fsync", "interval", "--fsync-interval", "0.5", "--retention-age", "3600",
+                       "--keep-unacked", "--segment-bytes", "1048576").start(timeout=20)  # fmt: skip
+    try:
+        assert bp.stop() == 0
+    finally:
+        bp.kill()
+    first = bp.log[0].split(" ", 2)[2].rstrip()
+    loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    assert first == (
+        f"INFO    broker: tidings-broker {importlib.metadata.version('tidings')} (CPython {platform.python_version()}, "
+        f"{loop}): fsync every 0.5 s (a publish is confirmed before it); segments of 1 MiB; retention: at most "
+        "3600 s; unacked kept"
+    ), bp.log
 
 
 @pytest.mark.parametrize(
