@@ -11,7 +11,7 @@ import re
 import socket
 import ssl
 import sys
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from protocol import (
     ConfigError,
@@ -24,6 +24,7 @@ from protocol import (
     ServerError,
     TidingsError,
 )
+from protocol.messages import MAX_MESSAGE_ID_LENGTH
 
 from ..client import DEFAULT_URL, Client
 from .commands import (
@@ -73,6 +74,11 @@ from .values import FORMATS
 
 __all__ = ["build_parser", "main"]
 
+#: The most a FETCH may wait, in seconds: its ``wait_ms`` is at most 2^40 (protocol/messages.py).
+MAX_WAIT: Final = (1 << 40) / 1000
+#: The most messages a FETCH may ask for, and a subscription's largest prefetch (protocol/messages.py).
+MAX_BATCH: Final = 1 << 20
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit with status 1, not 2."""
@@ -95,17 +101,40 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _int_at_least(minimum: int) -> Any:
+def _int_at_least(minimum: int, maximum: int | None = None) -> Any:
+    """An argparse ``type``: a whole number from ``minimum`` (to ``maximum``, when given)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{text} is not in {minimum}..{maximum}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is less than {minimum}")
         return value
 
     return parse
+
+
+def _wait_seconds(text: str) -> float:
+    """``fetch --wait``: seconds, within what a FETCH can carry (``wait_ms`` < 2^40)."""
+    value = _positive_float(text)
+    if not value <= MAX_WAIT:  # (inf too: it is no number of milliseconds)
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_WAIT:.0f} seconds")
+    return value
+
+
+def _message_id(text: str) -> str:
+    """``pub --id``: 1 to MAX_MESSAGE_ID_LENGTH characters (the broker refuses others)."""
+    if not text:
+        # Most likely an unset variable (--id "$ID"): the broker would refuse it
+        # (an empty id would make every later message with it a duplicate).
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(text) > MAX_MESSAGE_ID_LENGTH:
+        raise argparse.ArgumentTypeError(f"{len(text)} characters, more than {MAX_MESSAGE_ID_LENGTH}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -188,7 +217,10 @@ def build_parser() -> _Parser:
     pub.add_argument("payload", metavar="PAYLOAD", nargs="?", help="JSON (a bare word is a string)")
     pub.add_argument("-H", "--header", action="append", metavar="KEY=VALUE", help="a header (repeatable)")
     pub.add_argument(
-        "--id", metavar="ID", help="message id for deduplication, at most 255 characters (stdin lines: ID-LINENO)"
+        "--id",
+        type=_message_id,
+        metavar="ID",
+        help=f"message id for deduplication, at most {MAX_MESSAGE_ID_LENGTH} characters (stdin lines: ID-LINENO)",
     )
     pub.add_argument("-s", "--string", action="store_true", help="the payload (or each line) is text, not JSON")
     pub.add_argument(
@@ -237,7 +269,7 @@ def build_parser() -> _Parser:
     )
     sb.add_argument(
         "--prefetch",
-        type=_int_at_least(1),
+        type=_int_at_least(1, MAX_BATCH),
         default=100,
         metavar="N",
         help="unacked messages in flight at most (default: %(default)s; with -n, at most COUNT)",
@@ -255,11 +287,15 @@ def build_parser() -> _Parser:
         help="only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)",
     )
     fe.add_argument(
-        "--max", type=_int_at_least(1), default=100, metavar="N", help="at most N messages (default: %(default)s)"
+        "--max",
+        type=_int_at_least(1, MAX_BATCH),
+        default=100,
+        metavar="N",
+        help=f"at most N messages, up to {MAX_BATCH} (default: %(default)s)",
     )
     fe.add_argument(
         "--wait",
-        type=_positive_float,
+        type=_wait_seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait this long when nothing is there (default: 0)",
@@ -465,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidings: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except LocalProtocolError as exc:  # the protocol's checks, the same as the broker's (names, sizes)
+        if exc.code is ErrorCode.BAD_REQUEST:  # a value no request may carry: the parser's checks missed one
+            print(f"tidings: {_one_line(exc)} (not sent)", file=sys.stderr)
+            return EXIT_USAGE
         print(f"tidings: refused: {exc.code.name}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except ServerError as exc:  # (after LocalProtocolError: a local InvalidName is a ServerError too)

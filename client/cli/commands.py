@@ -11,10 +11,11 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from protocol import ErrorCode, ServerError, TidingsError, check_queue
 from protocol.errors import local_error
+from protocol.messages import MAX_MESSAGE_ID_LENGTH
 from protocol.wording import many
 
 from ..client import Client
@@ -25,6 +26,9 @@ from .values import format_message, parse_payload, to_json
 
 __all__ = ["Context", "parse_headers", "parse_start", "render_status", "run_fetch", "run_ping", "run_pub",
            "run_status", "run_sub"]  # fmt: skip
+
+#: The largest offset (the protocol's offsets are unsigned 64-bit).
+MAX_OFFSET: Final = (1 << 64) - 1
 
 
 @dataclass
@@ -43,17 +47,30 @@ class Context:
 
 
 def parse_start(text: str) -> str | int | datetime:
-    """``--from``: new, earliest, an offset, or an ISO 8601 time (naive = local time)."""
+    """``--from``: new, earliest, an offset, or an ISO 8601 time (naive = local time).
+
+    An offset past 2^64 - 1, or a time before 1970, is refused here: the
+    protocol carries neither (an unsigned 64-bit offset, ms since the epoch).
+    """
     if text in ("new", "earliest"):
         return text
     if text.isdigit():
+        if int(text) > MAX_OFFSET:
+            raise argparse.ArgumentTypeError(f"{text} is more than the largest offset, {MAX_OFFSET}")
         return int(text)
     try:
-        return datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not new, earliest, an offset or an ISO time such as 2024-05-01T12:00:00Z"
         ) from None
+    try:
+        before_1970 = when.timestamp() < 0
+    except (OverflowError, OSError, ValueError):  # a naive time the platform cannot place
+        before_1970 = True
+    if before_1970:
+        raise argparse.ArgumentTypeError(f"{text!r} is before 1970-01-01T00:00:00Z, where every log begins")
+    return when
 
 
 def parse_headers(items: list[str] | None) -> dict[str, str] | None:
@@ -151,11 +168,15 @@ async def _pub_lines(ctx: Context, client: Client) -> int:
             except UsageError as exc:
                 bad_input = exc
                 break
+            mid = f"{args.id}-{lineno}" if args.id is not None else None
+            if mid is not None and len(mid) > MAX_MESSAGE_ID_LENGTH:  # (--id itself was checked by the parser)
+                bad_input = UsageError(f"the message id of stdin line {lineno} (--id ID-{lineno}) is {len(mid)} "
+                                       f"characters, more than {MAX_MESSAGE_ID_LENGTH}")  # fmt: skip
+                break
             await ctx.stopper.race(slots.acquire())
             if failure:
                 slots.release()
                 break
-            mid = f"{args.id}-{lineno}" if args.id is not None else None
             task = asyncio.ensure_future(one(count, payload, mid))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

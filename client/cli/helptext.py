@@ -30,7 +30,8 @@ EXIT_CODES: Final = """\
 exit codes:
   0  ok (also after Ctrl-C ends sub, status --watch, ping or raw, or when
      the reader of stdout goes away)
-  1  usage error: bad arguments or bad input (e.g. a payload that is not JSON)
+  1  usage error: bad arguments (an option value out of its range, such as
+     --max 2000000 or --id '', is one) or bad input (a payload that is not JSON)
   2  cannot connect to the broker, the connection broke or was ended by the
      broker (SHUTTING_DOWN, SLOW_CONSUMER, ...), or the peer is not a broker
   3  refused: the broker answered a request (or the credentials) with an

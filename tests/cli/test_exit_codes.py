@@ -47,6 +47,36 @@ def test_usage_errors_exit_1() -> None:
         assert got.stdout == "", args
 
 
+def test_option_values_no_request_can_carry_are_usage_errors_naming_the_option(url: str, queue: str) -> None:
+    """`--id ''`, `fetch --max 2000000` and the like were caught by the
+    client's own checks after connecting and reported as refusals (exit 3,
+    "refused: BAD_REQUEST: FETCH: max_messages must be in 0..1048576",
+    though 0 is refused too, and no option named); `fetch --wait inf` was an
+    internal error. They are usage errors now, found before connecting, each
+    naming its option and the range it takes (found by a new-user walkthrough)."""
+    cases = {
+        ("pub", queue, "E", "1", "--id", ""): "argument --id: must not be empty",
+        ("pub", queue, "E", "1", "--id", "x" * 256): "argument --id: 256 characters, more than 255",
+        ("fetch", queue, "--max", "2000000"): "argument --max: 2000000 is not in 1..1048576",
+        ("sub", queue, "--prefetch", "2000000"): "argument --prefetch: 2000000 is not in 1..1048576",
+        ("fetch", queue, "--wait", "inf"): "argument --wait: inf is more than 1099511628 seconds",
+        ("fetch", queue, "--from", str(1 << 64)): f"argument --from: {1 << 64} is more than the largest offset",
+        ("seek", queue, "-d", "d", "--to", "1960-01-01T00:00:00Z"): "argument --to: '1960-01-01T00:00:00Z' is before 1970",
+    }  # fmt: skip
+    for args, got in zip(cases, run_all([[*args, "--url", url] for args in cases]), strict=True):
+        assert (got.returncode, got.stdout) == (1, ""), (args, got.returncode, got.stderr)
+        assert f"tidings {args[0]}: error: {cases[args]}" in got.stderr, (args, got.stderr)
+    assert queue not in run("queues", "--json", url=url).stdout  # nothing reached the broker
+
+    # With --id, stdin line N is published with the id ID-N: one that gets too long stops the import there.
+    long_id = "x" * 253  # ID-1 .. ID-9 fit in 255 characters, ID-10 does not
+    lines = run("pub", queue, "E", "--id", long_id, input="".join(f"{n}\n" for n in range(1, 12)), url=url)
+    assert (lines.returncode, lines.stdout) == (1, f"published 9 messages to {queue} (offsets 0..8)\n")
+    assert lines.stderr.startswith(
+        "tidings: the message id of stdin line 10 (--id ID-10) is 256 characters, more than 255 (the import stopped"
+    ), lines.stderr
+
+
 def test_a_url_with_a_token_or_a_path_is_a_usage_error() -> None:
     """tidings://s3cret@host:port/path was accepted, the token and the path
     ignored: the command then ran without the credentials meant for it."""
