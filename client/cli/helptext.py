@@ -205,7 +205,9 @@ RAW_EPILOG: Final = """\
 The netcat mode. Connects, does the HELLO handshake (unless --no-hello),
 sends every stdin line as one frame and prints every frame received as one
 JSON line; exits when stdin ends and every request sent has its reply
-(waiting at most --wait seconds), after --linger more seconds.
+(waiting at most --wait seconds), after --linger more seconds (status 0).
+If the broker closes the connection first, unless after a BYE you sent, it
+says so on stderr and exits 2, as for a connection the broker ended.
 
 input: one frame per line, its wire list in the order of protocol/messages.py;
 the type may be its number or its name; '#' lines are comments:

@@ -141,6 +141,10 @@ class _Session:
         self.output_gone = False
         self.bye_sent = False
         self.handshaking = False
+        #: The stdin lines read so far (for the message when the broker closes the connection).
+        self.lineno = 0
+        #: The last connection-level ERR whose code ends the connection (SHUTTING_DOWN, ...).
+        self.fatal: ServerError | None = None
         self._echo: list[dict[str, Any]] = []
 
     # --- receiving ------------------------------------------------------------
@@ -160,8 +164,6 @@ class _Session:
                     for body in exc.before:  # the frames before the bad header
                         await self.on_frame(body)
                     self.error = exc
-                    if not self.handshaking:
-                        self.ctx.warn(f"the broker's byte stream lost its framing: {exc}")
                     return
                 for body in bodies:
                     await self.on_frame(body)
@@ -187,6 +189,10 @@ class _Session:
                 self.welcome, self.handshaking = items, False
             elif kind == FrameType.ERR:
                 self.refusal, self.handshaking = items, False
+        if kind == FrameType.ERR and req == 0 and len(items) >= 4 and type(items[2]) is int:
+            error = ServerError.for_code(items[2], str(items[3]))
+            if error.fatal:
+                self.fatal = error
         if kind in REPLY_TYPES and type(req) is int:
             if self.pending[req] > 0:
                 self.pending[req] -= 1
@@ -276,13 +282,26 @@ class _Session:
         except Stopped:
             pass
         finally:
+            ended = self.closed.is_set()  # by the broker (or its bytes), not by us: we close it here
             self.writer.transport.abort()
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reading
         if bad_input is not None:
             raise bad_input
+        if ended and not self.bye_sent and not self.output_gone and not self.ctx.stopper.stopped:
+            raise self.ended_error()
         return EXIT_OK
+
+    def ended_error(self) -> ConnectionLost:
+        """The connection ended before we closed it (and not after a BYE we
+        sent): exit 2, as for any command whose connection the broker ends."""
+        after = f"after stdin line {self.lineno}" if self.lineno else "before any stdin line was sent"
+        if self.error is not None:
+            return ConnectionLost(f"the broker's byte stream lost its framing ({after}): {self.error}")
+        if self.fatal is not None:
+            return ConnectionLost(f"the broker ended the connection ({after}): {self.fatal}")
+        return ConnectionLost(f"the broker closed the connection ({after})")
 
     async def _next_line(self, lines: LineReader) -> bytes | None:
         """The next stdin line, or None once the broker has closed the connection."""
@@ -302,7 +321,6 @@ class _Session:
         """Send every stdin line as a frame; return the input error that stopped it, if any."""
         interactive = os.isatty(0)
         lines = LineReader(0)
-        lineno = 0
         while not self.closed.is_set():
             try:
                 raw = await self._next_line(lines)
@@ -312,22 +330,20 @@ class _Session:
                 return UsageError(f"cannot read stdin: {exc}")
             if raw is None:  # the broker closed the connection while we waited for input
                 break
-            lineno += 1
+            self.lineno += 1
             text = raw.decode("utf-8", "replace").strip()
             if not text or text.startswith("#"):
                 continue
             try:
                 self.send_items(parse_frame_line(text))
             except UsageError as exc:
-                err = UsageError(f"stdin line {lineno}: {exc}")
+                err = UsageError(f"stdin line {self.lineno}: {exc}")
                 if not interactive:
                     return err
                 self.ctx.warn(str(err))
                 continue
             await self.flush_echo()
-        if not self.output_gone and not self.bye_sent:
-            self.ctx.warn(f"the broker closed the connection (after stdin line {lineno})")
-        return None
+        return None  # the broker closed the connection: run() says so
 
 
 async def run_raw(ctx: Context) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import Deliver, Err, FrameType, PubAck, Publish, encode_frame
+from tests.helpers import broker_process
 
 from .conftest import Lines, finish, lines_of, run, start
 
@@ -51,7 +52,7 @@ def test_raw_sends_frames_and_prints_replies(url: str, queue: str) -> None:
 
 def test_raw_hex_shows_wire_bytes_and_flags_invalid_frames(url: str) -> None:
     got = run("raw", "--hex", "--echo", input='["PING", 9]\n[16, "x"]\n', url=url)
-    assert got.returncode == 0, got.stderr
+    assert got.returncode == 2, got.stderr  # (the broker ends the connection: see below)
     out = frames(got.stdout)
     sent = [f for f in out if f.get("sent")]
     assert sent[0]["type"] == "HELLO"
@@ -135,5 +136,28 @@ def test_raw_exits_when_the_broker_closes_even_with_stdin_open(url: str) -> None
     assert err["type"] == "ERR" and err["frame"][2] == 1  # MALFORMED_FRAME
     proc.wait(timeout=20)  # stdin is still open: tidings must not wait for it
     code, stderr = finish(proc)
-    assert code == 0
-    assert "the broker closed the connection" in stderr
+    # Exit 2, as the exit codes say for a connection the broker ended (it was 0).
+    assert code == 2, stderr
+    assert stderr.startswith("tidings: the broker ended the connection (after stdin line 1): MALFORMED_FRAME: ")
+
+
+def test_raw_exits_2_when_the_broker_ends_the_connection_while_it_lingers(tmp_path: Path) -> None:
+    """After stdin ends, raw waits for replies and lingers; a broker that
+    closes the connection then ended it as much as before: exit 2 with a
+    line on stderr (it was exit 0 and nothing said). A BYE of our own is a
+    clean end (exit 0)."""
+    with broker_process(tmp_path) as bp:
+        proc = start("raw", "--linger", 60, url=bp.url)  # stdin: /dev/null, so at its end at once
+        assert proc.stdout is not None
+        assert json.loads(Lines(proc.stdout.fileno()).readline())["type"] == "WELCOME"
+        bp.stop()  # SHUTTING_DOWN, then the broker closes
+        code, stderr = finish(proc)
+    assert code == 2, stderr
+    assert stderr == (
+        "tidings: the broker ended the connection (before any stdin line was sent): "
+        "SHUTTING_DOWN: broker is shutting down\n"
+    )
+    with broker_process(tmp_path) as bp:
+        bye = run("raw", input='["PING", 1]\n["BYE", 2]\n', url=bp.url)
+        assert (bye.returncode, bye.stderr) == (0, ""), bye.stderr
+        assert frames(bye.stdout)[-1]["type"] == "PONG"
