@@ -8,8 +8,6 @@ import importlib.metadata
 import logging
 import os
 import re
-import socket
-import ssl
 import sys
 from typing import Any, Final, NoReturn
 
@@ -51,9 +49,11 @@ from .common import (
     Stopper,
     UsageError,
     client_cert,
+    one_line,
     take_tls_files,
     tls_context,
 )
+from .connecting import StoppedWaiting, connect, connect_error
 from .helptext import (
     DELETE_EPILOG,
     DURABLES_EPILOG,
@@ -265,7 +265,8 @@ def build_parser() -> _Parser:
     sb.add_argument(
         "--follow",
         action="store_true",
-        help="keep going across broker restarts and lost connections (each retried for up to 60 s)",
+        help="keep going across broker restarts and lost connections, and wait for a broker not up yet at the "
+        "start (each retried for up to 60 s)",
     )
     sb.add_argument(
         "--prefetch",
@@ -413,19 +414,23 @@ async def _run(args: argparse.Namespace) -> int:
             return await (run_decode(ctx) if args.decode is not None else run_raw(ctx))
         # A debugging tool reports a lost connection (exit 2) instead of hiding it, but sub --follow.
         follow = args.command == "sub" and args.follow
-        client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=follow,
-                        ssl_context=tls_context(args))  # fmt: skip
-        client._client_cert = client_cert(args)  # (the hint of a refused handshake names --tls-cert)
-        try:
-            await stopper.race(client.connect())
-        except BaseException:
-            client.abort()
-            raise
+        context = tls_context(args)
+
+        def make_client() -> Client:
+            client = Client(args.url, name=args.name, token=args.token, timeout=args.timeout, reconnect=follow,
+                            ssl_context=context)  # fmt: skip
+            client._client_cert = client_cert(args)  # (the hint of a refused handshake names --tls-cert)
+            return client
+
+        # sub --follow also waits for a broker that is not up yet (within the reconnect deadline).
+        client = await connect(make_client, stopper, wait=follow, warn=ctx.warn)
         try:
             code: int = await _CLIENT_COMMANDS[args.command](ctx, client)
         finally:
             await client.aclose()
         return code
+    except StoppedWaiting:  # Ctrl-C while sub --follow waited for the broker: it did nothing yet
+        return EXIT_INTERRUPTED
     except Stopped:  # Ctrl-C before the command could finish what it was asked
         return EXIT_OK if args.command in STREAMING else EXIT_INTERRUPTED
     finally:
@@ -434,26 +439,9 @@ async def _run(args: argparse.Namespace) -> int:
             silence_stdout()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
-
-
-def _connect_error(exc: BaseException, url: str) -> str:
-    """'cannot connect to HOST:PORT: Connection refused' rather than asyncio's 'Connect call failed (...)'."""
-    text = _one_line(exc)
-    cause = exc.__cause__
-    if (text.startswith("cannot connect to ") and isinstance(cause, OSError) and cause.errno
-            and not isinstance(cause, ssl.SSLError)):  # (its errno is OpenSSL's, not the OS's)  # fmt: skip
-        where = text[len("cannot connect to ") :].split(": ", 1)[0]
-        why = cause.strerror if isinstance(cause, socket.gaierror) else os.strerror(cause.errno)
-        return f"cannot connect to {where}: {why}"
-    return text
-
-
 def _protocol_error(exc: RemoteProtocolError, url: str) -> str:
     """The peer sent bytes that are not tidings frames: most likely not a tidings broker."""
-    text = f"{url} does not speak the tidings protocol: {_one_line(exc)}"
+    text = f"{url} does not speak the tidings protocol: {one_line(exc)}"
     if exc.code is ErrorCode.FRAME_TOO_LARGE:
         m = re.search(r"frame of (\d+) bytes", str(exc))
         if m and int(m.group(1)) < 1 << 32:
@@ -495,22 +483,22 @@ def main(argv: list[str] | None = None) -> int:
             check_pub(args)
         return asyncio.run(_run(args))
     except UsageError as exc:
-        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:
-        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except LocalProtocolError as exc:  # the protocol's checks, the same as the broker's (names, sizes)
         if exc.code is ErrorCode.BAD_REQUEST:  # a value no request may carry: the parser's checks missed one
-            print(f"tidings: {_one_line(exc)} (not sent)", file=sys.stderr)
+            print(f"tidings: {one_line(exc)} (not sent)", file=sys.stderr)
             return EXIT_USAGE
-        print(f"tidings: refused: {exc.code.name}: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: refused: {exc.code.name}: {one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except ServerError as exc:  # (after LocalProtocolError: a local InvalidName is a ServerError too)
         if exc.fatal and exc.code not in REFUSALS:  # SHUTTING_DOWN, SLOW_CONSUMER, ...: the connection ended
-            print(f"tidings: the broker ended the connection: {_one_line(exc)}", file=sys.stderr)
+            print(f"tidings: the broker ended the connection: {one_line(exc)}", file=sys.stderr)
             return EXIT_CONNECT
-        print(f"tidings: refused by the broker: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: refused by the broker: {one_line(exc)}", file=sys.stderr)
         return EXIT_REFUSED
     except BrokenPipeError:  # the reader of stdout went away: not an error
         silence_stdout()
@@ -519,20 +507,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidings: {_protocol_error(exc, args.url)}", file=sys.stderr)
         return EXIT_CONNECT
     except RequestTimeout as exc:
-        print(f"tidings: no answer from the broker at {args.url}: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: no answer from the broker at {args.url}: {one_line(exc)}", file=sys.stderr)
         return EXIT_CONNECT
     except (ConnectionLost, ConnectionClosed, OSError) as exc:
-        print(f"tidings: {_connect_error(exc, args.url)}", file=sys.stderr)
+        print(f"tidings: {connect_error(exc)}", file=sys.stderr)
         return EXIT_CONNECT
     except TidingsError as exc:
-        print(f"tidings: {_one_line(exc)}", file=sys.stderr)
+        print(f"tidings: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("TIDINGS_DEBUG"):
             raise
-        print(f"tidings: internal error: {type(exc).__name__}: {_one_line(exc)} "
+        print(f"tidings: internal error: {type(exc).__name__}: {one_line(exc)} "
               "(set TIDINGS_DEBUG=1 for the traceback)", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
 

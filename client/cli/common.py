@@ -25,6 +25,7 @@ __all__ = [
     "TlsFile",
     "UsageError",
     "client_cert",
+    "one_line",
     "take_tls_files",
     "tls_context",
 ]
@@ -37,6 +38,11 @@ EXIT_CONNECT: Final = 2  # the broker cannot be reached, or the connection broke
 EXIT_REFUSED: Final = 3  # the broker (or the protocol's own checks) refused a request
 
 T = TypeVar("T")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class UsageError(Exception):

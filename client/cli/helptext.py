@@ -38,8 +38,9 @@ exit codes:
      error, its code and message on stderr; or a name the protocol does not
      allow (INVALID_NAME)
   130 interrupted (Ctrl-C): any command but sub, status, ping and raw while
-      it was connecting, fetch while it waited, pub while it read stdin
-      (after the summary of what it published); a second Ctrl-C exits at once"""
+      it was connecting, sub --follow while it waited for a broker not up at
+      its start, fetch while it waited, pub while it read stdin (after the
+      summary of what it published); a second Ctrl-C exits at once"""
 
 MAIN_EPILOG: Final = f"""\
 examples:
@@ -93,7 +94,8 @@ messages, on Ctrl-C (acks flushed), or when the reader of stdout goes away,
 with status 0 (3 if the broker refused some acks). A lost connection or a
 broker restart ends it with status 2, unless --follow: then it reconnects
 and carries on (a durable from its cursor, an ephemeral subscription after
-the last message it printed). A durable's message that comes again because
+the last message it printed), and a broker not up at its start is waited
+for (one line on stderr says so), each for up to 60 s. A durable's message that comes again because
 its ack did not reach the broker (lost with the connection, or held for -n)
 is not printed twice, unless --no-ack. With -n the prefetch is at most
 COUNT and the last acks go with the unsubscribe, so a durable's messages

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -232,6 +233,36 @@ def test_sub_follow_carries_on_across_a_broker_restart(tmp_path: Path) -> None:
         assert lines.readline() == b"2"
         code, err = finish(proc)
     assert code == 0, err
+
+
+def test_sub_follow_waits_for_a_broker_that_is_not_up_yet(tmp_path: Path) -> None:
+    """``sub --follow`` exited 2 at once when the broker was down at start,
+    though its help promises retries for up to 60 s: it waits now, says so
+    in one line, and subscribes once the broker is up (found by a new-user
+    walkthrough). Ctrl-C while it waits is exit 130: it did nothing yet."""
+    with socket.socket() as held:  # the port, bound but not listening: connects are refused, nobody takes it
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        url = f"tidings://127.0.0.1:{port}"
+        proc = start("sub", "Q", "--follow", "--from", "earliest", "-n", "1", "--format", "raw", url=url)
+        stopped = start("sub", "Q", "--follow", url=url)
+        assert proc.stderr is not None and stopped.stderr is not None
+        waiting = (
+            f"tidings: waiting for the broker at 127.0.0.1:{port} (cannot connect to 127.0.0.1:{port}: "
+            "Connection refused): --follow tries again for up to 60 s, Ctrl-C to stop"
+        ).encode()
+        assert Lines(proc.stderr.fileno()).readline() == waiting
+        assert Lines(stopped.stderr.fileno()).readline() == waiting
+        stopped.send_signal(signal.SIGINT)
+        code, err = finish(stopped)
+        assert (code, err) == (130, ""), err
+    with broker_process(tmp_path, "--port", str(port)) as bp:
+        run("pub", "Q", "E", "hello", url=bp.url)
+        assert proc.stdout is not None
+        assert Lines(proc.stdout.fileno()).readline() == b"hello"
+        code, err = finish(proc)
+    assert (code, err) == (0, ""), err
+    # Without --follow, nothing waits: exit 2 at once (test_no_broker_exits_2).
 
 
 def test_a_broker_at_its_connection_limit_exits_2(tmp_path: Path) -> None:
