@@ -25,26 +25,15 @@ from protocol import (
 from protocol.messages import MAX_MESSAGE_ID_LENGTH
 
 from ..client import DEFAULT_URL, Client
-from .commands import (
-    Context,
-    check_pub,
-    parse_start,
-    run_delete,
-    run_durables,
-    run_fetch,
-    run_ping,
-    run_pub,
-    run_queues,
-    run_seek,
-    run_status,
-    run_sub,
-)
+from .admin import run_delete, run_durables, run_ping, run_queues, run_seek, run_status
+from .commands import check_pub, parse_start, run_fetch, run_pub, run_sub
 from .common import (
     EXIT_CONNECT,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
     TLS_OPTIONS,
+    Context,
     Stopped,
     Stopper,
     UsageError,

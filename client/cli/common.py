@@ -1,4 +1,4 @@
-"""Exit codes, the usage error, graceful stopping on signals, the TLS options."""
+"""Exit codes, the usage error, what every command gets (Context), graceful stopping on signals, the TLS options."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from .._address import parse_url
+from .streams import Output
 
 __all__ = [
     "EXIT_CONNECT",
@@ -20,6 +22,7 @@ __all__ = [
     "EXIT_REFUSED",
     "EXIT_USAGE",
     "TLS_OPTIONS",
+    "Context",
     "Stopped",
     "Stopper",
     "TlsFile",
@@ -141,6 +144,19 @@ def client_cert(args: argparse.Namespace) -> str | bool:
     option or variable gave it, or False (none)."""
     cert: TlsFile | None = args.tls_cert
     return False if cert is None else f"{cert.path} ({cert.named})"
+
+
+@dataclass
+class Context:
+    """What every command gets: parsed args, stdout, the stop switch."""
+
+    args: argparse.Namespace
+    out: Output
+    stopper: Stopper
+
+    def warn(self, message: str) -> None:
+        """Print one line on stderr, after ``tidings: ``."""
+        print(f"tidings: {message}", file=sys.stderr, flush=True)
 
 
 class Stopped(Exception):

@@ -40,8 +40,7 @@ from protocol.wording import many
 from .._address import refused_handshake_hint
 from .._transport import connect_failed
 from ..client import parse_url
-from .commands import Context
-from .common import EXIT_OK, Stopped, UsageError, client_cert, tls_context
+from .common import EXIT_OK, Context, Stopped, UsageError, client_cert, tls_context
 from .streams import LineReader
 from .values import parse_json, to_json
 
