@@ -63,6 +63,12 @@ from .values import FORMATS
 
 __all__ = ["build_parser", "main"]
 
+#: -e of sub and fetch. A durable keeps its filter when given none (SPEC section 5): not "every event".
+EVENTS_HELP: Final = (
+    "only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event, but with "
+    "--durable the durable's filter: every event for a new one, the filter it has for an existing one, "
+    "which -e '*' widens to every event again)"
+)
 #: The most a FETCH may wait, in seconds: its ``wait_ms`` is at most 2^40 (protocol/messages.py).
 MAX_WAIT: Final = (1 << 40) / 1000
 #: The most messages a FETCH may ask for, and a subscription's largest prefetch (protocol/messages.py).
@@ -227,7 +233,7 @@ def build_parser() -> _Parser:
         "--event",
         action="append",
         metavar="EVENT",
-        help="only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)",
+        help=EVENTS_HELP,
     )
     sb.add_argument(
         "-d",
@@ -274,7 +280,7 @@ def build_parser() -> _Parser:
         "--event",
         action="append",
         metavar="EVENT",
-        help="only these events; '*' is a wildcard (repeatable, or comma-separated; default: every event)",
+        help=EVENTS_HELP,
     )
     fe.add_argument(
         "--max",

@@ -16,6 +16,7 @@ from ..client import Client
 from ..subscription import Message, Subscription
 from .admin import render_status
 from .common import EXIT_OK, EXIT_REFUSED, Context, Stopped, UsageError
+from .notes import filter_note, status_or_none
 from .streams import LineReader
 from .values import format_message, parse_payload
 
@@ -259,10 +260,13 @@ async def run_sub(ctx: Context, client: Client) -> int:
     last: list[Message] = []
     # --no-ack shows what comes again (one delivery more): that is what it is for.
     printed = Printed(prefetch) if args.durable is not None and not args.no_ack else None
-    sub = await client.subscribe(args.queue, events=parse_events(args.event), durable=args.durable,
-                                 start=args.start, prefetch=prefetch)  # fmt: skip
+    events = parse_events(args.event)
+    sub = await client.subscribe(args.queue, events=events, durable=args.durable, start=args.start,
+                                 prefetch=prefetch)  # fmt: skip
     received = 0
     try:
+        if args.durable is not None and not events:  # (after the SUBSCRIBE: the filter now in force)
+            await _note_durable_filter(ctx, client)
         while (args.count is None or received < args.count) and not ctx.stopper.stopped:
             room = WRITE_BATCH if args.count is None else min(WRITE_BATCH, args.count - received)
             try:
@@ -345,12 +349,24 @@ async def _write_or_stop(ctx: Context, data: bytes) -> bool:
     return True
 
 
+async def _note_durable_filter(ctx: Context, client: Client) -> None:
+    """``sub``/``fetch --durable`` given no ``-e``: say which filter the
+    durable keeps, unless it takes every event (see :mod:`client.cli.notes`)."""
+    info = await ctx.stopper.race(status_or_none(client))
+    note = None if info is None else filter_note(info, ctx.args.queue, ctx.args.durable)
+    if note is not None:
+        ctx.warn(note)
+
+
 async def run_fetch(ctx: Context, client: Client) -> int:
     args = ctx.args
     start = args.start if args.start is not None else "earliest"
+    events = parse_events(args.event)
+    if args.durable is not None and not events:  # (before the FETCH, which may wait: the filter it will use)
+        await _note_durable_filter(ctx, client)
     msgs = await ctx.stopper.race(
-        client.fetch(args.queue, durable=args.durable, events=parse_events(args.event), max_messages=args.max,
-                     wait=args.wait, start=start)
+        client.fetch(args.queue, durable=args.durable, events=events, max_messages=args.max, wait=args.wait,
+                     start=start)
     )  # fmt: skip
     written: list[Message] = []
     try:

@@ -108,6 +108,12 @@ formats:
   text  2024-05-01T12:00:00.123Z DB#42 CREATE {"id":7} source=api (delivery 2)
   raw   the payload alone: strings and bytes as they are, anything else as JSON
 
+-e with --durable: a durable keeps its event filter, and messages it
+filters out are passed over for good. Without -e, a new durable takes every
+event and an existing one keeps the filter it has (a note on stderr names it
+when that is not every event); -e '*' widens it to every event again. A
+durable's filter changes only while nobody else is attached (else CONFLICT).
+
 --from applies to ephemeral subscriptions and to a durable's first use:
 new (the default), earliest, an offset, or an ISO 8601 time (2024-05-01T12:00:00Z;
 without a zone, local time).
@@ -127,7 +133,9 @@ there. With --durable the messages come from that durable's cursor and are
 acked after printing (unless --no-ack); without it this is a plain read of
 the log from --from (default: earliest) and nothing is remembered (a
 queue that does not exist reads as empty and is not created, unless
---wait is given: the fetch then waits on it like a subscriber).
+--wait is given: the fetch then waits on it like a subscriber). -e with
+--durable is as for sub: without it, a durable keeps the filter it has (a
+note on stderr names it when that is not every event); -e '*' for every event.
 
 examples:
   tidings fetch DB --max 5                      # the first five messages

@@ -274,6 +274,38 @@ def test_fetch_with_a_durable_acks_what_it_printed(url: str, queue: str) -> None
     assert floors["poller"] == 5
 
 
+def test_a_durable_given_no_events_keeps_its_filter_and_sub_and_fetch_say_so(url: str, queue: str) -> None:
+    """A SUBSCRIBE or FETCH without events keeps a durable's filter (the
+    SPEC's rule), while -e said "default: every event": `sub --durable d`
+    after `-e A` waited for a B forever, B passed over for good, and nothing
+    said why (found by a new-user walkthrough). Now sub and fetch name the
+    filter in force on stderr, and -e '*' widens it; no note when the
+    durable takes every event, or is new."""
+    run("pub", queue, "A", input="1\n", url=url)
+    run("pub", queue, "B", input="2\n", url=url)
+    made = run("fetch", queue, "--durable", "d", "-e", "A", url=url)
+    assert ([json.loads(x)["payload"] for x in lines_of(made.stdout)], made.stderr) == ([1], "")
+    note = (
+        "tidings: durable 'd' keeps its event filter: A "
+        "(without -e a durable keeps the filter it has; -e '*' for every event)\n"
+    )
+    kept = run("fetch", queue, "--durable", "d", url=url)
+    assert (kept.returncode, kept.stdout, kept.stderr) == (0, "", note)
+    run("pub", queue, "A", input="3\n", url=url)
+    sub = run("sub", queue, "--durable", "d", "-n", 1, "--format", "raw", url=url)
+    assert (sub.returncode, sub.stdout, sub.stderr) == (0, "3\n", note)
+    (row,) = lines_of(run("durables", queue, url=url).stdout)[1:]
+    assert row.split()[1:3] == ["d", "A"]
+
+    widened = run("fetch", queue, "--durable", "d", "-e", "*", url=url)
+    assert widened.stderr == ""
+    run("pub", queue, "B", input="4\n", url=url)
+    every = run("fetch", queue, "--durable", "d", "--format", "raw", url=url)
+    assert (every.stdout, every.stderr) == ("4\n", "")
+    fresh = run("sub", queue, "--durable", "fresh", "--from", "earliest", "-n", 1, url=url)
+    assert (fresh.returncode, fresh.stderr) == (0, "")
+
+
 def test_sub_and_fetch_from_an_offset_or_a_time(url: str, queue: str) -> None:
     run("pub", queue, "E", input="1\n2\n3\n", url=url)
     last = json.loads(run("fetch", queue, "--from", 2, "--max", 1, url=url).stdout)
