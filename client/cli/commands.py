@@ -16,7 +16,7 @@ from ..client import Client
 from ..subscription import Message, Subscription
 from .admin import render_status
 from .common import EXIT_OK, EXIT_REFUSED, Context, Stopped, UsageError
-from .notes import filter_note, status_or_none
+from .notes import created_note, filter_note, missing_note, queue_exists, status_or_none
 from .streams import LineReader
 from .values import format_message, parse_payload
 
@@ -349,10 +349,12 @@ async def _write_or_stop(ctx: Context, data: bytes) -> bool:
     return True
 
 
-async def _note_durable_filter(ctx: Context, client: Client) -> None:
+async def _note_durable_filter(ctx: Context, client: Client, info: dict[str, Any] | None = None) -> None:
     """``sub``/``fetch --durable`` given no ``-e``: say which filter the
-    durable keeps, unless it takes every event (see :mod:`client.cli.notes`)."""
-    info = await ctx.stopper.race(status_or_none(client))
+    durable keeps, unless it takes every event (see :mod:`client.cli.notes`);
+    from ``info`` when the STATUS was asked already."""
+    if info is None:
+        info = await ctx.stopper.race(status_or_none(client))
     note = None if info is None else filter_note(info, ctx.args.queue, ctx.args.durable)
     if note is not None:
         ctx.warn(note)
@@ -362,12 +364,20 @@ async def run_fetch(ctx: Context, client: Client) -> int:
     args = ctx.args
     start = args.start if args.start is not None else "earliest"
     events = parse_events(args.event)
-    if args.durable is not None and not events:  # (before the FETCH, which may wait: the filter it will use)
-        await _note_durable_filter(ctx, client)
+    # A durable's FETCH, or one that waits, creates a queue that does not exist (SPEC section 5):
+    # whether it existed is known only before (notes.py).
+    creates = args.durable is not None or args.wait > 0
+    before = await ctx.stopper.race(status_or_none(client)) if creates else None
+    if args.durable is not None and not events and before is not None:  # (before the FETCH, which may wait)
+        await _note_durable_filter(ctx, client, before)
     msgs = await ctx.stopper.race(
         client.fetch(args.queue, durable=args.durable, events=events, max_messages=args.max, wait=args.wait,
                      start=start)
     )  # fmt: skip
+    if not msgs:  # nothing printed: a typo in the queue's name looks just like this
+        after = before if creates else await ctx.stopper.race(status_or_none(client))
+        if after is not None and not queue_exists(after, args.queue):
+            ctx.warn(created_note(args.queue) if creates else missing_note(args.queue))
     written: list[Message] = []
     try:
         for msg in msgs:

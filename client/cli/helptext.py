@@ -133,7 +133,9 @@ there. With --durable the messages come from that durable's cursor and are
 acked after printing (unless --no-ack); without it this is a plain read of
 the log from --from (default: earliest) and nothing is remembered (a
 queue that does not exist reads as empty and is not created, unless
---wait is given: the fetch then waits on it like a subscriber). -e with
+--wait is given: the fetch then waits on it like a subscriber; with
+--durable it is created too). When nothing comes, a note on stderr says if
+the queue does not exist, or was created by this fetch. -e with
 --durable is as for sub: without it, a durable keeps the filter it has (a
 note on stderr names it when that is not every event); -e '*' for every event.
 

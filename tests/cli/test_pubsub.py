@@ -306,6 +306,32 @@ def test_a_durable_given_no_events_keeps_its_filter_and_sub_and_fetch_say_so(url
     assert (fresh.returncode, fresh.stderr) == (0, "")
 
 
+def test_fetch_of_a_queue_that_does_not_exist_says_so(url: str, queue: str) -> None:
+    """`tidings fetch typo-queue` printed nothing and exited 0, and with
+    --wait (or --durable) it created the typo's queue, without a word (found
+    by a new-user walkthrough). A fetch that gets nothing says on stderr
+    when the queue does not exist, or that the fetch created it; a queue
+    that exists and has nothing to give gets no note."""
+    missing = run("fetch", queue, url=url)
+    assert (missing.returncode, missing.stdout) == (0, "")
+    assert missing.stderr == f"tidings: queue '{queue}' does not exist (nothing fetched)\n"
+    assert queue not in run("queues", "--json", url=url).stdout  # a plain fetch creates nothing
+
+    made = run("fetch", queue, "--wait", 0.1, url=url)  # waiting on it creates it (SPEC section 5, FETCH)
+    assert (made.returncode, made.stdout) == (0, "")
+    assert made.stderr == (
+        f"tidings: queue '{queue}' did not exist: this fetch created it, empty (tidings delete {queue} removes it)\n"
+    )
+    durable = run("fetch", f"{queue}-d", "--durable", "d", url=url)
+    assert durable.stderr.startswith(f"tidings: queue '{queue}-d' did not exist: this fetch created it, empty")
+    for args in (["--wait", 0.1], ["--durable", "d"], []):  # the queue exists now: nothing to say
+        empty = run("fetch", queue, *args, url=url)
+        assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", ""), args
+    run("pub", queue, "E", input="1\n", url=url)
+    past = run("fetch", queue, "--from", 5, url=url)
+    assert (past.returncode, past.stdout, past.stderr) == (0, "", "")
+
+
 def test_sub_and_fetch_from_an_offset_or_a_time(url: str, queue: str) -> None:
     run("pub", queue, "E", input="1\n2\n3\n", url=url)
     last = json.loads(run("fetch", queue, "--from", 2, "--max", 1, url=url).stdout)
