@@ -63,6 +63,18 @@ def _events(events: Any) -> str:
     return ",".join(events) if events else "*"
 
 
+def _cursor(durable: dict[str, Any], first: Any) -> str:
+    """A durable's cursor (its ack floor), marked when it is behind its queue's
+    first retained message: retention dropped messages the durable had not
+    acked (they count as done; its next message says so in x-retention-gap),
+    and its LAG leaves them out, so "CURSOR 0  LAG 0" beside FIRST 200 read as
+    a durable at the start with nothing to read."""
+    floor = durable.get("ack_floor")
+    if isinstance(floor, int) and isinstance(first, int) and floor < first:
+        return f"{floor} (behind FIRST {first})"
+    return str(floor)
+
+
 def render_status(info: dict[str, Any], rates: dict[str, float] | None = None) -> str:
     """Format a STATUS reply as aligned tables.
 
@@ -128,9 +140,10 @@ def render_queues(info: dict[str, Any], rates: dict[str, float] | None = None) -
 
 
 def render_durables(info: dict[str, Any]) -> str:
-    """The DURABLES table of a STATUS reply."""
-    durs = [[d.get("queue"), d.get("name"), _events(d.get("events")), d.get("ack_floor"), d.get("lag"),
-             d.get("in_flight"), d.get("consumers")] for d in info.get("durables", [])]  # fmt: skip
+    """The DURABLES table of a STATUS reply (its ``queues`` too, for :func:`_cursor`)."""
+    firsts = {q.get("name"): q.get("first_offset") for q in info.get("queues", [])}
+    durs = [[d.get("queue"), d.get("name"), _events(d.get("events")), _cursor(d, firsts.get(d.get("queue"))),
+             d.get("lag"), d.get("in_flight"), d.get("consumers")] for d in info.get("durables", [])]  # fmt: skip
     return _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS"])
 
 
@@ -158,7 +171,7 @@ async def run_durables(ctx: Context, client: Client) -> int:
     if ctx.args.json:
         await ctx.out.line(json.dumps(durables, indent=2, default=str))
     else:
-        await ctx.out.line(render_durables({"durables": durables}))
+        await ctx.out.line(render_durables({"durables": durables, "queues": info.get("queues", [])}))
     return EXIT_OK
 
 

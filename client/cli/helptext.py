@@ -174,6 +174,10 @@ floor), lag (messages not yet acked), messages in flight and consumers
 attached. Delete one with `tidings delete QUEUE --durable NAME`, rewind or
 skip one with `tidings seek QUEUE --durable NAME --to POSITION`. A QUEUE
 that does not exist, or that the broker refused at start-up, is exit 3.
+A cursor shown "0 (behind FIRST 200)" is behind the queue's first message
+kept: retention dropped messages the durable had not acked; they count as
+done (and are not in its lag), and its next message says which in its
+x-retention-gap header.
 
 examples:
   tidings durables
