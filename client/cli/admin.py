@@ -143,8 +143,9 @@ def render_durables(info: dict[str, Any]) -> str:
     """The DURABLES table of a STATUS reply (its ``queues`` too, for :func:`_cursor`)."""
     firsts = {q.get("name"): q.get("first_offset") for q in info.get("queues", [])}
     durs = [[d.get("queue"), d.get("name"), _events(d.get("events")), _cursor(d, firsts.get(d.get("queue"))),
-             d.get("lag"), d.get("in_flight"), d.get("consumers")] for d in info.get("durables", [])]  # fmt: skip
-    return _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS"])
+             d.get("lag"), d.get("in_flight"), d.get("consumers"), d.get("fetchers", "-")]
+            for d in info.get("durables", [])]  # fmt: skip
+    return _table(durs, ["QUEUE", "DURABLE", "EVENTS", "CURSOR", "LAG", "IN FLIGHT", "CONSUMERS", "FETCHERS"])
 
 
 async def run_queues(ctx: Context, client: Client) -> int:

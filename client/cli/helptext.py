@@ -170,8 +170,9 @@ examples:
 
 DURABLES_EPILOG: Final = """\
 Durable cursors, of every queue or of QUEUE: their event filter, cursor (ack
-floor), lag (messages not yet acked), messages in flight and consumers
-attached. Delete one with `tidings delete QUEUE --durable NAME`, rewind or
+floor), lag (messages not yet acked), messages in flight, consumers
+attached (push subscriptions) and fetchers (connections holding fetched
+messages unacked: they, too, keep a seek or delete of the durable waiting). Delete one with `tidings delete QUEUE --durable NAME`, rewind or
 skip one with `tidings seek QUEUE --durable NAME --to POSITION`. A QUEUE
 that does not exist, or that the broker refused at start-up, is exit 3.
 A cursor shown "0 (behind FIRST 200)" is behind the queue's first message

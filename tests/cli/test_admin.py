@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+from client import Client
 from client.cli.commands import render_status
 from tests.helpers import broker_process
 
@@ -67,6 +68,25 @@ def test_queues_and_durables_list(url: str, queue: str) -> None:
     assert [d["name"] for d in json.loads(run("durables", queue, "--json", url=url).stdout)] == ["audit"]
 
 
+async def test_a_connection_holding_fetched_messages_is_shown_as_a_fetcher(url: str, queue: str) -> None:
+    """A seek or delete of a durable is refused (CONFLICT) while a connection
+    holds messages it fetched and did not ack; the table shows that
+    connection as a fetcher (CONSUMERS counts push subscriptions only: it
+    said 0 while CONFLICT said "in use by 1 consumer")."""
+    async with Client(url, name="holder") as c:
+        await c.publish(queue, "E", 1)
+        (held,) = await c.fetch(queue, durable="hd", max_messages=1)
+        lines = run("durables", queue, url=url).stdout.splitlines()
+        assert lines[0].split()[-2:] == ["CONSUMERS", "FETCHERS"]
+        assert lines[1].split()[-2:] == ["0", "1"], lines
+        refused = run("seek", queue, "--durable", "hd", "--to", "earliest", url=url)
+        assert refused.returncode == 3 and "conn " in refused.stderr and "'holder'" in refused.stderr, refused.stderr
+        await held.ack()
+        await c.ping()  # (acks are sent in batches: this one is in by the PONG)
+        lines = run("durables", queue, url=url).stdout.splitlines()
+        assert lines[1].split()[-2:] == ["0", "0"], lines
+
+
 def test_a_cursor_behind_what_retention_kept_is_shown_behind_first(tmp_path: Path) -> None:
     """After retention dropped messages a durable had not acked, STATUS
     still gives its old ack floor, and `durables` showed "CURSOR 1  LAG 0"
@@ -84,7 +104,7 @@ def test_a_cursor_behind_what_retention_kept_is_shown_behind_first(tmp_path: Pat
         durables, status = run("durables", url=bp.url), run("status", url=bp.url)
         raw = json.loads(run("durables", "--json", url=bp.url).stdout)
     assert [(d["ack_floor"], d["lag"]) for d in raw] == [(1, 0)]
-    row = ["Q", "d", "*", "1", "(behind", "FIRST", "5)", "0", "0", "0"]
+    row = ["Q", "d", "*", "1", "(behind", "FIRST", "5)", "0", "0", "0", "0"]
     assert lines_of(durables.stdout)[1].split() == row, durables.stdout
     assert lines_of(status.stdout)[-1].split() == row, status.stdout
 
