@@ -341,15 +341,20 @@ class Session(Consuming, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        why = (
+            "this broker requires a token and none was given (tidings --token or $TIDINGS_TOKEN, Client(token=...))"
+            if given is None
+            else "wrong token"
+        )
         if delay <= 0 or self.transport is None:
-            self._refuse()
+            self._refuse(why)
             return
         self.transport.pause_reading()
         self._refusing = True
-        self._timer = asyncio.get_running_loop().call_later(delay, self._refuse)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._refuse, why)
 
-    def _refuse(self) -> None:
-        self.fatal(ErrorCode.AUTH_FAILED, "invalid or missing token", log_level=logging.DEBUG)
+    def _refuse(self, why: str) -> None:
+        self.fatal(ErrorCode.AUTH_FAILED, why, log_level=logging.DEBUG)
 
     def _on_hello(self, ev: Hello) -> None:
         if ev.version != PROTOCOL_VERSION:

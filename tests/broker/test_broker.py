@@ -369,9 +369,10 @@ async def test_handshake_errors(tmp_path: Path) -> None:
         assert isinstance(reply, Err) and reply.code == ErrorCode.UNEXPECTED_FRAME
         await peer.expect_closed()
 
-        with pytest.raises(AuthFailed):
+        with pytest.raises(AuthFailed, match=r"wrong token$"):
             await Client.open(url_of(broker), token="wrong")
-        with pytest.raises(AuthFailed):
+        # No token: said so, with where one goes (it said "invalid or missing token" to both).
+        with pytest.raises(AuthFailed, match=r"requires a token and none was given \(tidings --token"):
             await Client.open(url_of(broker))
         async with Client(url_of(broker), token="s3cret") as c:
             assert await c.publish("Q", "E") == 0

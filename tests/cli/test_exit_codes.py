@@ -171,7 +171,7 @@ def test_broker_refusing_the_token_exits_3(tmp_path: Path, monkeypatch: pytest.M
         for args, got in zip(cases, run_all([[*a, "--token", "wrong", "--url", bp.url] for a in cases], input=""),
                              strict=True):  # fmt: skip
             assert got.returncode == 3, (args, got.stderr)
-            assert got.stderr == "tidings: refused by the broker: AUTH_FAILED: invalid or missing token\n", args
+            assert got.stderr == "tidings: refused by the broker: AUTH_FAILED: wrong token\n", args
         ok = run("ping", "--token", "s3cret", url=bp.url)
         assert ok.returncode == 0, ok.stderr
 
