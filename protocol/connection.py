@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, local_error
-from .framing import HEADER, FrameDecoder, pack_body, unpack_body
+from .framing import FLAT_TYPES, HEADER, FrameDecoder, find_bad_map_key, pack_body, unpack_body
 from .messages import FRAME_CLASSES, Bye, Frame, FrameType, InvalidRequest, Publish
 from .wire import PUBACK_FRAME_SIZE, PubAckRun, decode_fixed_puback, locate_plain_publish, puback_run_length
 
@@ -126,6 +126,22 @@ def encode_error(req: int, code: ErrorCode, message: str) -> bytes:
 def _unencodable(frame_type: FrameType, exc: Exception) -> LocalProtocolError:
     """A frame holding a value msgpack cannot encode (a payload, mostly)."""
     return LocalProtocolError(f"{frame_type.name} frame cannot be encoded as msgpack: {exc}")
+
+
+def _undecodable(payload: Any, exc: RemoteProtocolError) -> LocalProtocolError:
+    """A PUBLISH that msgpack encoded but the peer's decoder refuses.
+
+    The packer writes what :func:`protocol.framing.unpack_body` refuses, as
+    MALFORMED_FRAME, which ends the connection: a map with an int key, say,
+    or an ``ExtType``. So a payload that is not flat is decoded before it is
+    sent (:meth:`Connection.encode`, :meth:`Connection.send_publish`): exact,
+    and in C it costs about what packing did. (A walk of the payload in
+    Python is a little cheaper for a dict of one or two items, dearer for
+    anything larger, and would miss what is not a map key.)
+    """
+    where = find_bad_map_key(payload)
+    why = f"map keys must be strings (or bytes): {where}" if where is not None else f"the peer would refuse it: {exc}"
+    return LocalProtocolError(f"PUBLISH frame cannot be sent: {why}")
 
 
 _SEND, _RECV = "send", "recv"
@@ -255,8 +271,9 @@ class Connection:
         send once a new connection is ready).
 
         Raises:
-            LocalProtocolError: larger than the frame limit, or a value msgpack
-                cannot encode.
+            LocalProtocolError: larger than the frame limit, a value msgpack
+                cannot encode, or a PUBLISH payload the peer's decoder would
+                refuse (a map key other than a string or bytes, an ExtType).
         """
         try:
             body = pack_body(frame.to_wire())
@@ -264,6 +281,11 @@ class Connection:
             raise _unencodable(frame.TYPE, exc) from exc
         if len(body) > self.max_frame_size:
             raise self._too_large(frame.TYPE, len(body))
+        if type(frame) is Publish and type(frame.payload) not in FLAT_TYPES:
+            try:
+                unpack_body(body, self.max_frame_size)
+            except RemoteProtocolError as exc:
+                raise _undecodable(frame.payload, exc) from exc.__cause__
         return _pack_len(len(body)) + body
 
     def send_again(self, data: bytes, frame_type: FrameType) -> bytes:
@@ -299,7 +321,8 @@ class Connection:
 
         Raises:
             LocalProtocolError: not allowed in this state, larger than the
-                frame limit, or a payload msgpack cannot encode.
+                frame limit, a payload msgpack cannot encode, or one the
+                peer's decoder would refuse (as :meth:`encode`).
         """
         if self._table is not _CLIENT_READY:  # not a READY client
             return self.send(Publish(req, queue, event, payload, None, message_id))
@@ -310,6 +333,11 @@ class Connection:
             raise _unencodable(FrameType.PUBLISH, exc) from exc
         if len(body) > self.max_frame_size:
             raise self._too_large(FrameType.PUBLISH, len(body))
+        if type(payload) not in FLAT_TYPES:  # (a flat payload costs this set lookup only)
+            try:
+                unpack_body(body, self.max_frame_size)  # see _undecodable
+            except RemoteProtocolError as exc:
+                raise _undecodable(payload, exc) from exc.__cause__
         return _pack_len(len(body)) + body
 
     def _too_large(self, frame_type: FrameType, size: int) -> LocalProtocolError:

@@ -33,7 +33,7 @@ import msgpack
 
 from .errors import ErrorCode, RemoteProtocolError
 
-__all__ = ["HEADER", "FrameDecoder", "encode_frame", "pack_body", "unpack_body"]
+__all__ = ["FLAT_TYPES", "HEADER", "FrameDecoder", "encode_frame", "find_bad_map_key", "pack_body", "unpack_body"]
 
 #: The length prefix: unsigned 32-bit, big-endian.
 HEADER: Final = struct.Struct(">I")
@@ -115,6 +115,47 @@ def unpack_body(body: bytes, max_size: int) -> Any:
         return unpack(body)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, RecursionError, ...
         raise _malformed(exc) from exc
+
+
+# --- map keys: what the packer writes and unpack_body refuses ----------------
+#
+# msgpack packs a dict with keys of any packable type, but unpack_body (as
+# msgpack's unpackb by default: strict_map_key) accepts only str and bin keys:
+# a frame with an int key, say, is MALFORMED_FRAME to its peer, which then
+# closes the connection. The sender checks (Connection.send, for the one
+# free-form value: a PUBLISH payload) with unpack_body itself; this finds the
+# key to name in the error.
+
+#: Payload types with nothing inside: no map key to check.
+FLAT_TYPES: Final = frozenset({bytes, str, int, float, bool, type(None)})
+#: The key types unpack_body accepts: what msgpack packs as str or bin.
+_KEY_TYPES: Final = (str, bytes, memoryview)
+
+
+def find_bad_map_key(value: Any) -> str | None:
+    """Where ``value`` (a payload) has a map key :func:`unpack_body` refuses.
+
+    Iterative, so any depth msgpack packs is fine; it runs only to word an
+    error (the check is unpack_body's).
+
+    Args:
+        value: the payload.
+
+    Returns:
+        Where the first key other than a str or bytes is, e.g.
+        ``"payload['http'] has the key 200 (int)"``; None when there is none.
+    """
+    todo: list[tuple[Any, str]] = [(value, "payload")]
+    while todo:
+        item, path = todo.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, _KEY_TYPES):
+                    return f"{path} has the key {key!r} ({type(key).__name__})"
+            todo.extend((v, f"{path}[{k!r}]") for k, v in reversed(item.items()))
+        elif isinstance(item, (list, tuple)):
+            todo.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -22,6 +22,12 @@ BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
     ("bad headers", ("q", "e", 1), {"headers": {"a": 1}}, "PUBLISH: headers must map strings to strings"),
     ("bad id", ("q", "e", 1), {"message_id": 5}, "PUBLISH: message_id must be a string or nil, not int"),
     (
+        "int map key",
+        ("q", "e", {"http": {200: "ok"}}),
+        {},
+        "PUBLISH frame cannot be sent: map keys must be strings (or bytes): payload['http'] has the key 200 (int)",
+    ),
+    (
         "too large",
         ("q", "e", b"x" * (2 << 20)),
         {},
@@ -43,6 +49,25 @@ async def test_bad_publishes_raise_at_the_call_and_leave_nothing_pending(tmp_pat
                     await c.publish_many(args[0], [(args[1], args[2], kwargs.get("headers"))])
         assert not c._pending and not c._frames
         assert await c.publish("q", "e", 1) == 1
+
+
+async def test_a_payload_with_an_int_map_key_is_refused_and_the_connection_carries_on(tmp_path: Path) -> None:
+    """The broker's decoder takes only string (and bytes) map keys: a payload
+    such as ``{"http": {200: "ok"}}`` is refused before sending, like any
+    payload that cannot be sent, and the connection, its subscription
+    included, carries on. (It was sent: the broker answered the fatal
+    MALFORMED_FRAME and closed, and every later call on the client raised it.)"""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        sub = await c.subscribe("ik", durable="w", start="earliest")
+        await c.publish("ik", "x", {"status": "ok"})
+        assert (await sub.next(timeout=10)).payload == {"status": "ok"}
+        for payload in ({"http": {200: "ok"}}, [{"ok": 1}, {1.5: "no"}], {b"bytes": 1, None: 2}):
+            with pytest.raises(LocalProtocolError, match=r"map keys must be strings \(or bytes\)"):
+                await c.publish("ik", "x", payload)
+        await c.publish("ik", "x", {b"bytes key": [1, {"nested": 2}]})
+        assert (await sub.next(timeout=10)).payload == {b"bytes key": [1, {"nested": 2}]}
+        await c.ping()
+        assert (c.conn_id, c.reconnects) == (1, 0)
 
 
 async def test_fast_path_frames_are_the_ones_the_general_path_would_resend(tmp_path: Path) -> None:
