@@ -252,10 +252,18 @@ class Transport(Reconnecting):
     # --- requests and writes ------------------------------------------
 
     def _check_open(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._closed or self._closing or self._sock is None:
+        """Raise what a call on this client raises now, if it cannot be made.
+
+        Closed by us (``aclose()``, ``abort()``): ConnectionClosed. Broken
+        (the connection ended for good, see ``Client``): the error that
+        ended it. Never connected: ConnectionClosed, saying so.
+        """
+        if self._closed or self._closing:
             raise ConnectionClosed()
+        if self._error is not None:
+            raise self._error.with_traceback(None)  # (not one traceback longer per call)
+        if self._sock is None:
+            raise ConnectionClosed("not connected: call connect() or use async with")
 
     def _send_request(self, frame: Frame, *, tracked: bool = True) -> asyncio.Future[Frame]:
         self._check_open()
@@ -641,6 +649,11 @@ class Transport(Reconnecting):
         self._kinds.clear()
         if self._error is None and not clean:
             self._error = error
+            if self._established:  # (a failed connect() may be tried again)
+                error.add_note(
+                    f"The connection to {self.host}:{self.port} ended with this error, for good: "
+                    "every call on this client raises it (make a new Client)."
+                )
         pending, self._pending = self._pending, {}
         self._frames.clear()
         for fut in pending.values():

@@ -65,6 +65,21 @@ def _start(start: str | int | datetime) -> tuple[str, int | None]:
 class Client(Transport):
     """A connection to a tidings broker.
 
+    Its state, which ``repr()`` shows: *new* until :meth:`connect`; *open*
+    (*reconnecting* while a lost connection is retried, see ``reconnect``);
+    *closed* by :meth:`aclose` or :meth:`abort`, after which every call
+    raises ConnectionClosed; or *broken*: the connection ended for good.
+    That is a fatal error from the broker that reconnecting cannot help
+    (AuthFailed, or a plain ServerError such as SLOW_CONSUMER or
+    MALFORMED_FRAME), a connection lost with ``reconnect=False``
+    (ConnectionLost, or ShuttingDown when the broker stops), reconnecting
+    given up (ConnectionLost after ``reconnect_deadline``, or the broker's
+    refusal of the new handshake, such as AuthFailed), or a handshake that
+    failed in :meth:`connect`. A broken client does not reconnect: every
+    call, :meth:`connect` included, raises that error (noted as having
+    ended the connection), and its subscriptions end with it; :meth:`aclose`
+    is harmless. Make a new Client to carry on.
+
     Args:
         url: ``tidings://host:port`` or ``tidingss://host:port`` (TLS), with
             nothing more: a token goes in ``token``, and a URL with a user,
@@ -107,7 +122,14 @@ class Client(Transport):
     __slots__ = ()  # see Reconnecting.__slots__
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._sock is not None else "new"
+        if self._closed or self._closing:
+            state = "closed" if self._closed else "closing"
+        elif self._error is not None:
+            state = f"broken ({type(self._error).__name__}: {self._error})"
+        elif self._reconnecting:
+            state = "reconnecting"
+        else:
+            state = "open" if self._sock is not None else "new"
         return (
             f"<Client {self.name!r} {self.host}:{self.port} {state} conn={self.conn_id} "
             f"pending={len(self._pending)} subs={len(self._subs)}>"
@@ -131,12 +153,23 @@ class Client(Transport):
     async def connect(self) -> None:
         """Connect and shake hands.
 
+        Nothing to do once connected (reconnecting included). A client
+        connects once: closed, or broken (see the class docstring; a
+        handshake that failed breaks it too), it raises instead.
+
         Raises:
             ConnectionLost: the broker cannot be reached.
             ServerError: the broker refused the handshake (e.g. AuthFailed),
                 or the connection (TooManyConnections: at its limit; retriable).
             RequestTimeout: no WELCOME in time.
+            ConnectionClosed: the client was closed (``aclose()``, ``abort()``).
+            TidingsError: the client is broken: the error that broke it.
         """
+        if self._closed or self._closing:
+            raise ConnectionClosed("this client was closed: make a new Client to connect again")
+        if self._error is not None or self._established:
+            self._check_open()  # broken: raises why
+            return
         self._loop = asyncio.get_running_loop()
         await self._open()
         self._established = True

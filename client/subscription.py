@@ -198,7 +198,7 @@ class Subscription:
         while not self._buffer:
             if self._ended:
                 if self._error is not None:
-                    raise self._error
+                    raise self._error.with_traceback(None)  # (not one traceback longer per call)
                 raise StopAsyncIteration
             self._waiter = self._client._loop.create_future()
             try:
