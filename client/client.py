@@ -28,9 +28,11 @@ from protocol import (
     Delete,
     ErrorCode,
     Fetch,
+    Frame,
     Nack,
     Ping,
     Progress,
+    Publish,
     Seek,
     ServerError,
     Status,
@@ -40,7 +42,7 @@ from protocol import (
     Unsubscribe,
 )
 
-from ._transport import ACK_FLUSH, DEFAULT_URL, Transport, _app_headers, parse_url
+from ._transport import ACK_FLUSH, DEFAULT_URL, FLUSH_BYTES, Transport, _app_headers, parse_url
 from .subscription import Message, Subscription
 
 __all__ = ["DEFAULT_URL", "Client", "parse_url"]
@@ -273,6 +275,9 @@ class Client(Transport):
     ) -> list[int]:
         """Publish several messages in one write; wait for all their confirms.
 
+        Every message is checked and encoded before any is sent: a
+        LocalProtocolError means that nothing of the batch was sent.
+
         Args:
             queue: the queue.
             messages: ``(event, payload)`` or ``(event, payload, headers)`` tuples.
@@ -281,9 +286,14 @@ class Client(Transport):
             Their offsets, in order.
 
         Raises:
-            ServerError: the first refusal, after all replies arrived.
+            LocalProtocolError: found before sending, as for :meth:`publish`
+                (a bad name, a message over the frame limit, a payload that
+                cannot be sent); none of the messages was sent.
+            ServerError: the first refusal, after all replies arrived (the
+                others were stored).
+            ConnectionLost: the connection broke before the confirms arrived.
         """
-        futures = [self._send_publish(queue, m[0], m[1], m[2] if len(m) > 2 else None, None) for m in messages]
+        futures = self._send_batch(queue, messages)
         await self._maybe_drain()
         # Await the futures themselves (the sweeper times them out): no task per message.
         offsets: list[int] = []
@@ -296,6 +306,52 @@ class Client(Transport):
         if error is not None:
             raise error
         return offsets
+
+    def _send_batch(
+        self, queue: str, messages: Iterable[tuple[str, Any] | tuple[str, Any, dict[str, str] | None]]
+    ) -> list[asyncio.Future[int]]:
+        """PUBLISH all of ``messages`` or none: :meth:`_send_publish` for each
+        (the fast path where it applies), but all are encoded, and so checked,
+        before any is registered or written (``_send_publish`` may write as
+        it goes: FLUSH_BYTES)."""
+        self._check_open()
+        conn, reqs, reconnecting = self._conn, self._reqs, self._reconnecting
+        encoded: list[tuple[int, Frame | bytes, bytes]] = []
+        for m in messages:
+            event, payload, headers = m[0], m[1], (m[2] if len(m) > 2 else None)
+            req = next(reqs)
+            try:
+                fast = headers is None and queue in self._queue_names and event in self._event_names
+            except TypeError:  # an unhashable name: Publish() words the error
+                fast = False
+            if fast and not reconnecting:
+                data = conn.send_publish(req, queue, event, payload)
+                encoded.append((req, data, data))
+            else:
+                frame = Publish(req, queue, event, payload, headers)
+                encoded.append((req, frame, conn.encode(frame) if reconnecting else conn.send(frame)))
+                self._remember_names(queue, event)
+        # All passed: register and write them (nothing below raises). No _kinds
+        # entry: a PUBLISH is timed by the sweeper as one.
+        futures: list[asyncio.Future[int]] = []
+        for req, resend, _ in encoded:  # (a resend is the fast path's bytes, or the frame)
+            fut: asyncio.Future[int] = self._loop.create_future()
+            self._pending[req] = fut
+            if self.reconnect:
+                self._frames[req] = resend
+            futures.append(fut)
+        if reconnecting:
+            self._held.extend(req for req, _, _ in encoded)  # sent when the connection is back
+            return futures
+        if self._acks:  # acks queued earlier go first: the broker sees calls in program order
+            self._write_acks()
+        for _, _, data in encoded:
+            self._wbuf.append(data)
+            self._wbytes += len(data)
+            if self._wbytes >= FLUSH_BYTES:
+                self._write_buffered()
+        self._schedule_flush()
+        return futures
 
     # --- subscribing --------------------------------------------------------
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from protocol import BadRequest, Err, ErrorCode, FrameType, LocalProtocolError, PubAck, Publish
+from protocol.errors import LocalInvalidName
 from tests.helpers import RawPeer, connected, running_broker
 
 BAD: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
@@ -68,6 +69,26 @@ async def test_a_payload_with_an_int_map_key_is_refused_and_the_connection_carri
         assert (await sub.next(timeout=10)).payload == {b"bytes key": [1, {"nested": 2}]}
         await c.ping()
         assert (c.conn_id, c.reconnects) == (1, 0)
+
+
+async def test_publish_many_sends_nothing_of_a_batch_with_a_message_it_cannot_send(tmp_path: Path) -> None:
+    """Every message of a batch is checked before any is sent: a bad name, or
+    an unsendable payload after more than FLUSH_BYTES of good messages (which
+    the single publish path writes as it goes), raises and stores nothing;
+    the offsets show it. (a and b were stored, and then LocalInvalidName,
+    documented as "nothing was sent", was raised.)"""
+    from client import _transport as client_module
+
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        assert await c.publish_many("other", [("a", 0), ("b", 0)]) == [0, 1]  # names known: the fast path
+        with pytest.raises(LocalInvalidName, match="invalid event name 'bad name'"):
+            await c.publish_many("pm", [("a", 1), ("b", 2), ("bad name", 3), ("c", 4)])
+        many = [("a", b"x" * 100)] * (2 * client_module.FLUSH_BYTES // 100) + [("b", {1: "int key"}), ("c", 1)]
+        with pytest.raises(LocalProtocolError, match="map keys must be strings"):
+            await c.publish_many("pm", many)
+        assert not c._pending and not c._frames
+        assert await c.publish("pm", "first") == 0  # (on one connection the broker takes requests in order)
+        assert await c.publish_many("pm", [("a", 1), ("b", 2, {"h": "v"}), ("new-event", 3)]) == [1, 2, 3]
 
 
 async def test_fast_path_frames_are_the_ones_the_general_path_would_resend(tmp_path: Path) -> None:
