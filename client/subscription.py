@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from protocol import LOST_EVENT, ConnectionClosed, ServerError, TidingsError
+from protocol import LOST_EVENT, ConfigError, ConnectionClosed, ServerError, TidingsError
 
 if TYPE_CHECKING:
     import asyncio
@@ -225,25 +225,31 @@ class Subscription:
         except StopAsyncIteration:
             raise ConnectionClosed("subscription is closed") from None
 
-    async def close(self, *, ack: Iterable[Message] = ()) -> None:
+    async def close(self, *, ack: Message | Iterable[Message] = ()) -> None:
         """Unsubscribe. A durable's cursor stays on the broker. Harmless twice.
 
         Args:
-            ack: messages of this subscription to acknowledge in the same
-                write as the UNSUBSCRIBE, so the broker sends nothing more
-                for them. (Each ack before it may bring one more message,
-                which then goes back unseen with a delivery counted; for a
-                consumer that takes exactly N, say.)
+            ack: a message, or messages, of this subscription's durable to
+                acknowledge in the same write as the UNSUBSCRIBE, so the
+                broker sends nothing more for them. (Each ack before it may
+                bring one more message, which then goes back unseen with a
+                delivery counted; for a consumer that takes exactly N, say:
+                ``await sub.close(ack=last)``.) Messages already acked, and
+                those of ephemeral subscriptions, are skipped.
 
         Raises:
+            ConfigError: ``ack`` holds something other than a message of
+                this subscription's durable; nothing was done (the
+                subscription is still open).
             ServerError: the broker refused some of those acks (the
                 subscription is closed all the same).
         """
+        messages = self._own(ack)
         if self._ended:
             return
         self._end(None)
         offsets = []
-        for m in ack:
+        for m in messages:
             if m.durable is not None and not m._settled:
                 m._settled = True
                 offsets.append(m.offset)
@@ -254,6 +260,29 @@ class Subscription:
             return
         if refused is not None:
             raise refused
+
+    def _own(self, ack: Message | Iterable[Message]) -> list[Message]:
+        """``close()``'s ``ack`` as a list, checked: each a Message of this
+        subscription's queue and durable (or an ephemeral one, acked by nobody).
+
+        Raises:
+            ConfigError: anything else (its ack would go to this durable).
+        """
+        if isinstance(ack, Message):
+            return [ack]
+        try:
+            messages = list(ack)
+        except TypeError:
+            raise ConfigError(f"ack takes a Message or messages, not {type(ack).__name__}") from None
+        for m in messages:
+            if not isinstance(m, Message):
+                raise ConfigError(f"ack takes a Message or messages, not {type(m).__name__}")
+            if m.durable is not None and (m.queue, m.durable) != (self.queue, self.durable):
+                raise ConfigError(
+                    f"ack takes messages of this subscription's durable {self.durable!r} of {self.queue!r}, "
+                    f"not one of durable {m.durable!r} of {m.queue!r} (offset {m.offset})"
+                )
+        return messages
 
     async def __aenter__(self) -> Subscription:
         return self

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client import ServerError
+from client import ConfigError, ServerError
 from client._transport import ACK_FLUSH
 from tests.helpers import connected, running_broker
 
@@ -58,3 +58,38 @@ async def test_close_acks_the_last_messages_with_the_unsubscribe(tmp_path: Path)
         assert sub not in c._subs.values()
         [durable] = [d for d in (await c.status())["durables"] if d["name"] == "e"]
         assert durable["ack_floor"] == 3  # the others were acked all the same
+
+
+async def test_close_takes_one_message_and_refuses_what_is_not_its_durables_before_closing(tmp_path: Path) -> None:
+    """``sub.close(ack=last)``, as the README writes it, acks that one message
+    with the UNSUBSCRIBE. An ``ack`` that is not messages of this
+    subscription's durable (another durable's would be acked on this one) is
+    refused before anything changes: the subscription is still open and
+    closes after. (``ack=last`` raised TypeError after the subscription had
+    ended locally: the UNSUBSCRIBE was never sent, the broker kept its
+    messages in flight, and a second close() did nothing.)"""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish_many("Q", [("E", i) for i in range(5)])
+        other = await c.subscribe("Q", durable="other", start="earliest")
+        foreign = await other.next(5)
+        sub = await c.subscribe("Q", durable="d", start="earliest", prefetch=2)
+        first = await sub.next(5)
+        await first.ack()
+        last = await sub.next(5)
+        for bad, why in [
+            (42, "ack takes a Message or messages, not int"),
+            ([last, "x"], "ack takes a Message or messages, not str"),
+            ([foreign], "not one of durable 'other' of 'Q' \\(offset 0\\)"),
+        ]:
+            with pytest.raises(ConfigError, match=why):
+                await sub.close(ack=bad)  # type: ignore[arg-type]
+            assert sub in c._subs.values()
+        assert not last._settled and not foreign._settled
+        await sub.close(ack=last)
+        assert sub not in c._subs.values()
+        status = await c.status()
+        [durable] = [d for d in status["durables"] if d["name"] == "d"]
+        assert (durable["ack_floor"], durable["in_flight"], durable["consumers"]) == (2, 0, 0)
+        [me] = status["connections"]
+        assert [s["durable"] for s in me["subscriptions"]] == ["other"]
+        await other.close()
