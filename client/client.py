@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -62,6 +62,13 @@ def _start(start: str | int | datetime) -> tuple[str, int | None]:
     if start in ("new", "earliest"):
         return start, None
     raise ConfigError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
+
+
+def _events(events: str | Iterable[str]) -> tuple[str, ...]:
+    """An ``events`` argument as the frame's tuple. A str is one name or
+    pattern: it is an iterable too, of one-letter filters ("CREATE" filtered
+    on C, R, E, A and T)."""
+    return (events,) if isinstance(events, str) else tuple(events)
 
 
 class Client(Transport):
@@ -359,7 +366,7 @@ class Client(Transport):
         self,
         queue: str,
         *,
-        events: Sequence[str] = (),
+        events: str | Iterable[str] = (),
         durable: str | None = None,
         start: str | int | datetime = "new",
         prefetch: int = 100,
@@ -371,7 +378,9 @@ class Client(Transport):
 
         Args:
             queue: the queue to read.
-            events: event names or ``*`` patterns; empty = every event.
+            events: an event name or ``*`` pattern, or several (a list);
+                empty = every event, but for a durable that exists already,
+                which keeps its filter (pass ``"*"`` for every event).
             durable: a name to keep a cursor across disconnects; None =
                 ephemeral (real-time, at-most-once, no acks).
             start: where a new durable (or an ephemeral subscription)
@@ -391,11 +400,12 @@ class Client(Transport):
         """
         kind, value = _start(start)
         sub_id = next(self._subs_ids)
-        sub = Subscription(self, sub_id, queue, tuple(events), durable, prefetch, self.max_pending)
+        patterns = _events(events)
+        sub = Subscription(self, sub_id, queue, patterns, durable, prefetch, self.max_pending)
         sub._settings = (int((ack_wait or 0) * 1000), max_deliveries, dead_letter)
         self._subs[sub_id] = sub
         frame = Subscribe(
-            0, sub_id, queue, tuple(events), durable, kind, value, prefetch,
+            0, sub_id, queue, patterns, durable, kind, value, prefetch,
             int((ack_wait or 0) * 1000), max_deliveries, dead_letter,
         )  # fmt: skip
         try:
@@ -444,7 +454,7 @@ class Client(Transport):
         queue: str,
         *,
         durable: str | None = None,
-        events: Sequence[str] = (),
+        events: str | Iterable[str] = (),
         max_messages: int = 100,
         wait: float = 0.0,
         start: str | int | datetime = "earliest",
@@ -458,7 +468,8 @@ class Client(Transport):
         Args:
             queue: the queue.
             durable: the durable to pull for, or None for a plain read.
-            events: event filter.
+            events: an event name or ``*`` pattern, or several (a list), as
+                for :meth:`subscribe`.
             max_messages: at most this many.
             wait: seconds to wait when nothing is available (0 = answer now).
             start: for a new durable or a plain read: "new", "earliest", an
@@ -468,7 +479,7 @@ class Client(Transport):
             Up to ``max_messages`` messages (empty if none arrived in time).
         """
         kind, value = _start(start)
-        frame = Fetch(0, queue, durable, tuple(events), max_messages, int(wait * 1000), kind, value)
+        frame = Fetch(0, queue, durable, _events(events), max_messages, int(wait * 1000), kind, value)
         reply = await self._request(frame, timeout=self.timeout + wait)
         assert isinstance(reply, Batch)
         return [
