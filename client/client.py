@@ -401,13 +401,14 @@ class Client(Transport):
         kind, value = _start(start)
         sub_id = next(self._subs_ids)
         patterns = _events(events)
-        sub = Subscription(self, sub_id, queue, patterns, durable, prefetch, self.max_pending)
-        sub._settings = (int((ack_wait or 0) * 1000), max_deliveries, dead_letter)
-        self._subs[sub_id] = sub
+        # Made (and so checked) first: one refused leaves no subscription behind.
         frame = Subscribe(
             0, sub_id, queue, patterns, durable, kind, value, prefetch,
             int((ack_wait or 0) * 1000), max_deliveries, dead_letter,
         )  # fmt: skip
+        sub = Subscription(self, sub_id, queue, patterns, durable, prefetch, self.max_pending)
+        sub._settings = (frame.ack_wait_ms, max_deliveries, dead_letter)
+        self._subs[sub_id] = sub
         try:
             await self._request(frame)
         except BaseException:
