@@ -223,12 +223,21 @@ class Client(Transport):
         Raises:
             InvalidName: a queue or event name outside the rules.
             PayloadTooLarge: larger than the broker accepts.
+            BadRequest: an empty ``message_id``, or one over 255 characters;
+                or (code CONFLICT) the queue is being deleted.
             LocalProtocolError: found before sending, and nothing was sent:
-                a bad name or a message over the frame limit (these are
-                also InvalidName and PayloadTooLarge), or a payload msgpack
-                cannot encode.
-            ServerError: refused by the broker (StorageFull, PayloadTooLarge...).
+                a bad name, message_id or headers, or a message over the
+                frame limit (these are also InvalidName, BadRequest and
+                PayloadTooLarge), or a payload that cannot be sent: one
+                msgpack cannot encode, or with a map key other than a
+                string or bytes (the broker's decoder takes no other).
+            ServerError: other refusals by the broker: StorageFull
+                (retriable), PermissionDenied, or a plain ServerError for
+                STORAGE_FAILED and QUEUE_CORRUPT.
+            RequestTimeout: no confirm within ``timeout``.
             ConnectionLost: the connection broke before the confirm arrived.
+            ConnectionClosed: the client is closed, or not connected yet (a
+                broken client raises the error that broke it: see Client).
         """
         # _request() inlined: two coroutines fewer per publish (the sweeper times it out).
         fut = self._send_publish(queue, event, payload, headers, message_id)
@@ -387,7 +396,11 @@ class Client(Transport):
                 begins: "new", "earliest", an offset or a datetime.
             prefetch: most unacked messages in flight to this subscription.
             ack_wait: seconds before an unacked message is redelivered
-                (default: the broker's, 30 s).
+                (None or 0: the broker's default, 30 s; it is sent in whole
+                milliseconds, so under 1 ms is 0 too; negative: BadRequest). Each redelivery of a
+                message waits twice as long as the one before, up to 8x
+                (``ack_wait``, then 2x, 4x, 8x, 8x...). For a durable that
+                exists already, a value replaces its ack wait; None keeps it.
             max_deliveries: after this many deliveries without an ack, a
                 message is moved to the dead-letter queue (0 = never).
             dead_letter: that queue (default ``<queue>.dead``).
@@ -396,7 +409,15 @@ class Client(Transport):
             The subscription; iterate it, then ``await sub.close()``.
 
         Raises:
-            ServerError: refused by the broker (e.g. Conflict, InvalidName).
+            ConfigError: a ``start`` that is none of those.
+            InvalidName: a queue, durable or dead-letter name outside the rules.
+            BadRequest: a value out of range (a prefetch of 0, a negative
+                ack_wait...); or, with code CONFLICT, the durable is in use
+                with another event filter, or the queue is being deleted.
+                (InvalidName and BadRequest found before sending are also
+                LocalProtocolError: nothing was sent.)
+            PermissionDenied: the broker's users file does not allow it.
+            ServerError: a plain one for QUEUE_CORRUPT and STORAGE_FAILED.
         """
         kind, value = _start(start)
         sub_id = next(self._subs_ids)
@@ -478,6 +499,11 @@ class Client(Transport):
 
         Returns:
             Up to ``max_messages`` messages (empty if none arrived in time).
+
+        Raises:
+            As :meth:`subscribe` (CONFLICT: a durable in use with another
+            event filter), and RequestTimeout: no answer within ``timeout``
+            plus ``wait``.
         """
         kind, value = _start(start)
         frame = Fetch(0, queue, durable, _events(events), max_messages, int(wait * 1000), kind, value)
@@ -512,7 +538,9 @@ class Client(Transport):
         """Acknowledge every message of ``durable`` up to ``offset`` (cumulative).
 
         Raises:
-            ServerError: the broker refused (e.g. offset not delivered yet).
+            BadRequest: the broker refused, with code BAD_ACK (e.g. the
+                offset was not delivered yet).
+            NotFound: no such durable.
         """
         await self._flush_acks_now()
         await self._request(Ack(0, queue, durable, (), offset))
@@ -534,7 +562,8 @@ class Client(Transport):
         """Delete a durable and its cursor.
 
         Raises:
-            NotFound: no such durable. ServerError (CONFLICT): it has consumers.
+            NotFound: no such durable.
+            BadRequest: with code CONFLICT: it has consumers.
         """
         await self._request(Delete(0, queue, durable))
 
@@ -546,7 +575,8 @@ class Client(Transport):
         durable went (its ``ack_floor``).
 
         Raises:
-            NotFound: no such durable. ServerError (CONFLICT): it has consumers.
+            NotFound: no such durable.
+            BadRequest: with code CONFLICT: it has consumers.
         """
         kind, value = _start(start)
         await self._request(Seek(0, queue, durable, kind, value))
@@ -555,7 +585,11 @@ class Client(Transport):
         """Delete a queue with all its messages and durables.
 
         Raises:
-            NotFound: no such queue. ServerError (CONFLICT): someone is reading it.
+            NotFound: no such queue.
+            BadRequest: with code CONFLICT: someone is reading it, or
+                publishes to it are in flight (retry).
+            ServerError: a plain one for STORAGE_FAILED (the files could
+                not be removed).
         """
         await self._request(Delete(0, queue))
 

@@ -93,7 +93,9 @@ class Message:
             wait: wait for the broker's answer (raises on refusal).
 
         Raises:
-            ServerError: with ``wait=True``, the broker refused the ack.
+            BadRequest: with ``wait=True``, the broker refused the ack, with
+                code BAD_ACK: the message is no longer in flight (its ack
+                wait ran out and it went out again, say).
             ConnectionClosed, ConnectionLost: the connection is gone.
         """
         if self.durable is None or self._client is None or self._settled:
@@ -105,7 +107,8 @@ class Message:
         """Still working on it: restart the ack wait so it is not redelivered yet.
 
         Raises:
-            ServerError: the broker refused (BadAck: no longer in flight).
+            BadRequest: the broker refused, with code BAD_ACK: the message
+                is no longer in flight.
         """
         if self.durable is None or self._client is None or self._settled:
             return
@@ -115,7 +118,8 @@ class Message:
         """Give the message back: it is redelivered after ``delay`` seconds.
 
         Raises:
-            ServerError: the broker refused (e.g. the message is no longer in flight).
+            BadRequest: the broker refused, with code BAD_ACK: the message
+                is no longer in flight.
         """
         if self.durable is None or self._client is None or self._settled:
             return
@@ -126,9 +130,14 @@ class Message:
 class Subscription:
     """A push subscription: iterate it to receive messages.
 
-    Created by :meth:`Client.subscribe`; ends (``StopAsyncIteration``) after
-    :meth:`close` or a clean close of the client, and raises
-    ``ConnectionLost`` if the connection broke.
+    Created by :meth:`Client.subscribe`. Iterating it ends
+    (``StopAsyncIteration``) after :meth:`close` or the client's ``aclose()``;
+    otherwise it raises the error that ended the subscription: the one that
+    broke the client (see :class:`Client`: ConnectionLost when the
+    connection broke and was not re-established, ShuttingDown when the
+    broker stopped with ``reconnect=False``, AuthFailed...), or the broker's
+    refusal to subscribe again after a reconnect (PermissionDenied, a plain
+    ServerError for QUEUE_CORRUPT...).
     """
 
     def __init__(
@@ -215,7 +224,8 @@ class Subscription:
 
         Raises:
             TimeoutError: nothing arrived in time.
-            ConnectionClosed: the subscription has ended.
+            ConnectionClosed: the subscription was closed.
+            TidingsError: the error that ended it (see the class docstring).
         """
         import asyncio
 
@@ -241,8 +251,8 @@ class Subscription:
             ConfigError: ``ack`` holds something other than a message of
                 this subscription's durable; nothing was done (the
                 subscription is still open).
-            ServerError: the broker refused some of those acks (the
-                subscription is closed all the same).
+            BadRequest: the broker refused some of those acks, with code
+                BAD_ACK (the subscription is closed all the same).
         """
         messages = self._own(ack)
         if self._ended:
