@@ -35,6 +35,6 @@ async def test_a_subscribe_refused_before_sending_leaves_no_subscription_behind(
     async with running_broker(tmp_path) as broker, connected(broker) as c:
         for bad in ({"ack_wait": -0.5}, {"prefetch": 0}):
             with pytest.raises(BadRequest) as info:
-                await c.subscribe("Q", durable="d", **bad)  # type: ignore[arg-type]
+                await c.subscribe("Q", durable="d", **bad)
             assert isinstance(info.value, LocalProtocolError)
         assert not c._subs and "subs=0" in repr(c)
