@@ -64,6 +64,17 @@ def _start(start: str | int | datetime) -> tuple[str, int | None]:
     raise ConfigError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
 
 
+def _ack_wait_ms(ack_wait: float | None) -> int:
+    """``ack_wait`` (seconds) as the wire's milliseconds: 0 for the broker's
+    default (None, 0), at least 1 for any positive wait (a wait under 1 ms
+    rounded down to 0 asked for the 30 s default); negative as it is, for the
+    frame's check to refuse."""
+    if not ack_wait:
+        return 0
+    ms = round(ack_wait * 1000)
+    return max(1, ms) if ack_wait > 0 else min(-1, ms)
+
+
 def _events(events: str | Iterable[str]) -> tuple[str, ...]:
     """An ``events`` argument as the frame's tuple. A str is one name or
     pattern: it is an iterable too, of one-letter filters ("CREATE" filtered
@@ -397,7 +408,7 @@ class Client(Transport):
             prefetch: most unacked messages in flight to this subscription.
             ack_wait: seconds before an unacked message is redelivered
                 (None or 0: the broker's default, 30 s; it is sent in whole
-                milliseconds, so under 1 ms is 0 too; negative: BadRequest). Each redelivery of a
+                milliseconds, at least 1; negative: BadRequest). Each redelivery of a
                 message waits twice as long as the one before, up to 8x
                 (``ack_wait``, then 2x, 4x, 8x, 8x...). For a durable that
                 exists already, a value replaces its ack wait; None keeps it.
@@ -425,7 +436,7 @@ class Client(Transport):
         # Made (and so checked) first: one refused leaves no subscription behind.
         frame = Subscribe(
             0, sub_id, queue, patterns, durable, kind, value, prefetch,
-            int((ack_wait or 0) * 1000), max_deliveries, dead_letter,
+            _ack_wait_ms(ack_wait), max_deliveries, dead_letter,
         )  # fmt: skip
         sub = Subscription(self, sub_id, queue, patterns, durable, prefetch, self.max_pending)
         sub._settings = (frame.ack_wait_ms, max_deliveries, dead_letter)
@@ -480,6 +491,7 @@ class Client(Transport):
         max_messages: int = 100,
         wait: float = 0.0,
         start: str | int | datetime = "earliest",
+        ack_wait: float | None = None,
     ) -> list[Message]:
         """Pull messages (long poll).
 
@@ -496,6 +508,8 @@ class Client(Transport):
             wait: seconds to wait when nothing is available (0 = answer now).
             start: for a new durable or a plain read: "new", "earliest", an
                 offset or a datetime.
+            ack_wait: with ``durable``, as for :meth:`subscribe`: the wait
+                before a message fetched and not acked is handed out again.
 
         Returns:
             Up to ``max_messages`` messages (empty if none arrived in time).
@@ -506,7 +520,9 @@ class Client(Transport):
             plus ``wait``.
         """
         kind, value = _start(start)
-        frame = Fetch(0, queue, durable, _events(events), max_messages, int(wait * 1000), kind, value)
+        frame = Fetch(
+            0, queue, durable, _events(events), max_messages, int(wait * 1000), kind, value, _ack_wait_ms(ack_wait)
+        )
         reply = await self._request(frame, timeout=self.timeout + wait)
         assert isinstance(reply, Batch)
         return [

@@ -93,3 +93,23 @@ async def test_close_takes_one_message_and_refuses_what_is_not_its_durables_befo
         [me] = status["connections"]
         assert [s["durable"] for s in me["subscriptions"]] == ["other"]
         await other.close()
+
+
+async def test_a_wait_under_a_millisecond_is_one_and_fetch_takes_an_ack_wait(tmp_path: Path) -> None:
+    """ack_wait is sent in whole milliseconds: one under 1 ms was rounded
+    down to 0, which asks for the broker's default, 30 s. It is 1 ms now;
+    and fetch() takes an ack_wait as FETCH does (it had none)."""
+    async with running_broker(tmp_path) as broker, connected(broker) as c:
+        await c.publish("Q", "E", 1)
+        sub = await c.subscribe("Q", durable="d", start="earliest", ack_wait=0.0004)
+        first = await sub.next(5)
+        again = await sub.next(5)  # within the broker's next check (0.2 s), not 30 s later
+        assert (again.offset, again.deliveries) == (first.offset, 2)
+        await again.ack()
+        await sub.close()
+
+        await c.publish("F", "E", 1)
+        (fetched,) = await c.fetch("F", durable="f", ack_wait=0.05)
+        (back,) = await c.fetch("F", durable="f", wait=5)
+        assert (back.offset, back.deliveries) == (fetched.offset, 2)
+        await back.ack()
