@@ -80,10 +80,14 @@ def _intact(buf: bytes | mmap.mmap, start: int, end: int | None, base: int) -> I
     """The records to keep: ``(offset, timestamp, position, length)`` in file order, offsets rising from ``start``.
 
     A record is taken only if the offsets it passes over could have been in
-    the bytes it passes over (a record takes at least ``HEADER_SIZE``), or
-    if it opens the file at the offset the file is named after: a record
-    that checks but has a wild offset (garbage that happens to pass, or a
-    hostile file) is not believed, so it cannot ask for millions of markers.
+    the bytes it passes over (a record takes at least ``HEADER_SIZE``),
+    counted from the last record taken or from the offset the file is named
+    after, whichever is later (offsets below that were in the files before
+    it, lost or not): a record that checks but has a wild offset (garbage
+    that happens to pass, or a hostile file) is not believed, so it cannot
+    ask for millions of markers. (Counted from the last record taken alone,
+    a file after a lost one, its first record damaged, had every intact
+    record after the damage disbelieved and marked lost.)
     """
     want, pos, since = start, 0, 0
     size = len(buf)
@@ -94,7 +98,7 @@ def _intact(buf: bytes | mmap.mmap, start: int, end: int | None, base: int) -> I
             if offset < want or (end is not None and offset >= end):  # already held, or the next file's
                 pos = since = pos + HEADER_SIZE + length  # never into a whole record's body
                 continue
-            if (offset - want) * HEADER_SIZE <= pos - since or (pos == 0 and offset == base):
+            if (offset - max(want, base)) * HEADER_SIZE <= pos - since:
                 yield offset, timestamp, pos, HEADER_SIZE + length
                 want = offset + 1
                 pos = since = pos + HEADER_SIZE + length
