@@ -83,6 +83,10 @@ class Lines:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buf = b""
+        # poll, not select: select() refuses descriptors above 1023, which a
+        # process that ran the 10,000-connection tests before may hand out.
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
 
     def readline(self, timeout: float = TIMEOUT) -> bytes:
         deadline = time.monotonic() + timeout
@@ -90,8 +94,7 @@ class Lines:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no line within {timeout}s (have {self.buf!r})")
-            ready, _, _ = select.select([self.fd], [], [], remaining)
-            if ready:
+            if self._poll.poll(remaining * 1000):  # (readable, or the writer gone: the read says which)
                 chunk = os.read(self.fd, 65536)
                 if not chunk:
                     raise EOFError(f"pipe closed (have {self.buf!r})")
